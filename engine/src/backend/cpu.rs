@@ -1,0 +1,280 @@
+//! The CPU backend: f32 everywhere, buffers are `Vec`s, views are slices, ops are `crate::ops`.
+
+use super::{AdamWStep, AttnDims, Backend};
+use crate::elem::Elem;
+use crate::error::Result;
+use crate::ops;
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+impl Backend for Cpu {
+    type Act = f32;
+    type Buf<T: Elem> = Vec<T>;
+    type Ref<'a, T: Elem> = &'a [T];
+    type Mut<'a, T: Elem> = &'a mut [T];
+
+    fn name(&self) -> String {
+        format!("cpu (f32, {} threads)", rayon::current_num_threads())
+    }
+
+    fn alloc<T: Elem>(&self, len: usize) -> Result<Vec<T>> {
+        Ok(vec![T::default(); len])
+    }
+    fn upload<T: Elem>(&self, src: &[T]) -> Result<Vec<T>> {
+        Ok(src.to_vec())
+    }
+    fn len<T: Elem>(buf: &Vec<T>) -> usize {
+        buf.len()
+    }
+    fn all<T: Elem>(buf: &Vec<T>) -> &[T] {
+        buf
+    }
+    fn all_mut<T: Elem>(buf: &mut Vec<T>) -> &mut [T] {
+        buf
+    }
+    fn slice<T: Elem>(buf: &Vec<T>, off: usize, len: usize) -> &[T] {
+        &buf[off..off + len]
+    }
+    fn slice_mut<T: Elem>(buf: &mut Vec<T>, off: usize, len: usize) -> &mut [T] {
+        &mut buf[off..off + len]
+    }
+    fn sub<'a, T: Elem>(view: Self::Ref<'a, T>, off: usize, len: usize) -> Self::Ref<'a, T> {
+        &view[off..off + len]
+    }
+    fn to_host<T: Elem>(&self, dst: &mut [T], src: &[T]) -> Result<()> {
+        dst.copy_from_slice(&src[..dst.len()]);
+        Ok(())
+    }
+    fn from_host<T: Elem>(&self, dst: &mut [T], src: &[T]) -> Result<()> {
+        dst[..src.len()].copy_from_slice(src);
+        Ok(())
+    }
+    fn copy<T: Elem>(&self, dst: &mut [T], src: &[T]) -> Result<()> {
+        dst.copy_from_slice(src);
+        Ok(())
+    }
+    fn zero<T: Elem>(&self, dst: &mut [T]) -> Result<()> {
+        dst.fill(T::default());
+        Ok(())
+    }
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+    fn alloc_shadow(&self, _len: usize) -> Result<Vec<f32>> {
+        Ok(Vec::new())
+    }
+    fn compute_weights<'a>(&self, master: &'a Vec<f32>, _shadow: &'a Vec<f32>) -> &'a [f32] {
+        master
+    }
+    fn sync_shadow(&self, _shadow: &mut Vec<f32>, _master: &Vec<f32>) -> Result<()> {
+        Ok(())
+    }
+
+    fn add(&self, out: &mut [f32], a: &[f32], b: &[f32]) -> Result<()> {
+        use rayon::prelude::*;
+        out.par_iter_mut()
+            .zip(a.par_iter().zip(b.par_iter()))
+            .for_each(|(o, (x, y))| *o = x + y);
+        Ok(())
+    }
+    fn matmul_fwd(
+        &self,
+        out: &mut [f32],
+        x: &[f32],
+        w: &[f32],
+        n: usize,
+        i: usize,
+        o: usize,
+    ) -> Result<()> {
+        ops::matmul_fwd(out, x, w, n, i, o);
+        Ok(())
+    }
+    fn matmul_bwd_data(
+        &self,
+        dx: &mut [f32],
+        dy: &[f32],
+        w: &[f32],
+        n: usize,
+        i: usize,
+        o: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        ops::matmul_bwd_data(dx, dy, w, n, i, o, accumulate);
+        Ok(())
+    }
+    fn matmul_bwd_weight(
+        &self,
+        dw: &mut [f32],
+        dy: &[f32],
+        x: &[f32],
+        n: usize,
+        i: usize,
+        o: usize,
+    ) -> Result<()> {
+        ops::matmul_bwd_weight(dw, dy, x, n, i, o);
+        Ok(())
+    }
+    fn embedding_fwd(&self, out: &mut [f32], ids: &[i32], wte: &[f32], h: usize) -> Result<()> {
+        ops::embedding_fwd(out, ids, wte, h);
+        Ok(())
+    }
+    fn embedding_bwd(&self, dwte: &mut [f32], dout: &[f32], ids: &[i32], h: usize) -> Result<()> {
+        ops::embedding_bwd(dwte, dout, ids, h);
+        Ok(())
+    }
+    fn rmsnorm_fwd(
+        &self,
+        out: &mut [f32],
+        rstd: &mut [f32],
+        x: &[f32],
+        w: &[f32],
+        h: usize,
+        eps: f32,
+    ) -> Result<()> {
+        ops::rmsnorm_fwd(out, rstd, x, w, h, eps);
+        Ok(())
+    }
+    fn rmsnorm_bwd(
+        &self,
+        dx: &mut [f32],
+        dw: &mut [f32],
+        dout: &[f32],
+        x: &[f32],
+        w: &[f32],
+        rstd: &[f32],
+        h: usize,
+    ) -> Result<()> {
+        ops::rmsnorm_bwd(dx, dw, dout, x, w, rstd, h);
+        Ok(())
+    }
+    fn rope_fwd(
+        &self,
+        x: &mut [f32],
+        pos: &[i32],
+        heads: usize,
+        hd: usize,
+        theta: f32,
+    ) -> Result<()> {
+        ops::rope_fwd(x, pos, heads, hd, theta);
+        Ok(())
+    }
+    fn rope_bwd(
+        &self,
+        dx: &mut [f32],
+        pos: &[i32],
+        heads: usize,
+        hd: usize,
+        theta: f32,
+    ) -> Result<()> {
+        ops::rope_bwd(dx, pos, heads, hd, theta);
+        Ok(())
+    }
+    fn attention_fwd(
+        &self,
+        out: &mut [f32],
+        lse: &mut [f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        doc: Option<&[i32]>,
+        d: AttnDims,
+    ) -> Result<()> {
+        ops::attention_fwd(out, lse, q, k, v, doc, d);
+        Ok(())
+    }
+    fn attention_bwd(
+        &self,
+        dq: &mut [f32],
+        dk: &mut [f32],
+        dv: &mut [f32],
+        dout: &[f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        out: &[f32],
+        lse: &[f32],
+        doc: Option<&[i32]>,
+        d: AttnDims,
+    ) -> Result<()> {
+        ops::attention_bwd(dq, dk, dv, dout, q, k, v, out, lse, doc, d);
+        Ok(())
+    }
+    fn swiglu_fwd(&self, out: &mut [f32], gate: &[f32], up: &[f32]) -> Result<()> {
+        ops::swiglu_fwd(out, gate, up);
+        Ok(())
+    }
+    fn swiglu_bwd(
+        &self,
+        dgate: &mut [f32],
+        dup: &mut [f32],
+        dout: &[f32],
+        gate: &[f32],
+        up: &[f32],
+    ) -> Result<()> {
+        ops::swiglu_bwd(dgate, dup, dout, gate, up);
+        Ok(())
+    }
+    fn cross_entropy_fwd(
+        &self,
+        losses: &mut [f32],
+        logits: &[f32],
+        targets: &[i32],
+        v: usize,
+    ) -> Result<()> {
+        ops::cross_entropy_fwd(losses, logits, targets, v);
+        Ok(())
+    }
+    fn cross_entropy_bwd(
+        &self,
+        dlogits: &mut [f32],
+        targets: &[i32],
+        v: usize,
+        scale: f32,
+    ) -> Result<()> {
+        ops::cross_entropy_bwd(dlogits, targets, v, scale);
+        Ok(())
+    }
+    fn scalar_head_fwd(
+        &self,
+        out: &mut [f32],
+        h: &[f32],
+        w: &[f32],
+        rows: &[i32],
+        d: usize,
+    ) -> Result<()> {
+        ops::scalar_head_fwd(out, h, w, rows, d);
+        Ok(())
+    }
+    fn scalar_head_bwd(
+        &self,
+        dh: &mut [f32],
+        dw: &mut [f32],
+        dout: &[f32],
+        h: &[f32],
+        w: &[f32],
+        rows: &[i32],
+        d: usize,
+    ) -> Result<()> {
+        ops::scalar_head_bwd(dh, dw, dout, h, w, rows, d);
+        Ok(())
+    }
+    fn adamw(
+        &self,
+        master: &mut [f32],
+        _shadow: Option<&mut [f32]>,
+        m: &mut [f32],
+        v: &mut [f32],
+        g: &[f32],
+        s: AdamWStep,
+    ) -> Result<()> {
+        ops::adamw(master, m, v, g, s);
+        Ok(())
+    }
+    fn sum_squares(&self, x: &[f32]) -> Result<f64> {
+        Ok(ops::sum_squares(x))
+    }
+    fn sum(&self, x: &[f32]) -> Result<f64> {
+        Ok(ops::sum(x))
+    }
+}

@@ -1,0 +1,244 @@
+//! The backend abstraction: device buffers and the ops over them.
+//!
+//! The model's forward and backward are written once against this trait (llm.c writes its model
+//! twice; we don't). `Buf<T>` owns device memory; `Ref`/`Mut` are borrowed views into it, so the
+//! flat parameter buffer can hand out one view per tensor. Every op follows llm.c's argument
+//! order: outputs, inputs, weights, dims. Weight-gradient outputs are f32 and accumulate.
+
+pub mod cpu;
+
+use crate::elem::{Elem, Float};
+use crate::error::Result;
+pub use crate::ops::{AdamWStep, AttnDims};
+
+pub trait Backend: Clone + Send + Sync + 'static {
+    /// The activation and compute-weight type: f32 on the CPU, bf16 on CUDA.
+    type Act: Float;
+    type Buf<T: Elem>: Send + Sync;
+    type Ref<'a, T: Elem>: Copy;
+    type Mut<'a, T: Elem>;
+
+    fn name(&self) -> String;
+
+    // ---- memory ------------------------------------------------------------------------------
+    /// A zeroed buffer of `len` elements.
+    fn alloc<T: Elem>(&self, len: usize) -> Result<Self::Buf<T>>;
+    fn upload<T: Elem>(&self, src: &[T]) -> Result<Self::Buf<T>>;
+    fn len<T: Elem>(buf: &Self::Buf<T>) -> usize;
+    fn all<T: Elem>(buf: &Self::Buf<T>) -> Self::Ref<'_, T>;
+    fn all_mut<T: Elem>(buf: &mut Self::Buf<T>) -> Self::Mut<'_, T>;
+    fn slice<T: Elem>(buf: &Self::Buf<T>, off: usize, len: usize) -> Self::Ref<'_, T>;
+    fn slice_mut<T: Elem>(buf: &mut Self::Buf<T>, off: usize, len: usize) -> Self::Mut<'_, T>;
+    /// A sub-view of a view (a weight inside the flat parameter view).
+    fn sub<'a, T: Elem>(view: Self::Ref<'a, T>, off: usize, len: usize) -> Self::Ref<'a, T>;
+    fn to_host<T: Elem>(&self, dst: &mut [T], src: Self::Ref<'_, T>) -> Result<()>;
+    fn from_host<T: Elem>(&self, dst: Self::Mut<'_, T>, src: &[T]) -> Result<()>;
+    fn copy<T: Elem>(&self, dst: Self::Mut<'_, T>, src: Self::Ref<'_, T>) -> Result<()>;
+    fn zero<T: Elem>(&self, dst: Self::Mut<'_, T>) -> Result<()>;
+    fn synchronize(&self) -> Result<()>;
+
+    /// The compute copy of the fp32 master weights: an empty buffer where the master itself
+    /// is used for compute (CPU), a bf16 shadow on CUDA.
+    fn alloc_shadow(&self, len: usize) -> Result<Self::Buf<Self::Act>>;
+    /// The weights the ops read: the master (CPU) or its shadow (CUDA).
+    fn compute_weights<'a>(
+        &self,
+        master: &'a Self::Buf<f32>,
+        shadow: &'a Self::Buf<Self::Act>,
+    ) -> Self::Ref<'a, Self::Act>;
+    /// Refresh the shadow from the master after the master was written outside AdamW.
+    fn sync_shadow(&self, shadow: &mut Self::Buf<Self::Act>, master: &Self::Buf<f32>)
+        -> Result<()>;
+
+    /// Downloads a float buffer as f32.
+    fn to_host_f32(&self, src: Self::Ref<'_, Self::Act>, len: usize) -> Result<Vec<f32>> {
+        let mut tmp = vec![Self::Act::default(); len];
+        self.to_host(&mut tmp, src)?;
+        Ok(tmp.into_iter().map(|x| x.to_f32()).collect())
+    }
+
+    // ---- ops (shapes in the CPU reference, crate::ops) -----------------------------------------
+    fn add(
+        &self,
+        out: Self::Mut<'_, Self::Act>,
+        a: Self::Ref<'_, Self::Act>,
+        b: Self::Ref<'_, Self::Act>,
+    ) -> Result<()>;
+
+    fn matmul_fwd(
+        &self,
+        out: Self::Mut<'_, Self::Act>,
+        x: Self::Ref<'_, Self::Act>,
+        w: Self::Ref<'_, Self::Act>,
+        n: usize,
+        i: usize,
+        o: usize,
+    ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_bwd_data(
+        &self,
+        dx: Self::Mut<'_, Self::Act>,
+        dy: Self::Ref<'_, Self::Act>,
+        w: Self::Ref<'_, Self::Act>,
+        n: usize,
+        i: usize,
+        o: usize,
+        accumulate: bool,
+    ) -> Result<()>;
+    fn matmul_bwd_weight(
+        &self,
+        dw: Self::Mut<'_, f32>,
+        dy: Self::Ref<'_, Self::Act>,
+        x: Self::Ref<'_, Self::Act>,
+        n: usize,
+        i: usize,
+        o: usize,
+    ) -> Result<()>;
+
+    fn embedding_fwd(
+        &self,
+        out: Self::Mut<'_, Self::Act>,
+        ids: Self::Ref<'_, i32>,
+        wte: Self::Ref<'_, Self::Act>,
+        h: usize,
+    ) -> Result<()>;
+    fn embedding_bwd(
+        &self,
+        dwte: Self::Mut<'_, f32>,
+        dout: Self::Ref<'_, Self::Act>,
+        ids: Self::Ref<'_, i32>,
+        h: usize,
+    ) -> Result<()>;
+
+    fn rmsnorm_fwd(
+        &self,
+        out: Self::Mut<'_, Self::Act>,
+        rstd: Self::Mut<'_, f32>,
+        x: Self::Ref<'_, Self::Act>,
+        w: Self::Ref<'_, Self::Act>,
+        h: usize,
+        eps: f32,
+    ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_bwd(
+        &self,
+        dx: Self::Mut<'_, Self::Act>,
+        dw: Self::Mut<'_, f32>,
+        dout: Self::Ref<'_, Self::Act>,
+        x: Self::Ref<'_, Self::Act>,
+        w: Self::Ref<'_, Self::Act>,
+        rstd: Self::Ref<'_, f32>,
+        h: usize,
+    ) -> Result<()>;
+
+    fn rope_fwd(
+        &self,
+        x: Self::Mut<'_, Self::Act>,
+        pos: Self::Ref<'_, i32>,
+        heads: usize,
+        hd: usize,
+        theta: f32,
+    ) -> Result<()>;
+    fn rope_bwd(
+        &self,
+        dx: Self::Mut<'_, Self::Act>,
+        pos: Self::Ref<'_, i32>,
+        heads: usize,
+        hd: usize,
+        theta: f32,
+    ) -> Result<()>;
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention_fwd(
+        &self,
+        out: Self::Mut<'_, Self::Act>,
+        lse: Self::Mut<'_, f32>,
+        q: Self::Ref<'_, Self::Act>,
+        k: Self::Ref<'_, Self::Act>,
+        v: Self::Ref<'_, Self::Act>,
+        doc: Option<Self::Ref<'_, i32>>,
+        d: AttnDims,
+    ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd(
+        &self,
+        dq: Self::Mut<'_, Self::Act>,
+        dk: Self::Mut<'_, Self::Act>,
+        dv: Self::Mut<'_, Self::Act>,
+        dout: Self::Ref<'_, Self::Act>,
+        q: Self::Ref<'_, Self::Act>,
+        k: Self::Ref<'_, Self::Act>,
+        v: Self::Ref<'_, Self::Act>,
+        out: Self::Ref<'_, Self::Act>,
+        lse: Self::Ref<'_, f32>,
+        doc: Option<Self::Ref<'_, i32>>,
+        d: AttnDims,
+    ) -> Result<()>;
+
+    fn swiglu_fwd(
+        &self,
+        out: Self::Mut<'_, Self::Act>,
+        gate: Self::Ref<'_, Self::Act>,
+        up: Self::Ref<'_, Self::Act>,
+    ) -> Result<()>;
+    fn swiglu_bwd(
+        &self,
+        dgate: Self::Mut<'_, Self::Act>,
+        dup: Self::Mut<'_, Self::Act>,
+        dout: Self::Ref<'_, Self::Act>,
+        gate: Self::Ref<'_, Self::Act>,
+        up: Self::Ref<'_, Self::Act>,
+    ) -> Result<()>;
+
+    fn cross_entropy_fwd(
+        &self,
+        losses: Self::Mut<'_, f32>,
+        logits: Self::Ref<'_, Self::Act>,
+        targets: Self::Ref<'_, i32>,
+        v: usize,
+    ) -> Result<()>;
+    fn cross_entropy_bwd(
+        &self,
+        dlogits: Self::Mut<'_, Self::Act>,
+        targets: Self::Ref<'_, i32>,
+        v: usize,
+        scale: f32,
+    ) -> Result<()>;
+
+    fn scalar_head_fwd(
+        &self,
+        out: Self::Mut<'_, f32>,
+        h: Self::Ref<'_, Self::Act>,
+        w: Self::Ref<'_, Self::Act>,
+        rows: Self::Ref<'_, i32>,
+        d: usize,
+    ) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn scalar_head_bwd(
+        &self,
+        dh: Self::Mut<'_, Self::Act>,
+        dw: Self::Mut<'_, f32>,
+        dout: Self::Ref<'_, f32>,
+        h: Self::Ref<'_, Self::Act>,
+        w: Self::Ref<'_, Self::Act>,
+        rows: Self::Ref<'_, i32>,
+        d: usize,
+    ) -> Result<()>;
+
+    /// Fused AdamW over one contiguous run of parameters; writes the shadow too where there is one.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw(
+        &self,
+        master: Self::Mut<'_, f32>,
+        shadow: Option<Self::Mut<'_, Self::Act>>,
+        m: Self::Mut<'_, f32>,
+        v: Self::Mut<'_, f32>,
+        g: Self::Ref<'_, f32>,
+        s: AdamWStep,
+    ) -> Result<()>;
+
+    /// Σ x² (the global gradient norm's reduction), read back as one scalar.
+    fn sum_squares(&self, x: Self::Ref<'_, f32>) -> Result<f64>;
+    /// Σ x (the loss), read back as one scalar.
+    fn sum(&self, x: Self::Ref<'_, f32>) -> Result<f64>;
+}

@@ -1,0 +1,462 @@
+//! Hugging Face checkpoints: safetensors read through `memmap2` (single file or sharded with
+//! `model.safetensors.index.json`; f32, bf16 and f16 stored), and written in the same layout
+//! (config.json + model.safetensors, sharded above a size) atomically: a crash never leaves a
+//! half-written directory under the final name.
+
+use crate::backend::Backend;
+use crate::config::LlamaConfig;
+use crate::error::{Error, Result};
+use crate::model::Llama;
+use crate::params::{Head, ParamTable};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// A set of memory-mapped safetensors files and which file holds each tensor.
+pub struct TensorFiles {
+    files: Vec<(PathBuf, Mmap)>,
+    owner: HashMap<String, usize>,
+    /// What to name in errors about a missing tensor: the index file, the file, or the directory.
+    pub origin: PathBuf,
+}
+
+impl TensorFiles {
+    /// Opens a `.safetensors` file, a `model.safetensors.index.json`, or a directory holding
+    /// either `model.safetensors` or the index.
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            let single = path.join("model.safetensors");
+            let index = path.join("model.safetensors.index.json");
+            if single.is_file() {
+                return Self::open(&single);
+            }
+            if index.is_file() {
+                return Self::open(&index);
+            }
+            return Err(Error::file(
+                path,
+                "no model.safetensors or model.safetensors.index.json in this directory",
+            ));
+        }
+        if !path.exists() {
+            return Err(Error::file(path, "no such file"));
+        }
+        if path.to_string_lossy().ends_with(".json") {
+            return Self::open_index(path);
+        }
+        let mut tf = TensorFiles {
+            files: Vec::new(),
+            owner: HashMap::new(),
+            origin: path.to_path_buf(),
+        };
+        tf.add_file(path)?;
+        Ok(tf)
+    }
+
+    fn open_index(index: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::file(index, format!("invalid JSON: {e}")))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::file(index, "no `weight_map` object"))?;
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let mut shard_names: Vec<&str> = map.values().filter_map(|s| s.as_str()).collect();
+        shard_names.sort();
+        shard_names.dedup();
+        let mut tf = TensorFiles {
+            files: Vec::new(),
+            owner: HashMap::new(),
+            origin: index.to_path_buf(),
+        };
+        for s in shard_names {
+            tf.add_file(&dir.join(s))?;
+        }
+        for (name, shard) in map {
+            let shard = shard.as_str().unwrap_or_default();
+            let fi = tf
+                .files
+                .iter()
+                .position(|(p, _)| p.file_name().is_some_and(|f| f == shard))
+                .expect("opened above");
+            if tf.owner.get(name) != Some(&fi) {
+                return Err(Error::file(
+                    index,
+                    format!(
+                        "weight_map says `{name}` is in {shard}, but that file does not hold it"
+                    ),
+                ));
+            }
+        }
+        Ok(tf)
+    }
+
+    fn add_file(&mut self, path: &Path) -> Result<()> {
+        let f = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the file is opened read-only and the map lives as long as `self`. A file that is
+        // truncated underneath us by another process is outside what any mmap reader can defend.
+        let mm = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
+        let st = SafeTensors::deserialize(&mm).map_err(|e| {
+            Error::file(
+                path,
+                format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+            )
+        })?;
+        let idx = self.files.len();
+        for name in st.names() {
+            if let Some(&prev) = self.owner.get(name) {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "tensor `{name}` also appears in {}",
+                        self.files[prev].0.display()
+                    ),
+                ));
+            }
+            self.owner.insert(name.to_string(), idx);
+        }
+        drop(st);
+        self.files.push((path.to_path_buf(), mm));
+        Ok(())
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.owner.keys().map(|s| s.as_str()).collect();
+        v.sort();
+        v
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.owner.contains_key(name)
+    }
+
+    /// The file that holds `name` (or the origin if none does).
+    pub fn file_of(&self, name: &str) -> &Path {
+        self.owner
+            .get(name)
+            .map(|&i| self.files[i].0.as_path())
+            .unwrap_or(&self.origin)
+    }
+
+    fn view(&self, name: &str) -> Result<(Dtype, Vec<usize>, &[u8])> {
+        let &i = self
+            .owner
+            .get(name)
+            .ok_or_else(|| Error::tensor(&self.origin, name, "missing"))?;
+        let (path, mm) = &self.files[i];
+        let st = SafeTensors::deserialize(mm).map_err(|e| Error::file(path, e.to_string()))?;
+        let t = st
+            .tensor(name)
+            .map_err(|e| Error::tensor(path, name, e.to_string()))?;
+        Ok((t.dtype(), t.shape().to_vec(), t.data()))
+    }
+
+    /// A float tensor (f32, bf16 or f16 stored) as f32 with its shape.
+    pub fn read_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let (dt, shape, data) = self.view(name)?;
+        let v: Vec<f32> = match dt {
+            Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(Error::tensor(
+                    self.file_of(name),
+                    name,
+                    format!("dtype {other:?} is not a float type (expected F32, BF16 or F16)"),
+                ))
+            }
+        };
+        Ok((shape, v))
+    }
+
+    /// An integer tensor (i64 or i32 stored) as i64 with its shape.
+    pub fn read_i64(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>)> {
+        let (dt, shape, data) = self.view(name)?;
+        let v = match dt {
+            Dtype::I64 => data
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect(),
+            Dtype::I32 => data
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64)
+                .collect(),
+            other => {
+                return Err(Error::tensor(
+                    self.file_of(name),
+                    name,
+                    format!("dtype {other:?} is not an integer type (expected I64 or I32)"),
+                ))
+            }
+        };
+        Ok((shape, v))
+    }
+
+    /// A float tensor that must have `shape`.
+    pub fn read_f32_shaped(&self, name: &str, shape: &[usize], why: &str) -> Result<Vec<f32>> {
+        let (s, v) = self.read_f32(name)?;
+        if s != shape {
+            return Err(Error::tensor(
+                self.file_of(name),
+                name,
+                format!("shape {s:?}, but {why} implies {shape:?}"),
+            ));
+        }
+        Ok(v)
+    }
+}
+
+/// Reads every parameter of `table` from `files` into a flat host array. Names in `optional`
+/// may be missing (left zero and returned), e.g. `score.weight` when a reward model starts from
+/// a chat checkpoint. A tensor of a layer the config does not have means the checkpoint is from
+/// another config, and is an error.
+pub fn read_params(
+    table: &ParamTable,
+    cfg: &LlamaConfig,
+    files: &TensorFiles,
+    optional: &[&str],
+) -> Result<(Vec<f32>, Vec<String>)> {
+    for name in files.names() {
+        if let Some(rest) = name.strip_prefix("model.layers.") {
+            let l: Option<usize> = rest.split('.').next().and_then(|s| s.parse().ok());
+            if let Some(l) = l.filter(|&l| l >= cfg.num_hidden_layers) {
+                return Err(Error::tensor(
+                    files.file_of(name),
+                    name,
+                    format!(
+                        "layer {l} exists in the checkpoint but config.json has num_hidden_layers = {}",
+                        cfg.num_hidden_layers
+                    ),
+                ));
+            }
+        }
+    }
+    let mut host = vec![0f32; table.total];
+    let mut missing = Vec::new();
+    for e in &table.entries {
+        if !files.contains(&e.name) {
+            if optional.contains(&e.name.as_str()) {
+                missing.push(e.name.clone());
+                continue;
+            }
+            let hint = if e.name == "lm_head.weight" {
+                " (config.json says tie_word_embeddings = false)"
+            } else {
+                ""
+            };
+            return Err(Error::tensor(
+                &files.origin,
+                &e.name,
+                format!("missing{hint}"),
+            ));
+        }
+        let v = files.read_f32_shaped(&e.name, &e.shape, "config.json")?;
+        host[e.span.off..e.span.off + e.span.len].copy_from_slice(&v);
+    }
+    Ok((host, missing))
+}
+
+/// Loads `config.json` and the weights of a Hugging Face checkpoint directory.
+pub fn load_model<B: Backend>(be: B, dir: &Path, head: Head) -> Result<Llama<B>> {
+    let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
+    let files = TensorFiles::open(dir)?;
+    let mut model = Llama::new(be, cfg, head)?;
+    let (host, _) = read_params(&model.table, &model.cfg, &files, &[])?;
+    model.set_params(&host)?;
+    Ok(model)
+}
+
+/// How to store weights on save.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SaveDtype {
+    F32,
+    Bf16,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct SaveOptions {
+    pub dtype: SaveDtype,
+    /// Shard above this many bytes of tensor data (transformers' default is 5 GB).
+    pub max_shard_bytes: usize,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        SaveOptions {
+            dtype: SaveDtype::F32,
+            max_shard_bytes: 5_000_000_000,
+        }
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    f.sync_all().map_err(|e| Error::io(path, e))
+}
+
+fn sync_dir(dir: &Path) {
+    // Directory fsync makes the renames durable; not every filesystem supports it.
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Writes a directory atomically: `fill` writes into a temporary sibling, which is synced and
+/// then renamed over `dir`. A previous `dir` is moved aside first and removed after.
+pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let name = dir
+        .file_name()
+        .ok_or_else(|| Error::file(dir, "not a directory name"))?
+        .to_string_lossy()
+        .to_string();
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    sync_dir(&tmp);
+    let had_old = dir.exists();
+    if had_old {
+        std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+    sync_dir(parent);
+    if had_old {
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    Ok(())
+}
+
+/// Writes named tensors (flat host data) as safetensors files into `dir`, one file or shards
+/// with an index, as `save_pretrained` does.
+pub fn write_tensors(
+    dir: &Path,
+    tensors: &[(String, Vec<usize>, &[f32])],
+    opts: SaveOptions,
+) -> Result<()> {
+    let elem = match opts.dtype {
+        SaveDtype::F32 => 4,
+        SaveDtype::Bf16 => 2,
+    };
+    let encode = |x: &[f32]| -> Vec<u8> {
+        match opts.dtype {
+            SaveDtype::F32 => bytemuck::cast_slice(x).to_vec(),
+            SaveDtype::Bf16 => x
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+        }
+    };
+    let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut size = 0usize;
+    for (i, (_, _, d)) in tensors.iter().enumerate() {
+        let bytes = d.len() * elem;
+        if size > 0 && size + bytes > opts.max_shard_bytes {
+            shards.push(Vec::new());
+            size = 0;
+        }
+        shards.last_mut().expect("one shard").push(i);
+        size += bytes;
+    }
+    let total: usize = tensors.iter().map(|(_, _, d)| d.len() * elem).sum();
+    let n = shards.len();
+    let mut weight_map = BTreeMap::new();
+    for (si, shard) in shards.iter().enumerate() {
+        let fname = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", si + 1, n)
+        };
+        let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = shard
+            .iter()
+            .map(|&i| {
+                (
+                    tensors[i].0.clone(),
+                    tensors[i].1.clone(),
+                    encode(tensors[i].2),
+                )
+            })
+            .collect();
+        let dtype = match opts.dtype {
+            SaveDtype::F32 => Dtype::F32,
+            SaveDtype::Bf16 => Dtype::BF16,
+        };
+        let views = encoded
+            .iter()
+            .map(|(name, shape, bytes)| {
+                safetensors::tensor::TensorView::new(dtype, shape.clone(), bytes)
+                    .map(|v| (name.clone(), v))
+                    .map_err(|e| Error::tensor(dir.join(&fname), name, e.to_string()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        let bytes = safetensors::serialize(views, Some(meta))
+            .map_err(|e| Error::file(dir.join(&fname), e.to_string()))?;
+        write_synced(&dir.join(&fname), &bytes)?;
+        for &i in shard {
+            weight_map.insert(tensors[i].0.clone(), fname.clone());
+        }
+    }
+    if n > 1 {
+        let index =
+            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let text = serde_json::to_string_pretty(&index).expect("json");
+        write_synced(&dir.join("model.safetensors.index.json"), text.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Saves a model as a Hugging Face checkpoint directory (config.json + weights), atomically.
+/// `extra` may add files (a tokenizer, training state) inside the same atomic write.
+pub fn save_model<B: Backend>(
+    model: &Llama<B>,
+    dir: &Path,
+    opts: SaveOptions,
+    extra: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let host = model.params_to_host()?;
+    let tensors: Vec<(String, Vec<usize>, &[f32])> = model
+        .table
+        .entries
+        .iter()
+        .map(|e| {
+            (
+                e.name.clone(),
+                e.shape.clone(),
+                &host[e.span.off..e.span.off + e.span.len],
+            )
+        })
+        .collect();
+    let mut cfg_json = model.cfg.to_hf_json(model.head.architecture());
+    if opts.dtype == SaveDtype::Bf16 {
+        cfg_json["torch_dtype"] = "bfloat16".into();
+    }
+    write_dir_atomic(dir, |tmp| {
+        let text = serde_json::to_string_pretty(&cfg_json).expect("json");
+        write_synced(&tmp.join("config.json"), text.as_bytes())?;
+        write_tensors(tmp, &tensors, opts)?;
+        extra(tmp)
+    })
+}

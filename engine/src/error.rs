@@ -1,0 +1,57 @@
+//! Typed errors of the engine: every message names the file, tensor or field and what was expected.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {msg}")]
+    File { path: PathBuf, msg: String },
+    #[error("{file}: tensor `{tensor}`: {msg}")]
+    Tensor {
+        file: PathBuf,
+        tensor: String,
+        msg: String,
+    },
+    #[error("config: {0}")]
+    Config(String),
+    #[error("shape: {0}")]
+    Shape(String),
+    #[error("input: {0}")]
+    Input(String),
+    #[error("tokenizer {path}: {msg}")]
+    Tokenizer { path: PathBuf, msg: String },
+    #[error("device: {0}")]
+    Device(String),
+    #[error("non-finite value: {0}")]
+    NonFinite(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+    pub fn file(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::File {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+    pub fn tensor(file: impl Into<PathBuf>, tensor: &str, msg: impl Into<String>) -> Self {
+        Error::Tensor {
+            file: file.into(),
+            tensor: tensor.to_string(),
+            msg: msg.into(),
+        }
+    }
+}

@@ -1,0 +1,743 @@
+//! The Llama 2 model, written once over any [`Backend`]: forward to logits (or scalar scores) and
+//! a hand-written backward, layer by layer, accumulating into the flat gradient buffer.
+//!
+//! Data flow per block (pre-norm): x → RMSNorm → q,k,v → RoPE → causal GQA attention → o → +x →
+//! RMSNorm → gate,up → SwiGLU → down → +. Saved activations are allocated for the largest batch
+//! seen and reused; a step allocates nothing once that size is reached.
+
+use crate::backend::{AttnDims, Backend};
+use crate::config::LlamaConfig;
+use crate::elem::Float;
+use crate::error::{Error, Result};
+use crate::params::{Head, ParamTable, Span};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+
+/// One batch of token rows, [b, t] row-major.
+#[derive(Clone, Copy, Debug)]
+pub struct Batch<'a> {
+    pub ids: &'a [i32],
+    pub b: usize,
+    pub t: usize,
+    /// RoPE position of every token; default 0..t in every row. Packed and KV-cached sequences
+    /// pass their own.
+    pub pos: Option<&'a [i32]>,
+    /// Document id of every token: tokens attend only within their document (packing).
+    pub doc: Option<&'a [i32]>,
+}
+
+impl<'a> Batch<'a> {
+    pub fn new(ids: &'a [i32], b: usize, t: usize) -> Self {
+        Batch {
+            ids,
+            b,
+            t,
+            pos: None,
+            doc: None,
+        }
+    }
+}
+
+struct LayerActs<B: Backend> {
+    ln1: B::Buf<B::Act>,
+    rstd1: B::Buf<f32>,
+    q: B::Buf<B::Act>,
+    k: B::Buf<B::Act>,
+    v: B::Buf<B::Act>,
+    att: B::Buf<B::Act>,
+    lse: B::Buf<f32>,
+    xmid: B::Buf<B::Act>,
+    ln2: B::Buf<B::Act>,
+    rstd2: B::Buf<f32>,
+    gate: B::Buf<B::Act>,
+    up: B::Buf<B::Act>,
+    hmlp: B::Buf<B::Act>,
+}
+
+/// Activations saved by the forward and scratch for the backward, for `cap` token rows.
+struct Acts<B: Backend> {
+    cap: usize,
+    ids: B::Buf<i32>,
+    pos: B::Buf<i32>,
+    doc: B::Buf<i32>,
+    targets: B::Buf<i32>,
+    rows: B::Buf<i32>,
+    losses: B::Buf<f32>,
+    scores: B::Buf<f32>,
+    resid: Vec<B::Buf<B::Act>>,
+    layers: Vec<LayerActs<B>>,
+    lnf: B::Buf<B::Act>,
+    rstdf: B::Buf<f32>,
+    logits: B::Buf<B::Act>,
+    tmp: B::Buf<B::Act>,
+    dres: B::Buf<B::Act>,
+    dln: B::Buf<B::Act>,
+    dq: B::Buf<B::Act>,
+    dk: B::Buf<B::Act>,
+    dv: B::Buf<B::Act>,
+    datt: B::Buf<B::Act>,
+    dh: B::Buf<B::Act>,
+    dgate: B::Buf<B::Act>,
+    dup: B::Buf<B::Act>,
+}
+
+/// What the last forward ran on, so the backward and the loss know the shapes.
+#[derive(Clone, Copy, Debug, Default)]
+struct Shape {
+    b: usize,
+    t: usize,
+    has_doc: bool,
+    n_targets: usize,
+    n_rows: usize,
+}
+
+pub struct Llama<B: Backend> {
+    pub be: B,
+    pub cfg: LlamaConfig,
+    pub head: Head,
+    pub table: ParamTable,
+    /// fp32 master weights in the flat layout.
+    pub master: B::Buf<f32>,
+    /// The compute copy of `master` (empty on the CPU, where the master is used directly).
+    pub shadow: B::Buf<B::Act>,
+    /// Gradients in the same flat layout, f32, accumulated by every backward.
+    pub grads: B::Buf<f32>,
+    acts: Option<Acts<B>>,
+    shape: Shape,
+}
+
+macro_rules! r {
+    ($buf:expr, $len:expr) => {
+        B::slice(&$buf, 0, $len)
+    };
+}
+macro_rules! m {
+    ($buf:expr, $len:expr) => {
+        B::slice_mut(&mut $buf, 0, $len)
+    };
+}
+
+impl<B: Backend> Llama<B> {
+    /// A model with zeroed parameters (load or initialise them next).
+    pub fn new(be: B, cfg: LlamaConfig, head: Head) -> Result<Self> {
+        cfg.validate()?;
+        let table = ParamTable::llama(&cfg, head);
+        let master = be.alloc::<f32>(table.total)?;
+        let shadow = be.alloc_shadow(table.total)?;
+        let grads = be.alloc::<f32>(table.total)?;
+        Ok(Llama {
+            be,
+            cfg,
+            head,
+            table,
+            master,
+            shadow,
+            grads,
+            acts: None,
+            shape: Shape::default(),
+        })
+    }
+
+    /// Hugging Face's initialisation: normal(0, 0.02) for matrices, ones for norm gains.
+    pub fn init_random(&mut self, seed: u64) -> Result<()> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let normal = Normal::new(0.0f32, 0.02).expect("valid normal");
+        let mut host = vec![0f32; self.table.total];
+        for e in &self.table.entries {
+            let dst = &mut host[e.span.off..e.span.off + e.span.len];
+            if e.shape.len() == 1 {
+                dst.fill(1.0);
+            } else {
+                dst.iter_mut().for_each(|x| *x = normal.sample(&mut rng));
+            }
+        }
+        self.set_params(&host)
+    }
+
+    /// Replaces every parameter from a host array in the flat layout.
+    pub fn set_params(&mut self, host: &[f32]) -> Result<()> {
+        if host.len() != self.table.total {
+            return Err(Error::Shape(format!(
+                "parameter array has {} values, the model needs {}",
+                host.len(),
+                self.table.total
+            )));
+        }
+        self.be.from_host(B::all_mut(&mut self.master), host)?;
+        self.be.sync_shadow(&mut self.shadow, &self.master)
+    }
+
+    pub fn params_to_host(&self) -> Result<Vec<f32>> {
+        let mut v = vec![0f32; self.table.total];
+        self.be.to_host(&mut v, B::all(&self.master))?;
+        Ok(v)
+    }
+
+    pub fn grads_to_host(&self) -> Result<Vec<f32>> {
+        let mut v = vec![0f32; self.table.total];
+        self.be.to_host(&mut v, B::all(&self.grads))?;
+        Ok(v)
+    }
+
+    pub fn zero_grads(&mut self) -> Result<()> {
+        self.be.zero(B::all_mut(&mut self.grads))
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.table.total
+    }
+
+    fn ensure_acts(&mut self, n: usize) -> Result<()> {
+        if self.acts.as_ref().is_some_and(|a| a.cap >= n) {
+            return Ok(());
+        }
+        self.acts = None; // free the old set before allocating the larger one
+        let c = &self.cfg;
+        let be = &self.be;
+        let (h, qd, kvd, im) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let nh = c.num_attention_heads;
+        let act = |len: usize| be.alloc::<B::Act>(len);
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for _ in 0..c.num_hidden_layers {
+            layers.push(LayerActs {
+                ln1: act(n * h)?,
+                rstd1: be.alloc(n)?,
+                q: act(n * qd)?,
+                k: act(n * kvd)?,
+                v: act(n * kvd)?,
+                att: act(n * qd)?,
+                lse: be.alloc(n * nh)?,
+                xmid: act(n * h)?,
+                ln2: act(n * h)?,
+                rstd2: be.alloc(n)?,
+                gate: act(n * im)?,
+                up: act(n * im)?,
+                hmlp: act(n * im)?,
+            });
+        }
+        let logits_len = if self.head == Head::Lm {
+            n * c.vocab_size
+        } else {
+            0
+        };
+        self.acts = Some(Acts {
+            cap: n,
+            ids: be.alloc(n)?,
+            pos: be.alloc(n)?,
+            doc: be.alloc(n)?,
+            targets: be.alloc(n)?,
+            rows: be.alloc(n)?,
+            losses: be.alloc(n)?,
+            scores: be.alloc(n)?,
+            resid: (0..=c.num_hidden_layers)
+                .map(|_| act(n * h))
+                .collect::<Result<_>>()?,
+            layers,
+            lnf: act(n * h)?,
+            rstdf: be.alloc(n)?,
+            logits: act(logits_len)?,
+            tmp: act(n * h)?,
+            dres: act(n * h)?,
+            dln: act(n * h)?,
+            dq: act(n * qd)?,
+            dk: act(n * kvd)?,
+            dv: act(n * kvd)?,
+            datt: act(n * qd)?,
+            dh: act(n * im)?,
+            dgate: act(n * im)?,
+            dup: act(n * im)?,
+        });
+        Ok(())
+    }
+
+    fn check_batch(&self, batch: &Batch) -> Result<()> {
+        let n = batch.b * batch.t;
+        if n == 0 {
+            return Err(Error::Input("empty batch".into()));
+        }
+        if batch.ids.len() != n {
+            return Err(Error::Shape(format!(
+                "batch has {} ids, expected b*t = {}*{} = {n}",
+                batch.ids.len(),
+                batch.b,
+                batch.t
+            )));
+        }
+        if batch.t > self.cfg.max_position_embeddings {
+            return Err(Error::Input(format!(
+                "sequence length {} exceeds the model's max_position_embeddings ({})",
+                batch.t, self.cfg.max_position_embeddings
+            )));
+        }
+        let v = self.cfg.vocab_size as i32;
+        if let Some((i, &id)) = batch
+            .ids
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id < 0 || id >= v)
+        {
+            return Err(Error::Input(format!(
+                "token id {id} at position {i} is outside the vocabulary (0..{v})"
+            )));
+        }
+        for (what, x) in [("pos", batch.pos), ("doc", batch.doc)] {
+            if let Some(x) = x {
+                if x.len() != n {
+                    return Err(Error::Shape(format!(
+                        "batch.{what} has {} values, expected {n}",
+                        x.len()
+                    )));
+                }
+            }
+        }
+        if let Some(p) = batch.pos {
+            if let Some(&bad) = p.iter().find(|&&p| p < 0) {
+                return Err(Error::Input(format!("negative position {bad}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the forward pass up to the logits (LM head) or the final hidden state (score head).
+    pub fn forward(&mut self, batch: &Batch) -> Result<()> {
+        self.check_batch(batch)?;
+        let (b, t) = (batch.b, batch.t);
+        let n = b * t;
+        self.ensure_acts(n)?;
+        self.shape = Shape {
+            b,
+            t,
+            has_doc: batch.doc.is_some(),
+            n_targets: 0,
+            n_rows: 0,
+        };
+        let c = &self.cfg;
+        let (h, qd, kvd, im, v) = (
+            c.hidden_size,
+            c.q_dim(),
+            c.kv_dim(),
+            c.intermediate_size,
+            c.vocab_size,
+        );
+        let (nh, nkv, hd) = (c.num_attention_heads, c.n_kv_heads(), c.head_dim());
+        let (eps, theta) = (c.rms_norm_eps as f32, c.rope_theta as f32);
+        let dims = AttnDims { b, t, nh, nkv, hd };
+        let be = &self.be;
+        let tab = &self.table;
+        let a = self.acts.as_mut().expect("acts allocated");
+        let wall = be.compute_weights(&self.master, &self.shadow);
+        let w = |s: Span| B::sub(wall, s.off, s.len);
+
+        be.from_host(m!(a.ids, n), batch.ids)?;
+        match batch.pos {
+            Some(p) => be.from_host(m!(a.pos, n), p)?,
+            None => {
+                let p: Vec<i32> = (0..n).map(|i| (i % t) as i32).collect();
+                be.from_host(m!(a.pos, n), &p)?
+            }
+        }
+        if let Some(d) = batch.doc {
+            be.from_host(m!(a.doc, n), d)?;
+        }
+        be.embedding_fwd(m!(a.resid[0], n * h), r!(a.ids, n), w(tab.embed), h)?;
+        for (l, lw) in tab.layers.iter().enumerate() {
+            let (prev, rest) = a.resid.split_at_mut(l + 1);
+            let x = &prev[l];
+            let la = &mut a.layers[l];
+            let doc = batch.doc.is_some().then(|| r!(a.doc, n));
+            be.rmsnorm_fwd(
+                m!(la.ln1, n * h),
+                m!(la.rstd1, n),
+                r!(x, n * h),
+                w(lw.ln1),
+                h,
+                eps,
+            )?;
+            be.matmul_fwd(m!(la.q, n * qd), r!(la.ln1, n * h), w(lw.q), n, h, qd)?;
+            be.matmul_fwd(m!(la.k, n * kvd), r!(la.ln1, n * h), w(lw.k), n, h, kvd)?;
+            be.matmul_fwd(m!(la.v, n * kvd), r!(la.ln1, n * h), w(lw.v), n, h, kvd)?;
+            be.rope_fwd(m!(la.q, n * qd), r!(a.pos, n), nh, hd, theta)?;
+            be.rope_fwd(m!(la.k, n * kvd), r!(a.pos, n), nkv, hd, theta)?;
+            be.attention_fwd(
+                m!(la.att, n * qd),
+                m!(la.lse, n * nh),
+                r!(la.q, n * qd),
+                r!(la.k, n * kvd),
+                r!(la.v, n * kvd),
+                doc,
+                dims,
+            )?;
+            be.matmul_fwd(m!(a.tmp, n * h), r!(la.att, n * qd), w(lw.o), n, qd, h)?;
+            be.add(m!(la.xmid, n * h), r!(x, n * h), r!(a.tmp, n * h))?;
+            be.rmsnorm_fwd(
+                m!(la.ln2, n * h),
+                m!(la.rstd2, n),
+                r!(la.xmid, n * h),
+                w(lw.ln2),
+                h,
+                eps,
+            )?;
+            be.matmul_fwd(m!(la.gate, n * im), r!(la.ln2, n * h), w(lw.gate), n, h, im)?;
+            be.matmul_fwd(m!(la.up, n * im), r!(la.ln2, n * h), w(lw.up), n, h, im)?;
+            be.swiglu_fwd(m!(la.hmlp, n * im), r!(la.gate, n * im), r!(la.up, n * im))?;
+            be.matmul_fwd(m!(a.tmp, n * h), r!(la.hmlp, n * im), w(lw.down), n, im, h)?;
+            be.add(m!(rest[0], n * h), r!(la.xmid, n * h), r!(a.tmp, n * h))?;
+        }
+        let last = &a.resid[tab.layers.len()];
+        be.rmsnorm_fwd(
+            m!(a.lnf, n * h),
+            m!(a.rstdf, n),
+            r!(last, n * h),
+            w(tab.norm),
+            h,
+            eps,
+        )?;
+        if let Some(lm) = tab.lm_head {
+            be.matmul_fwd(m!(a.logits, n * v), r!(a.lnf, n * h), w(lm), n, h, v)?;
+        }
+        Ok(())
+    }
+
+    /// The logits of the last forward, [b, t, V], as f32 on the host.
+    pub fn logits_to_host(&self) -> Result<Vec<f32>> {
+        let a = self
+            .acts
+            .as_ref()
+            .ok_or_else(|| Error::Input("no forward has run".into()))?;
+        if self.head != Head::Lm {
+            return Err(Error::Input("a score-head model has no logits".into()));
+        }
+        let len = self.shape.b * self.shape.t * self.cfg.vocab_size;
+        self.be.to_host_f32(r!(a.logits, len), len)
+    }
+
+    /// The final hidden state after `model.norm`, [b, t, H], as f32 on the host.
+    pub fn hidden_to_host(&self) -> Result<Vec<f32>> {
+        let a = self
+            .acts
+            .as_ref()
+            .ok_or_else(|| Error::Input("no forward has run".into()))?;
+        let len = self.shape.b * self.shape.t * self.cfg.hidden_size;
+        self.be.to_host_f32(r!(a.lnf, len), len)
+    }
+
+    /// Per-row cross-entropy of the last forward's logits against `targets` ([b, t], already
+    /// shifted: target[t] is the token after position t; negative = ignored). Returns the mean
+    /// over counted targets and their number.
+    pub fn lm_loss(&mut self, targets: &[i32]) -> Result<(f32, usize)> {
+        let n = self.shape.b * self.shape.t;
+        if self.head != Head::Lm || self.acts.is_none() || n == 0 {
+            return Err(Error::Input(
+                "lm_loss needs a forward of an LM-head model first".into(),
+            ));
+        }
+        if targets.len() != n {
+            return Err(Error::Shape(format!(
+                "{} targets for {n} positions",
+                targets.len()
+            )));
+        }
+        let v = self.cfg.vocab_size as i32;
+        if let Some((i, &tg)) = targets.iter().enumerate().find(|(_, &x)| x >= v) {
+            return Err(Error::Input(format!(
+                "target {tg} at position {i} is outside the vocabulary (0..{v})"
+            )));
+        }
+        let count = targets.iter().filter(|&&x| x >= 0).count();
+        let a = self.acts.as_mut().expect("checked");
+        self.be.from_host(m!(a.targets, n), targets)?;
+        self.be.cross_entropy_fwd(
+            m!(a.losses, n),
+            r!(a.logits, n * v as usize),
+            r!(a.targets, n),
+            v as usize,
+        )?;
+        let sum = self.be.sum(r!(a.losses, n))?;
+        self.shape.n_targets = n;
+        Ok(((sum / count.max(1) as f64) as f32, count))
+    }
+
+    /// Backward of `scale · Σ losses` from the last `lm_loss` (scale = 1/count gives the mean).
+    /// Overwrites the logits with their gradient. Gradients accumulate into `grads`.
+    pub fn backward_lm(&mut self, scale: f32) -> Result<()> {
+        let n = self.shape.b * self.shape.t;
+        if self.shape.n_targets != n || n == 0 {
+            return Err(Error::Input(
+                "backward_lm needs forward and lm_loss first".into(),
+            ));
+        }
+        let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let lm = self.table.lm_head.expect("LM head");
+        {
+            let be = &self.be;
+            let a = self.acts.as_mut().expect("acts");
+            be.cross_entropy_bwd(m!(a.logits, n * v), r!(a.targets, n), v, scale)?;
+            let wall = be.compute_weights(&self.master, &self.shadow);
+            be.matmul_bwd_weight(
+                B::slice_mut(&mut self.grads, lm.off, lm.len),
+                r!(a.logits, n * v),
+                r!(a.lnf, n * h),
+                n,
+                h,
+                v,
+            )?;
+            be.matmul_bwd_data(
+                m!(a.dln, n * h),
+                r!(a.logits, n * v),
+                B::sub(wall, lm.off, lm.len),
+                n,
+                h,
+                v,
+                false,
+            )?;
+        }
+        self.shape.n_targets = 0; // the logits are gone
+        self.backward_from_dlnf()
+    }
+
+    /// Scores w·h[row] of the score head at the given global rows (b·t + position).
+    pub fn scores(&mut self, rows: &[i32]) -> Result<Vec<f32>> {
+        let n = self.shape.b * self.shape.t;
+        let score = self
+            .table
+            .score
+            .ok_or_else(|| Error::Input("scores need a score-head model".into()))?;
+        if self.acts.is_none() || n == 0 {
+            return Err(Error::Input("scores need a forward first".into()));
+        }
+        if rows.is_empty() || rows.len() > n {
+            return Err(Error::Shape(format!(
+                "{} score rows for {n} positions",
+                rows.len()
+            )));
+        }
+        if let Some(&bad) = rows.iter().find(|&&r| r < 0 || r as usize >= n) {
+            return Err(Error::Input(format!("score row {bad} outside 0..{n}")));
+        }
+        let h = self.cfg.hidden_size;
+        let k = rows.len();
+        let be = &self.be;
+        let a = self.acts.as_mut().expect("checked");
+        let wall = be.compute_weights(&self.master, &self.shadow);
+        be.from_host(m!(a.rows, k), rows)?;
+        be.scalar_head_fwd(
+            m!(a.scores, k),
+            r!(a.lnf, n * h),
+            B::sub(wall, score.off, score.len),
+            r!(a.rows, k),
+            h,
+        )?;
+        let mut out = vec![0f32; k];
+        be.to_host(&mut out, r!(a.scores, k))?;
+        self.shape.n_rows = k;
+        Ok(out)
+    }
+
+    /// Backward from d(loss)/d(score) at the rows of the last `scores` call.
+    pub fn backward_scores(&mut self, dscores: &[f32]) -> Result<()> {
+        let k = self.shape.n_rows;
+        if k == 0 || dscores.len() != k {
+            return Err(Error::Shape(format!(
+                "{} score gradients for {k} scored rows (call scores first)",
+                dscores.len()
+            )));
+        }
+        let n = self.shape.b * self.shape.t;
+        let h = self.cfg.hidden_size;
+        let score = self.table.score.expect("score head");
+        {
+            let be = &self.be;
+            let a = self.acts.as_mut().expect("acts");
+            let wall = be.compute_weights(&self.master, &self.shadow);
+            be.from_host(m!(a.scores, k), dscores)?;
+            be.zero(m!(a.dln, n * h))?;
+            be.scalar_head_bwd(
+                m!(a.dln, n * h),
+                B::slice_mut(&mut self.grads, score.off, score.len),
+                r!(a.scores, k),
+                r!(a.lnf, n * h),
+                B::sub(wall, score.off, score.len),
+                r!(a.rows, k),
+                h,
+            )?;
+        }
+        self.backward_from_dlnf()
+    }
+
+    /// The shared trunk of the backward: from d(final norm output) in `dln` to every parameter.
+    fn backward_from_dlnf(&mut self) -> Result<()> {
+        let (b, t, has_doc) = (self.shape.b, self.shape.t, self.shape.has_doc);
+        let n = b * t;
+        let c = &self.cfg;
+        let (h, qd, kvd, im) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let (nh, nkv, hd) = (c.num_attention_heads, c.n_kv_heads(), c.head_dim());
+        let theta = c.rope_theta as f32;
+        let dims = AttnDims { b, t, nh, nkv, hd };
+        let be = &self.be;
+        let tab = &self.table;
+        let a = self.acts.as_mut().expect("acts");
+        let wall = be.compute_weights(&self.master, &self.shadow);
+        let w = |s: Span| B::sub(wall, s.off, s.len);
+        let grads = &mut self.grads;
+        macro_rules! g {
+            ($s:expr) => {
+                B::slice_mut(grads, $s.off, $s.len)
+            };
+        }
+        let nl = tab.layers.len();
+        be.zero(m!(a.dres, n * h))?;
+        be.rmsnorm_bwd(
+            m!(a.dres, n * h),
+            g!(tab.norm),
+            r!(a.dln, n * h),
+            r!(a.resid[nl], n * h),
+            w(tab.norm),
+            r!(a.rstdf, n),
+            h,
+        )?;
+        for l in (0..nl).rev() {
+            let lw = &tab.layers[l];
+            let la = &a.layers[l];
+            let doc = has_doc.then(|| r!(a.doc, n));
+            // MLP block: dres is d(block output).
+            be.matmul_bwd_weight(
+                g!(lw.down),
+                r!(a.dres, n * h),
+                r!(la.hmlp, n * im),
+                n,
+                im,
+                h,
+            )?;
+            be.matmul_bwd_data(
+                m!(a.dh, n * im),
+                r!(a.dres, n * h),
+                w(lw.down),
+                n,
+                im,
+                h,
+                false,
+            )?;
+            be.swiglu_bwd(
+                m!(a.dgate, n * im),
+                m!(a.dup, n * im),
+                r!(a.dh, n * im),
+                r!(la.gate, n * im),
+                r!(la.up, n * im),
+            )?;
+            be.matmul_bwd_weight(
+                g!(lw.gate),
+                r!(a.dgate, n * im),
+                r!(la.ln2, n * h),
+                n,
+                h,
+                im,
+            )?;
+            be.matmul_bwd_weight(g!(lw.up), r!(a.dup, n * im), r!(la.ln2, n * h), n, h, im)?;
+            be.matmul_bwd_data(
+                m!(a.dln, n * h),
+                r!(a.dgate, n * im),
+                w(lw.gate),
+                n,
+                h,
+                im,
+                false,
+            )?;
+            be.matmul_bwd_data(
+                m!(a.dln, n * h),
+                r!(a.dup, n * im),
+                w(lw.up),
+                n,
+                h,
+                im,
+                true,
+            )?;
+            be.rmsnorm_bwd(
+                m!(a.dres, n * h),
+                g!(lw.ln2),
+                r!(a.dln, n * h),
+                r!(la.xmid, n * h),
+                w(lw.ln2),
+                r!(la.rstd2, n),
+                h,
+            )?;
+            // Attention block.
+            be.matmul_bwd_weight(g!(lw.o), r!(a.dres, n * h), r!(la.att, n * qd), n, qd, h)?;
+            be.matmul_bwd_data(
+                m!(a.datt, n * qd),
+                r!(a.dres, n * h),
+                w(lw.o),
+                n,
+                qd,
+                h,
+                false,
+            )?;
+            be.attention_bwd(
+                m!(a.dq, n * qd),
+                m!(a.dk, n * kvd),
+                m!(a.dv, n * kvd),
+                r!(a.datt, n * qd),
+                r!(la.q, n * qd),
+                r!(la.k, n * kvd),
+                r!(la.v, n * kvd),
+                r!(la.att, n * qd),
+                r!(la.lse, n * nh),
+                doc,
+                dims,
+            )?;
+            be.rope_bwd(m!(a.dq, n * qd), r!(a.pos, n), nh, hd, theta)?;
+            be.rope_bwd(m!(a.dk, n * kvd), r!(a.pos, n), nkv, hd, theta)?;
+            be.matmul_bwd_weight(g!(lw.q), r!(a.dq, n * qd), r!(la.ln1, n * h), n, h, qd)?;
+            be.matmul_bwd_weight(g!(lw.k), r!(a.dk, n * kvd), r!(la.ln1, n * h), n, h, kvd)?;
+            be.matmul_bwd_weight(g!(lw.v), r!(a.dv, n * kvd), r!(la.ln1, n * h), n, h, kvd)?;
+            be.matmul_bwd_data(m!(a.dln, n * h), r!(a.dq, n * qd), w(lw.q), n, h, qd, false)?;
+            be.matmul_bwd_data(
+                m!(a.dln, n * h),
+                r!(a.dk, n * kvd),
+                w(lw.k),
+                n,
+                h,
+                kvd,
+                true,
+            )?;
+            be.matmul_bwd_data(
+                m!(a.dln, n * h),
+                r!(a.dv, n * kvd),
+                w(lw.v),
+                n,
+                h,
+                kvd,
+                true,
+            )?;
+            be.rmsnorm_bwd(
+                m!(a.dres, n * h),
+                g!(lw.ln1),
+                r!(a.dln, n * h),
+                r!(a.resid[l], n * h),
+                w(lw.ln1),
+                r!(la.rstd1, n),
+                h,
+            )?;
+        }
+        be.embedding_bwd(g!(tab.embed), r!(a.dres, n * h), r!(a.ids, n), h)?;
+        Ok(())
+    }
+}
+
+/// HF's shift: the target of position t is the label at t+1; the last position predicts nothing.
+pub fn shift_labels(labels: &[i32], b: usize, t: usize) -> Vec<i32> {
+    let mut out = vec![-100; b * t];
+    for bi in 0..b {
+        for ti in 0..t.saturating_sub(1) {
+            out[bi * t + ti] = labels[bi * t + ti + 1];
+        }
+    }
+    out
+}
+
+/// For tests and tools: the element type of the backend's activations.
+pub fn act_name<B: Backend>() -> &'static str {
+    <B::Act as crate::elem::Elem>::NAME
+}
+
+#[allow(dead_code)]
+fn _assert_float<F: Float>() {}

@@ -1,0 +1,141 @@
+//! The tokenizer: the `tokenizers` crate over a `tokenizer.json`, BOS/EOS handling, and Llama 2's
+//! chat template built from token ids (BOS/EOS are ids, never text to tokenize).
+
+use crate::error::{Error, Result};
+use std::path::{Path, PathBuf};
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    pub path: PathBuf,
+    pub bos: u32,
+    pub eos: u32,
+}
+
+/// A chat message, as in the `{"role", "content"}` JSONL used by SFT data.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Self {
+        Message {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+const B_INST: &str = "[INST]";
+const E_INST: &str = "[/INST]";
+const B_SYS: &str = "<<SYS>>\n";
+const E_SYS: &str = "\n<</SYS>>\n\n";
+
+impl Tokenizer {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+            path: path.to_path_buf(),
+            msg: if path.exists() {
+                format!("cannot load: {e}")
+            } else {
+                "no such file".into()
+            },
+        })?;
+        let id = |t: &str, default: u32| inner.token_to_id(t).unwrap_or(default);
+        let (bos, eos) = (id("<s>", 1), id("</s>", 2));
+        Ok(Tokenizer {
+            inner,
+            path: path.to_path_buf(),
+            bos,
+            eos,
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> Error {
+        Error::Tokenizer {
+            path: self.path.clone(),
+            msg: e.to_string(),
+        }
+    }
+
+    /// Ids of `text` with no special tokens; `bos` prepends BOS.
+    pub fn encode(&self, text: &str, bos: bool) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(|e| self.err(e))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if bos {
+            ids.push(self.bos);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| self.err(e))
+    }
+
+    /// Llama 2's chat format, as Meta's reference code builds it: the system prompt is folded
+    /// into the first user turn; every completed (user, assistant) pair is
+    /// `<s>[INST] {user} [/INST] {assistant} </s>`; a final user turn is `<s>[INST] {user} [/INST]`.
+    /// Returns the ids and a mask that is true on assistant tokens (and their EOS), which is what
+    /// SFT learns.
+    pub fn chat(&self, messages: &[Message]) -> Result<(Vec<u32>, Vec<bool>)> {
+        let mut msgs: Vec<Message> = messages.to_vec();
+        if msgs.first().is_some_and(|m| m.role == "system") {
+            let sys = msgs.remove(0);
+            let first = msgs
+                .first_mut()
+                .filter(|m| m.role == "user")
+                .ok_or_else(|| {
+                    Error::Input("a system message must be followed by a user message".into())
+                })?;
+            first.content = format!("{B_SYS}{}{E_SYS}{}", sys.content.trim(), first.content);
+        }
+        let mut ids = Vec::new();
+        let mut mask = Vec::new();
+        let mut i = 0;
+        while i < msgs.len() {
+            let u = &msgs[i];
+            if u.role != "user" {
+                return Err(Error::Input(format!(
+                    "message {i}: expected role `user`, got `{}` (roles must alternate user/assistant after an optional system)",
+                    u.role
+                )));
+            }
+            let prompt = self.encode(&format!("{B_INST} {} {E_INST}", u.content.trim()), true)?;
+            match msgs.get(i + 1) {
+                None => {
+                    mask.extend(std::iter::repeat_n(false, prompt.len()));
+                    ids.extend(prompt);
+                }
+                Some(a) if a.role == "assistant" => {
+                    // Meta encodes "[INST] u [/INST] a " as one string; the answer's tokens are
+                    // what follows the longest prefix shared with the prompt's encoding.
+                    let text = format!(
+                        "{B_INST} {} {E_INST} {} ",
+                        u.content.trim(),
+                        a.content.trim()
+                    );
+                    let mut full = self.encode(&text, true)?;
+                    full.push(self.eos);
+                    let shared = full.iter().zip(&prompt).take_while(|(x, y)| x == y).count();
+                    mask.extend((0..full.len()).map(|j| j >= shared));
+                    ids.extend(full);
+                }
+                Some(a) => {
+                    return Err(Error::Input(format!(
+                        "message {}: expected role `assistant`, got `{}`",
+                        i + 1,
+                        a.role
+                    )))
+                }
+            }
+            i += 2;
+        }
+        Ok((ids, mask))
+    }
+}

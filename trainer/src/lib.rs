@@ -1,0 +1,5 @@
+//! The training loops and tools built on the engine. Each stage is a module with a config struct
+//! and a `run` function; the CLI maps arguments to configs and nothing more.
+
+pub mod device;
+pub mod selftest;
