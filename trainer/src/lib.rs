@@ -1,5 +1,11 @@
 //! The training loops and tools built on the engine. Each stage is a module with a config struct
 //! and a `run` function; the CLI maps arguments to configs and nothing more.
 
+pub mod data;
 pub mod device;
+pub mod metrics;
+pub mod pretrain;
+pub mod sample;
+pub mod schedule;
 pub mod selftest;
+pub mod tokenizer_train;

@@ -1,0 +1,136 @@
+//! Metrics as JSONL (one object per line, plottable with anything) and SVG line plots.
+
+use anyhow::{Context, Result};
+use plotters::prelude::*;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub struct MetricsWriter {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl MetricsWriter {
+    /// Opens `path` for appending; `keep_until_step` first drops lines of later steps (a resumed
+    /// run rewrites what the interrupted one logged after its checkpoint).
+    pub fn open(path: &Path, keep_until_step: Option<u64>) -> Result<Self> {
+        if let Some(last) = keep_until_step {
+            if let Ok(text) = std::fs::read_to_string(path) {
+                let kept: Vec<&str> = text
+                    .lines()
+                    .filter(|l| {
+                        serde_json::from_str::<serde_json::Value>(l)
+                            .ok()
+                            .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                            .is_some_and(|s| s <= last)
+                    })
+                    .collect();
+                let mut body = kept.join("\n");
+                if !body.is_empty() {
+                    body.push('\n');
+                }
+                std::fs::write(path, body)
+                    .with_context(|| format!("rewriting {}", path.display()))?;
+            }
+        } else {
+            let _ = std::fs::remove_file(path);
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(MetricsWriter {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    pub fn write(&mut self, v: &serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{v}").with_context(|| format!("writing {}", self.path.display()))
+    }
+}
+
+/// Reads `(x, y)` series from a JSONL file: for each key in `ys`, the points where it is present.
+pub fn read_series(path: &Path, x: &str, ys: &[&str]) -> Result<Vec<Vec<(f64, f64)>>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = vec![Vec::new(); ys.len()];
+    for l in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else {
+            continue;
+        };
+        let Some(xv) = v.get(x).and_then(|a| a.as_f64()) else {
+            continue;
+        };
+        for (i, k) in ys.iter().enumerate() {
+            if let Some(yv) = v.get(*k).and_then(|a| a.as_f64()).filter(|y| y.is_finite()) {
+                out[i].push((xv, yv));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A line plot of named series, written as SVG.
+pub fn line_plot(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(&str, &[(f64, f64)])],
+) -> Result<()> {
+    let pts: Vec<&(f64, f64)> = series.iter().flat_map(|(_, s)| s.iter()).collect();
+    if pts.is_empty() {
+        return Ok(());
+    }
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &&(x, y) in &pts {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    if x1 <= x0 {
+        x1 = x0 + 1.0;
+    }
+    let pad = ((y1 - y0) * 0.05).max(1e-6);
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
+    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("plotting {}: {e}", path.display());
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .draw()
+        .map_err(|e| err(&e))?;
+    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    for (i, (name, s)) in series.iter().enumerate() {
+        let c = colors[i % colors.len()];
+        chart
+            .draw_series(LineSeries::new(s.iter().copied(), c.stroke_width(2)))
+            .map_err(|e| err(&e))?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2)));
+        if s.len() < 40 {
+            chart
+                .draw_series(s.iter().map(|&p| Circle::new(p, 3, c.filled())))
+                .map_err(|e| err(&e))?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}

@@ -1,0 +1,624 @@
+//! `llama2 pretrain`: the Llama 2 paper's pretraining loop on prepared token shards.
+//!
+//! AdamW (β 0.9/0.95, eps 1e-5, decay 0.1), clip 1.0, cosine schedule with warmup to 10 % of the
+//! peak, gradient accumulation to a token batch; validation loss, text samples, JSONL metrics,
+//! a progress bar; atomic checkpoints (HF model + optimizer + loader state) every N steps and on
+//! Ctrl-C; exact resume (on the CPU, the losses of a resumed run equal an uninterrupted run's bit
+//! for bit); non-finite losses or gradients stop the run naming the step and the tensor.
+
+use crate::data::{val_windows, write_atomic, Loader, TokenData};
+use crate::metrics::{line_plot, read_series, MetricsWriter};
+use crate::sample::generate;
+use crate::schedule::Cosine;
+use anyhow::{bail, ensure, Context, Result};
+use engine::checkpoint::{load_model, save_model, write_tensors, SaveOptions, TensorFiles};
+use engine::optim::{AdamW, AdamWConfig};
+use engine::tokenizer::Tokenizer;
+use engine::{Backend, Batch, Head, Llama, LlamaConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// Where the model comes from.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub enum ModelSource {
+    /// A preset name (tiny, 7b, ...); its vocabulary is set to the data's.
+    Preset(String),
+    /// An HF `config.json` (random initialisation).
+    Config(PathBuf),
+    /// An HF checkpoint directory to continue from.
+    Init(PathBuf),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PretrainConfig {
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub model: ModelSource,
+    pub seq_len: usize,
+    /// Sequences per micro-batch (one forward/backward).
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (the token batch is their product with seq_len).
+    pub grad_accum: usize,
+    pub steps: usize,
+    pub lr: f32,
+    pub warmup: usize,
+    pub final_lr_ratio: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub clip: f32,
+    pub eval_every: usize,
+    pub eval_windows: usize,
+    pub sample_every: usize,
+    pub sample_tokens: usize,
+    pub ckpt_every: usize,
+    pub keep_checkpoints: usize,
+    pub seed: u64,
+    pub skip_nonfinite: bool,
+    /// Stop (with a checkpoint) after this many steps of this invocation, as an interruption would.
+    pub stop_after: Option<usize>,
+    pub progress: bool,
+}
+
+impl PretrainConfig {
+    /// The paper's defaults for a model size: peak LR 3e-4 (1.5e-4 for 34B/70B; 1e-3 for the tiny
+    /// preset, which is small enough to take it), warmup 2000 steps (a tenth of a shorter run).
+    pub fn defaults(data: PathBuf, out: PathBuf, model: ModelSource, steps: usize) -> Self {
+        let lr = match &model {
+            ModelSource::Preset(p) if p == "34b" || p == "70b" => 1.5e-4,
+            ModelSource::Preset(p) if p == "tiny" => 1e-3,
+            _ => 3e-4,
+        };
+        PretrainConfig {
+            data,
+            out,
+            model,
+            seq_len: 256,
+            batch_size: 8,
+            grad_accum: 1,
+            steps,
+            lr,
+            warmup: 2000.min(steps / 10).max(1),
+            final_lr_ratio: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-5,
+            weight_decay: 0.1,
+            clip: 1.0,
+            eval_every: 100,
+            eval_windows: 64,
+            sample_every: 0,
+            sample_tokens: 64,
+            ckpt_every: 500,
+            keep_checkpoints: 3,
+            seed: 1337,
+            skip_nonfinite: false,
+            stop_after: None,
+            progress: true,
+        }
+    }
+
+    pub fn schedule(&self) -> Cosine {
+        Cosine {
+            peak: self.lr,
+            warmup: self.warmup,
+            total: self.steps,
+            final_ratio: self.final_lr_ratio,
+        }
+    }
+}
+
+/// Training state saved beside the model in every checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub kind: String,
+    /// Optimizer steps completed.
+    pub step: usize,
+    pub loader_position: u64,
+    pub adamw_step: u64,
+    pub seed: u64,
+    pub config: PretrainConfig,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StepLog {
+    pub step: usize,
+    pub lr: f32,
+    pub loss: f32,
+    pub grad_norm: f32,
+    pub val_loss: Option<f32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PretrainReport {
+    pub steps_done: usize,
+    pub last_step: usize,
+    pub logs: Vec<StepLog>,
+    pub final_val_loss: Option<f32>,
+    pub tokens_per_s: f64,
+    pub checkpoint: Option<PathBuf>,
+    pub interrupted: bool,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Installs the Ctrl-C handler once per process: it asks the loop to checkpoint and stop.
+pub fn install_ctrlc() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = ctrlc::set_handler(|| {
+            if INTERRUPTED.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!(
+                "\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit now)"
+            );
+        });
+    });
+}
+
+/// Builds the model for a run, matching the data's vocabulary.
+pub fn build_model<B: Backend>(
+    be: B,
+    src: &ModelSource,
+    data_vocab: usize,
+    seed: u64,
+) -> Result<Llama<B>> {
+    let mut model = match src {
+        ModelSource::Preset(p) => {
+            let mut cfg = LlamaConfig::preset(p)?;
+            cfg.vocab_size = data_vocab;
+            let mut m = Llama::new(be, cfg, Head::Lm)?;
+            m.init_random(seed)?;
+            m
+        }
+        ModelSource::Config(path) => {
+            let cfg = LlamaConfig::from_file(path)?;
+            let mut m = Llama::new(be, cfg, Head::Lm)?;
+            m.init_random(seed)?;
+            m
+        }
+        ModelSource::Init(dir) => load_model(be, dir, Head::Lm)
+            .with_context(|| format!("loading --init checkpoint {}", dir.display()))?,
+    };
+    ensure!(
+        model.cfg.vocab_size >= data_vocab,
+        "the model's vocab_size ({}) is smaller than the data's tokenizer ({data_vocab})",
+        model.cfg.vocab_size
+    );
+    model.zero_grads()?;
+    Ok(model)
+}
+
+/// Finds the checkpoint directory to resume from: a checkpoint itself, or a run directory whose
+/// `checkpoints/latest` names one.
+pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
+    if path.join("trainer_state.json").is_file() {
+        return Ok(path.to_path_buf());
+    }
+    for latest in [path.join("checkpoints/latest"), path.join("latest")] {
+        if let Ok(name) = std::fs::read_to_string(&latest) {
+            let dir = latest.parent().expect("parent").join(name.trim());
+            ensure!(
+                dir.join("trainer_state.json").is_file(),
+                "{} names {}, which is not a checkpoint",
+                latest.display(),
+                dir.display()
+            );
+            return Ok(dir);
+        }
+    }
+    bail!(
+        "{}: no checkpoint here (expected trainer_state.json or checkpoints/latest)",
+        path.display()
+    )
+}
+
+/// The name of the first parameter tensor whose values (in `host`) are not all finite.
+fn first_nonfinite<B: Backend>(model: &Llama<B>, host: &[f32]) -> Option<String> {
+    model
+        .table
+        .entries
+        .iter()
+        .find(|e| {
+            host[e.span.off..e.span.off + e.span.len]
+                .iter()
+                .any(|x| !x.is_finite())
+        })
+        .map(|e| e.name.clone())
+}
+
+struct Ckpt<'a> {
+    out: &'a Path,
+    keep: usize,
+    tokenizer: &'a Path,
+}
+
+impl Ckpt<'_> {
+    fn save<B: Backend>(
+        &self,
+        model: &Llama<B>,
+        opt: &AdamW<B>,
+        state: &TrainerState,
+    ) -> Result<PathBuf> {
+        let root = self.out.join("checkpoints");
+        let name = format!("step-{:08}", state.step);
+        let dir = root.join(&name);
+        let n = model.table.total;
+        let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+        model.be.to_host(&mut m, B::all(&opt.m))?;
+        model.be.to_host(&mut v, B::all(&opt.v))?;
+        save_model(model, &dir, SaveOptions::default(), |tmp| {
+            std::fs::copy(self.tokenizer, tmp.join("tokenizer.json"))
+                .map_err(|e| engine::Error::io(self.tokenizer, e))?;
+            write_tensors_named(
+                tmp,
+                "optimizer.safetensors",
+                &[("adamw.m", &m), ("adamw.v", &v)],
+            )?;
+            let text = serde_json::to_string_pretty(state).expect("json");
+            std::fs::write(tmp.join("trainer_state.json"), text)
+                .map_err(|e| engine::Error::io(tmp, e))
+        })?;
+        write_atomic(&root.join("latest"), name.as_bytes())?;
+        // Keep the newest `keep` checkpoints.
+        let mut all: Vec<PathBuf> = std::fs::read_dir(&root)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_dir()
+                    && p.file_name()
+                        .is_some_and(|f| f.to_string_lossy().starts_with("step-"))
+            })
+            .collect();
+        all.sort();
+        while all.len() > self.keep.max(1) {
+            let old = all.remove(0);
+            let _ = std::fs::remove_dir_all(old);
+        }
+        Ok(dir)
+    }
+}
+
+/// Writes flat f32 arrays as a safetensors file named `file` inside `dir`.
+fn write_tensors_named(dir: &Path, file: &str, tensors: &[(&str, &[f32])]) -> engine::Result<()> {
+    let sub = dir.join(format!(".{file}.d"));
+    std::fs::create_dir_all(&sub).map_err(|e| engine::Error::io(&sub, e))?;
+    let list: Vec<(String, Vec<usize>, &[f32])> = tensors
+        .iter()
+        .map(|(n, d)| (n.to_string(), vec![d.len()], *d))
+        .collect();
+    write_tensors(
+        &sub,
+        &list,
+        SaveOptions {
+            max_shard_bytes: usize::MAX,
+            ..Default::default()
+        },
+    )?;
+    std::fs::rename(sub.join("model.safetensors"), dir.join(file))
+        .map_err(|e| engine::Error::io(dir.join(file), e))?;
+    std::fs::remove_dir(&sub).map_err(|e| engine::Error::io(&sub, e))
+}
+
+/// Mean validation loss over the fixed validation windows.
+pub fn evaluate<B: Backend>(
+    model: &mut Llama<B>,
+    windows: &[(Vec<i32>, Vec<i32>)],
+    batch: usize,
+    t: usize,
+) -> Result<f32> {
+    let mut sum = 0f64;
+    let mut count = 0usize;
+    for chunk in windows.chunks(batch.max(1)) {
+        let ids: Vec<i32> = chunk.iter().flat_map(|w| w.0.iter().copied()).collect();
+        let tg: Vec<i32> = chunk.iter().flat_map(|w| w.1.iter().copied()).collect();
+        model.forward(&Batch::new(&ids, chunk.len(), t))?;
+        let (l, c) = model.lm_loss(&tg)?;
+        sum += l as f64 * c as f64;
+        count += c;
+    }
+    Ok((sum / count.max(1) as f64) as f32)
+}
+
+pub fn run<B: Backend>(
+    be: B,
+    cfg: PretrainConfig,
+    resume: Option<&Path>,
+) -> Result<PretrainReport> {
+    let data = TokenData::open(&cfg.data)?;
+    ensure!(cfg.steps > 0, "--steps must be > 0");
+    ensure!(
+        cfg.batch_size > 0 && cfg.grad_accum > 0 && cfg.seq_len > 0,
+        "batch size, accumulation and seq_len must be > 0"
+    );
+    ensure!(
+        cfg.warmup <= cfg.steps,
+        "--warmup ({}) exceeds --steps ({})",
+        cfg.warmup,
+        cfg.steps
+    );
+    let tokenizer_path = data.dir.join("tokenizer.json");
+    let tok = Tokenizer::from_file(&tokenizer_path)?;
+
+    let (mut model, mut opt, start_step, loader_pos) = match resume {
+        None => {
+            let model = build_model(be, &cfg.model, data.meta.vocab_size, cfg.seed)?;
+            let opt = AdamW::new(&model, adamw_config(&cfg))?;
+            (model, opt, 0usize, 0u64)
+        }
+        Some(p) => {
+            let dir = resolve_checkpoint(p)?;
+            let state_path = dir.join("trainer_state.json");
+            let st: TrainerState = serde_json::from_str(&std::fs::read_to_string(&state_path)?)
+                .with_context(|| format!("{}: malformed", state_path.display()))?;
+            let model = load_model(be, &dir, Head::Lm)?;
+            ensure!(
+                model.cfg.vocab_size >= data.meta.vocab_size,
+                "checkpoint {} has vocab_size {} but the data's tokenizer has {}",
+                dir.display(),
+                model.cfg.vocab_size,
+                data.meta.vocab_size
+            );
+            let mut opt = AdamW::new(&model, adamw_config(&cfg))?;
+            let f = TensorFiles::open(&dir.join("optimizer.safetensors"))?;
+            let n = model.table.total;
+            let m = f.read_f32_shaped("adamw.m", &[n], "the model's parameter count")?;
+            let v = f.read_f32_shaped("adamw.v", &[n], "the model's parameter count")?;
+            model.be.from_host(B::all_mut(&mut opt.m), &m)?;
+            model.be.from_host(B::all_mut(&mut opt.v), &v)?;
+            opt.step = st.adamw_step;
+            (model, opt, st.step, st.loader_position)
+        }
+    };
+    let t = cfg.seq_len;
+    ensure!(
+        t <= model.cfg.max_position_embeddings,
+        "--seq-len {t} exceeds the model's max_position_embeddings ({})",
+        model.cfg.max_position_embeddings
+    );
+    ensure!(
+        start_step < cfg.steps,
+        "the checkpoint is at step {start_step}, already at --steps {}",
+        cfg.steps
+    );
+    let mut loader = Loader::new(&data, t, cfg.seed)?;
+    loader.position = loader_pos;
+    let val = val_windows(&data, t, cfg.eval_windows)?;
+    std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
+    std::fs::write(
+        cfg.out.join("config.json"),
+        serde_json::to_string_pretty(&cfg)?,
+    )?;
+    let mut metrics = MetricsWriter::open(
+        &cfg.out.join("metrics.jsonl"),
+        resume.map(|_| start_step as u64),
+    )?;
+    let ckpt = Ckpt {
+        out: &cfg.out,
+        keep: cfg.keep_checkpoints,
+        tokenizer: &tokenizer_path,
+    };
+    let sched = cfg.schedule();
+    install_ctrlc();
+
+    let tokens_per_step = cfg.batch_size * cfg.grad_accum * t;
+    let bar = if cfg.progress {
+        ProgressBar::new(cfg.steps as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "pretrain {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("template"),
+    );
+    bar.set_position(start_step as u64);
+    let (mut ids, mut tg) = (
+        Vec::with_capacity(cfg.batch_size * t),
+        Vec::with_capacity(cfg.batch_size * t),
+    );
+    let mut logs = Vec::new();
+    let mut last_ckpt = None;
+    let mut interrupted = false;
+    let t_start = Instant::now();
+    let mut tokens_done = 0usize;
+    let mut steps_done = 0usize;
+    let mut step = start_step;
+    let mut final_val = None;
+    while step < cfg.steps {
+        let t0 = Instant::now();
+        let lr = sched.lr(step);
+        let mut loss_sum = 0f64;
+        let mut bad: Option<String> = None;
+        for _ in 0..cfg.grad_accum {
+            loader.next_batch(&data, cfg.batch_size, &mut ids, &mut tg);
+            model.forward(&Batch::new(&ids, cfg.batch_size, t))?;
+            let (loss, count) = model.lm_loss(&tg)?;
+            if !loss.is_finite() {
+                let host = model.params_to_host()?;
+                bad = Some(match first_nonfinite(&model, &host) {
+                    Some(name) => {
+                        format!("loss is {loss}; parameter {name} holds non-finite values")
+                    }
+                    None => {
+                        format!("loss is {loss} (the logits overflowed; parameters are finite)")
+                    }
+                });
+                break;
+            }
+            loss_sum += loss as f64;
+            model.backward_lm(1.0 / (count.max(1) * cfg.grad_accum) as f32)?;
+        }
+        let loss = (loss_sum / cfg.grad_accum as f64) as f32;
+        let stats = match bad {
+            Some(b) => Err(b),
+            None => match opt.step(&mut model, lr) {
+                Ok(s) => Ok(s),
+                Err(engine::Error::NonFinite(m)) => {
+                    let g = model.grads_to_host()?;
+                    let name = first_nonfinite(&model, &g).unwrap_or_else(|| "?".into());
+                    Err(format!("{m}; first non-finite gradient: {name}"))
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
+        model.zero_grads()?;
+        let stats = match stats {
+            Ok(s) => s,
+            Err(msg) if cfg.skip_nonfinite => {
+                say(
+                    &bar,
+                    format!("step {}: {msg}: skipped (--skip-nonfinite)", step + 1),
+                );
+                metrics.write(&serde_json::json!({"step": step + 1, "skipped": msg}))?;
+                step += 1;
+                continue;
+            }
+            Err(msg) => bail!(
+                "step {}: {msg} (pass --skip-nonfinite to skip such steps)",
+                step + 1
+            ),
+        };
+        step += 1;
+        steps_done += 1;
+        let dt = t0.elapsed().as_secs_f64();
+        tokens_done += tokens_per_step;
+        let tok_s = tokens_per_step as f64 / dt;
+        let mut val_loss = None;
+        if (cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == cfg.steps {
+            val_loss = Some(evaluate(&mut model, &val, cfg.batch_size, t)?);
+            final_val = val_loss;
+        }
+        let mut rec = serde_json::json!({
+            "step": step, "lr": lr, "loss": loss, "grad_norm": stats.grad_norm,
+            "tok_per_s": tok_s, "tokens": step * tokens_per_step, "elapsed_s": t_start.elapsed().as_secs_f64(),
+        });
+        if let Some(v) = val_loss {
+            rec["val_loss"] = v.into();
+        }
+        metrics.write(&rec)?;
+        logs.push(StepLog {
+            step,
+            lr,
+            loss,
+            grad_norm: stats.grad_norm,
+            val_loss,
+        });
+        bar.set_position(step as u64);
+        bar.set_message(format!(
+            "loss {loss:.4}{} | lr {lr:.2e} | {:.0} tok/s",
+            final_val
+                .map(|v| format!(" val {v:.4}"))
+                .unwrap_or_default(),
+            tok_s
+        ));
+        if cfg.sample_every > 0 && step % cfg.sample_every == 0 {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed ^ step as u64);
+            let out = generate(
+                &mut model,
+                &[tok.eos],
+                cfg.sample_tokens,
+                0.8,
+                40,
+                Some(tok.eos),
+                &mut rng,
+            )?;
+            let text = tok.decode(&out)?;
+            say(&bar, format!("--- sample at step {step} ---\n{text}\n---"));
+            metrics.write(&serde_json::json!({"step": step, "sample": text}))?;
+        }
+        interrupted = INTERRUPTED.swap(false, Ordering::SeqCst);
+        let stop_now = cfg.stop_after.is_some_and(|k| steps_done >= k);
+        if (cfg.ckpt_every > 0 && step % cfg.ckpt_every == 0)
+            || step == cfg.steps
+            || interrupted
+            || stop_now
+        {
+            let state = TrainerState {
+                kind: "pretrain".into(),
+                step,
+                loader_position: loader.position,
+                adamw_step: opt.step,
+                seed: cfg.seed,
+                config: cfg.clone(),
+            };
+            last_ckpt = Some(ckpt.save(&model, &opt, &state)?);
+        }
+        if interrupted || stop_now {
+            interrupted = true;
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    if let Ok(s) = read_series(
+        &cfg.out.join("metrics.jsonl"),
+        "step",
+        &["loss", "val_loss"],
+    ) {
+        line_plot(
+            &cfg.out.join("loss.svg"),
+            "pretraining loss",
+            "step",
+            "cross-entropy (nats/token)",
+            &[("train", &s[0]), ("validation", &s[1])],
+        )?;
+    }
+    Ok(PretrainReport {
+        steps_done,
+        last_step: step,
+        logs,
+        final_val_loss: final_val,
+        tokens_per_s: tokens_done as f64 / t_start.elapsed().as_secs_f64().max(1e-9),
+        checkpoint: last_ckpt,
+        interrupted,
+    })
+}
+
+/// Prints above the progress bar, or plainly when it is hidden.
+pub fn say(bar: &ProgressBar, msg: String) {
+    if bar.is_hidden() {
+        println!("{msg}");
+    } else {
+        bar.println(msg);
+    }
+}
+
+fn adamw_config(cfg: &PretrainConfig) -> AdamWConfig {
+    AdamWConfig {
+        beta1: cfg.beta1,
+        beta2: cfg.beta2,
+        eps: cfg.eps,
+        weight_decay: cfg.weight_decay,
+        clip_norm: (cfg.clip > 0.0).then_some(cfg.clip),
+        ..AdamWConfig::default()
+    }
+}
+
+/// The configuration a resumed run continues with: the checkpoint's own, with `steps` optionally
+/// extended (a longer schedule changes the cosine, so the run is no longer identical).
+pub fn resume_config(path: &Path, steps: Option<usize>) -> Result<PretrainConfig> {
+    let dir = resolve_checkpoint(path)?;
+    let state_path = dir.join("trainer_state.json");
+    let text = std::fs::read_to_string(&state_path)
+        .with_context(|| format!("reading {}", state_path.display()))?;
+    let st: TrainerState = serde_json::from_str(&text)
+        .with_context(|| format!("{}: malformed", state_path.display()))?;
+    ensure!(
+        st.kind == "pretrain",
+        "{}: a `{}` checkpoint, not a pretraining one",
+        state_path.display(),
+        st.kind
+    );
+    let mut cfg = st.config;
+    cfg.stop_after = None;
+    if let Some(s) = steps {
+        cfg.steps = s;
+    }
+    Ok(cfg)
+}
