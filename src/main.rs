@@ -81,6 +81,9 @@ enum Cmd {
     },
     /// Pretrain a Llama on prepared token shards (see prepare-data).
     Pretrain(PretrainArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCmd),
     /// A self-contained check of the engine: random tiny model, backward against finite
     /// differences, an optimizer step, save and reload through safetensors.
     Selftest {
@@ -88,6 +91,70 @@ enum Cmd {
         #[arg(long, default_value = "runs/selftest")]
         out: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Training throughput: tokens/s after warm-up, model FLOP/s, fraction of a same-run matmul.
+    Train {
+        /// A preset name (tiny, 7b, 13b, 34b, 70b) or an HF config.json.
+        #[arg(long, default_value = "tiny")]
+        config: String,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value = "cpu")]
+        device: Device,
+        /// Also time transformers' LlamaForCausalLM on the same shapes (needs torch).
+        #[arg(long)]
+        vs_torch: bool,
+        /// Write the report as JSON too.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+fn bench(cmd: BenchCmd) -> Result<()> {
+    match cmd {
+        BenchCmd::Train {
+            config,
+            seq_len,
+            batch_size,
+            steps,
+            warmup,
+            device,
+            vs_torch,
+            json,
+        } => {
+            require_cpu(device)?;
+            let model = if std::path::Path::new(&config).is_file() {
+                engine::LlamaConfig::from_file(std::path::Path::new(&config))?
+            } else {
+                engine::LlamaConfig::preset(&config)?
+            };
+            let cfg = trainer::bench::BenchConfig {
+                model,
+                seq_len,
+                batch_size,
+                steps,
+                warmup,
+                vs_torch,
+                device_name: engine::Backend::name(&Cpu),
+            };
+            let rep = trainer::bench::run(Cpu, &cfg)?;
+            rep.print();
+            if let Some(p) = json {
+                std::fs::write(&p, serde_json::to_string_pretty(&rep)?)
+                    .with_context(|| format!("writing {}", p.display()))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -250,6 +317,13 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
 }
 
 fn main() {
+    // Die quietly on a closed pipe (`llama2 check DIR | head`) as Unix tools do, instead of
+    // panicking inside println!.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     if let Err(e) = run() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -365,6 +439,7 @@ fn run() -> Result<()> {
             println!("{}: byte-fallback BPE with {n} tokens", out.display());
         }
         Cmd::Pretrain(a) => pretrain(a)?,
+        Cmd::Bench(b) => bench(b)?,
         Cmd::Selftest { out } => {
             println!("llama2 selftest on {}", engine::Backend::name(&Cpu));
             let s = trainer::selftest::run(&out)?;

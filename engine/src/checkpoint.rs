@@ -65,6 +65,13 @@ impl TensorFiles {
             .and_then(|m| m.as_object())
             .ok_or_else(|| Error::file(index, "no `weight_map` object"))?;
         let dir = index.parent().unwrap_or(Path::new("."));
+        if let Some((name, v)) = map.iter().find(|(_, v)| !v.is_string()) {
+            return Err(Error::tensor(
+                index,
+                name,
+                format!("weight_map entry {v} is not a file name"),
+            ));
+        }
         let mut shard_names: Vec<&str> = map.values().filter_map(|s| s.as_str()).collect();
         shard_names.sort();
         shard_names.dedup();
@@ -78,12 +85,8 @@ impl TensorFiles {
         }
         for (name, shard) in map {
             let shard = shard.as_str().unwrap_or_default();
-            let fi = tf
-                .files
-                .iter()
-                .position(|(p, _)| p.file_name().is_some_and(|f| f == shard))
-                .expect("opened above");
-            if tf.owner.get(name) != Some(&fi) {
+            let fi = tf.files.iter().position(|(p, _)| *p == dir.join(shard));
+            if fi.is_none() || tf.owner.get(name) != fi.as_ref() {
                 return Err(Error::file(
                     index,
                     format!(
@@ -100,11 +103,16 @@ impl TensorFiles {
         // SAFETY: the file is opened read-only and the map lives as long as `self`. A file that is
         // truncated underneath us by another process is outside what any mmap reader can defend.
         let mm = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(path, e))?;
-        let st = SafeTensors::deserialize(&mm).map_err(|e| {
-            Error::file(
+        let st = SafeTensors::deserialize(&mm).map_err(|e| match truncated_tensor(&mm) {
+            Some((name, end, have)) => Error::tensor(
+                path,
+                &name,
+                format!("file is truncated: the tensor's data ends at byte {end} of the data section, but the file holds only {have} bytes of data"),
+            ),
+            None => Error::file(
                 path,
                 format!("not a valid safetensors file (truncated or corrupt?): {e}"),
-            )
+            ),
         })?;
         let idx = self.files.len();
         for name in st.names() {
@@ -219,6 +227,24 @@ impl TensorFiles {
     }
 }
 
+/// For a safetensors file whose header is intact but whose data is cut short: the first tensor
+/// (by offset) that lost data, where its data ends, and how many data bytes the file holds.
+fn truncated_tensor(buf: &[u8]) -> Option<(String, u64, u64)> {
+    let n = u64::from_le_bytes(buf.get(..8)?.try_into().ok()?);
+    let header = buf.get(8..usize::try_from(n).ok()?.checked_add(8)?)?;
+    let v: serde_json::Value = serde_json::from_slice(header).ok()?;
+    let have = (buf.len() as u64).checked_sub(8 + n)?;
+    v.as_object()?
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .filter_map(|(k, t)| {
+            let end = t.get("data_offsets")?.get(1)?.as_u64()?;
+            (end > have).then(|| (k.clone(), end))
+        })
+        .min_by_key(|&(_, end)| end)
+        .map(|(k, end)| (k, end, have))
+}
+
 /// Reads every parameter of `table` from `files` into a flat host array. Names in `optional`
 /// may be missing (left zero and returned), e.g. `score.weight` when a reward model starts from
 /// a chat checkpoint. A tensor of a layer the config does not have means the checkpoint is from
@@ -252,10 +278,15 @@ pub fn read_params(
                 missing.push(e.name.clone());
                 continue;
             }
-            let hint = if e.name == "lm_head.weight" {
-                " (config.json says tie_word_embeddings = false)"
-            } else {
-                ""
+            let hint = match e.name.as_str() {
+                "lm_head.weight" if files.contains("score.weight") => {
+                    " (this is a reward/value checkpoint with score.weight: load it with a score head)"
+                }
+                "lm_head.weight" => " (config.json says tie_word_embeddings = false)",
+                "score.weight" if files.contains("lm_head.weight") => {
+                    " (this is a causal-LM checkpoint: a reward model starts from it with a new score head)"
+                }
+                _ => "",
             };
             return Err(Error::tensor(
                 &files.origin,

@@ -231,6 +231,10 @@ pub fn rope_bwd(dx: &mut [f32], pos: &[i32], heads: usize, hd: usize, theta: f32
 
 // ------------------------------------------------------------------------------------------------
 // Causal grouped-query attention.
+//
+// One task per (sequence, KV head): it owns the query heads sharing that KV head, so it is the
+// only writer of their rows of out/lse/dq and of its dk/dv columns. Scores go through the GEMM
+// (a t×t tile per head), with the causal and document masks applied to the tile.
 
 /// Attention dimensions. q/out are [b, t, nh, hd]; k/v are [b, t, nkv, hd]; lse is [b, t, nh].
 #[derive(Clone, Copy, Debug)]
@@ -246,12 +250,75 @@ impl AttnDims {
     fn scale(&self) -> f32 {
         1.0 / (self.hd as f32).sqrt()
     }
-    /// Key row j is visible from query row i (both global rows in the same sequence, j <= i).
-    #[inline]
-    fn visible(doc: Option<&[i32]>, i: usize, j: usize) -> bool {
-        match doc {
-            Some(d) => d[i] == d[j],
-            None => true,
+}
+
+/// A raw pointer that may cross threads: each task writes a disjoint set of strided rows.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only to hand disjoint (sequence, head) regions of one buffer to different tasks.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// A method (not field access) so closures capture the whole Send wrapper.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// dst[m, n] (strided rows) = alpha·dst + beta·lhs·rhs, serial (the caller is one parallel task).
+///
+/// # Safety
+/// Every strided element of dst, lhs and rhs must be in bounds of live allocations, and no other
+/// thread may access dst's elements during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+    beta: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        1.0,
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// Sets masked entries of the t×t tile (j > i, or another document) to -inf.
+fn mask_scores(s: &mut [f32], t: usize, doc: Option<&[i32]>) {
+    for i in 0..t {
+        let row = &mut s[i * t..(i + 1) * t];
+        row[i + 1..].fill(f32::NEG_INFINITY);
+        if let Some(d) = doc {
+            for j in 0..=i {
+                if d[j] != d[i] {
+                    row[j] = f32::NEG_INFINITY;
+                }
+            }
         }
     }
 }
@@ -267,62 +334,52 @@ pub fn attention_fwd(
     doc: Option<&[i32]>,
     d: AttnDims,
 ) {
-    let (t, nh, nkv, hd) = (d.t, d.nh, d.nkv, d.hd);
+    let (b, t, nh, nkv, hd) = (d.b, d.t, d.nh, d.nkv, d.hd);
+    assert!(out.len() == b * t * nh * hd && q.len() == out.len() && lse.len() == b * t * nh);
+    assert!(k.len() == b * t * nkv * hd && v.len() == k.len());
     let group = nh / nkv;
     let scale = d.scale();
-    out.par_chunks_mut(nh * hd)
-        .zip(lse.par_chunks_mut(nh))
-        .enumerate()
-        .for_each_init(
-            || vec![0f32; t],
-            |s, (row, (o, l))| {
-                let (bi, ti) = (row / t, row % t);
-                let seq0 = bi * t;
-                for h in 0..nh {
-                    let g = h / group;
-                    let qv = &q[row * nh * hd + h * hd..][..hd];
-                    let mut m = f32::NEG_INFINITY;
-                    for j in 0..=ti {
-                        let jr = seq0 + j;
-                        if !AttnDims::visible(doc, row, jr) {
-                            s[j] = f32::NEG_INFINITY;
-                            continue;
-                        }
-                        let kv = &k[jr * nkv * hd + g * hd..][..hd];
-                        let dot: f32 = qv.iter().zip(kv).map(|(a, b)| a * b).sum();
-                        s[j] = dot * scale;
-                        m = m.max(s[j]);
-                    }
-                    let mut sum = 0f32;
-                    for sj in s.iter_mut().take(ti + 1) {
-                        *sj = if *sj == f32::NEG_INFINITY {
-                            0.0
-                        } else {
-                            (*sj - m).exp()
-                        };
-                        sum += *sj;
-                    }
-                    let oh = &mut o[h * hd..(h + 1) * hd];
-                    oh.fill(0.0);
-                    for j in 0..=ti {
-                        if s[j] == 0.0 {
-                            continue;
-                        }
-                        let p = s[j] / sum;
-                        let vv = &v[(seq0 + j) * nkv * hd + g * hd..][..hd];
-                        for (a, b) in oh.iter_mut().zip(vv) {
-                            *a += p * b;
-                        }
-                    }
-                    l[h] = m + sum.ln();
+    let (outp, lsep) = (SendPtr(out.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
+    (0..b * nkv).into_par_iter().for_each_init(
+        || vec![0f32; t * t],
+        |s, task| {
+            let (bi, g) = (task / nkv, task % nkv);
+            let docb = doc.map(|dd| &dd[bi * t..(bi + 1) * t]);
+            let kb = &k[bi * t * nkv * hd + g * hd..];
+            let vb = &v[bi * t * nkv * hd + g * hd..];
+            for h in g * group..(g + 1) * group {
+                let qb = &q[bi * t * nh * hd + h * hd..];
+                // SAFETY: q/k rows are in bounds (asserted lengths); s is this task's own tile.
+                unsafe {
+                    gemm_strided(t, t, hd, s.as_mut_ptr(), t, false, qb.as_ptr(), (nh * hd, 1), kb.as_ptr(), (1, nkv * hd), scale);
                 }
-            },
-        );
+                mask_scores(s, t, docb);
+                for i in 0..t {
+                    let row = &mut s[i * t..(i + 1) * t];
+                    let m = row[..=i].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0f32;
+                    for x in row[..=i].iter_mut() {
+                        *x = (*x - m).exp();
+                        sum += *x;
+                    }
+                    let inv = 1.0 / sum;
+                    row[..=i].iter_mut().for_each(|x| *x *= inv);
+                    row[i + 1..].fill(0.0);
+                    // SAFETY: lse[bi, i, h] belongs to this task's (sequence, head).
+                    unsafe { *lsep.get().add((bi * t + i) * nh + h) = m + sum.ln() };
+                }
+                // SAFETY: out[bi, :, h, :] is written by this task only; v rows are in bounds.
+                unsafe {
+                    let o = outp.get().add(bi * t * nh * hd + h * hd);
+                    gemm_strided(t, hd, t, o, nh * hd, false, s.as_ptr(), (t, 1), vb.as_ptr(), (nkv * hd, 1), 1.0);
+                }
+            }
+        },
+    );
 }
 
-/// dq, dk, dv (overwritten) from dout and the forward's q, k, v, out, lse.
-/// Two passes so that every output row is written by one task (deterministic, no atomics):
-/// dq by query row, then dk/dv by key row, summing over the query heads sharing a KV head.
+/// dq, dk, dv (overwritten) from dout and the forward's q, k, v, out, lse; dk and dv sum over
+/// the query heads sharing a KV head.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd(
     dq: &mut [f32],
@@ -337,65 +394,62 @@ pub fn attention_bwd(
     doc: Option<&[i32]>,
     d: AttnDims,
 ) {
-    let (t, nh, nkv, hd) = (d.t, d.nh, d.nkv, d.hd);
+    let (b, t, nh, nkv, hd) = (d.b, d.t, d.nh, d.nkv, d.hd);
+    assert!(dq.len() == b * t * nh * hd && q.len() == dq.len() && dout.len() == dq.len() && out.len() == dq.len());
+    assert!(dk.len() == b * t * nkv * hd && dv.len() == dk.len() && k.len() == dk.len() && v.len() == dk.len());
+    assert!(lse.len() == b * t * nh);
     let group = nh / nkv;
     let scale = d.scale();
-    let qrow = |r: usize, h: usize| &q[r * nh * hd + h * hd..][..hd];
-    let krow = |r: usize, g: usize| &k[r * nkv * hd + g * hd..][..hd];
-    let vrow = |r: usize, g: usize| &v[r * nkv * hd + g * hd..][..hd];
-    let dorow = |r: usize, h: usize| &dout[r * nh * hd + h * hd..][..hd];
-    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
-    // D_i = rowsum(dO ∘ O), per query row and head.
-    let delta = |r: usize, h: usize| dot(dorow(r, h), &out[r * nh * hd + h * hd..][..hd]);
-    // dS_ij = P_ij (dP_ij - D_i), with P_ij = exp(s_ij - lse_i), dP_ij = dO_i · V_j.
-    let ds = |i: usize, j: usize, h: usize, g: usize, di: f32| {
-        let p = (dot(qrow(i, h), krow(j, g)) * scale - lse[i * nh + h]).exp();
-        (p, p * (dot(dorow(i, h), vrow(j, g)) - di))
-    };
-    dq.par_chunks_mut(nh * hd).enumerate().for_each(|(i, dqr)| {
-        dqr.fill(0.0);
-        let seq0 = (i / t) * t;
-        for h in 0..nh {
-            let g = h / group;
-            let di = delta(i, h);
-            let dqh = &mut dqr[h * hd..(h + 1) * hd];
-            for j in seq0..=i {
-                if !AttnDims::visible(doc, i, j) {
-                    continue;
+    let (dqp, dkp, dvp) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
+    (0..b * nkv).into_par_iter().for_each_init(
+        || (vec![0f32; t * t], vec![0f32; t * t]),
+        |(p, dp), task| {
+            let (bi, g) = (task / nkv, task % nkv);
+            let docb = doc.map(|dd| &dd[bi * t..(bi + 1) * t]);
+            let kb = &k[bi * t * nkv * hd + g * hd..];
+            let vb = &v[bi * t * nkv * hd + g * hd..];
+            for (hi, h) in (g * group..(g + 1) * group).enumerate() {
+                let off = bi * t * nh * hd + h * hd;
+                let (qb, dob, ob) = (&q[off..], &dout[off..], &out[off..]);
+                // SAFETY (all blocks below): inputs are in bounds by the asserted lengths; p/dp
+                // are this task's tiles; dq[bi, :, h, :], dk[bi, :, g, :], dv[bi, :, g, :] are
+                // written by this task only.
+                unsafe {
+                    gemm_strided(t, t, hd, p.as_mut_ptr(), t, false, qb.as_ptr(), (nh * hd, 1), kb.as_ptr(), (1, nkv * hd), scale);
                 }
-                let (_, dsij) = ds(i, j, h, g, di);
-                for (a, b) in dqh.iter_mut().zip(krow(j, g)) {
-                    *a += dsij * scale * b;
+                mask_scores(p, t, docb);
+                for i in 0..t {
+                    let l = lse[(bi * t + i) * nh + h];
+                    p[i * t..(i + 1) * t].iter_mut().for_each(|x| *x = (*x - l).exp());
                 }
-            }
-        }
-    });
-    dk.par_chunks_mut(nkv * hd)
-        .zip(dv.par_chunks_mut(nkv * hd))
-        .enumerate()
-        .for_each(|(j, (dkr, dvr))| {
-            dkr.fill(0.0);
-            dvr.fill(0.0);
-            let seq_end = (j / t + 1) * t;
-            for g in 0..nkv {
-                let dkg = &mut dkr[g * hd..(g + 1) * hd];
-                let dvg = &mut dvr[g * hd..(g + 1) * hd];
-                for h in g * group..(g + 1) * group {
-                    for i in j..seq_end {
-                        if !AttnDims::visible(doc, i, j) {
-                            continue;
-                        }
-                        let (p, dsij) = ds(i, j, h, g, delta(i, h));
-                        for (a, b) in dkg.iter_mut().zip(qrow(i, h)) {
-                            *a += dsij * scale * b;
-                        }
-                        for (a, b) in dvg.iter_mut().zip(dorow(i, h)) {
-                            *a += p * b;
-                        }
+                // dV_g (+)= Pᵀ dO_h
+                unsafe {
+                    let dvg = dvp.get().add(bi * t * nkv * hd + g * hd);
+                    gemm_strided(t, hd, t, dvg, nkv * hd, hi > 0, p.as_ptr(), (1, t), dob.as_ptr(), (nh * hd, 1), 1.0);
+                }
+                // dP = dO_h V_gᵀ
+                unsafe {
+                    gemm_strided(t, t, hd, dp.as_mut_ptr(), t, false, dob.as_ptr(), (nh * hd, 1), vb.as_ptr(), (1, nkv * hd), 1.0);
+                }
+                // dS = P ∘ (dP − D), D_i = rowsum(dO_i ∘ O_i); stored in dp.
+                for i in 0..t {
+                    let (doi, oi) = (&dob[i * nh * hd..i * nh * hd + hd], &ob[i * nh * hd..i * nh * hd + hd]);
+                    let di: f32 = doi.iter().zip(oi).map(|(a, b)| a * b).sum();
+                    let (pr, dr) = (&p[i * t..(i + 1) * t], &mut dp[i * t..(i + 1) * t]);
+                    for j in 0..t {
+                        dr[j] = pr[j] * (dr[j] - di);
                     }
                 }
+                // dQ_h = scale · dS K_g ; dK_g (+)= scale · dSᵀ Q_h
+                unsafe {
+                    let dqh = dqp.get().add(off);
+                    gemm_strided(t, hd, t, dqh, nh * hd, false, dp.as_ptr(), (t, 1), kb.as_ptr(), (nkv * hd, 1), scale);
+                    let dkg = dkp.get().add(bi * t * nkv * hd + g * hd);
+                    gemm_strided(t, hd, t, dkg, nkv * hd, hi > 0, dp.as_ptr(), (1, t), qb.as_ptr(), (nh * hd, 1), scale);
+                }
             }
-        });
+        },
+    );
 }
 
 // ------------------------------------------------------------------------------------------------

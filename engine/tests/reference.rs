@@ -22,13 +22,20 @@ fn run_fixture(name: &str) {
     let rep = check_fixture(Cpu, &shared().join("fixtures").join(name), Tolerances::F32).unwrap();
     println!("{}", rep.to_table());
     assert_eq!(rep.failed(), 0, "{name}: failures");
-    assert_eq!(rep.skipped(), 0, "{name}: every part of the fixture must run");
+    assert_eq!(
+        rep.skipped(),
+        0,
+        "{name}: every part of the fixture must run"
+    );
     // logits, loss, every LM gradient; rewards, loss, every RM gradient; AdamW.
     let lm = rep.rows.iter().filter(|r| r.case == "lm").count();
     let rm = rep.rows.iter().filter(|r| r.case == "rm").count();
     assert!(lm >= 2 + 9 * 2 + 3, "lm rows: {lm}");
     assert!(rm >= 3 + 9 * 2 + 3, "rm rows: {rm}");
-    assert!(rep.rows.iter().any(|r| r.case == "adamw" && r.status == Status::Pass));
+    assert!(rep
+        .rows
+        .iter()
+        .any(|r| r.case == "adamw" && r.status == Status::Pass));
 }
 
 #[test]
@@ -63,13 +70,18 @@ fn checker_catches_a_wrong_gradient() {
         .find(|t| t.0 == "model.layers.1.mlp.down_proj.weight")
         .unwrap();
     t.2[5] += 1e-2;
-    let views: Vec<(String, Vec<usize>, &[f32])> =
-        tensors.iter().map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice())).collect();
+    let views: Vec<(String, Vec<usize>, &[f32])> = tensors
+        .iter()
+        .map(|(n, s, v)| (n.clone(), s.clone(), v.as_slice()))
+        .collect();
     std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
     engine::checkpoint::write_tensors(dir.path(), &views, Default::default()).unwrap();
     let rep = check_fixture(Cpu, dir.path(), Tolerances::F32).unwrap();
     assert!(rep.failed() > 0, "a perturbed weight must fail the check");
-    assert!(rep.skipped() >= 2, "rm and adamw parts are absent and must be reported as skipped");
+    assert!(
+        rep.skipped() >= 2,
+        "rm and adamw parts are absent and must be reported as skipped"
+    );
 }
 
 #[test]
@@ -109,19 +121,38 @@ fn chat_template_and_assistant_mask() {
     assert_eq!(ids.len(), mask.len());
     // Meta's reference format, built from the same strings.
     let mut want = tok
-        .encode("[INST] <<SYS>>\nAnswer briefly.\n<</SYS>>\n\nWhat is 2+3? [/INST] 5 ", true)
+        .encode(
+            "[INST] <<SYS>>\nAnswer briefly.\n<</SYS>>\n\nWhat is 2+3? [/INST] 5 ",
+            true,
+        )
         .unwrap();
     want.push(2);
     want.extend(tok.encode("[INST] And 4+4? [/INST]", true).unwrap());
     assert_eq!(ids, want);
-    assert_eq!(ids.iter().filter(|&&i| i == 1).count(), 2, "one BOS per turn");
+    assert_eq!(
+        ids.iter().filter(|&&i| i == 1).count(),
+        2,
+        "one BOS per turn"
+    );
     // The mask covers exactly the answer and its EOS.
-    let answer: Vec<u32> = ids.iter().zip(&mask).filter(|(_, &m)| m).map(|(&i, _)| i).collect();
+    let answer: Vec<u32> = ids
+        .iter()
+        .zip(&mask)
+        .filter(|(_, &m)| m)
+        .map(|(&i, _)| i)
+        .collect();
     assert_eq!(*answer.last().unwrap(), 2);
     assert_eq!(tok.decode(&answer).unwrap().trim(), "5");
     let text = tok.decode(&ids).unwrap();
-    assert!(text.contains("<<SYS>>") && text.contains("[/INST]"), "{text}");
+    assert!(
+        text.contains("<<SYS>>") && text.contains("[/INST]"),
+        "{text}"
+    );
     // Roles out of order are an error, not garbage.
     let bad = vec![Message::new("assistant", "hi")];
-    assert!(tok.chat(&bad).unwrap_err().to_string().contains("expected role `user`"));
+    assert!(tok
+        .chat(&bad)
+        .unwrap_err()
+        .to_string()
+        .contains("expected role `user`"));
 }

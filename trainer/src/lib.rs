@@ -1,6 +1,7 @@
 //! The training loops and tools built on the engine. Each stage is a module with a config struct
 //! and a `run` function; the CLI maps arguments to configs and nothing more.
 
+pub mod bench;
 pub mod data;
 pub mod device;
 pub mod metrics;

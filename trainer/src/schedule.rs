@@ -14,13 +14,14 @@ impl Cosine {
     /// The learning rate of 0-based step `s`: peak·(s+1)/warmup during warmup (reaching the peak
     /// at its last step), then cosine from the peak to `final_ratio`·peak at step total−1.
     pub fn lr(&self, s: usize) -> f32 {
-        let min = self.peak * self.final_ratio;
+        let peak = self.peak as f64;
+        let min = peak * self.final_ratio as f64;
         if s < self.warmup {
-            return self.peak * (s + 1) as f32 / self.warmup as f32;
+            return (peak * (s + 1) as f64 / self.warmup as f64) as f32;
         }
         let span = self.total.saturating_sub(self.warmup).max(1);
-        let progress = ((s + 1 - self.warmup) as f32 / span as f32).min(1.0);
-        min + 0.5 * (self.peak - min) * (1.0 + (std::f32::consts::PI * progress).cos())
+        let progress = ((s + 1 - self.warmup) as f64 / span as f64).min(1.0);
+        (min + 0.5 * (peak - min) * (1.0 + (std::f64::consts::PI * progress).cos())) as f32
     }
 }
 
@@ -37,7 +38,8 @@ mod tests {
         };
         assert!((c.lr(0) - 3e-4 / 2000.0).abs() < 1e-12);
         assert_eq!(c.lr(1999), 3e-4);
-        assert!(c.lr(2000) < 3e-4 && c.lr(2000) > 2.99e-4);
+        assert!(c.lr(2000) <= 3e-4 && c.lr(2000) > 2.99e-4);
+        assert!(c.lr(2100) < 3e-4);
         assert!((c.lr(9999) - 3e-5).abs() < 1e-9, "{}", c.lr(9999));
         assert!(
             (c.lr(6000) - (3e-5 + 0.5 * 2.7e-4)).abs() < 1e-6,

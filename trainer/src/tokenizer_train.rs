@@ -79,7 +79,7 @@ pub fn train(cfg: &TrainTokenizerConfig) -> Result<usize> {
     let trainer = BpeTrainerBuilder::new()
         .vocab_size(cfg.vocab_size - 256)
         .min_frequency(cfg.min_frequency)
-        .limit_alphabet(150)
+        .limit_alphabet(((cfg.vocab_size - 259) / 2).min(150))
         .special_tokens(
             SPECIALS
                 .iter()
@@ -117,6 +117,11 @@ pub fn train(cfg: &TrainTokenizerConfig) -> Result<usize> {
         }
     }
     let size = vocab.len();
+    ensure!(
+        size <= cfg.vocab_size,
+        "trained {size} tokens, more than the requested {}",
+        cfg.vocab_size
+    );
     v["model"]["vocab"] = Value::Object(vocab);
     let text = serde_json::to_string(&v)?;
     // Validate by loading what we are about to write.
