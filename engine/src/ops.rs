@@ -420,7 +420,9 @@ pub fn attention_bwd(
                 mask_scores(p, t, docb);
                 for i in 0..t {
                     let l = lse[(bi * t + i) * nh + h];
-                    p[i * t..(i + 1) * t].iter_mut().for_each(|x| *x = (*x - l).exp());
+                    let row = &mut p[i * t..(i + 1) * t];
+                    row[..=i].iter_mut().for_each(|x| *x = (*x - l).exp());
+                    row[i + 1..].fill(0.0);
                 }
                 // dV_g (+)= Pᵀ dO_h
                 unsafe {
