@@ -351,7 +351,19 @@ pub fn attention_fwd(
                 let qb = &q[bi * t * nh * hd + h * hd..];
                 // SAFETY: q/k rows are in bounds (asserted lengths); s is this task's own tile.
                 unsafe {
-                    gemm_strided(t, t, hd, s.as_mut_ptr(), t, false, qb.as_ptr(), (nh * hd, 1), kb.as_ptr(), (1, nkv * hd), scale);
+                    gemm_strided(
+                        t,
+                        t,
+                        hd,
+                        s.as_mut_ptr(),
+                        t,
+                        false,
+                        qb.as_ptr(),
+                        (nh * hd, 1),
+                        kb.as_ptr(),
+                        (1, nkv * hd),
+                        scale,
+                    );
                 }
                 mask_scores(s, t, docb);
                 for i in 0..t {
@@ -371,7 +383,19 @@ pub fn attention_fwd(
                 // SAFETY: out[bi, :, h, :] is written by this task only; v rows are in bounds.
                 unsafe {
                     let o = outp.get().add(bi * t * nh * hd + h * hd);
-                    gemm_strided(t, hd, t, o, nh * hd, false, s.as_ptr(), (t, 1), vb.as_ptr(), (nkv * hd, 1), 1.0);
+                    gemm_strided(
+                        t,
+                        hd,
+                        t,
+                        o,
+                        nh * hd,
+                        false,
+                        s.as_ptr(),
+                        (t, 1),
+                        vb.as_ptr(),
+                        (nkv * hd, 1),
+                        1.0,
+                    );
                 }
             }
         },
@@ -395,12 +419,26 @@ pub fn attention_bwd(
     d: AttnDims,
 ) {
     let (b, t, nh, nkv, hd) = (d.b, d.t, d.nh, d.nkv, d.hd);
-    assert!(dq.len() == b * t * nh * hd && q.len() == dq.len() && dout.len() == dq.len() && out.len() == dq.len());
-    assert!(dk.len() == b * t * nkv * hd && dv.len() == dk.len() && k.len() == dk.len() && v.len() == dk.len());
+    assert!(
+        dq.len() == b * t * nh * hd
+            && q.len() == dq.len()
+            && dout.len() == dq.len()
+            && out.len() == dq.len()
+    );
+    assert!(
+        dk.len() == b * t * nkv * hd
+            && dv.len() == dk.len()
+            && k.len() == dk.len()
+            && v.len() == dk.len()
+    );
     assert!(lse.len() == b * t * nh);
     let group = nh / nkv;
     let scale = d.scale();
-    let (dqp, dkp, dvp) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
+    let (dqp, dkp, dvp) = (
+        SendPtr(dq.as_mut_ptr()),
+        SendPtr(dk.as_mut_ptr()),
+        SendPtr(dv.as_mut_ptr()),
+    );
     (0..b * nkv).into_par_iter().for_each_init(
         || (vec![0f32; t * t], vec![0f32; t * t]),
         |(p, dp), task| {
@@ -415,7 +453,19 @@ pub fn attention_bwd(
                 // are this task's tiles; dq[bi, :, h, :], dk[bi, :, g, :], dv[bi, :, g, :] are
                 // written by this task only.
                 unsafe {
-                    gemm_strided(t, t, hd, p.as_mut_ptr(), t, false, qb.as_ptr(), (nh * hd, 1), kb.as_ptr(), (1, nkv * hd), scale);
+                    gemm_strided(
+                        t,
+                        t,
+                        hd,
+                        p.as_mut_ptr(),
+                        t,
+                        false,
+                        qb.as_ptr(),
+                        (nh * hd, 1),
+                        kb.as_ptr(),
+                        (1, nkv * hd),
+                        scale,
+                    );
                 }
                 mask_scores(p, t, docb);
                 for i in 0..t {
@@ -427,15 +477,42 @@ pub fn attention_bwd(
                 // dV_g (+)= Pᵀ dO_h
                 unsafe {
                     let dvg = dvp.get().add(bi * t * nkv * hd + g * hd);
-                    gemm_strided(t, hd, t, dvg, nkv * hd, hi > 0, p.as_ptr(), (1, t), dob.as_ptr(), (nh * hd, 1), 1.0);
+                    gemm_strided(
+                        t,
+                        hd,
+                        t,
+                        dvg,
+                        nkv * hd,
+                        hi > 0,
+                        p.as_ptr(),
+                        (1, t),
+                        dob.as_ptr(),
+                        (nh * hd, 1),
+                        1.0,
+                    );
                 }
                 // dP = dO_h V_gᵀ
                 unsafe {
-                    gemm_strided(t, t, hd, dp.as_mut_ptr(), t, false, dob.as_ptr(), (nh * hd, 1), vb.as_ptr(), (1, nkv * hd), 1.0);
+                    gemm_strided(
+                        t,
+                        t,
+                        hd,
+                        dp.as_mut_ptr(),
+                        t,
+                        false,
+                        dob.as_ptr(),
+                        (nh * hd, 1),
+                        vb.as_ptr(),
+                        (1, nkv * hd),
+                        1.0,
+                    );
                 }
                 // dS = P ∘ (dP − D), D_i = rowsum(dO_i ∘ O_i); stored in dp.
                 for i in 0..t {
-                    let (doi, oi) = (&dob[i * nh * hd..i * nh * hd + hd], &ob[i * nh * hd..i * nh * hd + hd]);
+                    let (doi, oi) = (
+                        &dob[i * nh * hd..i * nh * hd + hd],
+                        &ob[i * nh * hd..i * nh * hd + hd],
+                    );
                     let di: f32 = doi.iter().zip(oi).map(|(a, b)| a * b).sum();
                     let (pr, dr) = (&p[i * t..(i + 1) * t], &mut dp[i * t..(i + 1) * t]);
                     for j in 0..t {
@@ -445,9 +522,33 @@ pub fn attention_bwd(
                 // dQ_h = scale · dS K_g ; dK_g (+)= scale · dSᵀ Q_h
                 unsafe {
                     let dqh = dqp.get().add(off);
-                    gemm_strided(t, hd, t, dqh, nh * hd, false, dp.as_ptr(), (t, 1), kb.as_ptr(), (nkv * hd, 1), scale);
+                    gemm_strided(
+                        t,
+                        hd,
+                        t,
+                        dqh,
+                        nh * hd,
+                        false,
+                        dp.as_ptr(),
+                        (t, 1),
+                        kb.as_ptr(),
+                        (nkv * hd, 1),
+                        scale,
+                    );
                     let dkg = dkp.get().add(bi * t * nkv * hd + g * hd);
-                    gemm_strided(t, hd, t, dkg, nkv * hd, hi > 0, dp.as_ptr(), (1, t), qb.as_ptr(), (nh * hd, 1), scale);
+                    gemm_strided(
+                        t,
+                        hd,
+                        t,
+                        dkg,
+                        nkv * hd,
+                        hi > 0,
+                        dp.as_ptr(),
+                        (1, t),
+                        qb.as_ptr(),
+                        (nh * hd, 1),
+                        scale,
+                    );
                 }
             }
         },

@@ -619,6 +619,7 @@ pub fn resume_config(path: &Path, steps: Option<usize>) -> Result<PretrainConfig
     cfg.stop_after = None;
     if let Some(s) = steps {
         cfg.steps = s;
+        cfg.warmup = cfg.warmup.min(s);
     }
     Ok(cfg)
 }
