@@ -10,3 +10,4 @@ pub mod sample;
 pub mod schedule;
 pub mod selftest;
 pub mod tokenizer_train;
+pub mod world;

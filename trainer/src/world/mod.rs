@@ -1,0 +1,1 @@
+//! The built-in assistant world (issue 5): see the module docs.
