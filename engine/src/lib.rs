@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod elem;
 pub mod error;
+pub mod generate;
 pub mod model;
 pub mod ops;
 pub mod optim;

@@ -5,7 +5,7 @@
 //! RMSNorm → gate,up → SwiGLU → down → +. Saved activations are allocated for the largest batch
 //! seen and reused; a step allocates nothing once that size is reached.
 
-use crate::backend::{AttnDims, Backend};
+use crate::backend::{AttnDims, Backend, CacheDims};
 use crate::config::LlamaConfig;
 use crate::elem::Float;
 use crate::error::{Error, Result};
@@ -103,7 +103,62 @@ pub struct Llama<B: Backend> {
     /// Gradients in the same flat layout, f32, accumulated by every backward.
     pub grads: B::Buf<f32>,
     acts: Option<Acts<B>>,
+    infer: Option<InferActs<B>>,
     shape: Shape,
+}
+
+/// A KV cache: per layer, keys and values of `slots` sequences × `tmax` positions × n_kv_heads ×
+/// head_dim (GQA stores only the KV heads). Sequence s of a batch uses slot s.
+pub struct KvCache<B: Backend> {
+    pub slots: usize,
+    pub tmax: usize,
+    k: Vec<B::Buf<B::Act>>,
+    v: Vec<B::Buf<B::Act>>,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(model: &Llama<B>, slots: usize, tmax: usize) -> Result<Self> {
+        if tmax > model.cfg.max_position_embeddings {
+            return Err(Error::Input(format!(
+                "KV cache of {tmax} positions exceeds max_position_embeddings ({})",
+                model.cfg.max_position_embeddings
+            )));
+        }
+        let len = slots * tmax * model.cfg.kv_dim();
+        let l = model.cfg.num_hidden_layers;
+        Ok(KvCache {
+            slots,
+            tmax,
+            k: (0..l).map(|_| model.be.alloc(len)).collect::<Result<_>>()?,
+            v: (0..l).map(|_| model.be.alloc(len)).collect::<Result<_>>()?,
+        })
+    }
+
+    /// Bytes held (both caches, all layers).
+    pub fn bytes(&self) -> usize {
+        2 * self.k.len() * self.k.first().map(B::len).unwrap_or(0) * std::mem::size_of::<B::Act>()
+    }
+}
+
+/// Scratch for inference forwards (no activations saved), for `cap` token rows.
+struct InferActs<B: Backend> {
+    cap: usize,
+    ids: B::Buf<i32>,
+    pos: B::Buf<i32>,
+    cache_rows: B::Buf<i32>,
+    logit_rows: B::Buf<i32>,
+    x: [B::Buf<B::Act>; 2],
+    ln: B::Buf<B::Act>,
+    rstd: B::Buf<f32>,
+    q: B::Buf<B::Act>,
+    k: B::Buf<B::Act>,
+    v: B::Buf<B::Act>,
+    att: B::Buf<B::Act>,
+    tmp: B::Buf<B::Act>,
+    gate: B::Buf<B::Act>,
+    up: B::Buf<B::Act>,
+    h: B::Buf<B::Act>,
+    logits: B::Buf<B::Act>,
 }
 
 macro_rules! r {
@@ -134,6 +189,7 @@ impl<B: Backend> Llama<B> {
             shadow,
             grads,
             acts: None,
+            infer: None,
             shape: Shape::default(),
         })
     }
@@ -396,6 +452,177 @@ impl<B: Backend> Llama<B> {
             be.matmul_fwd(m!(a.logits, n * v), r!(a.lnf, n * h), w(lm), n, h, v)?;
         }
         Ok(())
+    }
+
+    fn ensure_infer(&mut self, n: usize) -> Result<()> {
+        if self.infer.as_ref().is_some_and(|a| a.cap >= n) {
+            return Ok(());
+        }
+        self.infer = None;
+        let c = &self.cfg;
+        let be = &self.be;
+        let (h, qd, kvd, im) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let act = |len: usize| be.alloc::<B::Act>(len);
+        self.infer = Some(InferActs {
+            cap: n,
+            ids: be.alloc(n)?,
+            pos: be.alloc(n)?,
+            cache_rows: be.alloc(n)?,
+            logit_rows: be.alloc(n)?,
+            x: [act(n * h)?, act(n * h)?],
+            ln: act(n * h)?,
+            rstd: be.alloc(n)?,
+            q: act(n * qd)?,
+            k: act(n * kvd)?,
+            v: act(n * kvd)?,
+            att: act(n * qd)?,
+            tmp: act(n * h)?,
+            gate: act(n * im)?,
+            up: act(n * im)?,
+            h: act(n * im)?,
+            logits: act(n * c.vocab_size)?,
+        });
+        Ok(())
+    }
+
+    /// An inference forward through a KV cache: `ids` is [b, tq] (sequence s in cache slot s),
+    /// `pos` the absolute position of every token. New keys/values are written into the cache,
+    /// each query attends its sequence's positions up to its own. Returns the logits of the rows
+    /// in `logit_rows` (indices into the b·tq tokens), [len, V] on the host.
+    pub fn forward_cached(
+        &mut self,
+        cache: &mut KvCache<B>,
+        ids: &[i32],
+        pos: &[i32],
+        b: usize,
+        tq: usize,
+        logit_rows: &[i32],
+    ) -> Result<Vec<f32>> {
+        let n = b * tq;
+        if self.head != Head::Lm {
+            return Err(Error::Input(
+                "cached generation needs an LM-head model".into(),
+            ));
+        }
+        if ids.len() != n || pos.len() != n || n == 0 {
+            return Err(Error::Shape(format!(
+                "{} ids and {} positions for b*tq = {n}",
+                ids.len(),
+                pos.len()
+            )));
+        }
+        if b > cache.slots {
+            return Err(Error::Shape(format!(
+                "batch of {b} sequences for a cache of {} slots",
+                cache.slots
+            )));
+        }
+        let v = self.cfg.vocab_size;
+        if let Some(&bad) = ids.iter().find(|&&x| x < 0 || x as usize >= v) {
+            return Err(Error::Input(format!(
+                "token id {bad} is outside the vocabulary (0..{v})"
+            )));
+        }
+        if let Some(&bad) = pos.iter().find(|&&p| p < 0 || p as usize >= cache.tmax) {
+            return Err(Error::Input(format!(
+                "position {bad} is outside the KV cache (0..{})",
+                cache.tmax
+            )));
+        }
+        let m = logit_rows.len();
+        if m == 0 || logit_rows.iter().any(|&r| r < 0 || r as usize >= n) {
+            return Err(Error::Input(format!("logit rows must be in 0..{n}")));
+        }
+        self.ensure_infer(n)?;
+        let c = &self.cfg;
+        let (h, qd, kvd, im) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let (nh, nkv, hd) = (c.num_attention_heads, c.n_kv_heads(), c.head_dim());
+        let (eps, theta) = (c.rms_norm_eps as f32, c.rope_theta as f32);
+        let dims = CacheDims {
+            b,
+            tq,
+            tmax: cache.tmax,
+            nh,
+            nkv,
+            hd,
+        };
+        let be = &self.be;
+        let tab = &self.table;
+        let a = self.infer.as_mut().expect("allocated");
+        let wall = be.compute_weights(&self.master, &self.shadow);
+        let w = |s: Span| B::sub(wall, s.off, s.len);
+        let rows: Vec<i32> = (0..n)
+            .map(|r| ((r / tq) * cache.tmax) as i32 + pos[r])
+            .collect();
+        be.from_host(m!(a.ids, n), ids)?;
+        be.from_host(m!(a.pos, n), pos)?;
+        be.from_host(m!(a.cache_rows, n), &rows)?;
+        be.from_host(m!(a.logit_rows, m), logit_rows)?;
+        let [x0, x1] = &mut a.x;
+        be.embedding_fwd(m!(*x0, n * h), r!(a.ids, n), w(tab.embed), h)?;
+        for (l, lw) in tab.layers.iter().enumerate() {
+            be.rmsnorm_fwd(
+                m!(a.ln, n * h),
+                m!(a.rstd, n),
+                r!(*x0, n * h),
+                w(lw.ln1),
+                h,
+                eps,
+            )?;
+            be.matmul_fwd(m!(a.q, n * qd), r!(a.ln, n * h), w(lw.q), n, h, qd)?;
+            be.matmul_fwd(m!(a.k, n * kvd), r!(a.ln, n * h), w(lw.k), n, h, kvd)?;
+            be.matmul_fwd(m!(a.v, n * kvd), r!(a.ln, n * h), w(lw.v), n, h, kvd)?;
+            be.rope_fwd(m!(a.q, n * qd), r!(a.pos, n), nh, hd, theta)?;
+            be.rope_fwd(m!(a.k, n * kvd), r!(a.pos, n), nkv, hd, theta)?;
+            be.scatter_rows(
+                B::all_mut(&mut cache.k[l]),
+                r!(a.k, n * kvd),
+                r!(a.cache_rows, n),
+                kvd,
+            )?;
+            be.scatter_rows(
+                B::all_mut(&mut cache.v[l]),
+                r!(a.v, n * kvd),
+                r!(a.cache_rows, n),
+                kvd,
+            )?;
+            be.attention_cached(
+                m!(a.att, n * qd),
+                r!(a.q, n * qd),
+                B::all(&cache.k[l]),
+                B::all(&cache.v[l]),
+                r!(a.pos, n),
+                dims,
+            )?;
+            be.matmul_fwd(m!(a.tmp, n * h), r!(a.att, n * qd), w(lw.o), n, qd, h)?;
+            be.add(m!(*x1, n * h), r!(*x0, n * h), r!(a.tmp, n * h))?;
+            be.rmsnorm_fwd(
+                m!(a.ln, n * h),
+                m!(a.rstd, n),
+                r!(*x1, n * h),
+                w(lw.ln2),
+                h,
+                eps,
+            )?;
+            be.matmul_fwd(m!(a.gate, n * im), r!(a.ln, n * h), w(lw.gate), n, h, im)?;
+            be.matmul_fwd(m!(a.up, n * im), r!(a.ln, n * h), w(lw.up), n, h, im)?;
+            be.swiglu_fwd(m!(a.h, n * im), r!(a.gate, n * im), r!(a.up, n * im))?;
+            be.matmul_fwd(m!(a.tmp, n * h), r!(a.h, n * im), w(lw.down), n, im, h)?;
+            be.add(m!(*x0, n * h), r!(*x1, n * h), r!(a.tmp, n * h))?;
+        }
+        // Only the requested rows go through the final norm and the LM head.
+        be.gather_rows(m!(*x1, m * h), r!(*x0, n * h), r!(a.logit_rows, m), h)?;
+        be.rmsnorm_fwd(
+            m!(a.ln, m * h),
+            m!(a.rstd, m),
+            r!(*x1, m * h),
+            w(tab.norm),
+            h,
+            eps,
+        )?;
+        let lm = tab.lm_head.expect("LM head");
+        be.matmul_fwd(m!(a.logits, m * v), r!(a.ln, m * h), w(lm), m, h, v)?;
+        be.to_host_f32(r!(a.logits, m * v), m * v)
     }
 
     /// The logits of the last forward, [b, t, V], as f32 on the host.

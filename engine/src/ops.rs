@@ -555,6 +555,80 @@ pub fn attention_bwd(
     );
 }
 
+/// Dimensions of attention against a KV cache: q/out [b, tq, nh, hd]; the caches are
+/// [b_cache, tmax, nkv, hd] with sequence s of the batch at cache slot s.
+#[derive(Clone, Copy, Debug)]
+pub struct CacheDims {
+    pub b: usize,
+    pub tq: usize,
+    pub tmax: usize,
+    pub nh: usize,
+    pub nkv: usize,
+    pub hd: usize,
+}
+
+/// Inference attention: query row r (sequence r / tq, absolute position qpos[r]) attends cache
+/// positions 0..=qpos[r] of its sequence. Forward only; the cache already holds this step's keys.
+pub fn attention_cached(
+    out: &mut [f32],
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    qpos: &[i32],
+    d: CacheDims,
+) {
+    let (tq, tmax, nh, nkv, hd) = (d.tq, d.tmax, d.nh, d.nkv, d.hd);
+    let group = nh / nkv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    out.par_chunks_mut(nh * hd).enumerate().for_each_init(
+        || vec![0f32; tmax],
+        |s, (r, o)| {
+            let (seq, p) = (r / tq, qpos[r] as usize);
+            let base = seq * tmax * nkv * hd;
+            for h in 0..nh {
+                let g = h / group;
+                let qv = &q[r * nh * hd + h * hd..][..hd];
+                let mut m = f32::NEG_INFINITY;
+                for (j, sj) in s.iter_mut().enumerate().take(p + 1) {
+                    let kv = &kc[base + j * nkv * hd + g * hd..][..hd];
+                    *sj = qv.iter().zip(kv).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    m = m.max(*sj);
+                }
+                let mut sum = 0f32;
+                for sj in s.iter_mut().take(p + 1) {
+                    *sj = (*sj - m).exp();
+                    sum += *sj;
+                }
+                let oh = &mut o[h * hd..(h + 1) * hd];
+                oh.fill(0.0);
+                for (j, &sj) in s.iter().enumerate().take(p + 1) {
+                    let w = sj / sum;
+                    let vv = &vc[base + j * nkv * hd + g * hd..][..hd];
+                    for (a, b) in oh.iter_mut().zip(vv) {
+                        *a += w * b;
+                    }
+                }
+            }
+        },
+    );
+}
+
+/// dst[rows[i], :] = src[i, :] for rows of width w (writing new keys/values into a cache).
+pub fn scatter_rows(dst: &mut [f32], src: &[f32], rows: &[i32], w: usize) {
+    for (i, &r) in rows.iter().enumerate() {
+        dst[r as usize * w..(r as usize + 1) * w].copy_from_slice(&src[i * w..(i + 1) * w]);
+    }
+}
+
+/// dst[i, :] = src[rows[i], :] for rows of width w.
+pub fn gather_rows(dst: &mut [f32], src: &[f32], rows: &[i32], w: usize) {
+    dst.par_chunks_mut(w)
+        .zip(rows.par_iter())
+        .for_each(|(d, &r)| {
+            d.copy_from_slice(&src[r as usize * w..(r as usize + 1) * w]);
+        });
+}
+
 // ------------------------------------------------------------------------------------------------
 // SwiGLU: out = silu(gate) ⊙ up
 

@@ -6,7 +6,6 @@ pub mod data;
 pub mod device;
 pub mod metrics;
 pub mod pretrain;
-pub mod sample;
 pub mod schedule;
 pub mod selftest;
 pub mod tokenizer_train;

@@ -8,15 +8,14 @@
 
 use crate::data::{val_windows, write_atomic, Loader, TokenData};
 use crate::metrics::{line_plot, read_series, MetricsWriter};
-use crate::sample::generate;
 use crate::schedule::Cosine;
 use anyhow::{bail, ensure, Context, Result};
 use engine::checkpoint::{load_model, save_model, write_tensors, SaveOptions, TensorFiles};
+use engine::generate::{generate, SamplingParams};
 use engine::optim::{AdamW, AdamWConfig};
 use engine::tokenizer::Tokenizer;
 use engine::{Backend, Batch, Head, Llama, LlamaConfig};
 use indicatif::{ProgressBar, ProgressStyle};
-use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -519,17 +518,16 @@ pub fn run<B: Backend>(
             tok_s
         ));
         if cfg.sample_every > 0 && step % cfg.sample_every == 0 {
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed ^ step as u64);
-            let out = generate(
-                &mut model,
-                &[tok.eos],
-                cfg.sample_tokens,
-                0.8,
-                40,
-                Some(tok.eos),
-                &mut rng,
-            )?;
-            let text = tok.decode(&out)?;
+            let params = SamplingParams {
+                temperature: 0.8,
+                top_k: 40,
+                max_new_tokens: cfg.sample_tokens,
+                seed: cfg.seed ^ step as u64,
+                stop: vec![tok.eos],
+                ..Default::default()
+            };
+            let out = generate(&mut model, &[vec![tok.eos]], &params, &mut |_, _| {})?;
+            let text = tok.decode(&out[0].tokens)?;
             say(&bar, format!("--- sample at step {step} ---\n{text}\n---"));
             metrics.write(&serde_json::json!({"step": step, "sample": text}))?;
         }

@@ -1,6 +1,6 @@
 //! The CPU backend: f32 everywhere, buffers are `Vec`s, views are slices, ops are `crate::ops`.
 
-use super::{AdamWStep, AttnDims, Backend};
+use super::{AdamWStep, AttnDims, Backend, CacheDims};
 use crate::elem::Elem;
 use crate::error::Result;
 use crate::ops;
@@ -198,6 +198,26 @@ impl Backend for Cpu {
         d: AttnDims,
     ) -> Result<()> {
         ops::attention_bwd(dq, dk, dv, dout, q, k, v, out, lse, doc, d);
+        Ok(())
+    }
+    fn attention_cached(
+        &self,
+        out: &mut [f32],
+        q: &[f32],
+        kcache: &[f32],
+        vcache: &[f32],
+        qpos: &[i32],
+        d: CacheDims,
+    ) -> Result<()> {
+        ops::attention_cached(out, q, kcache, vcache, qpos, d);
+        Ok(())
+    }
+    fn scatter_rows(&self, dst: &mut [f32], src: &[f32], rows: &[i32], w: usize) -> Result<()> {
+        ops::scatter_rows(dst, src, rows, w);
+        Ok(())
+    }
+    fn gather_rows(&self, dst: &mut [f32], src: &[f32], rows: &[i32], w: usize) -> Result<()> {
+        ops::gather_rows(dst, src, rows, w);
         Ok(())
     }
     fn swiglu_fwd(&self, out: &mut [f32], gate: &[f32], up: &[f32]) -> Result<()> {

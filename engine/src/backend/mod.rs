@@ -9,7 +9,7 @@ pub mod cpu;
 
 use crate::elem::{Elem, Float};
 use crate::error::Result;
-pub use crate::ops::{AdamWStep, AttnDims};
+pub use crate::ops::{AdamWStep, AttnDims, CacheDims};
 
 pub trait Backend: Clone + Send + Sync + 'static {
     /// The activation and compute-weight type: f32 on the CPU, bf16 on CUDA.
@@ -173,6 +173,33 @@ pub trait Backend: Clone + Send + Sync + 'static {
         lse: Self::Ref<'_, f32>,
         doc: Option<Self::Ref<'_, i32>>,
         d: AttnDims,
+    ) -> Result<()>;
+
+    /// Attention of new queries against a KV cache (inference only).
+    fn attention_cached(
+        &self,
+        out: Self::Mut<'_, Self::Act>,
+        q: Self::Ref<'_, Self::Act>,
+        kcache: Self::Ref<'_, Self::Act>,
+        vcache: Self::Ref<'_, Self::Act>,
+        qpos: Self::Ref<'_, i32>,
+        d: CacheDims,
+    ) -> Result<()>;
+    /// dst[rows[i], :] = src[i, :], rows of width `w`.
+    fn scatter_rows(
+        &self,
+        dst: Self::Mut<'_, Self::Act>,
+        src: Self::Ref<'_, Self::Act>,
+        rows: Self::Ref<'_, i32>,
+        w: usize,
+    ) -> Result<()>;
+    /// dst[i, :] = src[rows[i], :], rows of width `w`.
+    fn gather_rows(
+        &self,
+        dst: Self::Mut<'_, Self::Act>,
+        src: Self::Ref<'_, Self::Act>,
+        rows: Self::Ref<'_, i32>,
+        w: usize,
     ) -> Result<()>;
 
     fn swiglu_fwd(
