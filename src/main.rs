@@ -81,6 +81,13 @@ enum Cmd {
     },
     /// Pretrain a Llama on prepared token shards (see prepare-data).
     Pretrain(PretrainArgs),
+    /// Supervised fine-tuning on dialogues (messages, prompt/response or HH transcripts), packed,
+    /// with the loss on assistant tokens only.
+    Sft(SftArgs),
+    /// Generate text from a checkpoint, streaming.
+    Generate(GenerateArgs),
+    /// Chat with a checkpoint in the terminal (Llama 2 chat template, multi-turn).
+    Chat(ChatArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -153,6 +160,293 @@ fn bench(cmd: BenchCmd) -> Result<()> {
                     .with_context(|| format!("writing {}", p.display()))?;
             }
         }
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct SftArgs {
+    /// The checkpoint to fine-tune (HF directory with tokenizer.json).
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Dialogue JSONL files.
+    #[arg(long = "data", num_args = 1..)]
+    data: Vec<PathBuf>,
+    #[arg(long, default_value = "runs/sft")]
+    out: PathBuf,
+    /// Continue an interrupted run (run directory or checkpoint).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// A tokenizer.json other than the checkpoint's.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[arg(long, default_value_t = 2)]
+    epochs: usize,
+    /// Optimizer steps (default: what the epochs need).
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long, default_value_t = 2e-5)]
+    lr: f32,
+    #[arg(long, default_value_t = 0)]
+    warmup: usize,
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f32,
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 0.05)]
+    val_fraction: f64,
+    #[arg(long, default_value_t = 50)]
+    eval_every: usize,
+    #[arg(long, default_value_t = 200)]
+    ckpt_every: usize,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    #[arg(long)]
+    skip_bad: bool,
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    #[arg(long)]
+    no_progress: bool,
+}
+
+#[derive(clap::Args)]
+struct SamplingArgs {
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn params(&self, eos: u32) -> engine::generate::SamplingParams {
+        engine::generate::SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            max_new_tokens: self.max_new_tokens,
+            seed: self.seed,
+            stop: vec![eos],
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// An HF checkpoint directory (with tokenizer.json, or pass --tokenizer).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt in the Llama 2 chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System prompt (with --chat).
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(clap::Args)]
+struct ChatArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+fn load_for_generation(
+    model: &std::path::Path,
+    tokenizer: Option<&std::path::Path>,
+) -> Result<(engine::Llama<Cpu>, Tokenizer)> {
+    let tok_path = tokenizer
+        .map(PathBuf::from)
+        .unwrap_or_else(|| model.join("tokenizer.json"));
+    let tok = Tokenizer::from_file(&tok_path)
+        .with_context(|| "the checkpoint has no tokenizer.json: pass --tokenizer")?;
+    let m = engine::checkpoint::load_model(Cpu, model, engine::Head::Lm)?;
+    Ok((m, tok))
+}
+
+/// Streams decoded text: prints what decoding the tokens so far adds (byte-fallback pieces only
+/// become text once complete).
+struct Streamer {
+    ids: Vec<u32>,
+    printed: usize,
+}
+
+impl Streamer {
+    fn push(&mut self, tok: &Tokenizer, id: u32) {
+        use std::io::Write;
+        self.ids.push(id);
+        if let Ok(text) = tok.decode(&self.ids) {
+            if text.len() > self.printed
+                && text.is_char_boundary(self.printed)
+                && !text.ends_with('\u{fffd}')
+            {
+                print!("{}", &text[self.printed..]);
+                let _ = std::io::stdout().flush();
+                self.printed = text.len();
+            }
+        }
+    }
+}
+
+fn generate_cmd(a: GenerateArgs) -> Result<()> {
+    use engine::tokenizer::Message;
+    let (mut model, tok) = load_for_generation(&a.model, a.tokenizer.as_deref())?;
+    let prompt = if a.chat {
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(Message::new("system", s));
+        }
+        msgs.push(Message::new("user", &a.prompt));
+        tok.chat(&msgs)?.0
+    } else {
+        tok.encode(&a.prompt, true)?
+    };
+    let mut st = Streamer {
+        ids: vec![],
+        printed: 0,
+    };
+    if !a.chat {
+        print!("{}", a.prompt);
+    }
+    engine::generate::generate(
+        &mut model,
+        &[prompt],
+        &a.sampling.params(tok.eos),
+        &mut |_, t| st.push(&tok, t),
+    )?;
+    println!();
+    Ok(())
+}
+
+fn chat_cmd(a: ChatArgs) -> Result<()> {
+    use engine::tokenizer::Message;
+    use std::io::{BufRead, Write};
+    let (mut model, tok) = load_for_generation(&a.model, a.tokenizer.as_deref())?;
+    let mut msgs: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
+    println!(
+        "chatting with {} ({} parameters); /reset starts over, /exit or Ctrl-D ends",
+        a.model.display(),
+        model.num_params()
+    );
+    let stdin = std::io::stdin();
+    let mut turn = 0u64;
+    loop {
+        print!("you> ");
+        std::io::stdout().flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            println!();
+            break;
+        }
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                msgs.retain(|m| m.role == "system");
+                println!("(conversation reset)");
+                continue;
+            }
+            _ => {}
+        }
+        msgs.push(Message::new("user", line));
+        let ids = tok.chat(&msgs)?.0;
+        let room = model.cfg.max_position_embeddings.saturating_sub(ids.len());
+        if room < 2 {
+            msgs.pop();
+            println!(
+                "(the conversation fills the model's context of {} tokens: /reset)",
+                model.cfg.max_position_embeddings
+            );
+            continue;
+        }
+        let mut p = a.sampling.params(tok.eos);
+        p.max_new_tokens = p.max_new_tokens.min(room - 1);
+        p.seed = a.sampling.seed.wrapping_add(turn);
+        turn += 1;
+        print!("assistant> ");
+        let mut st = Streamer {
+            ids: vec![],
+            printed: 0,
+        };
+        let g = engine::generate::generate(&mut model, &[ids], &p, &mut |_, t| st.push(&tok, t))?;
+        println!();
+        msgs.push(Message::new("assistant", tok.decode(&g[0].tokens)?.trim()));
+    }
+    Ok(())
+}
+
+fn sft(a: SftArgs) -> Result<()> {
+    use trainer::pretrain::{resume_config, run, DataSpec, TrainConfig};
+    require_cpu(a.device)?;
+    let cfg = if let Some(r) = &a.resume {
+        let mut c = resume_config(r, a.steps)?;
+        c.progress = !a.no_progress;
+        c
+    } else {
+        let init = a.init.clone().context(
+            "--init DIR is required: SFT starts from a checkpoint (e.g. a pretraining one)",
+        )?;
+        if a.data.is_empty() {
+            bail!("--data FILE... is required: dialogue JSONL");
+        }
+        let mut c = TrainConfig::sft_defaults(a.data.clone(), a.out.clone(), init);
+        c.data = DataSpec::Sft {
+            files: a.data.clone(),
+            tokenizer: a.tokenizer.clone(),
+            val_fraction: a.val_fraction,
+            epochs: a.epochs,
+            skip_bad: a.skip_bad,
+        };
+        c.steps = a.steps.unwrap_or(0);
+        c.lr = a.lr;
+        c.warmup = a.warmup;
+        c.weight_decay = a.weight_decay;
+        c.seq_len = a.seq_len;
+        c.batch_size = a.batch_size;
+        c.eval_every = a.eval_every;
+        c.ckpt_every = a.ckpt_every;
+        c.seed = a.seed;
+        c.progress = !a.no_progress;
+        c
+    };
+    let rep = run(Cpu, cfg.clone(), a.resume.as_deref())?;
+    if let Some(l) = rep.logs.last() {
+        println!(
+            "step {}: loss {:.4}{}",
+            l.step,
+            l.loss,
+            rep.final_val_loss
+                .map(|v| format!(", val loss {v:.4}"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(c) = &rep.checkpoint {
+        println!("checkpoint: {}", c.display());
+    }
+    if rep.interrupted {
+        println!(
+            "stopped early; continue with: llama2 sft --resume {}",
+            cfg.out.display()
+        );
     }
     Ok(())
 }
@@ -440,6 +734,9 @@ fn run() -> Result<()> {
         }
         Cmd::Pretrain(a) => pretrain(a)?,
         Cmd::Bench(b) => bench(b)?,
+        Cmd::Sft(a) => sft(a)?,
+        Cmd::Generate(a) => generate_cmd(a)?,
+        Cmd::Chat(a) => chat_cmd(a)?,
         Cmd::Selftest { out } => {
             println!("llama2 selftest on {}", engine::Backend::name(&Cpu));
             let s = trainer::selftest::run(&out)?;

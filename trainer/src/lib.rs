@@ -8,5 +8,6 @@ pub mod metrics;
 pub mod pretrain;
 pub mod schedule;
 pub mod selftest;
+pub mod sft;
 pub mod tokenizer_train;
 pub mod world;

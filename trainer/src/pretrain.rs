@@ -1,4 +1,5 @@
-//! `llama2 pretrain`: the Llama 2 paper's pretraining loop on prepared token shards.
+//! The training loop of `llama2 pretrain` (token shards) and `llama2 sft` (packed dialogues):
+//! the Llama 2 paper's recipe on either data source.
 //!
 //! AdamW (β 0.9/0.95, eps 1e-5, decay 0.1), clip 1.0, cosine schedule with warmup to 10 % of the
 //! peak, gradient accumulation to a token batch; validation loss, text samples, JSONL metrics,
@@ -9,6 +10,7 @@
 use crate::data::{val_windows, write_atomic, Loader, TokenData};
 use crate::metrics::{line_plot, read_series, MetricsWriter};
 use crate::schedule::Cosine;
+use crate::sft::{PackedSource, SftData};
 use anyhow::{bail, ensure, Context, Result};
 use engine::checkpoint::{load_model, save_model, write_tensors, SaveOptions, TensorFiles};
 use engine::generate::{generate, SamplingParams};
@@ -32,9 +34,27 @@ pub enum ModelSource {
     Init(PathBuf),
 }
 
+/// What the loop trains on.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub enum DataSpec {
+    /// A directory from `llama2 prepare-data`: random windows of the token stream.
+    Shards(PathBuf),
+    /// Dialogue JSONL files, packed with loss on assistant tokens only.
+    Sft {
+        files: Vec<PathBuf>,
+        /// The tokenizer; default: the `--init` checkpoint's `tokenizer.json`.
+        tokenizer: Option<PathBuf>,
+        val_fraction: f64,
+        epochs: usize,
+        skip_bad: bool,
+    },
+}
+
+pub type PretrainConfig = TrainConfig;
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct PretrainConfig {
-    pub data: PathBuf,
+pub struct TrainConfig {
+    pub data: DataSpec,
     pub out: PathBuf,
     pub model: ModelSource,
     pub seq_len: usize,
@@ -64,7 +84,7 @@ pub struct PretrainConfig {
     pub progress: bool,
 }
 
-impl PretrainConfig {
+impl TrainConfig {
     /// The paper's defaults for a model size: peak LR 3e-4 (1.5e-4 for 34B/70B; 1e-3 for the tiny
     /// preset, which is small enough to take it), warmup 2000 steps (a tenth of a shorter run).
     pub fn defaults(data: PathBuf, out: PathBuf, model: ModelSource, steps: usize) -> Self {
@@ -73,8 +93,8 @@ impl PretrainConfig {
             ModelSource::Preset(p) if p == "tiny" => 1e-3,
             _ => 3e-4,
         };
-        PretrainConfig {
-            data,
+        TrainConfig {
+            data: DataSpec::Shards(data),
             out,
             model,
             seq_len: 256,
@@ -99,6 +119,31 @@ impl PretrainConfig {
             skip_nonfinite: false,
             stop_after: None,
             progress: true,
+        }
+    }
+
+    /// The paper's SFT settings: cosine schedule from 2e-5 (no warmup), weight decay 0.1, two
+    /// epochs; `steps` 0 means "as many as the epochs need", decided when the data is packed.
+    pub fn sft_defaults(files: Vec<PathBuf>, out: PathBuf, init: PathBuf) -> Self {
+        let mut c = Self::defaults(PathBuf::new(), out, ModelSource::Init(init), 0);
+        c.data = DataSpec::Sft {
+            files,
+            tokenizer: None,
+            val_fraction: 0.05,
+            epochs: 2,
+            skip_bad: false,
+        };
+        c.lr = 2e-5;
+        c.warmup = 0;
+        c.eval_every = 50;
+        c.ckpt_every = 200;
+        c
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self.data {
+            DataSpec::Shards(_) => "pretrain",
+            DataSpec::Sft { .. } => "sft",
         }
     }
 
@@ -304,24 +349,116 @@ fn write_tensors_named(dir: &Path, file: &str, tensors: &[(&str, &[f32])]) -> en
     std::fs::remove_dir(&sub).map_err(|e| engine::Error::io(&sub, e))
 }
 
-/// Mean validation loss over the fixed validation windows.
-pub fn evaluate<B: Backend>(
-    model: &mut Llama<B>,
-    windows: &[(Vec<i32>, Vec<i32>)],
-    batch: usize,
-    t: usize,
-) -> Result<f32> {
+/// A batch of rows in host memory; `pos`/`doc` are empty for plain (unpacked) rows.
+#[derive(Clone, Debug, Default)]
+pub struct Rows {
+    pub b: usize,
+    pub ids: Vec<i32>,
+    pub targets: Vec<i32>,
+    pub pos: Vec<i32>,
+    pub doc: Vec<i32>,
+}
+
+impl Rows {
+    fn clear(&mut self) {
+        self.b = 0;
+        self.ids.clear();
+        self.targets.clear();
+        self.pos.clear();
+        self.doc.clear();
+    }
+    pub fn batch(&self, t: usize) -> Batch<'_> {
+        let mut bt = Batch::new(&self.ids, self.b, t);
+        if !self.pos.is_empty() {
+            bt.pos = Some(&self.pos);
+            bt.doc = Some(&self.doc);
+        }
+        bt
+    }
+}
+
+/// Where batches come from: random windows of token shards, or packed dialogue rows.
+enum Source {
+    Shards { data: TokenData, loader: Loader },
+    Packed(PackedSource),
+}
+
+impl Source {
+    fn next(&mut self, b: usize, rows: &mut Rows) {
+        rows.clear();
+        rows.b = b;
+        match self {
+            Source::Shards { data, loader } => {
+                loader.next_batch(data, b, &mut rows.ids, &mut rows.targets)
+            }
+            Source::Packed(p) => p.next_batch(
+                b,
+                &mut rows.ids,
+                &mut rows.targets,
+                &mut rows.pos,
+                &mut rows.doc,
+            ),
+        }
+    }
+    fn position(&self) -> u64 {
+        match self {
+            Source::Shards { loader, .. } => loader.position,
+            Source::Packed(p) => p.position,
+        }
+    }
+    fn set_position(&mut self, pos: u64) {
+        match self {
+            Source::Shards { loader, .. } => loader.position = pos,
+            Source::Packed(p) => p.position = pos,
+        }
+    }
+}
+
+/// Mean validation loss (per counted target) over fixed validation batches.
+pub fn evaluate<B: Backend>(model: &mut Llama<B>, batches: &[Rows], t: usize) -> Result<f32> {
     let mut sum = 0f64;
     let mut count = 0usize;
-    for chunk in windows.chunks(batch.max(1)) {
-        let ids: Vec<i32> = chunk.iter().flat_map(|w| w.0.iter().copied()).collect();
-        let tg: Vec<i32> = chunk.iter().flat_map(|w| w.1.iter().copied()).collect();
-        model.forward(&Batch::new(&ids, chunk.len(), t))?;
-        let (l, c) = model.lm_loss(&tg)?;
+    for r in batches {
+        model.forward(&r.batch(t))?;
+        let (l, c) = model.lm_loss(&r.targets)?;
         sum += l as f64 * c as f64;
         count += c;
     }
     Ok((sum / count.max(1) as f64) as f32)
+}
+
+fn chunk_rows(
+    ids: &[i32],
+    tg: &[i32],
+    pos: &[i32],
+    doc: &[i32],
+    t: usize,
+    b: usize,
+    max_rows: usize,
+) -> Vec<Rows> {
+    let n = (ids.len() / t).min(max_rows);
+    (0..n)
+        .step_by(b.max(1))
+        .map(|r0| {
+            let r1 = (r0 + b).min(n);
+            let s = r0 * t..r1 * t;
+            Rows {
+                b: r1 - r0,
+                ids: ids[s.clone()].to_vec(),
+                targets: tg[s.clone()].to_vec(),
+                pos: if pos.is_empty() {
+                    vec![]
+                } else {
+                    pos[s.clone()].to_vec()
+                },
+                doc: if doc.is_empty() {
+                    vec![]
+                } else {
+                    doc[s].to_vec()
+                },
+            }
+        })
+        .collect()
 }
 
 pub fn run<B: Backend>(
@@ -329,24 +466,38 @@ pub fn run<B: Backend>(
     cfg: PretrainConfig,
     resume: Option<&Path>,
 ) -> Result<PretrainReport> {
-    let data = TokenData::open(&cfg.data)?;
-    ensure!(cfg.steps > 0, "--steps must be > 0");
+    let mut cfg = cfg;
     ensure!(
         cfg.batch_size > 0 && cfg.grad_accum > 0 && cfg.seq_len > 0,
         "batch size, accumulation and seq_len must be > 0"
     );
-    ensure!(
-        cfg.warmup <= cfg.steps,
-        "--warmup ({}) exceeds --steps ({})",
-        cfg.warmup,
-        cfg.steps
-    );
-    let tokenizer_path = data.dir.join("tokenizer.json");
+    let t = cfg.seq_len;
+    // The tokenizer travels with the data (pretraining) or with the model (fine-tuning).
+    let tokenizer_path = match (&cfg.data, resume) {
+        (DataSpec::Shards(dir), _) => {
+            TokenData::open(dir)?; // a data-directory error first, before the tokenizer's
+            dir.join("tokenizer.json")
+        }
+        (
+            DataSpec::Sft {
+                tokenizer: Some(p), ..
+            },
+            _,
+        ) => p.clone(),
+        (DataSpec::Sft { .. }, Some(r)) => resolve_checkpoint(r)?.join("tokenizer.json"),
+        (DataSpec::Sft { .. }, None) => match &cfg.model {
+            ModelSource::Init(dir) => crate::sft::tokenizer_for(dir, None)?,
+            _ => bail!("fine-tuning starts from a checkpoint: pass --init DIR"),
+        },
+    };
     let tok = Tokenizer::from_file(&tokenizer_path)?;
-
+    let data_vocab = match &cfg.data {
+        DataSpec::Shards(dir) => TokenData::open(dir)?.meta.vocab_size,
+        DataSpec::Sft { .. } => tok.vocab_size(),
+    };
     let (mut model, mut opt, start_step, loader_pos) = match resume {
         None => {
-            let model = build_model(be, &cfg.model, data.meta.vocab_size, cfg.seed)?;
+            let model = build_model(be, &cfg.model, data_vocab, cfg.seed)?;
             let opt = AdamW::new(&model, adamw_config(&cfg))?;
             (model, opt, 0usize, 0u64)
         }
@@ -357,11 +508,11 @@ pub fn run<B: Backend>(
                 .with_context(|| format!("{}: malformed", state_path.display()))?;
             let model = load_model(be, &dir, Head::Lm)?;
             ensure!(
-                model.cfg.vocab_size >= data.meta.vocab_size,
+                model.cfg.vocab_size >= data_vocab,
                 "checkpoint {} has vocab_size {} but the data's tokenizer has {}",
                 dir.display(),
                 model.cfg.vocab_size,
-                data.meta.vocab_size
+                data_vocab
             );
             let mut opt = AdamW::new(&model, adamw_config(&cfg))?;
             let f = TensorFiles::open(&dir.join("optimizer.safetensors"))?;
@@ -374,20 +525,69 @@ pub fn run<B: Backend>(
             (model, opt, st.step, st.loader_position)
         }
     };
-    let t = cfg.seq_len;
     ensure!(
         t <= model.cfg.max_position_embeddings,
         "--seq-len {t} exceeds the model's max_position_embeddings ({})",
         model.cfg.max_position_embeddings
     );
+    let (mut source, val, _) = match &cfg.data {
+        DataSpec::Shards(dir) => {
+            let data = TokenData::open(dir)?;
+            let vw = val_windows(&data, t, cfg.eval_windows)?;
+            let ids: Vec<i32> = vw.iter().flat_map(|w| w.0.iter().copied()).collect();
+            let tg: Vec<i32> = vw.iter().flat_map(|w| w.1.iter().copied()).collect();
+            let val = chunk_rows(&ids, &tg, &[], &[], t, cfg.batch_size, usize::MAX);
+            let vocab = data.meta.vocab_size;
+            let loader = Loader::new(&data, t, cfg.seed)?;
+            (Source::Shards { data, loader }, val, vocab)
+        }
+        DataSpec::Sft {
+            files,
+            val_fraction,
+            epochs,
+            skip_bad,
+            ..
+        } => {
+            let d: SftData = crate::sft::load(files, &tok, t, *val_fraction, *skip_bad)?;
+            let v = &d.val;
+            let val = chunk_rows(
+                &v.ids,
+                &v.targets,
+                &v.pos,
+                &v.doc,
+                t,
+                cfg.batch_size,
+                cfg.eval_windows.max(1),
+            );
+            if cfg.steps == 0 {
+                let rows_per_step = cfg.batch_size * cfg.grad_accum;
+                cfg.steps = (d.train.rows() * epochs).div_ceil(rows_per_step).max(1);
+            }
+            println!(
+                "sft data: {} dialogues ({} truncated to {t} tokens, {} skipped) packed into {} rows; {} validation rows; {} steps",
+                d.dialogues, d.truncated, d.skipped, d.train.rows(), d.val.rows(), cfg.steps
+            );
+            (
+                Source::Packed(PackedSource::new(d.train, cfg.seed)),
+                val,
+                tok.vocab_size(),
+            )
+        }
+    };
+    ensure!(cfg.steps > 0, "--steps must be > 0");
+    ensure!(
+        cfg.warmup <= cfg.steps,
+        "--warmup ({}) exceeds --steps ({})",
+        cfg.warmup,
+        cfg.steps
+    );
+
     ensure!(
         start_step < cfg.steps,
         "the checkpoint is at step {start_step}, already at --steps {}",
         cfg.steps
     );
-    let mut loader = Loader::new(&data, t, cfg.seed)?;
-    loader.position = loader_pos;
-    let val = val_windows(&data, t, cfg.eval_windows)?;
+    source.set_position(loader_pos);
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
     std::fs::write(
         cfg.out.join("config.json"),
@@ -418,10 +618,7 @@ pub fn run<B: Backend>(
         .expect("template"),
     );
     bar.set_position(start_step as u64);
-    let (mut ids, mut tg) = (
-        Vec::with_capacity(cfg.batch_size * t),
-        Vec::with_capacity(cfg.batch_size * t),
-    );
+    let mut rows = Rows::default();
     let mut logs = Vec::new();
     let mut last_ckpt = None;
     let mut interrupted = false;
@@ -436,9 +633,9 @@ pub fn run<B: Backend>(
         let mut loss_sum = 0f64;
         let mut bad: Option<String> = None;
         for _ in 0..cfg.grad_accum {
-            loader.next_batch(&data, cfg.batch_size, &mut ids, &mut tg);
-            model.forward(&Batch::new(&ids, cfg.batch_size, t))?;
-            let (loss, count) = model.lm_loss(&tg)?;
+            source.next(cfg.batch_size, &mut rows);
+            model.forward(&rows.batch(t))?;
+            let (loss, count) = model.lm_loss(&rows.targets)?;
             if !loss.is_finite() {
                 let host = model.params_to_host()?;
                 bad = Some(match first_nonfinite(&model, &host) {
@@ -491,7 +688,7 @@ pub fn run<B: Backend>(
         let tok_s = tokens_per_step as f64 / dt;
         let mut val_loss = None;
         if (cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == cfg.steps {
-            val_loss = Some(evaluate(&mut model, &val, cfg.batch_size, t)?);
+            val_loss = Some(evaluate(&mut model, &val, t)?);
             final_val = val_loss;
         }
         let mut rec = serde_json::json!({
@@ -539,9 +736,9 @@ pub fn run<B: Backend>(
             || stop_now
         {
             let state = TrainerState {
-                kind: "pretrain".into(),
+                kind: cfg.kind().into(),
                 step,
-                loader_position: loader.position,
+                loader_position: source.position(),
                 adamw_step: opt.step,
                 seed: cfg.seed,
                 config: cfg.clone(),
@@ -608,8 +805,8 @@ pub fn resume_config(path: &Path, steps: Option<usize>) -> Result<PretrainConfig
     let st: TrainerState = serde_json::from_str(&text)
         .with_context(|| format!("{}: malformed", state_path.display()))?;
     ensure!(
-        st.kind == "pretrain",
-        "{}: a `{}` checkpoint, not a pretraining one",
+        st.kind == "pretrain" || st.kind == "sft",
+        "{}: a `{}` checkpoint, not a pretraining or SFT one",
         state_path.display(),
         st.kind
     );

@@ -1,0 +1,338 @@
+//! Supervised fine-tuning data, as the Llama 2 paper does it: dialogues rendered with the chat
+//! template, packed back to back to fill the sequence length, the loss only on assistant tokens,
+//! and no attention across the documents of a pack (per-document positions and masks).
+//!
+//! Accepted JSONL rows: `{"messages": [{"role", "content"}, ...]}`, `{"prompt", "response"}`, and
+//! Anthropic HH transcripts `{"chosen": "\n\nHuman: ...\n\nAssistant: ..."}` (or `"text"`).
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use engine::tokenizer::{Message, Tokenizer};
+use rayon::prelude::*;
+use std::path::{Path, PathBuf};
+
+/// One tokenized dialogue: ids and which of them are learned (assistant tokens).
+#[derive(Clone, Debug)]
+pub struct Doc {
+    pub ids: Vec<u32>,
+    pub learn: Vec<bool>,
+}
+
+/// Parses an HH transcript (`\n\nHuman: ...\n\nAssistant: ...`) into alternating messages.
+pub fn parse_hh(text: &str) -> Result<Vec<Message>> {
+    let mut msgs = Vec::new();
+    let mut rest = text;
+    let tags = [("\n\nHuman:", "user"), ("\n\nAssistant:", "assistant")];
+    let next_tag = |s: &str| {
+        tags.iter()
+            .filter_map(|(t, r)| s.find(t).map(|i| (i, *t, *r)))
+            .min_by_key(|x| x.0)
+    };
+    let Some((first, _, _)) = next_tag(rest) else {
+        bail!("no `\\n\\nHuman:` / `\\n\\nAssistant:` turns");
+    };
+    rest = &rest[first..];
+    while let Some((i, tag, role)) = next_tag(rest) {
+        debug_assert_eq!(i, 0);
+        let body = &rest[tag.len()..];
+        let end = next_tag(body).map(|x| x.0).unwrap_or(body.len());
+        msgs.push(Message::new(role, body[..end].trim()));
+        rest = &body[end..];
+    }
+    // Merge consecutive turns of one role (some transcripts repeat a speaker).
+    let mut merged: Vec<Message> = Vec::new();
+    for m in msgs {
+        match merged.last_mut() {
+            Some(l) if l.role == m.role => {
+                l.content.push('\n');
+                l.content.push_str(&m.content);
+            }
+            _ => merged.push(m),
+        }
+    }
+    Ok(merged)
+}
+
+/// The dialogue of one JSONL row in any accepted format.
+pub fn row_messages(v: &serde_json::Value) -> Result<Vec<Message>> {
+    if let Some(m) = v.get("messages") {
+        let msgs: Vec<Message> = serde_json::from_value(m.clone())
+            .map_err(|e| anyhow!("`messages` must be a list of {{role, content}}: {e}"))?;
+        for (i, m) in msgs.iter().enumerate() {
+            ensure!(
+                matches!(m.role.as_str(), "system" | "user" | "assistant"),
+                "messages[{i}]: unknown role `{}` (system, user or assistant)",
+                m.role
+            );
+        }
+        return Ok(msgs);
+    }
+    if let (Some(p), Some(r)) = (v.get("prompt"), v.get("response")) {
+        let (p, r) = (
+            p.as_str().context("`prompt` is not a string")?,
+            r.as_str().context("`response` is not a string")?,
+        );
+        return Ok(vec![Message::new("user", p), Message::new("assistant", r)]);
+    }
+    for key in ["chosen", "text"] {
+        if let Some(t) = v.get(key).and_then(|t| t.as_str()) {
+            return parse_hh(t).with_context(|| format!("field `{key}`"));
+        }
+    }
+    bail!("expected `messages`, `prompt`+`response`, or an HH transcript in `chosen`")
+}
+
+/// Reads dialogues from JSONL files; a bad line is an error naming file and line (or, with
+/// `skip_bad`, a warning).
+pub fn read_dialogues(files: &[PathBuf], skip_bad: bool) -> Result<(Vec<Vec<Message>>, usize)> {
+    let mut out = Vec::new();
+    let mut skipped = 0;
+    for f in files {
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let r = serde_json::from_str::<serde_json::Value>(line)
+                .map_err(|e| anyhow!("invalid JSON: {e}"))
+                .and_then(|v| row_messages(&v))
+                .and_then(|m| {
+                    ensure!(
+                        m.iter().any(|x| x.role == "assistant"),
+                        "no assistant turn to learn from"
+                    );
+                    Ok(m)
+                });
+            match r {
+                Ok(m) => out.push(m),
+                Err(e) if skip_bad => {
+                    eprintln!("warning: skipped {}:{}: {e}", f.display(), i + 1);
+                    skipped += 1;
+                }
+                Err(e) => bail!(
+                    "{}:{}: {e} (pass --skip-bad to skip such lines)",
+                    f.display(),
+                    i + 1
+                ),
+            }
+        }
+    }
+    ensure!(
+        !out.is_empty(),
+        "no dialogues in {}",
+        files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok((out, skipped))
+}
+
+/// Tokenizes dialogues with the chat template; dialogues longer than `max_len` are cut (their
+/// count is returned) and ones left with nothing to learn are dropped.
+pub fn tokenize(
+    tok: &Tokenizer,
+    dialogues: &[Vec<Message>],
+    max_len: usize,
+) -> Result<(Vec<Doc>, usize)> {
+    let docs: Vec<Result<Option<(Doc, bool)>>> = dialogues
+        .par_iter()
+        .map(|m| {
+            let (mut ids, mut learn) = tok.chat(m)?;
+            let cut = ids.len() > max_len;
+            ids.truncate(max_len);
+            learn.truncate(max_len);
+            Ok(learn
+                .iter()
+                .skip(1)
+                .any(|&l| l)
+                .then_some((Doc { ids, learn }, cut)))
+        })
+        .collect();
+    let mut out = Vec::new();
+    let mut cut = 0;
+    for d in docs {
+        if let Some((d, c)) = d? {
+            cut += usize::from(c);
+            out.push(d);
+        }
+    }
+    Ok((out, cut))
+}
+
+/// Packed rows of `seq_len` tokens: ids, shifted targets (-100 where not learned), per-token
+/// positions (restarting in every document) and document ids (-1 on padding).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Packed {
+    pub seq_len: usize,
+    pub ids: Vec<i32>,
+    pub targets: Vec<i32>,
+    pub pos: Vec<i32>,
+    pub doc: Vec<i32>,
+}
+
+impl Packed {
+    pub fn rows(&self) -> usize {
+        self.ids.len() / self.seq_len.max(1)
+    }
+}
+
+/// Greedy packing in order: a document goes into the current row if it fits, else starts the
+/// next. Token t's target is token t+1 of the same document when that token is learned.
+pub fn pack(docs: &[Doc], seq_len: usize, pad: u32) -> Packed {
+    let mut p = Packed {
+        seq_len,
+        ..Default::default()
+    };
+    let mut row_len = 0usize;
+    let mut doc_in_row = 0i32;
+    let close_row = |p: &mut Packed, row_len: &mut usize| {
+        while *row_len < seq_len {
+            p.ids.push(pad as i32);
+            p.targets.push(-100);
+            p.pos.push(0);
+            p.doc.push(-1);
+            *row_len += 1;
+        }
+        *row_len = 0;
+    };
+    for d in docs {
+        let n = d.ids.len().min(seq_len);
+        if row_len + n > seq_len {
+            close_row(&mut p, &mut row_len);
+            doc_in_row = 0;
+        }
+        for i in 0..n {
+            p.ids.push(d.ids[i] as i32);
+            p.targets.push(if i + 1 < n && d.learn[i + 1] {
+                d.ids[i + 1] as i32
+            } else {
+                -100
+            });
+            p.pos.push(i as i32);
+            p.doc.push(doc_in_row);
+        }
+        doc_in_row += 1;
+        row_len += n;
+    }
+    if row_len > 0 {
+        close_row(&mut p, &mut row_len);
+    }
+    p
+}
+
+/// The SFT batch source: packed rows, reshuffled every epoch; row k of the stream is a pure
+/// function of (seed, k), so the position is the whole state.
+pub struct PackedSource {
+    pub packed: Packed,
+    seed: u64,
+    pub position: u64,
+}
+
+fn permutation(n: usize, seed: u64) -> Vec<usize> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let mut v: Vec<usize> = (0..n).collect();
+    v.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+    v
+}
+
+impl PackedSource {
+    pub fn new(packed: Packed, seed: u64) -> Self {
+        PackedSource {
+            packed,
+            seed,
+            position: 0,
+        }
+    }
+
+    /// Appends the next `b` rows to the four buffers.
+    pub fn next_batch(
+        &mut self,
+        b: usize,
+        ids: &mut Vec<i32>,
+        tg: &mut Vec<i32>,
+        pos: &mut Vec<i32>,
+        doc: &mut Vec<i32>,
+    ) {
+        let (n, t) = (self.packed.rows(), self.packed.seq_len);
+        let mut perm_epoch = u64::MAX;
+        let mut perm = Vec::new();
+        for _ in 0..b {
+            let epoch = self.position / n as u64;
+            if epoch != perm_epoch {
+                perm = permutation(n, self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                perm_epoch = epoch;
+            }
+            let r = perm[(self.position % n as u64) as usize];
+            self.position += 1;
+            let s = r * t..(r + 1) * t;
+            ids.extend_from_slice(&self.packed.ids[s.clone()]);
+            tg.extend_from_slice(&self.packed.targets[s.clone()]);
+            pos.extend_from_slice(&self.packed.pos[s.clone()]);
+            doc.extend_from_slice(&self.packed.doc[s]);
+        }
+    }
+}
+
+/// SFT data as the training loop uses it: packed training rows and validation rows.
+pub struct SftData {
+    pub train: Packed,
+    pub val: Packed,
+    pub dialogues: usize,
+    pub truncated: usize,
+    pub skipped: usize,
+}
+
+/// Reads, tokenizes, splits (every k-th dialogue to validation) and packs.
+pub fn load(
+    files: &[PathBuf],
+    tok: &Tokenizer,
+    seq_len: usize,
+    val_fraction: f64,
+    skip_bad: bool,
+) -> Result<SftData> {
+    let (dialogues, skipped) = read_dialogues(files, skip_bad)?;
+    let (docs, truncated) = tokenize(tok, &dialogues, seq_len)?;
+    ensure!(
+        !docs.is_empty(),
+        "no dialogue has an assistant token within --seq-len {seq_len}"
+    );
+    let every = if val_fraction > 0.0 {
+        (1.0 / val_fraction).round().max(2.0) as usize
+    } else {
+        usize::MAX
+    };
+    let (mut tr, mut va) = (Vec::new(), Vec::new());
+    for (i, d) in docs.into_iter().enumerate() {
+        if every != usize::MAX && i % every == every - 1 {
+            va.push(d);
+        } else {
+            tr.push(d);
+        }
+    }
+    if va.is_empty() {
+        va.push(tr.last().cloned().expect("non-empty"));
+    }
+    Ok(SftData {
+        train: pack(&tr, seq_len, tok.eos),
+        val: pack(&va, seq_len, tok.eos),
+        dialogues: dialogues.len(),
+        truncated,
+        skipped,
+    })
+}
+
+/// The tokenizer a fine-tuning run uses: the checkpoint's own unless one is given.
+pub fn tokenizer_for(model_dir: &Path, explicit: Option<&Path>) -> Result<PathBuf> {
+    let p = explicit
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| model_dir.join("tokenizer.json"));
+    ensure!(
+        p.is_file(),
+        "{}: no tokenizer (pass --tokenizer)",
+        p.display()
+    );
+    Ok(p)
+}
