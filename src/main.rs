@@ -88,6 +88,12 @@ enum Cmd {
     Generate(GenerateArgs),
     /// Chat with a checkpoint in the terminal (Llama 2 chat template, multi-turn).
     Chat(ChatArgs),
+    /// Train a reward model (helpfulness or safety) with the margin ranking loss.
+    TrainRm(TrainRmArgs),
+    /// Evaluate a reward model on preference pairs: accuracy overall and by rating.
+    EvalRm(EvalRmArgs),
+    /// Score (prompt, response) rows with a reward model; prints JSONL with a `score` field.
+    Score(ScoreArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -160,6 +166,158 @@ fn bench(cmd: BenchCmd) -> Result<()> {
                     .with_context(|| format!("writing {}", p.display()))?;
             }
         }
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct TrainRmArgs {
+    /// The checkpoint to start from: an SFT/chat model (as the paper does), or a reward model.
+    #[arg(long)]
+    init: PathBuf,
+    /// Preference JSONL: {prompt|messages, chosen, rejected, rating?, chosen_safe?, rejected_safe?,
+    /// category?} or HH transcripts {chosen, rejected}.
+    #[arg(long = "data", num_args = 1.., required = true)]
+    data: Vec<PathBuf>,
+    #[arg(long, default_value = "runs/rm")]
+    out: PathBuf,
+    /// helpfulness or safety (safety drops pairs whose chosen answer is unsafe and rejected safe).
+    #[arg(long, default_value = "helpfulness")]
+    kind: String,
+    /// Rating margin: none, small {1, 2/3, 1/3, 0} or large {3, 2, 1, 0}.
+    #[arg(long, default_value = "small")]
+    margin: String,
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// Peak learning rate (default 1e-5; 5e-6 for 70B shapes).
+    #[arg(long)]
+    lr: Option<f32>,
+    /// Pairs per optimizer step.
+    #[arg(long, default_value_t = 512)]
+    batch_size: usize,
+    /// Pairs per forward (gradient accumulation up to --batch-size).
+    #[arg(long, default_value_t = 8)]
+    micro_batch: usize,
+    #[arg(long)]
+    seq_len: Option<usize>,
+    #[arg(long, default_value_t = 0.05)]
+    val_fraction: f64,
+    #[arg(long)]
+    max_steps: Option<usize>,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    #[arg(long)]
+    skip_bad: bool,
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    #[arg(long)]
+    no_progress: bool,
+}
+
+#[derive(clap::Args)]
+struct EvalRmArgs {
+    /// A reward-model directory (from train-rm).
+    #[arg(long)]
+    rm: PathBuf,
+    #[arg(long = "data", num_args = 1.., required = true)]
+    data: Vec<PathBuf>,
+    /// Which pairs: the kind's selection rules apply.
+    #[arg(long, default_value = "helpfulness")]
+    kind: String,
+    /// Evaluate on the held-out split train-rm made with this fraction (0: all pairs).
+    #[arg(long, default_value_t = 0.05)]
+    val_fraction: f64,
+    #[arg(long)]
+    seq_len: Option<usize>,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Where eval.json, eval.md and scores.svg go.
+    #[arg(long, default_value = "runs/eval-rm")]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct ScoreArgs {
+    #[arg(long)]
+    rm: PathBuf,
+    /// JSONL rows: {prompt, response}, {messages} ending with the response, or HH transcripts.
+    #[arg(long, num_args = 1.., required = true)]
+    input: Vec<PathBuf>,
+    #[arg(long)]
+    seq_len: Option<usize>,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+}
+
+fn train_rm(a: TrainRmArgs) -> Result<()> {
+    use trainer::rm::{train, RmConfig};
+    require_cpu(a.device)?;
+    let kind = a.kind.parse().map_err(anyhow::Error::msg)?;
+    let mut c = RmConfig::new(a.init, a.data, a.out, kind);
+    c.margin = a.margin.parse().map_err(anyhow::Error::msg)?;
+    c.epochs = a.epochs;
+    c.lr = a.lr;
+    c.batch_size = a.batch_size;
+    c.micro_batch = a.micro_batch;
+    c.seq_len = a.seq_len;
+    c.val_fraction = a.val_fraction;
+    c.max_steps = a.max_steps;
+    c.seed = a.seed;
+    c.skip_bad = a.skip_bad;
+    c.progress = !a.no_progress;
+    let rep = train(Cpu, &c)?;
+    println!(
+        "{} reward model: {} steps on {} pairs ({} held out), last loss {:.4}, batch accuracy {:.3}",
+        rep.kind.name(),
+        rep.steps,
+        rep.train_pairs,
+        rep.val_pairs,
+        rep.final_loss,
+        rep.final_acc
+    );
+    if let Some(e) = &rep.eval {
+        println!("{}", e.to_markdown());
+    }
+    println!("model: {}", rep.model_dir.display());
+    Ok(())
+}
+
+fn eval_rm(a: EvalRmArgs) -> Result<()> {
+    use trainer::rm::{
+        evaluate, load_rm, read_pairs, select_pairs, split_pairs, write_eval, RmKind,
+    };
+    let kind: RmKind = a.kind.parse().map_err(anyhow::Error::msg)?;
+    let (mut model, tok) = load_rm(Cpu, &a.rm)?;
+    let (pairs, _) = read_pairs(&a.data, false)?;
+    let sel = select_pairs(pairs, kind);
+    let pairs = if a.val_fraction > 0.0 {
+        split_pairs(sel.pairs, a.val_fraction).1
+    } else {
+        sel.pairs
+    };
+    let seq_len = a.seq_len.unwrap_or(model.cfg.max_position_embeddings);
+    let rep = evaluate(&mut model, &tok, &pairs, seq_len, a.batch_size)?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    write_eval(&a.out, &rep, &format!("{} reward model", kind.name()))?;
+    println!("{}", rep.to_markdown());
+    println!(
+        "written: {}/eval.json, eval.md, scores.svg",
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn score_cmd(a: ScoreArgs) -> Result<()> {
+    use trainer::rm::{load_rm, read_score_rows, score};
+    let (mut model, tok) = load_rm(Cpu, &a.rm)?;
+    let rows = read_score_rows(&a.input)?;
+    let seq_len = a.seq_len.unwrap_or(model.cfg.max_position_embeddings);
+    let scores = score(&mut model, &tok, &rows, seq_len, a.batch_size)?;
+    for ((p, r), s) in rows.iter().zip(scores) {
+        println!(
+            "{}",
+            serde_json::json!({"messages": p, "response": r, "score": s})
+        );
     }
     Ok(())
 }
@@ -735,6 +893,9 @@ fn run() -> Result<()> {
         Cmd::Pretrain(a) => pretrain(a)?,
         Cmd::Bench(b) => bench(b)?,
         Cmd::Sft(a) => sft(a)?,
+        Cmd::TrainRm(a) => train_rm(a)?,
+        Cmd::EvalRm(a) => eval_rm(a)?,
+        Cmd::Score(a) => score_cmd(a)?,
         Cmd::Generate(a) => generate_cmd(a)?,
         Cmd::Chat(a) => chat_cmd(a)?,
         Cmd::Selftest { out } => {

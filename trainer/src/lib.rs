@@ -4,8 +4,10 @@
 pub mod bench;
 pub mod data;
 pub mod device;
+pub mod evaluate;
 pub mod metrics;
 pub mod pretrain;
+pub mod rm;
 pub mod schedule;
 pub mod selftest;
 pub mod sft;

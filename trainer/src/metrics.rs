@@ -134,3 +134,85 @@ pub fn line_plot(
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
+
+/// Overlaid histograms of named samples on shared bins, written as SVG: how far two
+/// distributions separate (a reward model's chosen vs rejected scores) shows at a glance.
+/// Non-finite values are left out; nothing is written when no value is finite.
+pub fn histogram_plot(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    series: &[(&str, &[f64])],
+    bins: usize,
+) -> Result<()> {
+    let bins = bins.max(1);
+    let finite = || {
+        series
+            .iter()
+            .flat_map(|(_, s)| s.iter().copied())
+            .filter(|x| x.is_finite())
+    };
+    let (mut x0, mut x1) = (f64::MAX, f64::MIN);
+    for x in finite() {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+    }
+    if x0 > x1 {
+        return Ok(());
+    }
+    if x1 - x0 < 1e-9 {
+        x0 -= 0.5;
+        x1 += 0.5;
+    }
+    let width = (x1 - x0) / bins as f64;
+    let counts: Vec<Vec<usize>> = series
+        .iter()
+        .map(|(_, s)| {
+            let mut c = vec![0usize; bins];
+            for &x in s.iter().filter(|x| x.is_finite()) {
+                c[(((x - x0) / width) as usize).min(bins - 1)] += 1;
+            }
+            c
+        })
+        .collect();
+    let top = counts.iter().flatten().copied().max().unwrap_or(1).max(1) as f64;
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
+    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("plotting {}: {e}", path.display());
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x0..x1, 0.0..top * 1.05)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc("count")
+        .draw()
+        .map_err(|e| err(&e))?;
+    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    for (i, ((name, _), c)) in series.iter().zip(&counts).enumerate() {
+        let color = colors[i % colors.len()];
+        let bars = c.iter().enumerate().filter(|(_, &n)| n > 0).map(|(b, &n)| {
+            let l = x0 + b as f64 * width;
+            Rectangle::new([(l, 0.0), (l + width, n as f64)], color.mix(0.35).filled())
+        });
+        chart
+            .draw_series(bars)
+            .map_err(|e| err(&e))?
+            .label(*name)
+            .legend(move |(x, y)| {
+                Rectangle::new([(x, y - 5), (x + 16, y + 5)], color.mix(0.35).filled())
+            });
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
