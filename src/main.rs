@@ -88,6 +88,35 @@ enum Cmd {
     Generate(GenerateArgs),
     /// Chat with a checkpoint in the terminal (Llama 2 chat template, multi-turn).
     Chat(ChatArgs),
+    /// Write the built-in assistant world: corpus, SFT dialogues, RLHF prompts, evaluation sets,
+    /// GAtt instructions and the knowledge base its gold annotator uses.
+    World {
+        #[arg(long, default_value = "runs/world")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// small (~200 KB corpus), default (~1 MB) or large (~5 MB).
+        #[arg(long, default_value = "default")]
+        size: String,
+    },
+    /// Evaluate a chat model on world prompts with the gold annotator.
+    EvalWorld {
+        #[arg(long)]
+        model: PathBuf,
+        /// The world directory (from `llama2 world`).
+        #[arg(long)]
+        world: PathBuf,
+        /// Which file of the world to use.
+        #[arg(long, default_value = "eval.jsonl")]
+        split: String,
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 48)]
+        max_new_tokens: usize,
+        /// Write the report (and every answer) as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Train a reward model (helpfulness or safety) with the margin ranking loss.
     TrainRm(TrainRmArgs),
     /// Evaluate a reward model on preference pairs: accuracy overall and by rating.
@@ -893,6 +922,46 @@ fn run() -> Result<()> {
         Cmd::Pretrain(a) => pretrain(a)?,
         Cmd::Bench(b) => bench(b)?,
         Cmd::Sft(a) => sft(a)?,
+        Cmd::World { out, seed, size } => {
+            let size = size.parse()?;
+            let s = trainer::world::run(&trainer::world::WorldConfig { out, seed, size })?;
+            println!("{s}");
+        }
+        Cmd::EvalWorld {
+            model,
+            world,
+            split,
+            batch_size,
+            max_new_tokens,
+            json,
+        } => {
+            let (mut m, tok) = load_for_generation(&model, None)?;
+            let ann = trainer::world::Annotator::new(trainer::world::World::load(&world)?);
+            let ex = trainer::world::read_examples(&world.join(&split))?;
+            let (ev, answers) =
+                trainer::evaluate::world_eval(&mut m, &tok, &ann, &ex, batch_size, max_new_tokens)?;
+            println!(
+                "{} prompts: accuracy {:.3}, safe {:.3}, false refusals {:.3}, mean helpfulness {:.3}, mean safety {:.3}",
+                ev.prompts, ev.accuracy, ev.safe_rate, ev.false_refusal_rate, ev.helpfulness, ev.safety
+            );
+            for (t, a) in &ev.by_task {
+                println!("  {t:<12} {a:.3}");
+            }
+            if let Some(p) = json {
+                let rows: Vec<_> = ex
+                    .iter()
+                    .zip(&answers)
+                    .map(|(e, a)| serde_json::json!({"messages": e.messages, "task": e.task, "answer": a, "reference": e.answer}))
+                    .collect();
+                std::fs::write(
+                    &p,
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"report": ev, "answers": rows}),
+                    )?,
+                )
+                .with_context(|| format!("writing {}", p.display()))?;
+            }
+        }
         Cmd::TrainRm(a) => train_rm(a)?,
         Cmd::EvalRm(a) => eval_rm(a)?,
         Cmd::Score(a) => score_cmd(a)?,
