@@ -99,6 +99,29 @@ enum Cmd {
         #[arg(long, default_value = "default")]
         size: String,
     },
+    /// Sample two answers per world prompt from a chat model and label the pair with the gold
+    /// annotator (preference JSONL for train-rm).
+    WorldPrefs {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        world: PathBuf,
+        /// Which prompts of the world to answer.
+        #[arg(long, default_value = "rlhf_prompts.jsonl")]
+        split: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Temperatures the two answers are drawn at (cycled per prompt).
+        #[arg(long, value_delimiter = ',', default_value = "0.7,1.0,1.3")]
+        temperatures: Vec<f32>,
+        #[arg(long, default_value_t = 48)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Independent pairs per prompt.
+        #[arg(long, default_value_t = 1)]
+        pairs_per_prompt: usize,
+    },
     /// Evaluate a chat model on world prompts with the gold annotator.
     EvalWorld {
         #[arg(long)]
@@ -926,6 +949,40 @@ fn run() -> Result<()> {
             let size = size.parse()?;
             let s = trainer::world::run(&trainer::world::WorldConfig { out, seed, size })?;
             println!("{s}");
+        }
+        Cmd::WorldPrefs {
+            model,
+            world,
+            split,
+            out,
+            temperatures,
+            max_new_tokens,
+            seed,
+            pairs_per_prompt,
+        } => {
+            let (mut m, tok) = load_for_generation(&model, None)?;
+            let ann = trainer::world::Annotator::new(trainer::world::World::load(&world)?);
+            let ex = trainer::world::read_examples(&world.join(&split))?;
+            let cfg = trainer::prefs::PrefsConfig {
+                temperatures,
+                max_new_tokens,
+                seed,
+                pairs_per_prompt,
+                ..Default::default()
+            };
+            let pairs = trainer::prefs::collect(&mut m, &tok, &ann, &ex, &cfg)?;
+            trainer::prefs::write_jsonl(&out, &pairs)?;
+            let mut by: std::collections::BTreeMap<&str, usize> = Default::default();
+            for p in &pairs {
+                *by.entry(p.rating).or_default() += 1;
+            }
+            println!(
+                "{}: {} labelled pairs from {} prompts ({} ties dropped): {by:?}",
+                out.display(),
+                pairs.len(),
+                ex.len(),
+                ex.len() * pairs_per_prompt - pairs.len()
+            );
         }
         Cmd::EvalWorld {
             model,

@@ -6,6 +6,7 @@ pub mod data;
 pub mod device;
 pub mod evaluate;
 pub mod metrics;
+pub mod prefs;
 pub mod pretrain;
 pub mod rm;
 pub mod schedule;

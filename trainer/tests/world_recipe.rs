@@ -1,6 +1,10 @@
-//! The chat recipe end to end on the built-in world: a tiny model pretrained on the world's
-//! corpus answers none of the held-out tasks; after SFT on the world's dialogues it answers a
-//! clear share of them correctly and refuses the harmful requests, by the gold annotator.
+//! The recipe end to end on the built-in world (one test, so the models are trained once):
+//! - chat: a tiny model pretrained on the world's corpus answers none of the held-out tasks;
+//!   after SFT on the world's dialogues it answers a clear share correctly and refuses the
+//!   harmful requests, by the gold annotator;
+//! - reward model: on preference pairs sampled from the SFT model at several temperatures and
+//!   labelled by the annotator, a reward model trained from the SFT checkpoint ranks held-out
+//!   prompts' pairs well above chance, better on "significantly better" than "negligibly better".
 
 use engine::checkpoint::load_model;
 use engine::tokenizer::Tokenizer;
@@ -11,7 +15,7 @@ use trainer::pretrain::{run, ModelSource, TrainConfig};
 use trainer::world::{read_examples, Annotator, Size, World, WorldConfig};
 
 #[test]
-fn sft_on_the_world_beats_the_pretrained_model_on_held_out_tasks() {
+fn world_recipe_sft_then_reward_model() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let w = d.join("world");
@@ -87,4 +91,62 @@ fn sft_on_the_world_beats_the_pretrained_model_on_held_out_tasks() {
         b.safe_rate
     );
     assert!(a.helpfulness > b.helpfulness + 0.2);
+
+    // Reward model on annotator-labelled samples of the SFT model.
+    use trainer::prefs::{collect, write_jsonl, PrefsConfig};
+    use trainer::rm::{evaluate, read_pairs, Rating, RmConfig, RmKind};
+    let prompts = read_examples(&w.join("rlhf_prompts.jsonl")).unwrap();
+    let pc = PrefsConfig {
+        pairs_per_prompt: 3,
+        ..Default::default()
+    };
+    let train_pairs = collect(&mut after, &tok, &ann, &prompts, &pc).unwrap();
+    let eval_pairs = collect(
+        &mut after,
+        &tok,
+        &ann,
+        &eval,
+        &PrefsConfig {
+            pairs_per_prompt: 2,
+            seed: 99,
+            ..pc
+        },
+    )
+    .unwrap();
+    write_jsonl(&d.join("pairs.jsonl"), &train_pairs).unwrap();
+    write_jsonl(&d.join("eval_pairs.jsonl"), &eval_pairs).unwrap();
+    let sft_dir = d.join("sft/checkpoints").join(
+        std::fs::read_to_string(d.join("sft/checkpoints/latest"))
+            .unwrap()
+            .trim(),
+    );
+    let mut rc = RmConfig::new(
+        sft_dir,
+        vec![d.join("pairs.jsonl")],
+        d.join("rm"),
+        RmKind::Helpfulness,
+    );
+    rc.batch_size = 16;
+    rc.micro_batch = 16;
+    rc.epochs = 2;
+    rc.lr = Some(5e-4);
+    rc.val_fraction = 0.0;
+    rc.progress = false;
+    let rep = trainer::rm::train(Cpu, &rc).unwrap();
+    let (mut rm, rtok) = trainer::rm::load_rm(Cpu, &rep.model_dir).unwrap();
+    let (held, _) = read_pairs(&[d.join("eval_pairs.jsonl")], false).unwrap();
+    let held: Vec<_> = held
+        .into_iter()
+        .filter(|p| p.category != Some(RmKind::Safety))
+        .collect();
+    let ev = evaluate(&mut rm, &rtok, &held, 128, 16).unwrap();
+    println!("{}", ev.to_markdown());
+    let acc = |r: Rating| ev.level(Some(r)).accuracy.unwrap_or(f64::NAN);
+    assert!(ev.accuracy > 0.62, "held-out accuracy {}", ev.accuracy);
+    assert!(
+        acc(Rating::Significantly) > acc(Rating::Negligibly),
+        "significantly better {} vs negligibly better {}",
+        acc(Rating::Significantly),
+        acc(Rating::Negligibly)
+    );
 }
