@@ -10,6 +10,14 @@ use engine::tokenizer::{Message, Tokenizer};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
+/// A dialogue to learn from. `last_turn_only` (JSONL `"learn": "last"`) zeroes the loss on every
+/// earlier turn, assistant turns included: Ghost Attention's synthetic dialogues need it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dialogue {
+    pub messages: Vec<Message>,
+    pub last_turn_only: bool,
+}
+
 /// One tokenized dialogue: ids and which of them are learned (assistant tokens).
 #[derive(Clone, Debug)]
 pub struct Doc {
@@ -83,7 +91,7 @@ pub fn row_messages(v: &serde_json::Value) -> Result<Vec<Message>> {
 
 /// Reads dialogues from JSONL files; a bad line is an error naming file and line (or, with
 /// `skip_bad`, a warning).
-pub fn read_dialogues(files: &[PathBuf], skip_bad: bool) -> Result<(Vec<Vec<Message>>, usize)> {
+pub fn read_dialogues(files: &[PathBuf], skip_bad: bool) -> Result<(Vec<Dialogue>, usize)> {
     let mut out = Vec::new();
     let mut skipped = 0;
     for f in files {
@@ -95,13 +103,21 @@ pub fn read_dialogues(files: &[PathBuf], skip_bad: bool) -> Result<(Vec<Vec<Mess
             }
             let r = serde_json::from_str::<serde_json::Value>(line)
                 .map_err(|e| anyhow!("invalid JSON: {e}"))
-                .and_then(|v| row_messages(&v))
-                .and_then(|m| {
+                .and_then(|v| {
+                    let m = row_messages(&v)?;
                     ensure!(
                         m.iter().any(|x| x.role == "assistant"),
                         "no assistant turn to learn from"
                     );
-                    Ok(m)
+                    let last_turn_only = match v.get("learn").and_then(|l| l.as_str()) {
+                        None | Some("all") => false,
+                        Some("last") => true,
+                        Some(o) => bail!("`learn` is `{o}`: expected \"all\" or \"last\""),
+                    };
+                    Ok(Dialogue {
+                        messages: m,
+                        last_turn_only,
+                    })
                 });
             match r {
                 Ok(m) => out.push(m),
@@ -133,13 +149,23 @@ pub fn read_dialogues(files: &[PathBuf], skip_bad: bool) -> Result<(Vec<Vec<Mess
 /// count is returned) and ones left with nothing to learn are dropped.
 pub fn tokenize(
     tok: &Tokenizer,
-    dialogues: &[Vec<Message>],
+    dialogues: &[Dialogue],
     max_len: usize,
 ) -> Result<(Vec<Doc>, usize)> {
     let docs: Vec<Result<Option<(Doc, bool)>>> = dialogues
         .par_iter()
-        .map(|m| {
-            let (mut ids, mut learn) = tok.chat(m)?;
+        .map(|d| {
+            let (mut ids, mut learn) = tok.chat(&d.messages)?;
+            if d.last_turn_only {
+                // Keep only the final run of learned tokens (the last assistant answer).
+                if let Some(end) = learn.iter().rposition(|&l| l) {
+                    let start = learn[..end].iter().rposition(|&l| !l).map_or(0, |i| i + 1);
+                    learn
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(i, l)| *l = *l && i >= start);
+                }
+            }
             let cut = ids.len() > max_len;
             ids.truncate(max_len);
             learn.truncate(max_len);

@@ -5,7 +5,7 @@ use engine::model::Batch;
 use engine::tokenizer::{Message, Tokenizer};
 use engine::{Cpu, Head, Llama, LlamaConfig};
 use std::path::PathBuf;
-use trainer::sft::{pack, parse_hh, read_dialogues, row_messages, tokenize, Doc};
+use trainer::sft::{pack, parse_hh, read_dialogues, row_messages, tokenize, Dialogue, Doc};
 
 fn shared() -> PathBuf {
     let p = std::env::var_os("LLAMA2_SHARED")
@@ -47,9 +47,9 @@ fn hh_pairs_load_every_line_and_bad_lines_are_named() {
     let (d, skipped) =
         read_dialogues(&[shared().join("data/hh-harmless-pairs.jsonl")], false).unwrap();
     assert_eq!((d.len(), skipped), (1800, 0));
-    assert!(d
-        .iter()
-        .all(|m| m.first().unwrap().role == "user" && m.last().unwrap().role == "assistant"));
+    assert!(d.iter().all(|m| m.messages.first().unwrap().role == "user"
+        && m.messages.last().unwrap().role == "assistant"
+        && !m.last_turn_only));
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("bad.jsonl");
     std::fs::write(&f, "{\"prompt\": \"a\", \"response\": \"b\"}\n{not json\n{\"prompt\": 3, \"response\": \"b\"}\n").unwrap();
@@ -80,7 +80,60 @@ fn docs(tok: &Tokenizer) -> Vec<Doc> {
             Message::new("assistant", "Hi there, friend!"),
         ],
     ];
+    let dialogues: Vec<Dialogue> = dialogues
+        .into_iter()
+        .map(|messages| Dialogue {
+            messages,
+            last_turn_only: false,
+        })
+        .collect();
     tokenize(tok, &dialogues, 64).unwrap().0
+}
+
+#[test]
+fn last_turn_only_learns_just_the_final_answer() {
+    let tok = llama_tok();
+    let msgs = vec![
+        Message::new("system", "Answer in capitals."),
+        Message::new("user", "Name a color."),
+        Message::new("assistant", "BLUE."),
+        Message::new("user", "Another?"),
+        Message::new("assistant", "RED."),
+    ];
+    let all = tokenize(
+        &tok,
+        &[Dialogue {
+            messages: msgs.clone(),
+            last_turn_only: false,
+        }],
+        64,
+    )
+    .unwrap()
+    .0;
+    let last = tokenize(
+        &tok,
+        &[Dialogue {
+            messages: msgs,
+            last_turn_only: true,
+        }],
+        64,
+    )
+    .unwrap()
+    .0;
+    let learned = |d: &Doc| -> Vec<u32> {
+        (0..d.ids.len())
+            .filter(|&i| d.learn[i])
+            .map(|i| d.ids[i])
+            .collect()
+    };
+    assert!(tok.decode(&learned(&all[0])).unwrap().contains("BLUE"));
+    let l = tok.decode(&learned(&last[0])).unwrap();
+    assert!(l.contains("RED") && !l.contains("BLUE"), "{l}");
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("g.jsonl");
+    std::fs::write(&f, "{\"prompt\": \"a\", \"response\": \"b\", \"learn\": \"last\"}\n{\"prompt\": \"a\", \"response\": \"b\", \"learn\": \"x\"}\n").unwrap();
+    let e = format!("{:#}", read_dialogues(&[f], false).unwrap_err());
+    assert!(e.contains("g.jsonl:2") && e.contains("learn"), "{e}");
 }
 
 #[test]
