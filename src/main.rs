@@ -146,6 +146,59 @@ enum Cmd {
     EvalRm(EvalRmArgs),
     /// Score (prompt, response) rows with a reward model; prints JSONL with a `score` field.
     Score(ScoreArgs),
+    /// Rejection-sampling fine-tuning: K samples per prompt, the best by the reward models kept
+    /// (pooled over rounds), then fine-tuning on the pool.
+    RejectionSample {
+        /// The model to start from (SFT or an earlier round).
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        rm_helpfulness: PathBuf,
+        #[arg(long)]
+        rm_safety: PathBuf,
+        /// Prompt JSONL: rows with `messages` ending in a user turn; `category: "safety"` tags
+        /// safety prompts.
+        #[arg(long)]
+        prompts: PathBuf,
+        #[arg(long, default_value = "runs/rs")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+        #[arg(long, default_value_t = 8)]
+        k: usize,
+        #[arg(long, default_value_t = 1.2)]
+        temperature: f32,
+        /// Prompts per round (0: all).
+        #[arg(long, default_value_t = 0)]
+        max_prompts: usize,
+        #[arg(long, default_value_t = 2e-5)]
+        lr: f32,
+        #[arg(long, default_value_t = 2)]
+        epochs: usize,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// The whole recipe on the built-in world: pretrain, SFT, reward models, rejection sampling,
+    /// with a report (runs/<name>/report.json, report.md, plots).
+    Pipeline {
+        /// The run's name: everything goes to runs/<name>/.
+        #[arg(long, default_value = "pipeline")]
+        name: String,
+        /// The size preset of the run (tiny is the only one sized for a CPU).
+        #[arg(long, default_value = "tiny")]
+        config: String,
+        #[arg(long, default_value = "auto")]
+        device: Device,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Rejection-sampling rounds.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        #[arg(long)]
+        no_progress: bool,
+    },
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -945,6 +998,128 @@ fn run() -> Result<()> {
         Cmd::Pretrain(a) => pretrain(a)?,
         Cmd::Bench(b) => bench(b)?,
         Cmd::Sft(a) => sft(a)?,
+        Cmd::RejectionSample {
+            model,
+            rm_helpfulness,
+            rm_safety,
+            prompts,
+            out,
+            rounds,
+            k,
+            temperature,
+            max_prompts,
+            lr,
+            epochs,
+            seq_len,
+            seed,
+        } => {
+            use trainer::rs::{run_round, write_report, Pool, RsConfig, RsPrompt};
+            let text = std::fs::read_to_string(&prompts)
+                .with_context(|| format!("reading {}", prompts.display()))?;
+            let mut ps = Vec::new();
+            for (i, line) in text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+            {
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .with_context(|| format!("{}:{}", prompts.display(), i + 1))?;
+                let messages: Vec<engine::tokenizer::Message> =
+                    serde_json::from_value(v["messages"].clone()).with_context(|| {
+                        format!(
+                            "{}:{}: `messages` must be a list of {{role, content}}",
+                            prompts.display(),
+                            i + 1
+                        )
+                    })?;
+                if messages.last().is_none_or(|m| m.role != "user") {
+                    bail!(
+                        "{}:{}: the dialogue must end with a user turn",
+                        prompts.display(),
+                        i + 1
+                    );
+                }
+                ps.push(RsPrompt {
+                    messages,
+                    safety: v["category"] == "safety",
+                });
+            }
+            if max_prompts > 0 {
+                ps.truncate(max_prompts);
+            }
+            let cfg = RsConfig {
+                k,
+                temperature,
+                lr,
+                epochs,
+                seq_len,
+                seed,
+                ..Default::default()
+            };
+            let mut pool = Pool::default();
+            let mut current = model;
+            let mut stats = Vec::new();
+            for r in 1..=rounds {
+                let st = run_round(
+                    Cpu,
+                    &current,
+                    &rm_helpfulness,
+                    &rm_safety,
+                    &ps,
+                    &cfg,
+                    r,
+                    &mut pool,
+                    &out,
+                )?;
+                println!(
+                    "round {r}: {} prompts x {k}: mean max reward {:.4}, mean median {:.4} (delta {:.4}); pool {}",
+                    st.prompts, st.mean_max, st.mean_median, st.mean_max - st.mean_median, st.pool
+                );
+                current = st.checkpoint.clone().context("no checkpoint written")?;
+                stats.push(st);
+            }
+            write_report(&out, &stats)?;
+            println!(
+                "model: {}\nreport: {}/rs_report.json, rs_rewards.svg",
+                current.display(),
+                out.display()
+            );
+        }
+        Cmd::Pipeline {
+            name,
+            config,
+            device,
+            seed,
+            rounds,
+            no_progress,
+        } => {
+            require_cpu(device)?;
+            if config != "tiny" {
+                bail!("--config {config}: only `tiny` is sized for the pipeline on a CPU (larger presets need the CUDA backend)");
+            }
+            let cfg = trainer::pipeline::PipelineConfig {
+                out: PathBuf::from("runs").join(&name),
+                seed,
+                rs_rounds: rounds,
+                progress: !no_progress,
+                ..Default::default()
+            };
+            println!(
+                "llama2 pipeline `{name}` on {}: writing {}",
+                engine::Backend::name(&Cpu),
+                cfg.out.display()
+            );
+            let rep = trainer::pipeline::run(Cpu, &cfg)?;
+            println!(
+                "{}",
+                std::fs::read_to_string(cfg.out.join("report.md")).unwrap_or_default()
+            );
+            println!(
+                "report: {}/report.json (in {:.0} s)",
+                cfg.out.display(),
+                rep["seconds"].as_f64().unwrap_or(0.0)
+            );
+        }
         Cmd::World { out, seed, size } => {
             let size = size.parse()?;
             let s = trainer::world::run(&trainer::world::WorldConfig { out, seed, size })?;
