@@ -45,7 +45,7 @@ fn ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run() {
         .arg(d.join("data"))
         .arg(d.join("c.txt")));
     let run = d.join("run");
-    let mut child = llama2()
+    let child = llama2()
         .args([
             "pretrain",
             "--no-progress",
