@@ -180,6 +180,8 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// PPO with the piecewise safety/helpfulness reward and a KL penalty to the reference policy.
+    Ppo(PpoArgs),
     /// The whole recipe on the built-in world: pretrain, SFT, reward models, rejection sampling,
     /// with a report (runs/<name>/report.json, report.md, plots).
     Pipeline {
@@ -423,6 +425,114 @@ fn score_cmd(a: ScoreArgs) -> Result<()> {
             "{}",
             serde_json::json!({"messages": p, "response": r, "score": s})
         );
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+struct PpoArgs {
+    /// The policy to train (RS or SFT checkpoint with tokenizer.json).
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// The frozen reference π0 (default: the policy).
+    #[arg(long)]
+    reference: Option<PathBuf>,
+    #[arg(long)]
+    reward_helpfulness: Option<PathBuf>,
+    /// Default: the helpfulness reward model.
+    #[arg(long)]
+    reward_safety: Option<PathBuf>,
+    /// The critic's initialisation (default: the helpfulness reward model).
+    #[arg(long)]
+    critic: Option<PathBuf>,
+    /// Prompt JSONL (`messages` ending with a user turn; `category: "safety"` tags safety prompts).
+    #[arg(long, num_args = 1..)]
+    prompts: Vec<PathBuf>,
+    /// Held-out prompts for early stopping (default: every 20th prompt).
+    #[arg(long, num_args = 1..)]
+    eval_prompts: Vec<PathBuf>,
+    /// A world directory: logs the gold annotator's reward too.
+    #[arg(long)]
+    world: Option<PathBuf>,
+    #[arg(long, default_value = "runs/ppo")]
+    out: PathBuf,
+    /// Continue a run (run directory or checkpoint).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    #[arg(long)]
+    iterations: Option<usize>,
+    /// Rollouts per iteration (paper: 512).
+    #[arg(long, default_value_t = 512)]
+    batch: usize,
+    /// Rollouts per gradient step (paper: 64).
+    #[arg(long, default_value_t = 64)]
+    minibatch: usize,
+    /// Constant learning rate (paper: 1e-6).
+    #[arg(long, default_value_t = 1e-6)]
+    lr: f32,
+    /// KL coefficient (default 0.01; 0.005 for 34B/70B shapes).
+    #[arg(long)]
+    beta: Option<f32>,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Iterations that train only the critic first.
+    #[arg(long, default_value_t = 0)]
+    critic_warmup: usize,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    #[arg(long)]
+    no_progress: bool,
+}
+
+fn ppo_cmd(a: PpoArgs) -> Result<()> {
+    use trainer::ppo::{resume_config, train, PpoConfig};
+    let cfg = if let Some(r) = &a.resume {
+        let mut c = resume_config(r, a.iterations)?;
+        c.progress = !a.no_progress;
+        c
+    } else {
+        let policy = a.policy.clone().context("--policy DIR is required")?;
+        let rh = a
+            .reward_helpfulness
+            .clone()
+            .context("--reward-helpfulness DIR is required")?;
+        if a.prompts.is_empty() {
+            bail!("--prompts FILE... is required");
+        }
+        let mut c = PpoConfig::new(policy, rh, a.prompts.clone(), a.out.clone());
+        c.reference = a.reference.clone();
+        c.reward_safety = a.reward_safety.clone();
+        c.critic = a.critic.clone();
+        c.eval_prompts = a.eval_prompts.clone();
+        c.world = a.world.clone();
+        if let Some(i) = a.iterations {
+            c.iterations = i;
+        }
+        c.batch = a.batch;
+        c.minibatch = a.minibatch;
+        c.lr = a.lr;
+        c.beta = a.beta;
+        c.max_new_tokens = a.max_new_tokens;
+        c.critic_warmup = a.critic_warmup;
+        c.seed = a.seed;
+        c.progress = !a.no_progress;
+        c
+    };
+    let rep = train(Cpu, &cfg)?;
+    println!(
+        "ppo: {} iterations{} in {:.0} s, beta {}; checkpoint {}",
+        rep.iterations,
+        if rep.stopped_early {
+            " (stopped early on held-out reward)"
+        } else {
+            ""
+        },
+        rep.seconds,
+        rep.beta,
+        rep.checkpoint.display()
+    );
+    if let Some(b) = &rep.best_dir {
+        println!("best policy: {}", b.display());
     }
     Ok(())
 }
@@ -998,6 +1108,7 @@ fn run() -> Result<()> {
         Cmd::Pretrain(a) => pretrain(a)?,
         Cmd::Bench(b) => bench(b)?,
         Cmd::Sft(a) => sft(a)?,
+        Cmd::Ppo(a) => ppo_cmd(a)?,
         Cmd::RejectionSample {
             model,
             rm_helpfulness,

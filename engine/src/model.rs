@@ -968,3 +968,95 @@ pub fn act_name<B: Backend>() -> &'static str {
 
 #[allow(dead_code)]
 fn _assert_float<F: Float>() {}
+
+/// Policy-gradient heads over the last forward's logits (PPO): per-token log-probabilities of
+/// given targets, and the backward of a weighted sum of them.
+impl<B: Backend> Llama<B> {
+    /// Log-probability of every target under the last forward's logits, and the entropy of each
+    /// position's distribution. `targets` is [b, t], already shifted as in [`Llama::lm_loss`]
+    /// (target[t] is the token after position t); negative targets give 0 for both. Keeps the
+    /// targets for [`Llama::backward_logprobs`].
+    pub fn token_logprobs(&mut self, targets: &[i32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let n = self.shape.b * self.shape.t;
+        if self.head != Head::Lm || self.acts.is_none() || n == 0 {
+            return Err(Error::Input(
+                "token_logprobs needs a forward of an LM-head model first".into(),
+            ));
+        }
+        if targets.len() != n {
+            return Err(Error::Shape(format!(
+                "{} targets for {n} positions",
+                targets.len()
+            )));
+        }
+        let v = self.cfg.vocab_size;
+        if let Some((i, &tg)) = targets.iter().enumerate().find(|(_, &x)| x >= v as i32) {
+            return Err(Error::Input(format!(
+                "target {tg} at position {i} is outside the vocabulary (0..{v})"
+            )));
+        }
+        let be = &self.be;
+        let a = self.acts.as_mut().expect("checked");
+        be.from_host(m!(a.targets, n), targets)?;
+        // `losses` and `scores` are free scratch on an LM-head model between steps.
+        be.logprob_fwd(
+            m!(a.losses, n),
+            m!(a.scores, n),
+            r!(a.logits, n * v),
+            r!(a.targets, n),
+            v,
+        )?;
+        let (mut logp, mut ent) = (vec![0f32; n], vec![0f32; n]);
+        be.to_host(&mut logp, r!(a.losses, n))?;
+        be.to_host(&mut ent, r!(a.scores, n))?;
+        self.shape.n_targets = n;
+        Ok((logp, ent))
+    }
+
+    /// Backward of `Σ_n weights[n] · logp_n` for the targets of the last `token_logprobs`
+    /// (weights [b, t]; a policy-gradient loss passes −advantage-like weights). Overwrites the
+    /// logits with their gradient; gradients accumulate into `grads`. With every counted weight
+    /// −1/count this is `backward_lm(1/count)`.
+    pub fn backward_logprobs(&mut self, weights: &[f32]) -> Result<()> {
+        let n = self.shape.b * self.shape.t;
+        if self.shape.n_targets != n || n == 0 {
+            return Err(Error::Input(
+                "backward_logprobs needs forward and token_logprobs first".into(),
+            ));
+        }
+        if weights.len() != n {
+            return Err(Error::Shape(format!(
+                "{} weights for {n} positions",
+                weights.len()
+            )));
+        }
+        let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let lm = self.table.lm_head.expect("LM head");
+        {
+            let be = &self.be;
+            let a = self.acts.as_mut().expect("acts");
+            be.from_host(m!(a.losses, n), weights)?;
+            be.logprob_bwd(m!(a.logits, n * v), r!(a.targets, n), r!(a.losses, n), v)?;
+            let wall = be.compute_weights(&self.master, &self.shadow);
+            be.matmul_bwd_weight(
+                B::slice_mut(&mut self.grads, lm.off, lm.len),
+                r!(a.logits, n * v),
+                r!(a.lnf, n * h),
+                n,
+                h,
+                v,
+            )?;
+            be.matmul_bwd_data(
+                m!(a.dln, n * h),
+                r!(a.logits, n * v),
+                B::sub(wall, lm.off, lm.len),
+                n,
+                h,
+                v,
+                false,
+            )?;
+        }
+        self.shape.n_targets = 0; // the logits are gone
+        self.backward_from_dlnf()
+    }
+}

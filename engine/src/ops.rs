@@ -785,3 +785,65 @@ pub fn sum(x: &[f32]) -> f64 {
         .into_iter()
         .sum()
 }
+
+// ------------------------------------------------------------------------------------------------
+// Per-token log-probabilities (policy gradients): logp_n = log softmax(logits[n])[target[n]].
+
+/// out_logp[n] = log softmax(logits[n, :])[target[n]], out_entropy[n] = −Σ_v p log p of the row,
+/// from logits[n, V] and targets[n]; both 0 where target < 0.
+pub fn logprob_fwd(
+    out_logp: &mut [f32],
+    out_entropy: &mut [f32],
+    logits: &[f32],
+    targets: &[i32],
+    v: usize,
+) {
+    out_logp
+        .par_iter_mut()
+        .zip(out_entropy.par_iter_mut())
+        .zip(logits.par_chunks(v).zip(targets.par_iter()))
+        .for_each(|((lp, ent), (row, &tg))| {
+            if tg < 0 {
+                *lp = 0.0;
+                *ent = 0.0;
+                return;
+            }
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let (mut s, mut sx) = (0f32, 0f32);
+            for &x in row {
+                let e = (x - m).exp();
+                s += e;
+                sx += e * (x - m);
+            }
+            let lse = s.ln(); // relative to m
+            *lp = row[tg as usize] - m - lse;
+            // H = lse − E_p[x − m]
+            *ent = lse - sx / s;
+        });
+}
+
+/// dlogits[n, V] in place (holds the logits on entry): weights[n] · (onehot(target[n]) −
+/// softmax(logits[n])), the gradient of Σ_n weights[n] · logp_n; zero rows where target < 0 or
+/// the weight is 0.
+pub fn logprob_bwd(dlogits: &mut [f32], targets: &[i32], weights: &[f32], v: usize) {
+    dlogits
+        .par_chunks_mut(v)
+        .zip(targets.par_iter().zip(weights.par_iter()))
+        .for_each(|(row, (&tg, &w))| {
+            if tg < 0 || w == 0.0 {
+                row.fill(0.0);
+                return;
+            }
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut s = 0f32;
+            for x in row.iter_mut() {
+                *x = (*x - m).exp();
+                s += *x;
+            }
+            let inv = -w / s;
+            for x in row.iter_mut() {
+                *x *= inv;
+            }
+            row[tg as usize] += w;
+        });
+}

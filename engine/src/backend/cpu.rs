@@ -297,4 +297,25 @@ impl Backend for Cpu {
     fn sum(&self, x: &[f32]) -> Result<f64> {
         Ok(ops::sum(x))
     }
+    fn logprob_fwd(
+        &self,
+        out_logp: &mut [f32],
+        out_entropy: &mut [f32],
+        logits: &[f32],
+        targets: &[i32],
+        v: usize,
+    ) -> Result<()> {
+        ops::logprob_fwd(out_logp, out_entropy, logits, targets, v);
+        Ok(())
+    }
+    fn logprob_bwd(
+        &self,
+        dlogits: &mut [f32],
+        targets: &[i32],
+        weights: &[f32],
+        v: usize,
+    ) -> Result<()> {
+        ops::logprob_bwd(dlogits, targets, weights, v);
+        Ok(())
+    }
 }

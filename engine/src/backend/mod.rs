@@ -268,4 +268,22 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn sum_squares(&self, x: Self::Ref<'_, f32>) -> Result<f64>;
     /// Σ x (the loss), read back as one scalar.
     fn sum(&self, x: Self::Ref<'_, f32>) -> Result<f64>;
+
+    /// Per-token log-probability of the target and entropy of the row (policy gradients).
+    fn logprob_fwd(
+        &self,
+        out_logp: Self::Mut<'_, f32>,
+        out_entropy: Self::Mut<'_, f32>,
+        logits: Self::Ref<'_, Self::Act>,
+        targets: Self::Ref<'_, i32>,
+        v: usize,
+    ) -> Result<()>;
+    /// In place over the logits: the gradient of Σ weights[n] · logp_n.
+    fn logprob_bwd(
+        &self,
+        dlogits: Self::Mut<'_, Self::Act>,
+        targets: Self::Ref<'_, i32>,
+        weights: Self::Ref<'_, f32>,
+        v: usize,
+    ) -> Result<()>;
 }
