@@ -182,6 +182,50 @@ enum Cmd {
     },
     /// PPO with the piecewise safety/helpfulness reward and a KL penalty to the reference policy.
     Ppo(PpoArgs),
+    /// Ghost Attention: synthetic multi-turn data with the instruction kept in the first turn
+    /// only and loss on the last answer, then fine-tuning; adherence per turn before and after.
+    Gatt {
+        #[arg(long)]
+        init: PathBuf,
+        #[arg(long)]
+        world: PathBuf,
+        #[arg(long, default_value = "runs/gatt")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        turns: usize,
+        #[arg(long, default_value_t = 400)]
+        dialogues: usize,
+        /// Extra SFT JSONL mixed into the fine-tune.
+        #[arg(long, num_args = 1..)]
+        replay: Vec<PathBuf>,
+        #[arg(long, default_value_t = 2)]
+        epochs: usize,
+        #[arg(long, default_value_t = 2e-5)]
+        lr: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Safety context distillation: answers under a safety preprompt, kept when the safety
+    /// reward model prefers them, fine-tuned without the preprompt.
+    DistillSafety {
+        #[arg(long)]
+        init: PathBuf,
+        #[arg(long)]
+        safety_rm: PathBuf,
+        #[arg(long)]
+        world: PathBuf,
+        #[arg(long, default_value = "runs/distill")]
+        out: PathBuf,
+        /// Extra SFT JSONL mixed into the fine-tune (keeps helpfulness; limits false refusals).
+        #[arg(long, num_args = 1..)]
+        replay: Vec<PathBuf>,
+        #[arg(long, default_value_t = 2)]
+        epochs: usize,
+        #[arg(long, default_value_t = 2e-5)]
+        lr: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// The whole recipe on the built-in world: pretrain, SFT, reward models, rejection sampling,
     /// with a report (runs/<name>/report.json, report.md, plots).
     Pipeline {
@@ -1108,6 +1152,65 @@ fn run() -> Result<()> {
         Cmd::Pretrain(a) => pretrain(a)?,
         Cmd::Bench(b) => bench(b)?,
         Cmd::Sft(a) => sft(a)?,
+        Cmd::Gatt {
+            init,
+            world,
+            out,
+            turns,
+            dialogues,
+            replay,
+            epochs,
+            lr,
+            seed,
+        } => {
+            let cfg = trainer::gatt::GattConfig {
+                turns,
+                dialogues,
+                replay,
+                epochs,
+                lr,
+                seed,
+                ..Default::default()
+            };
+            let r = trainer::gatt::run_gatt(Cpu, &init, &world, &out, &cfg)?;
+            println!(
+                "adherence per turn before GAtt: {:?}",
+                r.adherence_before.follow
+            );
+            println!(
+                "adherence per turn after GAtt:  {:?}",
+                r.adherence_after.follow
+            );
+            println!(
+                "{} training rows from {} dialogues; model: {}",
+                r.rows,
+                r.dialogues,
+                r.checkpoint.display()
+            );
+        }
+        Cmd::DistillSafety {
+            init,
+            safety_rm,
+            world,
+            out,
+            replay,
+            epochs,
+            lr,
+            seed,
+        } => {
+            let cfg = trainer::distill::DistillConfig {
+                replay,
+                epochs,
+                lr,
+                seed,
+                ..Default::default()
+            };
+            let r = trainer::distill::run_distill(Cpu, &init, &safety_rm, &world, &out, &cfg)?;
+            println!(
+                "{} safety prompts, {} answers kept (mean safety-RM score {:.3} with the preprompt, {:.3} without); model: {}",
+                r.prompts, r.kept, r.mean_score_with, r.mean_score_without, r.checkpoint.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "none (no answer kept)".into())
+            );
+        }
         Cmd::Ppo(a) => ppo_cmd(a)?,
         Cmd::RejectionSample {
             model,

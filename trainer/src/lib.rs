@@ -4,7 +4,9 @@
 pub mod bench;
 pub mod data;
 pub mod device;
+pub mod distill;
 pub mod evaluate;
+pub mod gatt;
 pub mod metrics;
 pub mod ppo;
 pub mod pipeline;
