@@ -20,7 +20,9 @@ fn checkpoint(dir: &std::path::Path) {
     m.init_random(1).unwrap();
     let tok = common::tokenizer_json();
     save_model(&m, dir, SaveOptions::default(), |tmp| {
-        std::fs::copy(&tok, tmp.join("tokenizer.json")).map(|_| ()).map_err(|e| engine::Error::io(&tok, e))
+        std::fs::copy(&tok, tmp.join("tokenizer.json"))
+            .map(|_| ())
+            .map_err(|e| engine::Error::io(&tok, e))
     })
     .unwrap();
 }
@@ -32,32 +34,71 @@ fn generate_and_chat_run_on_a_checkpoint() {
     checkpoint(&ck);
     let bin = env!("CARGO_BIN_EXE_llama2");
     let out = Command::new(bin)
-        .args(["generate", "--prompt", "Once upon a time", "--max-new-tokens", "12", "--seed", "1", "--model"])
+        .args([
+            "generate",
+            "--prompt",
+            "Once upon a time",
+            "--max-new-tokens",
+            "12",
+            "--seed",
+            "1",
+            "--model",
+        ])
         .arg(&ck)
         .output()
         .unwrap();
     let so = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{so}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(so.starts_with("Once upon a time") && so.len() > "Once upon a time".len(), "{so}");
+    assert!(
+        out.status.success(),
+        "{so}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        so.starts_with("Once upon a time") && so.len() > "Once upon a time".len(),
+        "{so}"
+    );
 
     let mut child = Command::new(bin)
-        .args(["chat", "--max-new-tokens", "8", "--system", "Be brief.", "--model"])
+        .args([
+            "chat",
+            "--max-new-tokens",
+            "8",
+            "--system",
+            "Be brief.",
+            "--model",
+        ])
         .arg(&ck)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"Hello there\nAnd again?\n/reset\nThird\n/exit\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hello there\nAnd again?\n/reset\nThird\n/exit\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let so = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{so}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{so}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(so.matches("assistant> ").count(), 3, "{so}");
     assert!(so.contains("(conversation reset)"), "{so}");
 
     // A checkpoint without a tokenizer is a clear error.
     std::fs::remove_file(ck.join("tokenizer.json")).unwrap();
-    let out = Command::new(bin).args(["generate", "--prompt", "x", "--model"]).arg(&ck).output().unwrap();
+    let out = Command::new(bin)
+        .args(["generate", "--prompt", "x", "--model"])
+        .arg(&ck)
+        .output()
+        .unwrap();
     let se = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && se.contains("tokenizer") && !se.contains("panicked"), "{se}");
+    assert!(
+        !out.status.success() && se.contains("tokenizer") && !se.contains("panicked"),
+        "{se}"
+    );
 }
