@@ -693,33 +693,13 @@ impl<B: Backend> Llama<B> {
                 "backward_lm needs forward and lm_loss first".into(),
             ));
         }
-        let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
-        let lm = self.table.lm_head.expect("LM head");
+        let v = self.cfg.vocab_size;
         {
             let be = &self.be;
             let a = self.acts.as_mut().expect("acts");
             be.cross_entropy_bwd(m!(a.logits, n * v), r!(a.targets, n), v, scale)?;
-            let wall = be.compute_weights(&self.master, &self.shadow);
-            be.matmul_bwd_weight(
-                B::slice_mut(&mut self.grads, lm.off, lm.len),
-                r!(a.logits, n * v),
-                r!(a.lnf, n * h),
-                n,
-                h,
-                v,
-            )?;
-            be.matmul_bwd_data(
-                m!(a.dln, n * h),
-                r!(a.logits, n * v),
-                B::sub(wall, lm.off, lm.len),
-                n,
-                h,
-                v,
-                false,
-            )?;
         }
-        self.shape.n_targets = 0; // the logits are gone
-        self.backward_from_dlnf()
+        self.backward_from_dlogits()
     }
 
     /// Scores w·h[row] of the score head at the given global rows (b·t + position).
@@ -788,6 +768,37 @@ impl<B: Backend> Llama<B> {
                 h,
             )?;
         }
+        self.backward_from_dlnf()
+    }
+
+    /// The LM head's backward from d(logits), held in the logits buffer, then the trunk's.
+    fn backward_from_dlogits(&mut self) -> Result<()> {
+        let n = self.shape.b * self.shape.t;
+        let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let lm = self.table.lm_head.expect("LM head");
+        {
+            let be = &self.be;
+            let a = self.acts.as_mut().expect("acts");
+            let wall = be.compute_weights(&self.master, &self.shadow);
+            be.matmul_bwd_weight(
+                B::slice_mut(&mut self.grads, lm.off, lm.len),
+                r!(a.logits, n * v),
+                r!(a.lnf, n * h),
+                n,
+                h,
+                v,
+            )?;
+            be.matmul_bwd_data(
+                m!(a.dln, n * h),
+                r!(a.logits, n * v),
+                B::sub(wall, lm.off, lm.len),
+                n,
+                h,
+                v,
+                false,
+            )?;
+        }
+        self.shape.n_targets = 0; // the logits are gone
         self.backward_from_dlnf()
     }
 
@@ -1030,33 +1041,13 @@ impl<B: Backend> Llama<B> {
                 weights.len()
             )));
         }
-        let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
-        let lm = self.table.lm_head.expect("LM head");
+        let v = self.cfg.vocab_size;
         {
             let be = &self.be;
             let a = self.acts.as_mut().expect("acts");
             be.from_host(m!(a.losses, n), weights)?;
             be.logprob_bwd(m!(a.logits, n * v), r!(a.targets, n), r!(a.losses, n), v)?;
-            let wall = be.compute_weights(&self.master, &self.shadow);
-            be.matmul_bwd_weight(
-                B::slice_mut(&mut self.grads, lm.off, lm.len),
-                r!(a.logits, n * v),
-                r!(a.lnf, n * h),
-                n,
-                h,
-                v,
-            )?;
-            be.matmul_bwd_data(
-                m!(a.dln, n * h),
-                r!(a.logits, n * v),
-                B::sub(wall, lm.off, lm.len),
-                n,
-                h,
-                v,
-                false,
-            )?;
         }
-        self.shape.n_targets = 0; // the logits are gone
-        self.backward_from_dlnf()
+        self.backward_from_dlogits()
     }
 }
