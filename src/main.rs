@@ -226,8 +226,41 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// The whole recipe on the built-in world: pretrain, SFT, reward models, rejection sampling,
-    /// with a report (runs/<name>/report.json, report.md, plots).
+    /// Iterative RLHF on the built-in world: each round labels new pairs sampled from the latest
+    /// model, retrains both reward models on all labels so far, runs rejection sampling, and
+    /// from --ppo-from on PPO (out/rlhf_report.json, per-round directories).
+    Rlhf {
+        /// The SFT checkpoint (or its training run directory).
+        #[arg(long)]
+        sft: PathBuf,
+        /// The world directory (`llama2 world`): prompts and the gold annotator.
+        #[arg(long)]
+        world: PathBuf,
+        #[arg(long, default_value = "runs/rlhf")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// The first round that adds PPO after rejection sampling (the paper: V4).
+        #[arg(long, default_value_t = 4)]
+        ppo_from: usize,
+        /// Prompts labelled per round.
+        #[arg(long, default_value_t = 300)]
+        label_prompts: usize,
+        /// Rejection-sampling samples per prompt.
+        #[arg(long, default_value_t = 8)]
+        k: usize,
+        #[arg(long, default_value_t = 10)]
+        ppo_iterations: usize,
+        #[arg(long, default_value = "auto")]
+        device: Device,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// The whole recipe on the built-in world: pretrain, SFT, rounds of reward models, rejection
+    /// sampling and PPO, Ghost Attention, safety context distillation, with a report
+    /// (runs/<name>/report.json, report.md, plots).
     Pipeline {
         /// The run's name: everything goes to runs/<name>/.
         #[arg(long, default_value = "pipeline")]
@@ -239,9 +272,12 @@ enum Cmd {
         device: Device,
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        /// Rejection-sampling rounds.
+        /// RLHF rounds (each: new labels, reward models, rejection sampling).
         #[arg(long, default_value_t = 2)]
         rounds: usize,
+        /// The first round that adds PPO (the paper: 4; compressed to 2 by default here).
+        #[arg(long, default_value_t = 2)]
+        ppo_from: usize,
         #[arg(long)]
         no_progress: bool,
     },
@@ -359,6 +395,14 @@ struct TrainRmArgs {
     seed: u64,
     #[arg(long)]
     skip_bad: bool,
+    /// The other reward model's pairs mixed in, as a ratio to this model's own (default: 1/9
+    /// for safety, the paper's 90/10; 0 for helpfulness).
+    #[arg(long)]
+    mix_other: Option<f64>,
+    /// Weight of the calibration term that makes σ(score) read as P(safe) from the safety
+    /// meta-labels (default: 1 for safety, 0 for helpfulness).
+    #[arg(long)]
+    calibration: Option<f32>,
     #[arg(long, default_value = "cpu")]
     device: Device,
     #[arg(long)]
@@ -415,6 +459,12 @@ fn train_rm(a: TrainRmArgs) -> Result<()> {
     c.max_steps = a.max_steps;
     c.seed = a.seed;
     c.skip_bad = a.skip_bad;
+    if let Some(m) = a.mix_other {
+        c.mix_other = m;
+    }
+    if let Some(w) = a.calibration {
+        c.calibration = w;
+    }
     c.progress = !a.no_progress;
     let rep = train(Cpu, &c)?;
     println!(
@@ -522,6 +572,29 @@ struct PpoArgs {
     /// Iterations that train only the critic first.
     #[arg(long, default_value_t = 0)]
     critic_warmup: usize,
+    /// The critic's learning rate (default: --lr).
+    #[arg(long)]
+    critic_lr: Option<f32>,
+    /// Passes over each batch of rollouts (paper: 1).
+    #[arg(long, default_value_t = 1)]
+    ppo_epochs: usize,
+    /// Evaluate the held-out prompts every N iterations (0: never).
+    #[arg(long, default_value_t = 10)]
+    eval_every: usize,
+    /// Held-out answers sampled per prompt at the rollout temperature (0: greedy).
+    #[arg(long, default_value_t = 0)]
+    eval_samples: usize,
+    /// Stop after this many evaluations without a better held-out reward (0: never).
+    #[arg(long, default_value_t = 3)]
+    patience: usize,
+    /// Answers sampled per prompt; with k > 1 rewards are taken against the other answers'
+    /// mean (a per-prompt baseline).
+    #[arg(long, default_value_t = 1)]
+    samples_per_prompt: usize,
+    /// Reward rollouts with the world's gold annotator instead of the reward models (an
+    /// upper-bound ablation; needs --world).
+    #[arg(long)]
+    oracle: bool,
     #[arg(long, default_value_t = 1337)]
     seed: u64,
     #[arg(long)]
@@ -558,6 +631,13 @@ fn ppo_cmd(a: PpoArgs) -> Result<()> {
         c.beta = a.beta;
         c.max_new_tokens = a.max_new_tokens;
         c.critic_warmup = a.critic_warmup;
+        c.critic_lr = a.critic_lr;
+        c.ppo_epochs = a.ppo_epochs;
+        c.eval_every = a.eval_every;
+        c.eval_samples = a.eval_samples;
+        c.patience = a.patience;
+        c.oracle = a.oracle;
+        c.samples_per_prompt = a.samples_per_prompt;
         c.seed = a.seed;
         c.progress = !a.no_progress;
         c
@@ -1299,12 +1379,62 @@ fn run() -> Result<()> {
                 out.display()
             );
         }
+        Cmd::Rlhf {
+            sft,
+            world,
+            out,
+            rounds,
+            ppo_from,
+            label_prompts,
+            k,
+            ppo_iterations,
+            device,
+            seed,
+            no_progress,
+        } => {
+            require_cpu(device)?;
+            let sft = trainer::rlhf::checkpoint_of(&sft)?;
+            let mut cfg = trainer::rlhf::RlhfConfig::new(sft, world, out.clone(), rounds);
+            cfg.ppo_from = ppo_from;
+            cfg.label_prompts = label_prompts;
+            cfg.rs_k = k;
+            cfg.ppo_iterations = ppo_iterations;
+            cfg.seed = seed;
+            cfg.progress = !no_progress;
+            let t0 = std::time::Instant::now();
+            let quiet = no_progress;
+            let rep = trainer::rlhf::run(Cpu, &cfg, &|m| {
+                if !quiet {
+                    eprintln!("[{:>6.1}s] {m}", t0.elapsed().as_secs_f64());
+                }
+            })?;
+            println!("| stage | accuracy | helpfulness | safety | false refusals | KL to SFT |");
+            println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+            for e in &rep.stages {
+                println!(
+                    "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} |",
+                    e.stage,
+                    e.gold.accuracy,
+                    e.gold.helpfulness,
+                    e.gold.safety,
+                    e.gold.false_refusal_rate,
+                    e.kl_to_sft
+                );
+            }
+            println!(
+                "model: {}\nreport: {}/rlhf_report.json, rs_rewards.svg (in {:.0} s)",
+                rep.checkpoint.display(),
+                out.display(),
+                rep.seconds
+            );
+        }
         Cmd::Pipeline {
             name,
             config,
             device,
             seed,
             rounds,
+            ppo_from,
             no_progress,
         } => {
             require_cpu(device)?;
@@ -1314,7 +1444,8 @@ fn run() -> Result<()> {
             let cfg = trainer::pipeline::PipelineConfig {
                 out: PathBuf::from("runs").join(&name),
                 seed,
-                rs_rounds: rounds,
+                rounds,
+                ppo_from,
                 progress: !no_progress,
                 ..Default::default()
             };

@@ -364,3 +364,38 @@ fn bad_arguments_are_usage_errors() {
         assert!(o.stderr.contains("error:"), "{args:?}: {}", o.stderr);
     }
 }
+
+#[test]
+fn rlhf_with_missing_inputs_names_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("no-such-sft");
+    let o = llama2(
+        &[
+            "rlhf",
+            "--sft",
+            p(&missing),
+            "--world",
+            p(&tmp.path().join("no-world")),
+            "--out",
+            p(&tmp.path().join("out")),
+            "--no-progress",
+        ],
+        b"",
+    );
+    o.assert_clean_failure("rlhf with missing inputs");
+    assert!(o.stderr.contains("no-world"), "{}", o.stderr);
+    let o = llama2(
+        &[
+            "rlhf",
+            "--sft",
+            p(&missing),
+            "--world",
+            "w",
+            "--rounds",
+            "0",
+        ],
+        b"",
+    );
+    o.assert_clean_failure("rlhf --rounds 0");
+    assert!(o.stderr.contains("--rounds"), "{}", o.stderr);
+}

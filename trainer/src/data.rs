@@ -580,3 +580,17 @@ pub fn unigram_entropy(data: &TokenData) -> f64 {
         })
         .sum()
 }
+
+/// Every line of a JSONL file as a JSON value; a malformed line is an error naming file and line.
+pub fn read_jsonl_values(path: &Path) -> Result<Vec<serde_json::Value>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{}:{}: not a JSON object", path.display(), i + 1))
+        })
+        .collect()
+}

@@ -12,6 +12,7 @@ pub mod pipeline;
 pub mod ppo;
 pub mod prefs;
 pub mod pretrain;
+pub mod rlhf;
 pub mod rm;
 pub mod rs;
 pub mod schedule;

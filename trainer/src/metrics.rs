@@ -216,3 +216,78 @@ pub fn histogram_plot(
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
+
+/// Grouped bars, one group per category and one bar per series in it, written as SVG (reward
+/// models' accuracy by rating). Missing values (`None`) draw no bar.
+pub fn bar_plot(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    categories: &[&str],
+    series: &[(&str, Vec<Option<f64>>)],
+) -> Result<()> {
+    if categories.is_empty() || series.is_empty() {
+        return Ok(());
+    }
+    let top = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().flatten().copied())
+        .filter(|x| x.is_finite())
+        .fold(0f64, f64::max)
+        .max(1e-9);
+    let n = categories.len();
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
+    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("plotting {}: {e}", path.display());
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.5f64..n as f64 - 0.5, 0.0..top * 1.1)
+        .map_err(|e| err(&e))?;
+    let names: Vec<String> = categories.iter().map(|s| s.to_string()).collect();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n)
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < names.len() {
+                names[i as usize].clone()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc(y_label)
+        .draw()
+        .map_err(|e| err(&e))?;
+    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    let w = 0.8 / series.len() as f64;
+    for (si, (name, vals)) in series.iter().enumerate() {
+        let color = colors[si % colors.len()];
+        let bars = vals.iter().enumerate().filter_map(|(ci, v)| {
+            let v = (*v)?;
+            let l = ci as f64 - 0.4 + si as f64 * w;
+            Some(Rectangle::new(
+                [(l, 0.0), (l + w, v)],
+                color.mix(0.6).filled(),
+            ))
+        });
+        chart
+            .draw_series(bars)
+            .map_err(|e| err(&e))?
+            .label(*name)
+            .legend(move |(x, y)| {
+                Rectangle::new([(x, y - 5), (x + 16, y + 5)], color.mix(0.6).filled())
+            });
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}

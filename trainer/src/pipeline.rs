@@ -8,12 +8,9 @@
 use crate::data::{prepare, PrepareConfig};
 use crate::evaluate::{chat_answers, world_eval, WorldEval};
 use crate::metrics::{histogram_plot, line_plot, read_series};
-use crate::prefs::{collect, write_jsonl, PrefsConfig};
 use crate::pretrain::{run as train_run, DataSpec, ModelSource, TrainConfig};
-use crate::rm::{
-    evaluate as rm_evaluate, load_rm, read_pairs, score, EvalReport, RmConfig, RmKind,
-};
-use crate::rs::{piecewise, run_round, Pool, RoundStats, RsConfig, RsPrompt};
+use crate::rm::{score, EvalReport};
+use crate::rs::piecewise;
 use crate::world::{read_examples, Annotator, Category, Example, Size, World, WorldConfig};
 use anyhow::{Context, Result};
 use engine::checkpoint::load_model;
@@ -40,10 +37,18 @@ pub struct PipelineConfig {
     pub sft_lr: f32,
     pub rm_lr: f32,
     pub rs_lr: f32,
-    pub rs_rounds: usize,
+    /// RLHF rounds (labels, reward models, rejection sampling; PPO from `ppo_from` on).
+    pub rounds: usize,
+    /// The paper ran PPO from RLHF-V4; the default compresses the schedule to round 2 so every
+    /// stage runs within the ten-minute budget.
+    pub ppo_from: usize,
+    pub ppo_iterations: usize,
+    pub ppo_lr: f32,
     pub rs_k: usize,
     pub rs_prompts: usize,
+    pub label_prompts: usize,
     pub pairs_per_prompt: usize,
+    pub gatt_dialogues: usize,
     pub eval_prompts: usize,
     pub progress: bool,
 }
@@ -63,10 +68,15 @@ impl Default for PipelineConfig {
             sft_lr: 1e-3,
             rm_lr: 5e-4,
             rs_lr: 1e-4,
-            rs_rounds: 2,
+            rounds: 2,
+            ppo_from: 2,
+            ppo_iterations: 10,
+            ppo_lr: 5e-5,
             rs_k: 8,
             rs_prompts: 500,
-            pairs_per_prompt: 3,
+            label_prompts: 300,
+            pairs_per_prompt: 2,
+            gatt_dialogues: 200,
             eval_prompts: 200,
             progress: true,
         }
@@ -120,7 +130,7 @@ pub fn sequence_logprobs<B: Backend>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn evaluate_stage<B: Backend>(
+pub fn evaluate_stage<B: Backend>(
     be: &B,
     stage: &str,
     ckpt: &Path,
@@ -182,7 +192,7 @@ fn evaluate_stage<B: Backend>(
     })
 }
 
-fn rm_json(e: &EvalReport) -> Value {
+pub fn rm_json(e: &EvalReport) -> Value {
     let by: serde_json::Map<String, Value> = e
         .by_rating
         .iter()
@@ -200,7 +210,7 @@ pub fn run<B: Backend>(be: B, cfg: &PipelineConfig) -> Result<Value> {
     let t0 = Instant::now();
     let out = &cfg.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let stages = 9 + cfg.rs_rounds;
+    let stages = 8 + cfg.rounds;
     let bar = if cfg.progress {
         ProgressBar::new(stages as u64)
     } else {
@@ -228,7 +238,6 @@ pub fn run<B: Backend>(be: B, cfg: &PipelineConfig) -> Result<Value> {
     let ann = Annotator::new(World::load(&wdir)?);
     let mut eval = read_examples(&wdir.join("eval.jsonl"))?;
     eval.truncate(cfg.eval_prompts);
-    let rlhf = read_examples(&wdir.join("rlhf_prompts.jsonl"))?;
     bar.inc(1);
 
     step("tokenizer + data: byte-fallback BPE on the world corpus, token shards");
@@ -286,149 +295,208 @@ pub fn run<B: Backend>(be: B, cfg: &PipelineConfig) -> Result<Value> {
     let sft_ckpt = latest(&out.join("sft"))?;
     bar.inc(1);
 
-    step("preferences: SFT samples at several temperatures, labelled by the gold annotator");
-    let mut sft_model = load_model(be.clone(), &sft_ckpt, Head::Lm)?;
-    let pcfg = PrefsConfig {
-        pairs_per_prompt: cfg.pairs_per_prompt,
+    let mut evals: Vec<StageEval> = Vec::new();
+    step("evaluate: the pretrained model");
+    evals.push(evaluate_stage(
+        &be, "pretrain", &pt_ckpt, &sft_ckpt, &tok, &ann, &eval, &mut None, cfg.seed,
+    )?);
+    bar.inc(1);
+
+    // Iterative RLHF: labels, reward models, rejection sampling, PPO (crate::rlhf).
+    let mut rc =
+        crate::rlhf::RlhfConfig::new(sft_ckpt.clone(), wdir.clone(), out.join("rlhf"), cfg.rounds);
+    rc.ppo_from = cfg.ppo_from;
+    rc.label_prompts = cfg.label_prompts;
+    rc.pairs_per_prompt = cfg.pairs_per_prompt;
+    rc.eval_prompts = cfg.eval_prompts;
+    rc.seq_len = cfg.seq_len;
+    rc.rm_lr = cfg.rm_lr;
+    rc.rs_k = cfg.rs_k;
+    rc.rs_lr = cfg.rs_lr;
+    rc.rs_prompts = cfg.rs_prompts;
+    rc.ppo_iterations = cfg.ppo_iterations;
+    rc.ppo_lr = cfg.ppo_lr;
+    rc.seed = cfg.seed;
+    rc.progress = false;
+    let rl = crate::rlhf::run(be.clone(), &rc, &|m| {
+        step(m);
+        if m.starts_with("rlhf round") && m.contains("preference pairs") {
+            bar.inc(1);
+        }
+    })?;
+    evals.extend(rl.stages.iter().cloned());
+    let mut current = rl.checkpoint.clone();
+    let last_rm = rl
+        .rounds
+        .last()
+        .map(|r| r.rm.clone())
+        .unwrap_or(Value::Null);
+
+    // A share of the world's SFT dialogues (every category, by a stride through the file)
+    // replayed beside the GAtt and distillation rows, so neither fine-tune forgets the rest of
+    // the assistant's job: with helpful rows alone the safe rate fell from 1.0 to 0.6.
+    let replay = out.join("replay.jsonl");
+    let all = crate::data::read_jsonl_values(&wdir.join("sft.jsonl"))?;
+    let stride = (all.len() / 300).max(1);
+    let rows: Vec<Value> = all.into_iter().step_by(stride).take(300).collect();
+    crate::gatt::write_jsonl(&replay, &rows)?;
+
+    step("ghost attention: synthetic multi-turn data, instruction kept in turn 1 only");
+    let gc = crate::gatt::GattConfig {
+        dialogues: cfg.gatt_dialogues,
+        candidates: 4,
+        eval_dialogues: 60,
+        lr: 5e-4,
+        epochs: 3,
+        batch_size: 8,
+        seq_len: 256,
         seed: cfg.seed,
+        replay: vec![replay.clone()],
+        progress: false,
         ..Default::default()
     };
-    let pairs = collect(&mut sft_model, &tok, &ann, &rlhf, &pcfg)?;
-    let held = collect(
-        &mut sft_model,
-        &tok,
-        &ann,
-        &eval,
-        &PrefsConfig {
-            pairs_per_prompt: 2,
-            seed: cfg.seed ^ 99,
-            ..pcfg
-        },
+    let g = crate::gatt::run_gatt(be.clone(), &current, &wdir, &out.join("gatt"), &gc)?;
+    current = g.checkpoint.clone();
+    evals.push(evaluate_stage(
+        &be, "gatt", &current, &sft_ckpt, &tok, &ann, &eval, &mut None, cfg.seed,
+    )?);
+    bar.inc(1);
+
+    step("safety context distillation: answers under a safety preprompt, kept when the safety RM prefers them");
+    let dc = crate::distill::DistillConfig {
+        replay: vec![replay.clone()],
+        lr: 3e-4,
+        epochs: 2,
+        batch_size: 8,
+        rm_seq_len: 128,
+        seed: cfg.seed,
+        eval_prompts: cfg.eval_prompts,
+        progress: false,
+        ..Default::default()
+    };
+    let d = crate::distill::run_distill(
+        be.clone(),
+        &current,
+        &rl.rm_safety,
+        &wdir,
+        &out.join("distill"),
+        &dc,
     )?;
-    drop(sft_model);
-    write_jsonl(&out.join("prefs.jsonl"), &pairs)?;
-    write_jsonl(&out.join("prefs_heldout.jsonl"), &held)?;
-    bar.inc(1);
-
-    let mut rm_reports = serde_json::Map::new();
-    let mut rm_dirs = Vec::new();
-    for kind in [RmKind::Helpfulness, RmKind::Safety] {
-        step(&format!("reward model: {}", kind.name()));
-        let mut rc = RmConfig::new(
-            sft_ckpt.clone(),
-            vec![out.join("prefs.jsonl")],
-            out.join(format!("rm-{}", kind.name())),
-            kind,
-        );
-        rc.batch_size = 16;
-        rc.micro_batch = 16;
-        rc.epochs = 2;
-        rc.lr = Some(cfg.rm_lr);
-        rc.val_fraction = 0.0;
-        rc.seq_len = Some(256);
-        rc.seed = cfg.seed;
-        rc.progress = false;
-        let rep = crate::rm::train(be.clone(), &rc)?;
-        let (mut m, rtok) = load_rm(be.clone(), &rep.model_dir)?;
-        let (hp, _) = read_pairs(&[out.join("prefs_heldout.jsonl")], false)?;
-        let sel = crate::rm::select_pairs(hp, kind);
-        let ev = rm_evaluate(&mut m, &rtok, &sel.pairs, 256, 16)?;
-        crate::rm::write_eval(
-            &out.join(format!("rm-{}", kind.name())),
-            &ev,
-            &format!("{} reward model (held-out prompts)", kind.name()),
-        )?;
-        rm_reports.insert(kind.name().to_string(), rm_json(&ev));
-        rm_dirs.push(rep.model_dir);
-        bar.inc(1);
+    if let Some(c) = &d.checkpoint {
+        current = c.clone();
     }
-    let mut rms = Some((
-        load_rm(be.clone(), &rm_dirs[0])?.0,
-        load_rm(be.clone(), &rm_dirs[1])?.0,
-    ));
-
-    let mut evals: Vec<StageEval> = Vec::new();
-    step("evaluate: pretrained and SFT models");
     evals.push(evaluate_stage(
-        &be, "pretrain", &pt_ckpt, &sft_ckpt, &tok, &ann, &eval, &mut rms, cfg.seed,
-    )?);
-    evals.push(evaluate_stage(
-        &be, "sft", &sft_ckpt, &sft_ckpt, &tok, &ann, &eval, &mut rms, cfg.seed,
+        &be, "distill", &current, &sft_ckpt, &tok, &ann, &eval, &mut None, cfg.seed,
     )?);
     bar.inc(1);
-
-    let rs_prompts: Vec<RsPrompt> = rlhf
-        .iter()
-        .take(cfg.rs_prompts)
-        .map(|e| RsPrompt {
-            messages: e.messages.clone(),
-            safety: e.category == Category::Safety,
-        })
-        .collect();
-    let mut pool = Pool::default();
-    let mut rounds: Vec<RoundStats> = Vec::new();
-    let mut current = sft_ckpt.clone();
-    for r in 1..=cfg.rs_rounds {
-        step(&format!(
-            "rejection sampling round {r}: K = {} samples per prompt, best kept, pooled",
-            cfg.rs_k
-        ));
-        let rcfg = RsConfig {
-            k: cfg.rs_k,
-            seq_len: cfg.seq_len,
-            seed: cfg.seed ^ r as u64,
-            lr: cfg.rs_lr,
-            ..Default::default()
-        };
-        let st = run_round(
-            be.clone(),
-            &current,
-            &rm_dirs[0],
-            &rm_dirs[1],
-            &rs_prompts,
-            &rcfg,
-            r,
-            &mut pool,
-            &out.join("rs"),
-        )?;
-        current = st
-            .checkpoint
-            .clone()
-            .context("rejection-sampling fine-tune wrote no checkpoint")?;
-        evals.push(evaluate_stage(
-            &be,
-            &format!("rs_round_{r}"),
-            &current,
-            &sft_ckpt,
-            &tok,
-            &ann,
-            &eval,
-            &mut rms,
-            cfg.seed,
-        )?);
-        rounds.push(st);
-        bar.inc(1);
-    }
-    if !rounds.is_empty() {
-        crate::rs::write_report(out, &rounds)?;
-    }
 
     step("report");
+    let ppo_rounds: Vec<&crate::rlhf::RoundReport> =
+        rl.rounds.iter().filter(|r| r.ppo.is_some()).collect();
     let mut report = json!({
         "name": out.file_name().map(|s| s.to_string_lossy().to_string()),
         "device": be.name(),
         "seconds": t0.elapsed().as_secs_f64(),
-        "rm": Value::Object(rm_reports),
-        "rs_rounds": rounds,
+        "rm": last_rm,
+        "rounds": rl.rounds,
+        "rs_rounds": rl.rounds.iter().map(|r| r.rs.clone()).collect::<Vec<_>>(),
         "pretrain": {"final_val_loss": pre.final_val_loss},
+        "ppo_runs": ppo_rounds.iter().map(|r| r.ppo.clone()).collect::<Vec<_>>(),
+        "distill_run": {
+            "prompts": d.prompts, "kept": d.kept,
+            "mean_score_with": d.mean_score_with, "mean_score_without": d.mean_score_without,
+        },
     });
     for e in &evals {
         report[&e.stage] = serde_json::to_value(e)?;
     }
+    // `ppo` is the last PPO round's model; `rs_round_k`/`ppo_round_k` hold every round.
+    if let Some(last) = evals
+        .iter()
+        .rev()
+        .find(|e| e.stage.starts_with("ppo_round_"))
+    {
+        report["ppo"] = serde_json::to_value(last)?;
+    }
+    report["gatt"]["adherence_by_turn"] = json!({
+        "without": g.adherence_before.follow,
+        "with": g.adherence_after.follow,
+        "measured": g.adherence_after.measured,
+    });
+    report["gatt"]["rows"] = json!(g.rows);
     write_report_files(out, &report, &evals)?;
+    gatt_plot(out, &g)?;
+    rm_accuracy_plot(out, &report["rm"])?;
+    if let Some(r) = ppo_rounds.last() {
+        let src = out.join(format!("rlhf/round-{}/ppo/metrics.jsonl", r.round));
+        gold_vs_proxy_plot(&src, &out.join("ppo_gold_vs_proxy.svg"))?;
+    }
     bar.inc(1);
     bar.finish_and_clear();
     Ok(report)
+}
+
+/// The reward models' held-out accuracy by the annotators' rating (the paper's Table 8).
+fn rm_accuracy_plot(out: &Path, rm: &Value) -> Result<()> {
+    let ratings = [
+        "significantly better",
+        "better",
+        "slightly better",
+        "negligibly better/unsure",
+    ];
+    let series: Vec<(&str, Vec<Option<f64>>)> = ["helpfulness", "safety"]
+        .iter()
+        .map(|k| {
+            let v = ratings
+                .iter()
+                .map(|r| rm[*k]["accuracy_by_rating"][*r]["accuracy"].as_f64())
+                .collect();
+            (*k, v)
+        })
+        .collect();
+    crate::metrics::bar_plot(
+        &out.join("rm_accuracy_by_rating.svg"),
+        "reward-model accuracy by rating (held-out pairs)",
+        "accuracy",
+        &ratings,
+        &series,
+    )
+}
+
+/// Instruction adherence per turn with and without Ghost Attention.
+fn gatt_plot(out: &Path, g: &crate::gatt::GattReport) -> Result<()> {
+    let pts = |v: &[f32]| -> Vec<(f64, f64)> {
+        v.iter()
+            .enumerate()
+            .map(|(i, &x)| ((i + 1) as f64, x as f64))
+            .collect()
+    };
+    line_plot(
+        &out.join("gatt_adherence.svg"),
+        "instruction adherence per turn (instruction given at turn 1)",
+        "turn",
+        "share of answers following the instruction",
+        &[
+            ("without GAtt", &pts(&g.adherence_before.follow)),
+            ("with GAtt", &pts(&g.adherence_after.follow)),
+        ],
+    )
+}
+
+/// Gold vs reward-model reward per PPO iteration: reward hacking shows as the two diverging.
+fn gold_vs_proxy_plot(metrics: &Path, svg: &Path) -> Result<()> {
+    let s = read_series(metrics, "iteration", &["reward", "gold_reward"])?;
+    let get = |i: usize| s.get(i).cloned().unwrap_or_default();
+    line_plot(
+        svg,
+        "PPO: reward-model (proxy) vs gold reward of the rollouts",
+        "iteration",
+        "mean R_c",
+        &[
+            ("reward models (proxy)", &get(0)),
+            ("gold annotator", &get(1)),
+        ],
+    )
 }
 
 fn write_report_files(out: &Path, report: &Value, evals: &[StageEval]) -> Result<()> {
@@ -474,7 +542,21 @@ fn write_report_files(out: &Path, report: &Value, evals: &[StageEval]) -> Result
             );
         }
     }
-    md += "\nPlots: `loss.svg` (pretraining and SFT), `reward_by_stage.svg` (reward distribution per stage), `rs_rewards.svg` (max vs median of K per round), `rm-*/scores.svg`.\n";
+    if let (Some(w), Some(wo)) = (
+        report["gatt"]["adherence_by_turn"]["with"].as_array(),
+        report["gatt"]["adherence_by_turn"]["without"].as_array(),
+    ) {
+        md += "\n## Ghost Attention: instruction adherence per turn (held-out)\n\n| turn | without GAtt | with GAtt |\n| ---: | ---: | ---: |\n";
+        for (i, (a, b)) in wo.iter().zip(w).enumerate() {
+            md += &format!(
+                "| {} | {:.3} | {:.3} |\n",
+                i + 1,
+                a.as_f64().unwrap_or(0.0),
+                b.as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    md += "\nPlots: `loss.svg` (pretraining and SFT), `reward_by_stage.svg` (reward distribution per stage), `rlhf/rs_rewards.svg` (max vs median of K per round), `ppo_gold_vs_proxy.svg` (reward hacking shows as the curves diverging), `gatt_adherence.svg`, `rm_accuracy_by_rating.svg`, `rlhf/round-*/rm-*/scores.svg`.\n";
     std::fs::write(out.join("report.md"), md)?;
 
     // Loss curves of pretraining and SFT.

@@ -135,6 +135,31 @@ pub fn kl_per_token(logp_policy: &[f32], logp_ref: &[f32]) -> Vec<f32> {
         .collect()
 }
 
+/// Subtracts from each reward the mean reward of the other answers to the same prompt (`prompt`
+/// gives each answer's prompt; answers to one prompt are adjacent). Answers alone with their
+/// prompt keep their reward.
+pub fn leave_one_out(rewards: &mut [f32], prompt: &[usize]) {
+    let mut i = 0;
+    while i < rewards.len() {
+        let mut j = i;
+        while j < rewards.len() && prompt[j] == prompt[i] {
+            j += 1;
+        }
+        let k = j - i;
+        if k > 1 {
+            let sum: f32 = rewards[i..j].iter().sum();
+            for r in &mut rewards[i..j] {
+                *r -= (sum - *r) / (k - 1) as f32;
+            }
+        }
+        i = j;
+    }
+}
+
+fn one() -> usize {
+    1
+}
+
 /// PPO's clipped surrogate for one token, as a loss to minimise:
 /// L = max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)) with ρ = exp(logp − logp_old). Returns (L, dL/dlogp,
 /// clipped): when the clipped term is the larger one (ρ > 1 + ε with A > 0, or ρ < 1 − ε with
@@ -259,6 +284,16 @@ pub struct PpoConfig {
     /// updated), so the first policy steps see values of the right scale.
     #[serde(default)]
     pub critic_warmup: usize,
+    /// Answers sampled per prompt in a batch (1: the paper's one). With k > 1 each reward is
+    /// measured against the mean of the other k − 1 answers to its prompt before whitening, a
+    /// per-prompt baseline (RLOO) that removes prompt difficulty from the advantages, which a small
+    /// critic cannot.
+    #[serde(default = "one")]
+    pub samples_per_prompt: usize,
+    /// Held-out evaluation draws this many answers per prompt at the rollout temperature (the
+    /// policy's expected reward, what PPO maximises); 0 evaluates greedy answers.
+    #[serde(default)]
+    pub eval_samples: usize,
 }
 
 impl PpoConfig {
@@ -311,6 +346,8 @@ impl PpoConfig {
             progress: true,
             oracle: false,
             critic_warmup: 0,
+            eval_samples: 0,
+            samples_per_prompt: 1,
         }
     }
 }
@@ -651,11 +688,14 @@ pub struct IterStats {
     pub seconds: f64,
 }
 
-/// A held-out evaluation (greedy answers).
+/// A held-out evaluation (greedy answers, or `samples` per prompt).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct EvalStats {
     pub iteration: usize,
     pub prompts: usize,
+    /// Answers per prompt sampled at the rollout temperature; 0: greedy.
+    #[serde(default)]
+    pub samples: usize,
     /// Mean R_c of the reward models.
     pub reward: f32,
     /// Mean LOGIT(R_c) (the reward models' raw score; it does not saturate like R_c).
@@ -682,7 +722,8 @@ pub struct PpoReport {
     pub seconds: f64,
 }
 
-/// Greedy answers to the held-out prompts, scored by the reward models (and the annotator).
+/// Answers to the held-out prompts (greedy, or `cfg.eval_samples` samples each), scored by the
+/// reward models (and the annotator).
 #[allow(clippy::too_many_arguments)]
 fn evaluate<B: Backend>(
     policy: &mut Llama<B>,
@@ -693,11 +734,23 @@ fn evaluate<B: Backend>(
     cfg: &PpoConfig,
     iteration: usize,
 ) -> Result<EvalStats> {
+    let k = cfg.eval_samples.max(1);
+    let prompts: Vec<&Prompt> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p, k))
+        .collect();
     let dialogues: Vec<Vec<Message>> = prompts.iter().map(|p| p.messages.clone()).collect();
     let params = SamplingParams {
-        temperature: 0.0,
+        temperature: if cfg.eval_samples == 0 {
+            0.0
+        } else {
+            cfg.temperature
+        },
+        top_p: cfg.top_p,
         max_new_tokens: cfg.max_new_tokens,
         stop: vec![tok.eos],
+        // The same draws at every evaluation, so evaluations differ only by the policy.
+        seed: cfg.seed ^ 0x5eed_e7a1,
         ..Default::default()
     };
     let answers = chat_answers(policy, tok, &dialogues, &params, cfg.gen_batch)?;
@@ -711,7 +764,8 @@ fn evaluate<B: Backend>(
     let n = prompts.len().max(1) as f32;
     let mut ev = EvalStats {
         iteration,
-        prompts: prompts.len(),
+        prompts: prompts.len() / k,
+        samples: cfg.eval_samples,
         reward: rc.iter().sum::<f32>() / n,
         score: rc.iter().map(|&r| logit(r)).sum::<f32>() / n,
         response_len: answers
@@ -917,7 +971,7 @@ pub fn train<B: Backend>(be: B, cfg: &PpoConfig) -> Result<PpoReport> {
         critic.cfg.vocab_size,
         tok.vocab_size()
     );
-    let critic_tok = critic_dir.join("tokenizer.json");
+    let critic_tok = crate::rm::rm_model_dir(&critic_dir).join("tokenizer.json");
     let mut rewards = Rewards {
         help: load_rm(be.clone(), &cfg.reward_helpfulness)?,
         safety: cfg
@@ -1051,7 +1105,13 @@ pub fn train<B: Backend>(be: B, cfg: &PpoConfig) -> Result<PpoReport> {
     while it < cfg.iterations {
         let t_it = Instant::now();
         // ---- rollouts
-        let idx = iteration_prompts(train_p.len(), cfg.batch, cfg.seed, it);
+        let group = cfg.samples_per_prompt.clamp(1, cfg.batch.max(1));
+        let idx: Vec<usize> =
+            iteration_prompts(train_p.len(), cfg.batch.div_ceil(group), cfg.seed, it)
+                .into_iter()
+                .flat_map(|i| std::iter::repeat_n(i, group))
+                .take(cfg.batch)
+                .collect();
         let dialogues: Vec<Vec<Message>> =
             idx.iter().map(|&i| train_p[i].messages.clone()).collect();
         let params = SamplingParams {
@@ -1100,11 +1160,14 @@ pub fn train<B: Backend>(be: B, cfg: &PpoConfig) -> Result<PpoReport> {
             _ => rewards.rc(&rows, &safety)?,
         };
         // The gold annotator's scores are not probabilities: the oracle whitens them as they are.
-        let logits: Vec<f32> = if cfg.oracle {
+        let mut logits: Vec<f32> = if cfg.oracle {
             rc.clone()
         } else {
             rc.iter().map(|&r| logit(r)).collect()
         };
+        if group > 1 {
+            leave_one_out(&mut logits, &idx);
+        }
         let white = whiten(&logits, false);
         for (s, (&r, &w)) in samples.iter_mut().zip(rc.iter().zip(&white)) {
             s.rc = r;

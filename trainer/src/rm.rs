@@ -357,6 +357,8 @@ pub fn read_pairs(files: &[PathBuf], skip_bad: bool) -> Result<(Vec<Pair>, usize
 #[derive(Clone, Debug, Default)]
 pub struct Selection {
     pub pairs: Vec<Pair>,
+    /// The other reward model's pairs (for mixing, as the paper's data mix does).
+    pub others: Vec<Pair>,
     /// Pairs whose `category` is the other reward model's.
     pub other_category: usize,
     /// Safety RM only: pairs with an unsafe chosen and a safe rejected response, which the paper
@@ -368,18 +370,30 @@ pub struct Selection {
 pub fn select_pairs(pairs: Vec<Pair>, kind: RmKind) -> Selection {
     let mut s = Selection::default();
     for p in pairs {
-        if p.category.is_some_and(|c| c != kind) {
-            s.other_category += 1;
-        } else if kind == RmKind::Safety
-            && p.chosen_safe == Some(false)
-            && p.rejected_safe == Some(true)
-        {
+        if kind == RmKind::Safety && p.chosen_safe == Some(false) && p.rejected_safe == Some(true) {
             s.unsafe_chosen += 1;
+        } else if p.category.is_some_and(|c| c != kind) {
+            s.other_category += 1;
+            s.others.push(p);
         } else {
             s.pairs.push(p);
         }
     }
     s
+}
+
+/// Every k-th of `others`, about `ratio` × `own` of them: the other reward model's pairs mixed
+/// in (the paper trains the safety RM on safety data mixed 90/10 with helpfulness data, and the
+/// helpfulness RM on helpfulness data with equal parts of the rest).
+pub fn mix_in(others: Vec<Pair>, own: usize, ratio: f64) -> Vec<Pair> {
+    let want = ((own as f64 * ratio).round() as usize).min(others.len());
+    if want == 0 {
+        return vec![];
+    }
+    let every = others.len() as f64 / want as f64;
+    (0..want)
+        .map(|i| others[(i as f64 * every) as usize].clone())
+        .collect()
 }
 
 /// Splits off every k-th pair (k = 1/fraction) as the held-out set; fraction 0 holds none out.
@@ -435,6 +449,8 @@ pub struct TokPair {
     pub rejected: Vec<u32>,
     pub margin: f32,
     pub rating: Option<Rating>,
+    /// The safety meta-labels of the two responses, where annotated.
+    pub safe: [Option<bool>; 2],
 }
 
 /// Tokenizes pairs in parallel; returns them and how many sequences were cut to `seq_len`.
@@ -457,6 +473,7 @@ pub fn tokenize_pairs(
                     rejected: r,
                     margin: margin.margin(p.rating),
                     rating: p.rating,
+                    safe: [p.chosen_safe, p.rejected_safe],
                 },
                 usize::from(cc) + usize::from(rc),
             ))
@@ -484,6 +501,10 @@ pub struct PairBatch {
     /// Flat row of each sequence's last token: chosen ones, then rejected ones.
     pub rows: Vec<i32>,
     pub margins: Vec<f32>,
+    /// Per row (chosen rows, then rejected rows): 1 safe, 0 unsafe, NaN not annotated.
+    pub safe: Vec<f32>,
+    /// Weight of the calibration term (see [`forward_backward`]); 0: the ranking loss alone.
+    pub calibration: f32,
 }
 
 impl PairBatch {
@@ -494,12 +515,19 @@ impl PairBatch {
             .chain(pairs.iter().map(|p| p.rejected.as_slice()))
             .collect();
         let (ids, t, rows) = pad_rows(&seqs, pad);
+        let label = |x: Option<bool>| x.map_or(f32::NAN, |b| if b { 1.0 } else { 0.0 });
         PairBatch {
             ids,
             pairs: pairs.len(),
             t,
             rows,
             margins: pairs.iter().map(|p| p.margin).collect(),
+            safe: pairs
+                .iter()
+                .map(|p| label(p.safe[0]))
+                .chain(pairs.iter().map(|p| label(p.safe[1])))
+                .collect(),
+            calibration: 0.0,
         }
     }
 
@@ -553,11 +581,22 @@ pub fn forward_backward<B: Backend>(
     let (rc, rr) = r.split_at(batch.pairs);
     let (loss, dz) = ranking_loss(rc, rr, &batch.margins);
     // d loss / d r_rejected is the negative of d loss / d r_chosen.
-    let d: Vec<f32> = dz
+    let mut d: Vec<f32> = dz
         .iter()
         .map(|x| x * scale)
         .chain(dz.iter().map(|x| -x * scale))
         .collect();
+    // The ranking loss fixes score differences only; the piecewise reward reads σ(R_s) against
+    // an absolute threshold (0.15), so the safety model also learns σ(r) ≈ P(safe) from the
+    // meta-labels: calibration · mean over pairs of Σ BCE(σ(r), safe).
+    if batch.calibration > 0.0 {
+        let per = batch.calibration * scale / batch.pairs.max(1) as f32;
+        for ((di, &ri), &y) in d.iter_mut().zip(r.iter()).zip(&batch.safe) {
+            if !y.is_nan() {
+                *di += per * (1.0 / (1.0 + (-ri).exp()) - y);
+            }
+        }
+    }
     let out = BatchOut {
         loss,
         chosen: rc.to_vec(),
@@ -700,7 +739,19 @@ pub fn save_rm<B: Backend>(model: &Llama<B>, dir: &Path, tokenizer: &Path) -> Re
 }
 
 /// Loads a reward model checkpoint (`score.weight`) and its tokenizer.
+/// The model directory of a reward model given as itself or as its `train-rm` run directory
+/// (which holds it in `model/`).
+pub fn rm_model_dir(dir: &Path) -> PathBuf {
+    let run_model = dir.join("model");
+    if run_model.join("config.json").is_file() {
+        run_model
+    } else {
+        dir.to_path_buf()
+    }
+}
+
 pub fn load_rm<B: Backend>(be: B, dir: &Path) -> Result<(Llama<B>, Tokenizer)> {
+    let dir = &rm_model_dir(dir);
     let model = load_model(be, dir, Head::Score)
         .with_context(|| format!("loading reward model {}", dir.display()))?;
     let tp = dir.join("tokenizer.json");
@@ -981,6 +1032,10 @@ pub struct RmConfig {
     pub seed: u64,
     pub skip_bad: bool,
     pub progress: bool,
+    /// The other reward model's pairs mixed in, as a ratio to this model's own pairs.
+    pub mix_other: f64,
+    /// Weight of the calibration term on the safety meta-labels (BCE of σ(r) against safe).
+    pub calibration: f32,
 }
 
 impl RmConfig {
@@ -1012,6 +1067,14 @@ impl RmConfig {
             seed: 1337,
             skip_bad: false,
             progress: true,
+            // The safety model: the paper's 90/10 mix with helpfulness data, and calibrated so
+            // that the piecewise reward's 0.15 threshold means "probably unsafe".
+            mix_other: if kind == RmKind::Safety {
+                1.0 / 9.0
+            } else {
+                0.0
+            },
+            calibration: if kind == RmKind::Safety { 1.0 } else { 0.0 },
         }
     }
 }
@@ -1099,7 +1162,17 @@ pub fn train<B: Backend>(be: B, cfg: &RmConfig) -> Result<RmReport> {
         sel.other_category,
         sel.unsafe_chosen
     );
-    let (train_p, val_p) = split_pairs(sel.pairs, cfg.val_fraction);
+    let own = sel.pairs.len();
+    let mut mixed = sel.pairs;
+    let n_mixed = if cfg.mix_other > 0.0 {
+        let m = mix_in(sel.others, own, cfg.mix_other);
+        let k = m.len();
+        mixed.extend(m);
+        k
+    } else {
+        0
+    };
+    let (train_p, val_p) = split_pairs(mixed, cfg.val_fraction);
     ensure!(
         !train_p.is_empty(),
         "no training pairs left after the split"
@@ -1155,7 +1228,7 @@ pub fn train<B: Backend>(be: B, cfg: &RmConfig) -> Result<RmReport> {
     say(
         &bar,
         format!(
-            "{} reward model: {read} pairs read ({skipped_lines} lines skipped), {} of the other category, {} dropped (unsafe chosen, safe rejected); {n} train / {} held-out pairs; {truncated} training sequences cut to {seq_len} tokens; {steps} steps of {} pairs, lr {lr_peak:.1e}, warmup {warmup}, margin {:?}",
+            "{} reward model: {read} pairs read ({skipped_lines} lines skipped), {} of the other category ({n_mixed} mixed in), {} dropped (unsafe chosen, safe rejected); {n} train / {} held-out pairs; {truncated} training sequences cut to {seq_len} tokens; {steps} steps of {} pairs, lr {lr_peak:.1e}, warmup {warmup}, margin {:?}",
             cfg.kind.name(),
             sel.other_category,
             sel.unsafe_chosen,
@@ -1188,7 +1261,8 @@ pub fn train<B: Backend>(be: B, cfg: &RmConfig) -> Result<RmReport> {
         let (mut loss_sum, mut correct) = (0f64, 0usize);
         for chunk in chosen_idx.chunks(micro) {
             let refs: Vec<&TokPair> = chunk.iter().map(|&i| &train_t[i]).collect();
-            let pb = PairBatch::new(&refs, tok.eos);
+            let mut pb = PairBatch::new(&refs, tok.eos);
+            pb.calibration = cfg.calibration;
             let out = forward_backward(&mut model, &pb, chunk.len() as f32 / b as f32)?;
             if !out.loss.is_finite() {
                 bail!(

@@ -48,6 +48,14 @@ fn gae_on_short_trajectories() {
 }
 
 #[test]
+fn leave_one_out_baseline_per_prompt() {
+    // Prompt 7: [1, 2, 3] -> each minus the mean of the other two; prompt 9 alone keeps its 5.
+    let mut r = [1.0, 2.0, 3.0, 5.0, 4.0, 0.0];
+    leave_one_out(&mut r, &[7, 7, 7, 9, 3, 3]);
+    close(&r, &[-1.5, 0.0, 1.5, 5.0, 4.0, -4.0], 1e-6);
+}
+
+#[test]
 fn whitening_logit_and_explained_variance() {
     // mean 2.5, population variance 1.25, std 1.1180340.
     let w = whiten(&[1.0, 2.0, 3.0, 4.0], false);

@@ -71,6 +71,7 @@ fn fixture_model_and_pairs(name: &str) -> (Llama<Cpu>, Vec<TokPair>, TensorFiles
             rejected: row(&r, i, rl[i]),
             margin: margin[i],
             rating: None,
+            safe: [None, None],
         })
         .collect();
     (model, pairs, rm)
@@ -130,6 +131,83 @@ fn fixture_case(name: &str) {
     }
     assert!((loss as f32 - ref_loss).abs() <= 1e-5);
     check(&model.grads_to_host().unwrap(), "accumulated micro-batches");
+}
+
+/// The calibration term (σ(r) against the safety meta-labels) enters the gradient as its own
+/// loss does: the gradient's dot product with a random direction matches the central difference
+/// of ranking loss + calibration · mean Σ BCE.
+#[test]
+fn calibration_term_matches_finite_differences() {
+    let (mut model, mut pairs, _) = fixture_model_and_pairs(FIXTURES[0]);
+    let labels = [
+        [Some(true), Some(false)],
+        [Some(true), None],
+        [None, Some(true)],
+    ];
+    for (p, l) in pairs.iter_mut().zip(labels.iter().cycle()) {
+        p.safe = *l;
+    }
+    let refs: Vec<&TokPair> = pairs.iter().collect();
+    let mut batch = PairBatch::new(&refs, 7);
+    batch.calibration = 0.7;
+    let total = |m: &mut Llama<Cpu>| -> f64 {
+        m.forward(&batch.batch()).unwrap();
+        let r = m.scores(&batch.rows).unwrap();
+        let (rc, rr) = r.split_at(batch.pairs);
+        let rank = engine::check::ranking_loss(rc, rr, &batch.margins).0 as f64;
+        let bce: f64 = r
+            .iter()
+            .zip(&batch.safe)
+            .filter(|(_, y)| !y.is_nan())
+            .map(|(&x, &y)| {
+                let s = 1.0 / (1.0 + (-(x as f64)).exp());
+                -(y as f64 * s.ln() + (1.0 - y as f64) * (1.0 - s).ln())
+            })
+            .sum();
+        rank + 0.7 * bce / batch.pairs as f64
+    };
+    model.zero_grads().unwrap();
+    forward_backward(&mut model, &batch, 1.0).unwrap();
+    let g = model.grads_to_host().unwrap();
+    let p0 = model.params_to_host().unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let dir: Vec<f32> = (0..p0.len()).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let analytic: f64 = g.iter().zip(&dir).map(|(a, b)| (a * b) as f64).sum();
+    let h = 1e-3f32;
+    let at = |m: &mut Llama<Cpu>, s: f32| {
+        let p: Vec<f32> = p0.iter().zip(&dir).map(|(a, d)| a + s * d).collect();
+        m.set_params(&p).unwrap();
+        total(m)
+    };
+    let numeric = (at(&mut model, h) - at(&mut model, -h)) / (2.0 * h as f64);
+    assert!(
+        (analytic - numeric).abs() <= 2e-2 * numeric.abs().max(1e-2),
+        "directional derivative {analytic} vs finite difference {numeric}"
+    );
+    // And the term is really there: without it the gradient differs.
+    batch.calibration = 0.0;
+    model.set_params(&p0).unwrap();
+    model.zero_grads().unwrap();
+    forward_backward(&mut model, &batch, 1.0).unwrap();
+    let g0 = model.grads_to_host().unwrap();
+    let plain: f64 = g0.iter().zip(&dir).map(|(a, b)| (a * b) as f64).sum();
+    assert!((plain - analytic).abs() > 1e-3, "{plain} vs {analytic}");
+}
+
+#[test]
+fn other_category_pairs_are_mixed_in_by_ratio() {
+    let pair = |i: usize| Pair {
+        origin: format!("f:{i}"),
+        ..Pair::new("q", "a", "b")
+    };
+    let others: Vec<Pair> = (0..100).map(pair).collect();
+    let m = mix_in(others.clone(), 90, 1.0 / 9.0);
+    assert_eq!(m.len(), 10);
+    // Spread over the whole list, not its head.
+    assert_eq!(m[0].origin, "f:0");
+    assert_eq!(m[9].origin, "f:90");
+    assert_eq!(mix_in(others.clone(), 500, 1.0).len(), 100);
+    assert!(mix_in(others, 90, 0.0).is_empty());
 }
 
 #[test]
