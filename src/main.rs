@@ -249,6 +249,9 @@ enum Cmd {
         /// Rejection-sampling samples per prompt.
         #[arg(long, default_value_t = 8)]
         k: usize,
+        /// Rejection-sampling temperature (the paper: 1.2-1.3 for 70B; 1.0 suits the tiny preset).
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f32,
         #[arg(long, default_value_t = 10)]
         ppo_iterations: usize,
         #[arg(long, default_value = "auto")]
@@ -1387,6 +1390,7 @@ fn run() -> Result<()> {
             ppo_from,
             label_prompts,
             k,
+            temperature,
             ppo_iterations,
             device,
             seed,
@@ -1398,6 +1402,7 @@ fn run() -> Result<()> {
             cfg.ppo_from = ppo_from;
             cfg.label_prompts = label_prompts;
             cfg.rs_k = k;
+            cfg.rs_temperature = temperature;
             cfg.ppo_iterations = ppo_iterations;
             cfg.seed = seed;
             cfg.progress = !no_progress;
@@ -1408,12 +1413,14 @@ fn run() -> Result<()> {
                     eprintln!("[{:>6.1}s] {m}", t0.elapsed().as_secs_f64());
                 }
             })?;
-            println!("| stage | accuracy | helpfulness | safety | false refusals | KL to SFT |");
-            println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+            println!("| stage | sampled R_c | greedy R_c | accuracy | helpfulness | safety | false refusals | KL to SFT |");
+            println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
             for e in &rep.stages {
                 println!(
-                    "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} |",
+                    "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} |",
                     e.stage,
+                    e.sampled_reward,
+                    e.reward,
                     e.gold.accuracy,
                     e.gold.helpfulness,
                     e.gold.safety,

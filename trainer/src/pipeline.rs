@@ -92,6 +92,13 @@ pub struct StageEval {
     /// Mean over held-out prompts of Σ log π(y) − log π_sft(y) for answers y sampled from the
     /// stage's model (a Monte-Carlo KL estimate).
     pub kl_to_sft: f32,
+    /// Mean gold R_c (the piecewise rule on the annotator's scores) of the greedy answers.
+    pub reward: f32,
+    /// The policy's expected gold reward: mean gold R_c, helpfulness and safety of answers
+    /// sampled at temperature 1 ([`SAMPLES`] per prompt), what RL maximises.
+    pub sampled_reward: f32,
+    pub sampled_helpfulness: f32,
+    pub sampled_safety: f32,
     /// Piecewise reward-model scores of the stage's greedy answers (for the distribution plot).
     #[serde(skip)]
     pub rewards: Vec<f64>,
@@ -129,6 +136,21 @@ pub fn sequence_logprobs<B: Backend>(
     Ok(out)
 }
 
+/// Answers sampled per held-out prompt for a stage's expected reward and KL estimate.
+pub const SAMPLES: usize = 2;
+
+/// Gold R_c of a response: the piecewise rule of the paper on the annotator's scores.
+pub fn gold_rc(ann: &Annotator, e: &Example, text: &str) -> (f32, f32, f32) {
+    let s = ann.scores(&e.messages, text);
+    let rc = crate::ppo::piecewise_reward(
+        s.safety,
+        s.helpfulness,
+        e.category == Category::Safety,
+        crate::ppo::SAFETY_THRESHOLD,
+    );
+    (rc, s.helpfulness, s.safety)
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate_stage<B: Backend>(
     be: &B,
@@ -143,8 +165,13 @@ pub fn evaluate_stage<B: Backend>(
 ) -> Result<StageEval> {
     let mut model = load_model(be.clone(), ckpt, Head::Lm)?;
     let (gold, answers) = world_eval(&mut model, tok, ann, eval, 32, 40)?;
-    // KL to the SFT model on samples from this model (temperature 1).
+    // KL to the SFT model and the expected gold reward, on samples from this model
+    // (temperature 1).
     let dialogues: Vec<_> = eval.iter().map(|e| e.messages.clone()).collect();
+    let repeated: Vec<_> = dialogues
+        .iter()
+        .flat_map(|d| std::iter::repeat_n(d.clone(), SAMPLES))
+        .collect();
     let p = SamplingParams {
         temperature: 1.0,
         max_new_tokens: 40,
@@ -152,7 +179,21 @@ pub fn evaluate_stage<B: Backend>(
         stop: vec![tok.eos],
         ..Default::default()
     };
-    let sampled = chat_answers(&mut model, tok, &dialogues, &p, 32)?;
+    let sampled = chat_answers(&mut model, tok, &repeated, &p, 64)?;
+    let (mut sr, mut sh, mut ss) = (0f64, 0f64, 0f64);
+    for (i, a) in sampled.iter().enumerate() {
+        let (r, h, s) = gold_rc(ann, &eval[i / SAMPLES], &a.text);
+        sr += r as f64;
+        sh += h as f64;
+        ss += s as f64;
+    }
+    let ns = sampled.len().max(1) as f64;
+    let greedy_reward = eval
+        .iter()
+        .zip(&answers)
+        .map(|(e, a)| gold_rc(ann, e, a).0 as f64)
+        .sum::<f64>()
+        / eval.len().max(1) as f64;
     let own: Vec<f32> = sampled
         .iter()
         .map(|a| a.gen.logprobs.iter().sum())
@@ -188,6 +229,10 @@ pub fn evaluate_stage<B: Backend>(
         checkpoint: ckpt.to_path_buf(),
         gold,
         kl_to_sft: kl as f32,
+        reward: greedy_reward as f32,
+        sampled_reward: (sr / ns) as f32,
+        sampled_helpfulness: (sh / ns) as f32,
+        sampled_safety: (ss / ns) as f32,
         rewards,
     })
 }
@@ -510,11 +555,13 @@ fn write_report_files(out: &Path, report: &Value, evals: &[StageEval]) -> Result
         report["device"].as_str().unwrap_or("?"),
         report["seconds"].as_f64().unwrap_or(0.0)
     );
-    md += "## Gold annotator per stage (held-out world prompts)\n\n| stage | accuracy | helpfulness | safety | safe rate | false refusals | KL to SFT |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n";
+    md += "## Gold annotator per stage (held-out world prompts)\n\nGreedy answers, and (`sampled`) the policy's expected gold reward R_c over answers sampled at temperature 1.\n\n| stage | sampled R_c | greedy R_c | accuracy | helpfulness | safety | safe rate | false refusals | KL to SFT |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
     for e in evals {
         md += &format!(
-            "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} |\n",
+            "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} |\n",
             e.stage,
+            e.sampled_reward,
+            e.reward,
             e.gold.accuracy,
             e.gold.helpfulness,
             e.gold.safety,

@@ -431,6 +431,91 @@ fn checkpoints_resume_exactly_and_load_as_hf_models() {
 // ---------------------------------------------------------------------------------------------
 // The loop on the built-in world.
 
+/// One world, SFT model and reward model for every test of this file that needs them (built by
+/// the first to ask; the others wait).
+fn shared_world() -> &'static (PathBuf, PathBuf, PathBuf) {
+    static DIR: std::sync::OnceLock<(tempfile::TempDir, (PathBuf, PathBuf, PathBuf))> =
+        std::sync::OnceLock::new();
+    &DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = world_sft_and_rm(dir.path());
+        (dir, out)
+    })
+    .1
+}
+
+/// `llama2 rlhf`'s loop, shortened: two rounds, each labelling pairs sampled from the latest
+/// model, retraining both reward models on every label so far, and rejection sampling; PPO in
+/// round 2. Checks the bookkeeping (cumulative labels, stages, files) and that the stages stay
+/// near the SFT model (bounded KL).
+#[test]
+fn rlhf_rounds_label_retrain_on_all_labels_and_add_ppo() {
+    let (w, sft, _) = shared_world();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("rlhf");
+    let mut cfg = trainer::rlhf::RlhfConfig::new(sft.clone(), w.clone(), out.clone(), 2);
+    cfg.ppo_from = 2;
+    cfg.label_prompts = 80;
+    cfg.rs_prompts = 80;
+    cfg.rs_k = 4;
+    cfg.eval_prompts = 60;
+    cfg.ppo_iterations = 3;
+    cfg.ppo_batch = 32;
+    cfg.progress = false;
+    let said = std::sync::Mutex::new(Vec::new());
+    let rep = trainer::rlhf::run(Cpu, &cfg, &|m| said.lock().unwrap().push(m.to_string())).unwrap();
+    for e in &rep.stages {
+        println!(
+            "{}: sampled gold R_c {:.3}, greedy {:.3}, KL to SFT {:.2}",
+            e.stage, e.sampled_reward, e.reward, e.kl_to_sft
+        );
+    }
+    assert_eq!(rep.rounds.len(), 2);
+    let (r1, r2) = (&rep.rounds[0], &rep.rounds[1]);
+    assert!(r1.new_pairs > 0 && r2.new_pairs > 0);
+    assert_eq!(r1.total_pairs, r1.new_pairs);
+    assert_eq!(
+        r2.total_pairs,
+        r1.new_pairs + r2.new_pairs,
+        "round 2 trains on all labels"
+    );
+    assert!(
+        r1.ppo.is_none() && r2.ppo.is_some(),
+        "PPO from round 2 only"
+    );
+    assert!(rep.rm_helpfulness.starts_with(out.join("round-2")));
+    for k in ["helpfulness", "safety"] {
+        let acc = r2.rm[k]["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc), "{k}: {acc}");
+    }
+    let names: Vec<&str> = rep.stages.iter().map(|e| e.stage.as_str()).collect();
+    assert_eq!(names, ["sft", "rs_round_1", "rs_round_2", "ppo_round_2"]);
+    assert!(
+        rep.stages[0].kl_to_sft.abs() < 1e-3,
+        "the SFT model against itself"
+    );
+    for e in &rep.stages[1..] {
+        assert!(
+            e.kl_to_sft.is_finite() && e.kl_to_sft < 15.0,
+            "{}: KL {}",
+            e.stage,
+            e.kl_to_sft
+        );
+    }
+    assert!(rep.checkpoint.starts_with(out.join("round-2/ppo")));
+    for f in [
+        "rlhf_report.json",
+        "rs_report.json",
+        "rs_rewards.svg",
+        "round-2/prefs.jsonl",
+    ] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let said = said.into_inner().unwrap();
+    assert!(said.iter().any(|m| m.contains("PPO")), "{said:?}");
+    load_model(Cpu, &rep.checkpoint, Head::Lm).unwrap();
+}
+
 fn latest(run_dir: &Path) -> PathBuf {
     let c = run_dir.join("checkpoints");
     c.join(std::fs::read_to_string(c.join("latest")).unwrap().trim())
@@ -556,7 +641,8 @@ fn ppo_raises_the_held_out_reward_with_bounded_kl_on_the_world() {
     let t0 = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (w, sft, rm) = world_sft_and_rm(d);
+    let (w, sft, rm) = shared_world();
+    let (w, sft, rm) = (w.clone(), sft.clone(), rm.clone());
 
     let mut cfg = PpoConfig::new(
         sft.clone(),
