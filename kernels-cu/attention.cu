@@ -374,11 +374,18 @@ namespace bwd {
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 constexpr int BN = 16 * kWarps;  // keys per CTA
-constexpr int BM = 64;           // queries per step
-constexpr int LDS = BM + 8;      // dSᵀ row (elements), padded like the others
+
+// Queries per step: 64 for HD 64; 32 for HD 128, where the 2 × 64 fp32 dK/dV accumulators leave
+// room for only 16 × 32 fp32 Sᵀ and dPᵀ tiles per warp without spilling.
+template <int HD>
+struct Cfg {
+    static constexpr int BM = HD >= 128 ? 32 : 64;
+};
 
 template <int HD>
 struct Smem {
+    static constexpr int BM = Cfg<HD>::BM;
+    static constexpr int LDS = BM + 8;  // dSᵀ row (elements), padded like the others
     static constexpr int LD = HD + 8;
     static constexpr int K = 0;                         // bf16 [BN][LD]
     static constexpr int V = K + BN * LD * 2;           // bf16 [BN][LD]
@@ -403,6 +410,7 @@ __device__ __forceinline__ void kernel(float* __restrict__ dq_acc, bf16* __restr
     static_assert(HD % 32 == 0 && HD <= 256, "head dim");
     using S = Smem<HD>;
     constexpr int LD = S::LD;
+    constexpr int BM = S::BM, LDS = S::LDS;
     constexpr int NT_S = BM / 8;   // n-tiles of Sᵀ / dPᵀ per warp (queries)
     constexpr int NT_D = HD / 8;   // n-tiles of dK / dV per warp
     constexpr int KD = HD / 16;    // k-slices over the head dim
