@@ -42,12 +42,12 @@
 // Fast backward (attention_bwd_bf16_hd{HD}): one CTA per (key block of BN = 128 keys, kv head,
 // batch), 8 warps × 16 keys. Grid (ceil(t/128), nkv, b); blockIdx.x = 0 (the heaviest causal key
 // block, seen by every query) first. The CTA loops over the nh/nkv query heads of its KV head and
-// over the query blocks of BM = 64 rows that can see its keys (from the block of its first key to
+// over the query blocks of BM rows (64 for HD 64, 32 for HD 128) that can see its keys (from the block of its first key to
 // the end of the sequence, or to the end of the last key's document with doc). Per step:
-//   S ᵀ = K_w·Qᵀ (16×64 per warp)         Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e), masked → 0
+//   Sᵀ = K_w·Qᵀ (16×BM per warp)              Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e), masked → 0
 //   dV_w += Pᵀ·dO                          dPᵀ = V_w·dOᵀ
 //   dSᵀ = Pᵀ ∘ (dPᵀ − D)                  dK_w += dSᵀ·Q
-//   dSᵀ → shared memory (bf16), then dQ[64×HD] += dS·K split over the 8 warps in 16×32 units,
+//   dSᵀ → shared memory (bf16), then dQ[BM×HD] += dS·K split over the 8 warps in 16×32 units,
 //   added with fp32 atomicAdd into dq_accum [b, t, nh, hd].
 // dK, dV (16×HD per warp each) stay in registers over all steps: the GQA group sum needs no
 // atomics. The Q/dO/lse/D tiles of step s+1 are fetched with cp.async while step s computes.
@@ -55,8 +55,9 @@
 // (hence its last bits) nondeterministic; the deterministic alternative (a second kernel per query
 // block recomputing S, P, dP) costs three extra products. The f32 accumulator is b·t·nh·hd·4
 // bytes of scratch plus a convert kernel.
-//   Shared memory: K, V 2·128·(HD+8)·2 + Q, dO 2·2·64·(HD+8)·2 + dSᵀ 128·72·2 + lse, D 2·2·64·4
-//     + doc ids (2·64 + 128)·4 = 94,208 B (HD 64), 159,744 B (HD 128) (A100 allows 166,912 B).
+//   Shared memory: K, V 2·128·(HD+8)·2 + Q, dO 2·2·BM·(HD+8)·2 + dSᵀ 128·(BM+8)·2
+//     + lse, D 2·2·BM·4
+//     + doc ids (2·BM + 128)·4 = 94,208 B (HD 64, BM 64), 115,968 B (HD 128, BM 32).
 //
 // Registers (ptxas, sm_90, CUDA 13.0, -O3): see the table at the end of this comment; no entry
 // point spills.
@@ -673,6 +674,12 @@ __device__ __forceinline__ void kernel(float* __restrict__ dq_acc, bf16* __restr
 }
 }  // namespace bwd
 
+// engine/src/backend/cuda/attention.rs mirrors these byte counts (dynamic shared memory).
+static_assert(fwd::Smem<64>::BYTES == 46592, "attention.rs fwd_smem_bytes(64)");
+static_assert(fwd::Smem<128>::BYTES == 87552, "attention.rs fwd_smem_bytes(128)");
+static_assert(bwd::Smem<64>::BYTES == 94208, "attention.rs bwd_smem_bytes(64)");
+static_assert(bwd::Smem<128>::BYTES == 115968, "attention.rs bwd_smem_bytes(128)");
+
 // ================================================================================================
 // Naive kernels: one CTA of 128 threads per (row, head, batch); fp32 math; any hd ≤ 256.
 // Scores are computed one warp per key (lanes across the head dimension), in chunks of 128 keys
@@ -888,7 +895,7 @@ __device__ __forceinline__ void bwd_dkdv(bf16* __restrict__ dk, bf16* __restrict
 }  // namespace naive
 
 // ================================================================================================
-// Attention against a KV cache: one CTA of 8 warps per (query row r, head h). Warp w takes keys
+// Attention against a KV cache: one CTA of 8 warps per (query row r, head h), grid (b·tq, nh). Warp w takes keys
 // w, w + 8, ...; lanes split the head dim (d = lane + 32e); online softmax per warp, then the 8
 // partial (m, l, o) are merged in shared memory. Any hd ≤ 256.
 // ================================================================================================
@@ -905,7 +912,7 @@ __device__ __forceinline__ void kernel(bf16* __restrict__ out, const bf16* __res
     __shared__ float s_m[kWarps], s_l[kWarps];
     __shared__ float s_o[kWarps][E * 32];
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const i64 h = blockIdx.x, r = blockIdx.y;
+    const i64 r = blockIdx.x, h = blockIdx.y;
     const i64 seq = r / TQ;
     const i64 kvh = h / (NH / NKV);
     const int hd = (int)HD;
@@ -1042,7 +1049,7 @@ extern "C" __global__ void __launch_bounds__(attn::naive::kThreads)
     attn::naive::bwd_dkdv(dk, dv, dout, q, k, v, lse, dsum, doc, T, NH, NKV, HD, scale);
 }
 
-// Grid (nh, b·tq), 256 threads.
+// Grid (b·tq, nh), 256 threads.
 extern "C" __global__ void __launch_bounds__(attn::cached::kThreads)
     attention_cached_bf16(bf16* out, const bf16* q, const bf16* kcache, const bf16* vcache,
                           const int* qpos, i64 B, i64 TQ, i64 TMAX, i64 NH, i64 NKV, i64 HD,
