@@ -162,7 +162,12 @@ fn ext(p: &Path) -> &str {
 fn write_registry(path: &Path, base: &[(String, PathBuf)], hopper: &[(String, PathBuf)]) {
     let list = |v: &[(String, PathBuf)]| {
         v.iter()
-            .map(|(n, p)| format!("    ({n:?}, include_str!({:?})),\n", p.display().to_string()))
+            .map(|(n, p)| {
+                format!(
+                    "    ({n:?}, include_str!({:?})),\n",
+                    p.display().to_string()
+                )
+            })
             .collect::<String>()
     };
     let text = format!(
