@@ -66,11 +66,9 @@
 //   (filled in below from the compile log)
 // ------------------------------------------------------------------------------------------------
 
+// (CUDA headers come through attention_mma.cuh, which swaps in the host emulation of
+// attention_emu.cuh when ATTN_HOST_EMU is defined.)
 #include "attention_mma.cuh"
-
-#include <cuda_bf16.h>
-#include <math_constants.h>
-#include <stdint.h>
 
 using bf16 = __nv_bfloat16;
 typedef long long i64;
@@ -170,7 +168,7 @@ __device__ __forceinline__ void kernel(bf16* __restrict__ out, float* __restrict
     constexpr int NT_O = HD / 8;   // n-tiles of O per warp
     constexpr int KQ = HD / 16;    // k-slices of Q·Kᵀ
 
-    extern __shared__ __align__(16) unsigned char smem[];
+    ATTN_DYNAMIC_SMEM(smem);
     bf16* sQ = reinterpret_cast<bf16*>(smem + S::Q);
     bf16* sK = reinterpret_cast<bf16*>(smem + S::K);
     bf16* sV = reinterpret_cast<bf16*>(smem + S::V);
@@ -416,7 +414,7 @@ __device__ __forceinline__ void kernel(float* __restrict__ dq_acc, bf16* __restr
     constexpr int NT_D = HD / 8;   // n-tiles of dK / dV per warp
     constexpr int KD = HD / 16;    // k-slices over the head dim
 
-    extern __shared__ __align__(16) unsigned char smem[];
+    ATTN_DYNAMIC_SMEM(smem);
     bf16* sK = reinterpret_cast<bf16*>(smem + S::K);
     bf16* sV = reinterpret_cast<bf16*>(smem + S::V);
     bf16* sQ = reinterpret_cast<bf16*>(smem + S::Q);

@@ -43,8 +43,18 @@
 
 #pragma once
 
+#ifdef ATTN_HOST_EMU
+// Host (g++) build of the kernels for the CPU emulation test: same function names, emulated
+// warp collectives. See attention_emu.cuh.
+#include "attention_emu.cuh"
+#else
+
 #include <cuda_bf16.h>
+#include <math_constants.h>
 #include <stdint.h>
+
+// The kernels' dynamic shared memory (16-byte aligned for cp.async and ldmatrix).
+#define ATTN_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 
 namespace attn {
 
@@ -109,3 +119,5 @@ __device__ __forceinline__ float exp2_approx(float x) {
 }
 
 }  // namespace attn
+
+#endif  // ATTN_HOST_EMU
