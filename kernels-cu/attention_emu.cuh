@@ -2,10 +2,11 @@
 // source runs on a CPU for a correctness test where no GPU is at hand. Included by
 // attention_mma.cuh when ATTN_HOST_EMU is defined; the test itself is attention_emu_test.cuh:
 //
-//   g++ -std=c++20 -O2 -pthread -DATTN_HOST_EMU -x c++ kernels-cu/attention_emu_test.cuh \
+//   g++ -std=c++20 -O2 -DATTN_HOST_EMU -x c++ kernels-cu/attention_emu_test.cuh \
 //       -o /tmp/attn_emu && /tmp/attn_emu
 //
-// Model: one CTA at a time, one std::thread per CUDA thread. __syncthreads is a CTA barrier;
+// Model: one CTA at a time, one fiber (ucontext) per CUDA thread, all on the calling OS thread,
+// scheduled round-robin at barriers. __syncthreads is a CTA barrier;
 // each warp collective (shuffle, ldmatrix, mma) is an exchange through per-warp slots between two
 // warp barriers, so a collective reached by only part of a warp deadlocks (a bug, as on a GPU).
 // The semantics implemented here are taken from the PTX ISA, independently of the layout notes in
@@ -28,11 +29,10 @@
 #include <string.h>
 
 #include <atomic>
-#include <barrier>
 #include <cmath>
 #include <functional>
 #include <memory>
-#include <thread>
+#include <ucontext.h>
 #include <vector>
 
 #define __global__
@@ -73,68 +73,94 @@ inline int max(int a, int b) { return a > b ? a : b; }
 inline long long min(long long a, long long b) { return a < b ? a : b; }
 inline long long max(long long a, long long b) { return a > b ? a : b; }
 
-// ---- execution model ----
+// ---- execution model: one fiber (ucontext) per CUDA thread, all on one OS thread ----
 struct dim3e {
     unsigned x = 0, y = 0, z = 0;
 };
 namespace emu {
-inline thread_local dim3e tl_thread, tl_block;
-inline dim3e g_grid, g_blockdim;
 inline bool g_early_copy = false;  // cp.async at issue instead of at wait
 
 constexpr size_t kArena = 256 * 1024;
 alignas(16) inline unsigned char g_smem[kArena];
 
-struct Cta {
-    int nthreads;
-    std::barrier<> all;
-    std::vector<std::unique_ptr<std::barrier<>>> warp;
-    // per-warp exchange slots: 32 lanes × up to 16 words
-    std::vector<uint32_t> slot;
-    std::atomic<int> or_count{0};
-    explicit Cta(int n) : nthreads(n), all(n), slot((size_t)(n / 32) * 32 * 16) {
-        for (int w = 0; w < n / 32; ++w) warp.emplace_back(new std::barrier<>(32));
-    }
-};
-inline Cta* g_cta = nullptr;
-
-inline int tid() { return (int)tl_thread.x; }
-inline int warp_id() { return tid() / 32; }
-inline int lane_id() { return tid() % 32; }
-inline uint32_t* slots(int lane) { return &g_cta->slot[((size_t)warp_id() * 32 + lane) * 16]; }
-inline void warp_sync() { g_cta->warp[warp_id()]->arrive_and_wait(); }
-
-// pending cp.async copies of this thread, by group
+// pending cp.async copies of a thread, by group
 struct Copy {
     void* dst;
     const void* src;
     int n, valid;
 };
-inline thread_local std::vector<Copy> tl_open;
-inline thread_local std::vector<std::vector<Copy>> tl_groups;
 inline void do_copy(const Copy& c) {
     if (c.valid)
         memcpy(c.dst, c.src, c.n);
     else
         memset(c.dst, 0, c.n);
 }
+
+struct Fiber {
+    ucontext_t ctx;
+    std::vector<char> stack;
+    dim3e tidx, bidx;
+    std::vector<Copy> open;
+    std::vector<std::vector<Copy>> groups;
+    bool done = false;
+};
+
+struct Barrier {
+    int count = 0, arrived = 0;
+    unsigned long gen = 0;
+};
+
+struct Cta {
+    int nthreads;
+    Barrier all;
+    std::vector<Barrier> warp;
+    std::vector<uint32_t> slot;  // per-warp exchange slots: 32 lanes × 16 words
+    int or_count = 0;
+    explicit Cta(int n) : nthreads(n), warp(n / 32), slot((size_t)n * 16) {
+        all.count = n;
+        for (auto& w : warp) w.count = 32;
+    }
+};
+
+inline dim3e g_grid, g_blockdim;
+inline Cta* g_cta = nullptr;
+inline Fiber* g_cur = nullptr;
+inline ucontext_t g_sched;
+inline unsigned long g_progress = 0;
+
+inline void yield() { swapcontext(&g_cur->ctx, &g_sched); }
+inline void wait(Barrier& b) {
+    const unsigned long gen = b.gen;
+    ++g_progress;
+    if (++b.arrived == b.count) {
+        b.arrived = 0;
+        ++b.gen;
+        return;
+    }
+    while (b.gen == gen) yield();
+}
+
+inline int tid() { return (int)g_cur->tidx.x; }
+inline int warp_id() { return tid() / 32; }
+inline int lane_id() { return tid() % 32; }
+inline uint32_t* slots(int lane) { return &g_cta->slot[((size_t)warp_id() * 32 + lane) * 16]; }
+inline void warp_sync() { wait(g_cta->warp[warp_id()]); }
 }  // namespace emu
 
-#define threadIdx (emu::tl_thread)
-#define blockIdx (emu::tl_block)
+#define threadIdx (emu::g_cur->tidx)
+#define blockIdx (emu::g_cur->bidx)
 #define gridDim (emu::g_grid)
 #define blockDim (emu::g_blockdim)
 
-inline void __syncthreads() { emu::g_cta->all.arrive_and_wait(); }
+inline void __syncthreads() { emu::wait(emu::g_cta->all); }
 inline int __syncthreads_or(int p) {
-    // three phases: clear is ordered before the adds by the first barrier
-    emu::g_cta->all.arrive_and_wait();
-    if (p) emu::g_cta->or_count.fetch_add(1);
-    emu::g_cta->all.arrive_and_wait();
-    int r = emu::g_cta->or_count.load() != 0;
-    emu::g_cta->all.arrive_and_wait();
-    if (emu::tid() == 0) emu::g_cta->or_count.store(0);
-    emu::g_cta->all.arrive_and_wait();
+    emu::wait(emu::g_cta->all);
+    if (p) ++emu::g_cta->or_count;
+    emu::wait(emu::g_cta->all);
+    const int r = emu::g_cta->or_count != 0;
+    emu::wait(emu::g_cta->all);
+    if (emu::tid() == 0) emu::g_cta->or_count = 0;
+    emu::wait(emu::g_cta->all);
     return r;
 }
 inline float __shfl_xor_sync(unsigned, float x, int o) {
@@ -257,7 +283,7 @@ inline void cp_async_impl(uint32_t dst, const void* src, int n, bool valid) {
     if (emu::g_early_copy)
         emu::do_copy(c);
     else
-        emu::tl_open.push_back(c);
+        emu::g_cur->open.push_back(c);
 }
 inline void cp_async_16(uint32_t dst, const void* src, bool valid) {
     if ((uintptr_t)src % 16) {
@@ -270,14 +296,15 @@ inline void cp_async_4(uint32_t dst, const void* src, bool valid) {
     cp_async_impl(dst, src, 4, valid);
 }
 inline void cp_async_commit() {
-    emu::tl_groups.push_back(std::move(emu::tl_open));
-    emu::tl_open.clear();
+    emu::g_cur->groups.push_back(std::move(emu::g_cur->open));
+    emu::g_cur->open.clear();
 }
 template <int N>
 inline void cp_async_wait() {
-    while ((int)emu::tl_groups.size() > N) {
-        for (auto& c : emu::tl_groups.front()) emu::do_copy(c);
-        emu::tl_groups.erase(emu::tl_groups.begin());
+    auto& gr = emu::g_cur->groups;
+    while ((int)gr.size() > N) {
+        for (auto& c : gr.front()) emu::do_copy(c);
+        gr.erase(gr.begin());
     }
 }
 
@@ -290,31 +317,59 @@ inline float exp2_approx(float x) { return exp2f(x); }
 }  // namespace attn
 
 namespace emu {
-// Runs kernel() for every CTA of the grid, one CTA at a time, `threads` std::threads each.
+inline const std::function<void()>* g_kernel = nullptr;
+inline void fiber_main() {
+    (*g_kernel)();
+    g_cur->done = true;
+    ++g_progress;
+    // returning resumes uc_link (the scheduler)
+}
+
+// Runs kernel() for every CTA of the grid, one CTA at a time, `threads` fibers each, scheduled
+// round-robin; a full round without progress (every fiber waiting) is reported as a deadlock.
 inline void launch(dim3e grid, int threads, const std::function<void()>& kernel) {
     g_grid = grid;
     g_blockdim = dim3e{(unsigned)threads, 1, 1};
+    g_kernel = &kernel;
+    constexpr size_t kStack = 256 * 1024;
+    std::vector<Fiber> fib(threads);
+    for (auto& f : fib) f.stack.resize(kStack);
     for (unsigned z = 0; z < grid.z; ++z)
         for (unsigned y = 0; y < grid.y; ++y)
             for (unsigned x = 0; x < grid.x; ++x) {
                 memset(g_smem, 0xff, kArena);  // garbage (NaN bf16 pairs) in fresh shared memory
                 Cta cta(threads);
                 g_cta = &cta;
-                std::vector<std::thread> th;
-                for (int t = 0; t < threads; ++t)
-                    th.emplace_back([&, t] {
-                        tl_thread = dim3e{(unsigned)t, 0, 0};
-                        tl_block = dim3e{x, y, z};
-                        tl_open.clear();
-                        tl_groups.clear();
-                        kernel();
-                        if (!tl_open.empty() || !tl_groups.empty()) {
-                            // copies never waited for: harmless on a GPU only if unused
-                            tl_open.clear();
-                            tl_groups.clear();
-                        }
-                    });
-                for (auto& t : th) t.join();
+                for (int t = 0; t < threads; ++t) {
+                    Fiber& f = fib[t];
+                    f.tidx = dim3e{(unsigned)t, 0, 0};
+                    f.bidx = dim3e{x, y, z};
+                    f.open.clear();
+                    f.groups.clear();
+                    f.done = false;
+                    getcontext(&f.ctx);
+                    f.ctx.uc_stack.ss_sp = f.stack.data();
+                    f.ctx.uc_stack.ss_size = f.stack.size();
+                    f.ctx.uc_link = &g_sched;
+                    makecontext(&f.ctx, fiber_main, 0);
+                }
+                int live = threads;
+                while (live > 0) {
+                    const unsigned long before = g_progress;
+                    live = 0;
+                    for (auto& f : fib) {
+                        if (f.done) continue;
+                        g_cur = &f;
+                        swapcontext(&g_sched, &f.ctx);
+                        g_cur = nullptr;
+                        if (!f.done) ++live;
+                    }
+                    if (live > 0 && g_progress == before) {
+                        fprintf(stderr, "emu: deadlock in CTA (%u, %u, %u): %d threads waiting\n", x,
+                                y, z, live);
+                        abort();
+                    }
+                }
                 g_cta = nullptr;
             }
 }

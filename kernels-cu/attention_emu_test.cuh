@@ -2,8 +2,8 @@
 // attention_emu.cuh and compares with a double-precision port of engine/src/ops.rs
 // (attention_fwd, attention_bwd, attention_cached). Not part of the PTX build (a .cuh).
 //
-//   g++ -std=c++20 -O2 -pthread -DATTN_HOST_EMU -x c++ kernels-cu/attention_emu_test.cuh \
-//       -o /tmp/attn_emu && /tmp/attn_emu [quick]
+//   g++ -std=c++20 -O2 -DATTN_HOST_EMU -x c++ kernels-cu/attention_emu_test.cuh \
+//       -o /tmp/attn_emu && /tmp/attn_emu [quick|smoke]
 //
 // Exit status 0 when every case is within tolerance.
 
@@ -324,9 +324,17 @@ void run_cached(int b, int tq, int tmax, int nh, int nkv, int hd, uint32_t seed)
 }  // namespace test
 
 int main(int argc, char** argv) {
-    const bool quick = argc > 1 && std::string(argv[1]) == "quick";
+    // modes: (none) everything; quick: no early-copy runs; smoke: the fast path with doc only
+    const std::string mode = argc > 1 ? argv[1] : "";
+    const bool quick = mode == "quick" || mode == "smoke";
     using test::Dims;
     uint32_t seed = 1;
+    if (mode == "smoke") {
+        test::run_case(Dims{2, 150, 4, 2, 64}, true, true, false, 1);
+        test::run_case(Dims{2, 150, 4, 2, 128}, true, true, false, 2);
+        printf(test::failures ? "FAILED: %d checks\n" : "all checks passed\n", test::failures);
+        return test::failures ? 1 : 0;
+    }
     // fast path: both head dims, GQA, doc, lengths off the tile grid, both cp.async orders
     for (int hd : {64, 128})
         for (bool doc : {false, true})
