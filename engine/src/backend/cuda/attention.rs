@@ -108,17 +108,27 @@ fn use_fast(hd: usize, ptrs: &[u64]) -> bool {
     !naive_forced() && (hd == 64 || hd == 128) && ptrs.iter().all(|p| p % 16 == 0)
 }
 
-fn opt_in_smem(f: &CudaFunction, name: &str, bytes: u32) -> Result<()> {
-    // Above 48 KB a kernel must opt in to its dynamic shared memory. Setting it on every call is
-    // one cheap driver call; the value never changes per function.
-    if bytes > 48 * 1024 {
-        f.set_attribute(
+/// The fast kernel `name`, opted in to `smem` bytes of dynamic shared memory (needed above
+/// 48 KB; one cheap driver call, repeated per launch). `None`, with a one-time warning, when the
+/// device cannot give that much per block: the caller then takes the naive path.
+fn fast_kernel(cx: &Cuda, name: &str, smem: u32) -> Result<Option<CudaFunction>> {
+    let f = cx.func(MODULE, name)?;
+    if smem > 48 * 1024 {
+        if let Err(e) = f.set_attribute(
             CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes as i32,
-        )
-        .map_err(|e| dev_err(&format!("{name}: {bytes} bytes of shared memory"), e))?;
+            smem as i32,
+        ) {
+            static WARNED: OnceLock<()> = OnceLock::new();
+            WARNED.get_or_init(|| {
+                eprintln!(
+                    "warning: attention: {name} needs {smem} bytes of shared memory per block \
+                     ({e:?}); using the naive attention kernels"
+                )
+            });
+            return Ok(None);
+        }
     }
-    Ok(())
+    Ok(Some(f))
 }
 
 /// out [b, t, nh, hd], lse [b, t, nh] from q [b, t, nh, hd], k, v [b, t, nkv, hd] and optional
@@ -153,15 +163,18 @@ pub(super) fn attention_fwd(
     let scale = 1.0f32 / (hd as f32).sqrt();
     let stream = cx.stream();
 
-    if use_fast(hd, &[o_p, q_p, k_p, v_p]) {
-        let name = if hd == 64 {
-            "attention_fwd_bf16_hd64"
-        } else {
-            "attention_fwd_bf16_hd128"
-        };
-        let f = cx.func(MODULE, name)?;
-        let smem = fwd_smem_bytes(hd);
-        opt_in_smem(&f, name, smem)?;
+    let name = if hd == 64 {
+        "attention_fwd_bf16_hd64"
+    } else {
+        "attention_fwd_bf16_hd128"
+    };
+    let smem = fwd_smem_bytes(hd);
+    let fast = if use_fast(hd, &[o_p, q_p, k_p, v_p]) {
+        fast_kernel(cx, name, smem)?
+    } else {
+        None
+    };
+    if let Some(f) = fast {
         let cfg = LaunchConfig {
             grid_dim: (
                 grid_u32("query blocks", t.div_ceil(FWD_BM), i32::MAX as usize)?,
@@ -267,14 +280,25 @@ pub(super) fn attention_bwd(
     let scale = 1.0f32 / (hd as f32).sqrt();
     let stream = cx.stream();
 
-    // Scratch, allocated per call from the stream (stream-ordered, pooled by the driver when the
-    // context supports async allocation): D = rowsum(dout ∘ out) [b·t·nh] and, on the fast path,
-    // the f32 dQ accumulator [b·t·nh·hd]. Both are passed to the launches as CudaSlices, so cudarc
-    // orders their release after the kernels that use them.
+    // Scratch from the backend's f32 workspace (valid for this call's work on the stream):
+    // D = rowsum(dout ∘ out) [b·t·nh] at the start, then on the fast path the f32 dQ accumulator
+    // [b·t·nh·hd] at a 16-byte aligned offset, zeroed here in stream order.
     let rows = b * t * nh;
-    let mut dsum = stream
-        .alloc_zeros::<f32>(rows)
-        .map_err(|e| dev_err("allocating D", e))?;
+    let acc_off = rows.next_multiple_of(4);
+    let name = if hd == 64 {
+        "attention_bwd_bf16_hd64"
+    } else {
+        "attention_bwd_bf16_hd128"
+    };
+    let smem = bwd_smem_bytes(hd);
+    let fast = if use_fast(hd, &[dq_p, dk_p, dv_p, do_p, q_p, k_p, v_p]) {
+        fast_kernel(cx, name, smem)?
+    } else {
+        None
+    };
+    let scratch = cx.scratch_f32(acc_off + if fast.is_some() { nq } else { 0 })?;
+    let dsum_p = scratch;
+    let acc_p = scratch + (acc_off * 4) as u64;
 
     // D[row] = Σ_d dout·out, one warp per row.
     {
@@ -291,25 +315,18 @@ pub(super) fn attention_bwd(
         };
         let rows_i = i64_of(rows);
         let mut l = stream.launch_builder(&f);
-        l.arg(&mut dsum).arg(&do_p).arg(&o_p).arg(&rows_i).arg(&hdi);
+        l.arg(&dsum_p).arg(&do_p).arg(&o_p).arg(&rows_i).arg(&hdi);
         // SAFETY: attention_bwd_preprocess_bf16(float* D, const bf16* dout, const bf16* out,
-        // i64 rows, i64 hd): D has `rows` elements (allocated above), dout and out have rows·hd
-        // (checked); the kernel returns for warps past `rows`.
+        // i64 rows, i64 hd): the scratch holds ≥ `rows` f32 at D, dout and out have rows·hd
+        // elements (checked); the kernel returns for warps past `rows`.
         unsafe { l.launch(cfg) }.map_err(|e| dev_err(name, e))?;
     }
 
-    if use_fast(hd, &[dq_p, dk_p, dv_p, do_p, q_p, k_p, v_p]) {
-        let mut dq_acc = stream
-            .alloc_zeros::<f32>(nq)
-            .map_err(|e| dev_err("allocating the dQ accumulator", e))?;
-        let name = if hd == 64 {
-            "attention_bwd_bf16_hd64"
-        } else {
-            "attention_bwd_bf16_hd128"
-        };
-        let f = cx.func(MODULE, name)?;
-        let smem = bwd_smem_bytes(hd);
-        opt_in_smem(&f, name, smem)?;
+    if let Some(f) = fast {
+        // SAFETY: zeroes nq·4 bytes at acc_p, inside the scratch of acc_off + nq f32 obtained
+        // above, asynchronously on the stream every kernel of this op runs on.
+        unsafe { cudarc::driver::result::memset_d8_async(acc_p, 0, nq * 4, stream.cu_stream()) }
+            .map_err(|e| dev_err("zeroing the dQ accumulator", e))?;
         let cfg = LaunchConfig {
             grid_dim: (
                 grid_u32("key blocks", t.div_ceil(BWD_BN), i32::MAX as usize)?,
@@ -321,7 +338,7 @@ pub(super) fn attention_bwd(
         };
         {
             let mut l = stream.launch_builder(&f);
-            l.arg(&mut dq_acc)
+            l.arg(&acc_p)
                 .arg(&dk_p)
                 .arg(&dv_p)
                 .arg(&do_p)
@@ -329,7 +346,7 @@ pub(super) fn attention_bwd(
                 .arg(&k_p)
                 .arg(&v_p)
                 .arg(&l_p)
-                .arg(&dsum)
+                .arg(&dsum_p)
                 .arg(&doc_p)
                 .arg(&bi)
                 .arg(&ti)
@@ -338,8 +355,8 @@ pub(super) fn attention_bwd(
                 .arg(&scale);
             // SAFETY: matches attention_bwd_bf16_hd{64,128}(float* dq_accum, bf16* dk, dv,
             // const bf16* dout, q, k, v, const float* lse, D, const int* doc, i64 b, t, nh, nkv,
-            // float scale); dq_accum (zeroed) and D have b·t·nh·hd and b·t·nh elements, every
-            // other length was checked; the views are live device memory of this stream's
+            // float scale); dq_accum (zeroed) and D lie in the scratch with b·t·nh·hd and
+            // b·t·nh f32, every other length was checked; the views are live device memory of this stream's
             // context; the kernel bounds every key and query by t.
             unsafe { l.launch(cfg) }.map_err(|e| dev_err(name, e))?;
         }
@@ -352,9 +369,10 @@ pub(super) fn attention_bwd(
         };
         let nq_i = i64_of(nq);
         let mut l = stream.launch_builder(&f);
-        l.arg(&dq_p).arg(&dq_acc).arg(&nq_i).arg(&scale);
+        l.arg(&dq_p).arg(&acc_p).arg(&nq_i).arg(&scale);
         // SAFETY: attention_bwd_dq_convert_bf16(bf16* dq, const float* acc, i64 n, float scale)
-        // with dq and acc of n elements each (checked / allocated); grid-stride loop bounded by n.
+        // with dq and acc of n elements each (checked / in the scratch); grid-stride loop bounded
+        // by n.
         unsafe { l.launch(cfg) }.map_err(|e| dev_err(name, e))?;
     } else {
         let name = "attention_bwd_naive_dq_bf16";
@@ -376,7 +394,7 @@ pub(super) fn attention_bwd(
                 .arg(&k_p)
                 .arg(&v_p)
                 .arg(&l_p)
-                .arg(&dsum)
+                .arg(&dsum_p)
                 .arg(&doc_p)
                 .arg(&bi)
                 .arg(&ti)
@@ -385,7 +403,7 @@ pub(super) fn attention_bwd(
                 .arg(&hdi)
                 .arg(&scale);
             // SAFETY: matches attention_bwd_naive_dq_bf16(dq, dout, q, k, v, lse, D, doc, b, t,
-            // nh, nkv, hd, scale); lengths checked, D allocated with b·t·nh elements, hd ≤ 256;
+            // nh, nkv, hd, scale); lengths checked, D in the scratch with b·t·nh f32, hd ≤ 256;
             // one CTA per (query row, head, batch).
             unsafe { l.launch(cfg) }.map_err(|e| dev_err(name, e))?;
         }
@@ -408,7 +426,7 @@ pub(super) fn attention_bwd(
             .arg(&k_p)
             .arg(&v_p)
             .arg(&l_p)
-            .arg(&dsum)
+            .arg(&dsum_p)
             .arg(&doc_p)
             .arg(&bi)
             .arg(&ti)
@@ -451,14 +469,10 @@ pub(super) fn attention_cached(
     check_len("q", q.len(), b * tq * nh * hd)?;
     check_len("qpos", qpos.len(), b * tq)?;
     let per_seq = tmax * nkv * hd;
-    if kcache.len() != vcache.len()
-        || per_seq == 0
-        || !kcache.len().is_multiple_of(per_seq)
-        || kcache.len() / per_seq < b
-    {
+    if kcache.len() != vcache.len() || per_seq == 0 || kcache.len() < b * per_seq {
         return Err(Error::Shape(format!(
-            "attention_cached: caches of {} and {} elements, expected equal multiples of \
-             tmax·nkv·hd = {per_seq} holding at least b = {b} sequences",
+            "attention_cached: caches of {} and {} elements, expected equal lengths of at least \
+             b·tmax·nkv·hd = {b}·{per_seq}",
             kcache.len(),
             vcache.len()
         )));
