@@ -300,6 +300,25 @@ enum BenchCmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Every CUDA kernel on Llama 2 7B and ~1B shapes: time, GB/s or TFLOP/s, and the fraction
+    /// of this run's copy bandwidth and bf16 GEMM TFLOP/s.
+    Kernels {
+        #[arg(long, default_value = "cuda")]
+        device: Device,
+        /// Which shapes: 7b, 1b or all.
+        #[arg(long, default_value = "all")]
+        config: String,
+        /// Timed repetitions per kernel (after one warm-up call).
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+        /// Also time PyTorch's equivalents (scripts/torch_kernel_bench.py; python from
+        /// $LLAMA2_PYTHON or python3).
+        #[arg(long)]
+        vs_torch: bool,
+        /// Write the report as JSON too.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 fn bench(cmd: BenchCmd) -> Result<()> {
@@ -331,6 +350,39 @@ fn bench(cmd: BenchCmd) -> Result<()> {
                 };
                 trainer::bench::run(be, &cfg)?
             });
+            rep.print();
+            if let Some(p) = json {
+                std::fs::write(&p, serde_json::to_string_pretty(&rep)?)
+                    .with_context(|| format!("writing {}", p.display()))?;
+            }
+        }
+        BenchCmd::Kernels {
+            device,
+            config,
+            reps,
+            vs_torch,
+            json,
+        } => {
+            use trainer::kernel_bench::{Config, Shapes};
+            let n = match device {
+                Device::Cuda(n) => n,
+                Device::Cpu => bail!("bench kernels times the CUDA kernels: use --device cuda[:N]"),
+            };
+            let cx = trainer::device::open_cuda(n)?;
+            let shapes = match config.as_str() {
+                "7b" => vec![Shapes::llama2_7b()],
+                "1b" => vec![Shapes::llama_1b()],
+                "all" => vec![Shapes::llama2_7b(), Shapes::llama_1b()],
+                other => bail!("--config {other}: expected 7b, 1b or all"),
+            };
+            let rep = trainer::kernel_bench::run(
+                &cx,
+                &Config {
+                    shapes,
+                    reps,
+                    vs_torch,
+                },
+            )?;
             rep.print();
             if let Some(p) = json {
                 std::fs::write(&p, serde_json::to_string_pretty(&rep)?)

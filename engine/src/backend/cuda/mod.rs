@@ -507,6 +507,31 @@ impl Cuda {
         &self.inner.name
     }
 
+    /// Mean milliseconds per call of `f`, timed with CUDA events on the backend's stream over
+    /// `reps` calls after one warm-up call (the host only enqueues; the events time the GPU).
+    pub fn time_ms(&self, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+        let ev = || {
+            self.inner
+                .ctx
+                .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| self.dev_err("creating an event", e))
+        };
+        let (start, end) = (ev()?, ev()?);
+        f()?;
+        start
+            .record(&self.inner.stream)
+            .map_err(|e| self.dev_err("recording an event", e))?;
+        for _ in 0..reps.max(1) {
+            f()?;
+        }
+        end.record(&self.inner.stream)
+            .map_err(|e| self.dev_err("recording an event", e))?;
+        let ms = start
+            .elapsed_ms(&end)
+            .map_err(|e| self.dev_err("timing (a kernel may have failed)", e))?;
+        Ok(ms as f64 / reps.max(1) as f64)
+    }
+
     /// Keeps `reduce` alive for as long as `reduce_ptr` is used.
     #[allow(dead_code)]
     fn reduce_buf(&self) -> &CudaSlice<f64> {
