@@ -45,6 +45,7 @@ pub(super) fn gemm(
     let (m, n, k) = (int(m, "m")?, int(n, "n")?, int(k, "k")?);
     let (lda, ldb, ldc) = (int(lda, "lda")?, int(ldb, "ldb")?, int(ldc, "ldc")?);
     let alpha = 1f32;
+    cx.bind()?;
     let c_type = if c_f32 {
         cudaDataType::CUDA_R_32F
     } else {

@@ -405,6 +405,7 @@ impl Cuda {
             args.len() <= MAX_ARGS,
             "at most {MAX_ARGS} kernel arguments"
         );
+        self.bind()?;
         let mut ptrs = [std::ptr::null_mut::<c_void>(); MAX_ARGS];
         for (p, a) in ptrs.iter_mut().zip(args.iter_mut()) {
             *p = a as *mut u64 as *mut c_void;
@@ -424,6 +425,15 @@ impl Cuda {
             )
         }
         .map_err(|e| Error::Device(format!("launching a kernel: {e}")))
+    }
+
+    /// Makes this GPU's context current on the calling thread (the raw driver calls need it;
+    /// a no-op when it already is).
+    pub fn bind(&self) -> Result<()> {
+        self.inner
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| self.dev_err("binding the CUDA context to this thread", e))
     }
 
     /// Workspace of at least `len` f32 on the backend's stream, returned as a device pointer.

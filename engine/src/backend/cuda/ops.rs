@@ -69,6 +69,7 @@ impl Cuda {
         launch!(self, "reduce", "reduce_sum_f32", parts as u32, BLOCK, 0; partials, x, n, square as i32)?;
         launch!(self, "reduce", "reduce_finish_f64", 1, 1024, 0; out, partials, parts)?;
         let mut host = [0f64; 1];
+        self.bind()?;
         // SAFETY: `out` is the backend's own 1025-element f64 buffer; the copy is ordered after
         // the kernels on the same stream and completes before synchronize returns.
         unsafe {
@@ -122,6 +123,7 @@ impl Backend for Cuda {
         if dst.is_empty() {
             return Ok(());
         }
+        self.bind()?;
         // SAFETY: src holds at least dst.len() elements of T (checked); the copy is complete
         // when synchronize returns, before dst can be used again.
         unsafe {
@@ -135,6 +137,7 @@ impl Backend for Cuda {
         if src.is_empty() {
             return Ok(());
         }
+        self.bind()?;
         // SAFETY: dst holds at least src.len() elements (checked). From pageable host memory the
         // driver stages the data before returning, so src may be reused once this returns.
         unsafe {
@@ -147,6 +150,7 @@ impl Backend for Cuda {
         if src.is_empty() {
             return Ok(());
         }
+        self.bind()?;
         // SAFETY: both views hold src.len() elements of T (checked).
         unsafe {
             cudarc::driver::result::memcpy_dtod_async(
@@ -162,6 +166,7 @@ impl Backend for Cuda {
         if dst.is_empty() {
             return Ok(());
         }
+        self.bind()?;
         // SAFETY: writes exactly the view's bytes.
         unsafe {
             cudarc::driver::result::memset_d8_async(
@@ -322,6 +327,7 @@ impl Backend for Cuda {
         p.plan.extend_from_slice(&p.seg_id);
         let plan = &p.plan;
         let dev = self.scratch_i32(plan.len())?;
+        self.bind()?;
         // SAFETY: the scratch buffer holds at least plan.len() i32; the host data is staged by
         // the driver before the call returns.
         unsafe {
