@@ -346,6 +346,7 @@ int main(int argc, char** argv) {
         test::run_case(Dims{1, 64, 2, 2, 64}, false, true, false, seed++);     // one exact tile
         test::run_case(Dims{3, 260, 4, 1, 128}, true, true, false, seed++);   // group 4, 3 docs
         test::run_case(Dims{1, 17, 3, 3, 128}, false, true, true, seed++);    // tiny t
+        test::run_case(Dims{2, 1, 2, 1, 64}, true, true, false, seed++);      // t = 1
     }
     // naive path (any head dim)
     for (int hd : {64, 80})
