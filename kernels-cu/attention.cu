@@ -71,7 +71,7 @@
 //   attention_fwd_naive_bf16             44      48      128
 //   attention_bwd_naive_dq_bf16          40      48      128
 //   attention_bwd_naive_dkdv_bf16        48      56      128
-//   attention_cached_bf16                73      64      256
+//   attention_cached_bf16                80      90      256
 // (The engine ships compute_80 PTX that the driver JIT-compiles; its ptxas may allocate a few
 // registers differently. The fast backward is close to the 255 limit: check for spills with
 // `nvcc -cubin -arch=sm_90 -Xptxas -v` after any change to it.)
@@ -941,6 +941,8 @@ __device__ __forceinline__ void kernel(bf16* __restrict__ out, const bf16* __res
     }
     float m = -CUDART_INF_F, l = 0.f;
     const i64 base = seq * TMAX * NKV;  // row (seq, j) of the caches at (base + j·NKV + kvh)·HD
+    // unrolled so that the loads of several keys are in flight together (decode is latency-bound)
+#pragma unroll 4
     for (i64 j = warp; j <= p; j += kWarps) {
         const i64 off = ((base + j * NKV) + kvh) * HD;
         float s = 0.f;

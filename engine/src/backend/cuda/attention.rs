@@ -20,16 +20,18 @@ use crate::error::{Error, Result};
 const MODULE: &str = "attention";
 /// Largest head dim of the naive and KV-cache kernels (two dims per thread of 128 / 32 lanes × 8).
 const MAX_HD: usize = 256;
-/// Query rows per CTA of the fast forward; keys per CTA of the fast backward.
+/// Query rows per CTA and keys per tile of the fast forward; keys per CTA of the fast backward
+/// (attention.cu `fwd::BM`, `fwd::BN`, `bwd::BN`).
 const FWD_BM: usize = 64;
+const FWD_BN: usize = 64;
 const BWD_BN: usize = 128;
 
 /// Dynamic shared memory of the fast forward; must equal `fwd::Smem<HD>::BYTES` in attention.cu
 /// (static_asserted there with these numbers).
 fn fwd_smem_bytes(hd: usize) -> u32 {
     let ld = hd + 8;
-    // Q [64][ld] + K, V [2][64][ld] bf16 + key doc ids [2][64] i32
-    (FWD_BM * ld * 2 + 4 * 64 * ld * 2 + 2 * 64 * 4) as u32
+    // Q [BM][ld] + K, V [2][BN][ld] bf16 + key doc ids [2][BN] i32
+    (FWD_BM * ld * 2 + 4 * FWD_BN * ld * 2 + 2 * FWD_BN * 4) as u32
 }
 
 /// Dynamic shared memory of the fast backward; must equal `bwd::Smem<HD>::BYTES`.
