@@ -23,7 +23,9 @@
 // ------------------------------------------------------------------------------------------------
 // Fast forward (attention_fwd_bf16_hd{HD}): one CTA per (query block of BM = 64 rows, head, batch),
 // 4 warps × 16 query rows; key/value tiles of BN = 64 rows. Grid (ceil(t/64), nh, b), the query
-// block index reversed (blockIdx.x = 0 is the last, i.e. heaviest, causal block).
+// block index reversed (blockIdx.x = 0 is the last, i.e. heaviest, causal block). blockIdx.x
+// varies fastest, so the CTAs in flight together share one head's K/V in L2; within a head the
+// heaviest blocks start first.
 //   * Q (64×HD) is copied once with cp.async and kept in registers as A fragments (HD/16 × 4 b32).
 //   * K, V tiles: cp.async, double-buffered (tile n+1 is in flight while tile n is computed).
 //   * S = Q·Kᵀ (16×64 per warp, fp32) with mma.m16n8k16, B fragments by ldmatrix.x4 of K.
@@ -42,11 +44,12 @@
 // Fast backward (attention_bwd_bf16_hd{HD}): one CTA per (key block of BN = 128 keys, kv head,
 // batch), 8 warps × 16 keys. Grid (ceil(t/128), nkv, b); blockIdx.x = 0 (the heaviest causal key
 // block, seen by every query) first. The CTA loops over the nh/nkv query heads of its KV head and
-// over the query blocks of BM rows (64 for HD 64, 32 for HD 128) that can see its keys (from the block of its first key to
-// the end of the sequence, or to the end of the last key's document with doc). Per step:
-//   Sᵀ = K_w·Qᵀ (16×BM per warp)              Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e), masked → 0
-//   dV_w += Pᵀ·dO                          dPᵀ = V_w·dOᵀ
-//   dSᵀ = Pᵀ ∘ (dPᵀ − D)                  dK_w += dSᵀ·Q
+// over the query blocks of BM rows (64 for HD 64, 32 for HD 128) that can see its keys (from the
+// block of its first key to the end of the sequence, or to the end of the last key's document
+// with doc). Per step, for warp w's 16 keys:
+//   Sᵀ = K_w·Qᵀ (16×BM)                 Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e), masked → 0
+//   dV_w += Pᵀ·dO                        dPᵀ = V_w·dOᵀ
+//   dSᵀ = Pᵀ ∘ (dPᵀ − D)                dK_w += dSᵀ·Q
 //   dSᵀ → shared memory (bf16), then dQ[BM×HD] += dS·K split over the 8 warps in 16×32 units,
 //   added with fp32 atomicAdd into dq_accum [b, t, nh, hd].
 // dK, dV (16×HD per warp each) stay in registers over all steps: the GQA group sum needs no
@@ -56,8 +59,8 @@
 // block recomputing S, P, dP) costs three extra products. The f32 accumulator is b·t·nh·hd·4
 // bytes of scratch plus a convert kernel.
 //   Shared memory: K, V 2·128·(HD+8)·2 + Q, dO 2·2·BM·(HD+8)·2 + dSᵀ 128·(BM+8)·2
-//     + lse, D 2·2·BM·4
-//     + doc ids (2·BM + 128)·4 = 94,208 B (HD 64, BM 64), 115,968 B (HD 128, BM 32).
+//     + lse, D 2·2·BM·4 + doc ids (2·BM + 128)·4
+//     = 94,208 B (HD 64, BM 64), 115,968 B (HD 128, BM 32).
 //
 // Registers per thread reported by ptxas (CUDA 13.0, -O3; 0 bytes spill stores/loads and 0 bytes
 // stack frame for every entry point on both targets; dynamic shared memory as listed above):
