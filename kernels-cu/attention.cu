@@ -910,9 +910,11 @@ __device__ __forceinline__ void bwd_dkdv(bf16* __restrict__ dk, bf16* __restrict
 }  // namespace naive
 
 // ================================================================================================
-// Attention against a KV cache: one CTA of 8 warps per (query row r, head h), grid (b·tq, nh). Warp w takes keys
-// w, w + 8, ...; lanes split the head dim (d = lane + 32e); online softmax per warp, then the 8
-// partial (m, l, o) are merged in shared memory. Any hd ≤ 256.
+// Attention against a KV cache: one CTA of 8 warps per (query row r, head h), grid (b·tq, nh).
+// Warp w takes keys w, w + 8, ...; lanes split the head dim (d = lane + 32e); online softmax per
+// warp, then the 8 partial (m, l, o) are merged in shared memory. Any hd ≤ 256. Simple rather than
+// fast: decode at long context would gain from splitting the keys over several CTAs
+// (flash-decoding) and from serving the query heads of a KV group together.
 // ================================================================================================
 
 namespace cached {
