@@ -165,7 +165,8 @@ void ref_cached(vector<float>& out, const vector<float>& q, const vector<float>&
 
 int failures = 0;
 
-// max |got − want| / max(|want|) over the tensor, and no non-finite value
+// max |got − want| / max(|want|) over the tensor (the max floored at 0.01: a zero reference, as
+// dq and dk at t = 1, allows rounding noise), and no non-finite value
 void check(const char* what, const vector<float>& got, const vector<float>& want, double tol) {
     double maxerr = 0, maxref = 0;
     bool finite = true;
@@ -179,7 +180,7 @@ void check(const char* what, const vector<float>& got, const vector<float>& want
         }
         maxref = std::max(maxref, std::fabs((double)want[i]));
     }
-    const double rel = maxerr / std::max(maxref, 1e-30);
+    const double rel = maxerr / std::max(maxref, 1e-2);
     const bool ok = finite && rel <= tol && got.size() == want.size();
     printf("  %-34s max|err| %.3e  max|ref| %.3e  rel %.2e  %s", what, maxerr, maxref, rel,
            ok ? "ok" : "FAIL");
@@ -324,6 +325,7 @@ void run_cached(int b, int tq, int tmax, int nh, int nkv, int hd, uint32_t seed)
 }  // namespace test
 
 int main(int argc, char** argv) {
+    setvbuf(stdout, nullptr, _IOLBF, 0);
     // modes: (none) everything; quick: no early-copy runs; smoke: the fast path with doc only
     const std::string mode = argc > 1 ? argv[1] : "";
     const bool quick = mode == "quick" || mode == "smoke";
