@@ -75,9 +75,10 @@
 //   attention_bwd_naive_dq_bf16          40      48      128
 //   attention_bwd_naive_dkdv_bf16        48      56      128
 //   attention_cached_bf16                80      90      256
-// (The engine ships compute_80 PTX that the driver JIT-compiles; its ptxas may allocate a few
-// registers differently. The fast backward is close to the 255 limit: check for spills with
-// `nvcc -cubin -arch=sm_90 -Xptxas -v` after any change to it.)
+// (The engine ships compute_80 PTX that the driver JIT-compiles. Assembling that PTX for sm_90
+// with CUDA 13.0's ptxas, as scripts/check-ptx.sh does, gives the same counts (naive fwd 40);
+// an older driver's JIT may differ by a few. The fast backward is close to the 255 limit: rerun
+// scripts/check-ptx.sh after any change to it.)
 //
 // Correctness test without a GPU: attention_emu_test.cuh runs this file's kernels on the CPU under
 // an emulation of the warp collectives (attention_emu.cuh) against a port of ops.rs.
