@@ -30,8 +30,8 @@ impl Tolerances {
     /// are O(1)–O(10) after a few layers whose errors add up. Logits and the loss get 5e-2
     /// absolute (≈ 10 roundings of a magnitude-2 value); gradients 3e-2 of each tensor's
     /// largest entry (bf16 activations in both passes, f32 accumulation in every reduction).
-    /// These are the bounds a correct bf16 implementation meets on the tiny fixtures, not a
-    /// measurement: no GPU has run them yet, so widen only with a measured reason.
+    /// These are estimates from that arithmetic, not measurements (no GPU has run the fixtures
+    /// yet): tighten or widen them only with a measured reason.
     pub const BF16: Tolerances = Tolerances {
         abs: 5e-2,
         rel: 3e-2,
