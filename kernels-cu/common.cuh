@@ -4,8 +4,19 @@
 // Conventions (every kernel): pointers are passed as 64-bit device addresses, sizes as int64_t
 // ("64-bit indices in kernels"); outputs first, then inputs, then weights, then dims.
 #pragma once
+#ifdef LLAMA2_HOST_EMU
+#include "ops_emu.cuh"  // the CPU emulation behind ops_emu_test.cuh
+#else
 #include <cuda_bf16.h>
+#endif
 #include <stdint.h>
+
+// Dynamic shared memory of type T (16-byte aligned for T = float4).
+#ifdef LLAMA2_HOST_EMU
+#define DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(emu::g_smem)
+#else
+#define DYNAMIC_SMEM(T, name) extern __shared__ T name[]
+#endif
 
 typedef __nv_bfloat16 bf16;
 

@@ -47,7 +47,7 @@ extern "C" __global__ void __launch_bounds__(256)
 extern "C" __global__ void __launch_bounds__(256)
     rmsnorm_bwd_bf16(bf16* dx, float* part, const bf16* dout, const bf16* x, const bf16* w,
                      const float* rstd, int64_t n, int64_t h, int64_t rows_per_block) {
-    extern __shared__ float4 dwp_storage[];  // float4: 16-byte aligned for the vector path
+    DYNAMIC_SMEM(float4, dwp_storage);  // float4: 16-byte aligned for the vector path
     float* dwp = reinterpret_cast<float*>(dwp_storage);
     __shared__ float sh[32];
     const bool vec = aligned16(dx) && aligned16(dout) && aligned16(x) && aligned16(w) &&
