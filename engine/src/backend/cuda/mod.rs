@@ -160,52 +160,70 @@ impl<'a, T> DMut<'a, T> {
 
 /// Something a kernel takes by value: device pointers as u64, sizes as i64, scalars as f32/i32.
 /// Stored in 8 bytes; CUDA reads the parameter's own size from the start (little-endian).
+/// `CODE` is the PTX parameter kind it must meet: `q` 64-bit integer or pointer, `f` f32,
+/// `i` 32-bit integer (checked against the kernel's PTX signature at launch).
 pub trait KernelArg {
+    const CODE: u8;
     fn bits(self) -> u64;
 }
 impl KernelArg for u64 {
+    const CODE: u8 = b'q';
     fn bits(self) -> u64 {
         self
     }
 }
 impl KernelArg for i64 {
+    const CODE: u8 = b'q';
     fn bits(self) -> u64 {
         self as u64
     }
 }
 impl KernelArg for usize {
+    const CODE: u8 = b'q';
     /// Sizes go to kernels as int64_t.
     fn bits(self) -> u64 {
         self as u64
     }
 }
 impl KernelArg for f32 {
+    const CODE: u8 = b'f';
     fn bits(self) -> u64 {
         self.to_bits() as u64
     }
 }
 impl KernelArg for i32 {
+    const CODE: u8 = b'i';
     fn bits(self) -> u64 {
         self as u32 as u64
     }
 }
 impl<T> KernelArg for DRef<'_, T> {
+    const CODE: u8 = b'q';
     fn bits(self) -> u64 {
         self.ptr
     }
 }
 impl<T> KernelArg for &DMut<'_, T> {
+    const CODE: u8 = b'q';
     fn bits(self) -> u64 {
         self.ptr
     }
 }
 
+/// (bits, PTX kind) of one kernel argument; used by `launch!`.
+pub fn kernel_arg<A: KernelArg>(a: A) -> (u64, u8) {
+    (a.bits(), A::CODE)
+}
+
 /// Launches `module::name` on the backend's stream: `launch!(cx, "rmsnorm", "rmsnorm_fwd_bf16",
-/// grid, block, smem; out, rstd, x, w, n, h, eps)`. Arguments are [`KernelArg`]s.
+/// grid, block, smem; out, rstd, x, w, n, h, eps)`. Arguments are [`KernelArg`]s; their kinds
+/// are checked against the kernel's PTX parameter list before the launch.
 macro_rules! launch {
     ($cx:expr, $module:expr, $name:expr, $grid:expr, $block:expr, $smem:expr; $($arg:expr),+ $(,)?) => {{
-        let mut vals = [$($crate::backend::cuda::KernelArg::bits($arg)),+];
-        $cx.launch($module, $name, $grid, $block, $smem, &mut vals)
+        let args = [$($crate::backend::cuda::kernel_arg($arg)),+];
+        let mut vals = args.map(|a| a.0);
+        let kinds = args.map(|a| a.1);
+        $cx.launch($module, $name, $grid, $block, $smem, &mut vals, &kinds)
     }};
 }
 pub(crate) use launch;
@@ -230,7 +248,8 @@ struct Inner {
     sm_count: u32,
     hopper: bool,
     modules: Mutex<Vec<Option<Arc<CudaModule>>>>,
-    funcs: Mutex<Vec<(String, String, CudaFunction)>>,
+    /// Loaded functions with their PTX parameter kinds (see [`KernelArg::CODE`]).
+    funcs: Mutex<Vec<(String, String, CudaFunction, Vec<u8>)>>,
     scratch_f32: Mutex<Option<CudaSlice<u8>>>,
     scratch_i32: Mutex<Option<CudaSlice<u8>>>,
     /// [0]: a reduction's result, [1..=1024]: its per-block partials.
@@ -329,10 +348,16 @@ impl Cuda {
     /// Each module is loaded once, on first use (its compute_90a build on an sm_90 GPU when the
     /// file asked for one); functions are cached, so this is a short lock and a scan.
     pub fn func(&self, module: &str, name: &str) -> Result<CudaFunction> {
+        self.func_sig(module, name).map(|(f, _)| f)
+    }
+
+    /// [`Cuda::func`] with the kernel's PTX parameter kinds.
+    fn func_sig(&self, module: &str, name: &str) -> Result<(CudaFunction, Vec<u8>)> {
         {
             let funcs = self.inner.funcs.lock().unwrap();
-            if let Some((_, _, f)) = funcs.iter().find(|(m, n, _)| m == module && n == name) {
-                return Ok(f.clone());
+            if let Some((_, _, f, sig)) = funcs.iter().find(|(m, n, _, _)| m == module && n == name)
+            {
+                return Ok((f.clone(), sig.clone()));
             }
         }
         let idx = registry::PTX
@@ -343,14 +368,15 @@ impl Cuda {
                     "kernel module `{module}` is not in this build (expected kernels-cu/{module}.cu)"
                 ))
             })?;
+        let hopper_ptx = registry::PTX_SM90A
+            .iter()
+            .find(|(m, _)| *m == module)
+            .filter(|_| self.inner.hopper);
+        let ptx = hopper_ptx.unwrap_or(&registry::PTX[idx]).1;
+        let sig = ptx_params(ptx, name).unwrap_or_default();
         let module_arc = {
             let mut mods = self.inner.modules.lock().unwrap();
             if mods[idx].is_none() {
-                let hopper_ptx = registry::PTX_SM90A
-                    .iter()
-                    .find(|(m, _)| *m == module)
-                    .filter(|_| self.inner.hopper);
-                let ptx = hopper_ptx.unwrap_or(&registry::PTX[idx]).1;
                 let m = self
                     .inner
                     .ctx
@@ -368,16 +394,19 @@ impl Cuda {
         let f = module_arc.load_function(name).map_err(|e| {
             Error::Device(format!("kernel `{name}` in kernels-cu/{module}.cu: {e}"))
         })?;
-        self.inner
-            .funcs
-            .lock()
-            .unwrap()
-            .push((module.to_string(), name.to_string(), f.clone()));
-        Ok(f)
+        self.inner.funcs.lock().unwrap().push((
+            module.to_string(),
+            name.to_string(),
+            f.clone(),
+            sig.clone(),
+        ));
+        Ok((f, sig))
     }
 
-    /// Launches `module::name` with a 1-D grid; `args` are the parameters' bits, one u64 each
-    /// (see [`KernelArg`]; the `launch!` macro builds them).
+    /// Launches `module::name` with a 1-D grid; `args` are the parameters' bits, one u64 each,
+    /// and `kinds` their [`KernelArg::CODE`]s, which must match the kernel's PTX parameters (the
+    /// `launch!` macro builds both).
+    #[allow(clippy::too_many_arguments)]
     pub fn launch(
         &self,
         module: &str,
@@ -386,8 +415,17 @@ impl Cuda {
         block: u32,
         smem: u32,
         args: &mut [u64],
+        kinds: &[u8],
     ) -> Result<()> {
-        let f = self.func(module, name)?;
+        let (f, sig) = self.func_sig(module, name)?;
+        if sig != kinds {
+            return Err(Error::Device(format!(
+                "kernel `{name}` (kernels-cu/{module}.cu) takes parameters `{}` but the launch \
+                 passes `{}` (q: 64-bit, f: f32, i: i32): the Rust call and the kernel disagree",
+                String::from_utf8_lossy(&sig),
+                String::from_utf8_lossy(kinds)
+            )));
+        }
         self.launch_func(&f, (grid.max(1), 1, 1), (block, 1, 1), smem, args)
     }
 
@@ -547,6 +585,37 @@ impl Cuda {
     fn reduce_buf(&self) -> &CudaSlice<f64> {
         &self.inner.reduce
     }
+}
+
+/// The parameter kinds of kernel `name` in PTX text (`q` 64-bit integer or pointer, `f` f32,
+/// `i` 32-bit integer, `?` anything else), or None if the PTX has no such entry.
+pub fn ptx_params(ptx: &str, name: &str) -> Option<Vec<u8>> {
+    let start = ptx.find(&format!(".entry {name}("))?;
+    let body = &ptx[start..];
+    let end = body.find(')')?;
+    Some(
+        body[..end]
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix(".param "))
+            .map(|p| {
+                let ty = p.split_whitespace().next().unwrap_or("");
+                match ty {
+                    ".u64" | ".s64" | ".b64" => b'q',
+                    ".f32" => b'f',
+                    ".u32" | ".s32" | ".b32" => b'i',
+                    _ => b'?',
+                }
+            })
+            .collect(),
+    )
+}
+
+/// The embedded PTX of module `module` (None in builds without kernels).
+pub fn module_ptx(module: &str) -> Option<&'static str> {
+    registry::PTX
+        .iter()
+        .find(|(m, _)| *m == module)
+        .map(|(_, p)| *p)
 }
 
 /// The raw device address of a cudarc allocation.
