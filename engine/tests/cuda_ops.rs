@@ -195,7 +195,7 @@ fn elementwise_add_swiglu_rows() {
             0.0,
         );
         let mut cache = cx.alloc::<bf16>(nsrc * w).unwrap();
-        let distinct: Vec<i32> = (0..97).map(|i| (i * 3 + 1) as i32).collect();
+        let distinct: Vec<i32> = (0..97).map(|i| i * 3 + 1).collect();
         let dd = up(&cx, &distinct);
         cx.scatter_rows(
             Cuda::all_mut(&mut cache),

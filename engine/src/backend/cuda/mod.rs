@@ -239,6 +239,9 @@ pub(crate) struct EmbedPlan {
     pub plan: Vec<i32>,
 }
 
+/// (module, entry name, function, PTX parameter kinds).
+type LoadedFn = (String, String, CudaFunction, Vec<u8>);
+
 struct Inner {
     ordinal: usize,
     ctx: Arc<CudaContext>,
@@ -249,7 +252,7 @@ struct Inner {
     hopper: bool,
     modules: Mutex<Vec<Option<Arc<CudaModule>>>>,
     /// Loaded functions with their PTX parameter kinds (see [`KernelArg::CODE`]).
-    funcs: Mutex<Vec<(String, String, CudaFunction, Vec<u8>)>>,
+    funcs: Mutex<Vec<LoadedFn>>,
     scratch_f32: Mutex<Option<CudaSlice<u8>>>,
     scratch_i32: Mutex<Option<CudaSlice<u8>>>,
     /// [0]: a reduction's result, [1..=1024]: its per-block partials.

@@ -41,7 +41,7 @@ fn len_at_least(op: &str, name: &str, got: usize, want: usize) -> Result<()> {
 }
 
 fn rows_of(op: &str, len: usize, w: usize) -> Result<usize> {
-    check(w > 0 && len % w == 0, || {
+    check(w > 0 && len.is_multiple_of(w), || {
         format!("{op}: length {len} is not a multiple of the row width {w}")
     })?;
     Ok(len / w)
@@ -474,7 +474,7 @@ impl Backend for Cuda {
         qpos: DRef<'_, i32>,
         d: CacheDims,
     ) -> Result<()> {
-        check(d.nkv > 0 && d.nh % d.nkv == 0, || {
+        check(d.nkv > 0 && d.nh.is_multiple_of(d.nkv), || {
             format!("attention_cached: {} heads over {} KV heads", d.nh, d.nkv)
         })?;
         len_is("attention_cached", "q", q.len(), d.b * d.tq * d.nh * d.hd)?;
@@ -720,7 +720,7 @@ impl Cuda {
     ) -> Result<()> {
         let n = pos.len();
         len_is(kernel, "x", x.len(), n * heads * hd)?;
-        check(hd % 2 == 0 && hd <= 1024, || {
+        check(hd.is_multiple_of(2) && hd <= 1024, || {
             format!("{kernel}: head_dim {hd} must be even and at most 1024")
         })?;
         if n == 0 || heads == 0 {
@@ -739,7 +739,7 @@ fn check_attn(
     v: usize,
     doc: Option<usize>,
 ) -> Result<()> {
-    check(d.nkv > 0 && d.nh % d.nkv == 0, || {
+    check(d.nkv > 0 && d.nh.is_multiple_of(d.nkv), || {
         format!(
             "{op}: {} query heads are not a multiple of {} KV heads",
             d.nh, d.nkv
