@@ -17,9 +17,88 @@ use std::ffi::c_void;
 const N: cublasOperation_t = cublasOperation_t::CUBLAS_OP_N;
 const T: cublasOperation_t = cublasOperation_t::CUBLAS_OP_T;
 
+/// One column-major GEMM, C (m x n) = op(A) op(B) + beta C, as cuBLAS takes it. Operands are
+/// named by which row-major buffer they are; the three matmuls below only choose these fields,
+/// so the CPU test at the end of this file can check the mapping against ops::matmul_*.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct GemmCall {
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub lda: usize,
+    pub ldb: usize,
+    pub ldc: usize,
+    pub beta: f32,
+}
+
+/// out[n, o] = x[n, i] · w[o, i]ᵀ: A = w, B = x, C = out.
+pub(super) fn fwd_call(n: usize, i: usize, o: usize) -> GemmCall {
+    GemmCall {
+        trans_a: true,
+        trans_b: false,
+        m: o,
+        n,
+        k: i,
+        lda: i,
+        ldb: i,
+        ldc: o,
+        beta: 0.0,
+    }
+}
+
+/// dx[n, i] (+)= dy[n, o] · w[o, i]: A = w, B = dy, C = dx.
+pub(super) fn bwd_data_call(n: usize, i: usize, o: usize, accumulate: bool) -> GemmCall {
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    GemmCall {
+        trans_a: false,
+        trans_b: false,
+        m: i,
+        n,
+        k: o,
+        lda: i,
+        ldb: o,
+        ldc: i,
+        beta,
+    }
+}
+
+/// dw[o, i] += dy[n, o]ᵀ · x[n, i]: A = x, B = dy, C = dw (f32).
+pub(super) fn bwd_weight_call(n: usize, i: usize, o: usize) -> GemmCall {
+    GemmCall {
+        trans_a: false,
+        trans_b: true,
+        m: i,
+        n: o,
+        k: n,
+        lda: i,
+        ldb: o,
+        ldc: i,
+        beta: 1.0,
+    }
+}
+
+fn gemm(cx: &Cuda, g: GemmCall, a: u64, b: u64, c: u64, c_f32: bool) -> Result<()> {
+    let op = |t: bool| if t { T } else { N };
+    gemm_raw(
+        cx,
+        (op(g.trans_a), op(g.trans_b)),
+        (g.m, g.n, g.k),
+        a,
+        g.lda,
+        b,
+        g.ldb,
+        c,
+        g.ldc,
+        c_f32,
+        g.beta,
+    )
+}
+
 /// C (m x n, col-major) = alpha op(A) op(B) + beta C with bf16 A/B, f32 compute.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn gemm(
+fn gemm_raw(
     cx: &Cuda,
     (ta, tb): (cublasOperation_t, cublasOperation_t),
     (m, n, k): (usize, usize, usize),
@@ -90,7 +169,7 @@ pub(super) fn matmul_fwd(
     i: usize,
     o: usize,
 ) -> Result<()> {
-    gemm(cx, (T, N), (o, n, i), w, i, x, i, out, o, false, 0.0)
+    gemm(cx, fwd_call(n, i, o), w, x, out, false)
 }
 
 /// dx[n, i] (+)= dy[n, o] · w[o, i]
@@ -105,8 +184,7 @@ pub(super) fn matmul_bwd_data(
     o: usize,
     accumulate: bool,
 ) -> Result<()> {
-    let beta = if accumulate { 1.0 } else { 0.0 };
-    gemm(cx, (N, N), (i, n, o), w, i, dy, o, dx, i, false, beta)
+    gemm(cx, bwd_data_call(n, i, o, accumulate), w, dy, dx, false)
 }
 
 /// dw[o, i] += dy[n, o]ᵀ · x[n, i]  (dw f32)
@@ -119,5 +197,80 @@ pub(super) fn matmul_bwd_weight(
     i: usize,
     o: usize,
 ) -> Result<()> {
-    gemm(cx, (N, T), (i, o, n), x, i, dy, o, dw, i, true, 1.0)
+    gemm(cx, bwd_weight_call(n, i, o), x, dy, dw, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// cuBLAS's semantics on the CPU: column-major, element (r, c) of an ld-strided matrix at
+    /// r + c * ld; op(X) = Xᵀ when transposed.
+    fn gemm_cm(g: GemmCall, a: &[f32], b: &[f32], c: &mut [f32]) {
+        let at = |r: usize, cc: usize| {
+            if g.trans_a {
+                a[cc + r * g.lda]
+            } else {
+                a[r + cc * g.lda]
+            }
+        };
+        let bt = |r: usize, cc: usize| {
+            if g.trans_b {
+                b[cc + r * g.ldb]
+            } else {
+                b[r + cc * g.ldb]
+            }
+        };
+        for col in 0..g.n {
+            for row in 0..g.m {
+                let acc: f32 = (0..g.k).map(|p| at(row, p) * bt(p, col)).sum();
+                let dst = &mut c[row + col * g.ldc];
+                *dst = acc + g.beta * *dst;
+            }
+        }
+    }
+
+    fn vals(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|j| (((j * 7 + seed * 13) % 23) as f32 - 11.0) / 8.0)
+            .collect()
+    }
+
+    fn close(a: &[f32], b: &[f32]) {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
+        }
+    }
+
+    /// The matmuls' cuBLAS parameters reproduce ops::matmul_* exactly (layouts, transposes,
+    /// leading dimensions, accumulation) on odd shapes.
+    #[test]
+    fn gemm_calls_match_the_cpu_matmuls() {
+        let (n, i, o) = (5, 7, 3);
+        let x = vals(n * i, 1);
+        let w = vals(o * i, 2);
+        let dy = vals(n * o, 3);
+
+        let mut want = vec![0f32; n * o];
+        crate::ops::matmul_fwd(&mut want, &x, &w, n, i, o);
+        let mut got = vec![0f32; n * o];
+        gemm_cm(fwd_call(n, i, o), &w, &x, &mut got);
+        close(&got, &want);
+
+        for acc in [false, true] {
+            let start = vals(n * i, 4);
+            let mut want = start.clone();
+            crate::ops::matmul_bwd_data(&mut want, &dy, &w, n, i, o, acc);
+            let mut got = start.clone();
+            gemm_cm(bwd_data_call(n, i, o, acc), &w, &dy, &mut got);
+            close(&got, &want);
+        }
+
+        let start = vals(o * i, 5);
+        let mut want = start.clone();
+        crate::ops::matmul_bwd_weight(&mut want, &dy, &x, n, i, o);
+        let mut got = start;
+        gemm_cm(bwd_weight_call(n, i, o), &x, &dy, &mut got);
+        close(&got, &want);
+    }
 }
