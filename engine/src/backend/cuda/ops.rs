@@ -304,27 +304,7 @@ impl Backend for Cuda {
                 "embedding_bwd: token id {bad} at position {t} is outside the vocabulary (0..{vocab})"
             )));
         }
-        p.order.clear();
-        p.order.extend(0..n as i32);
-        let idv = &p.ids;
-        // Keys are unique (id, token), so the unstable sort keeps token order within an id.
-        p.order.sort_unstable_by_key(|&t| (idv[t as usize], t));
-        p.seg.clear();
-        p.seg_id.clear();
-        for (k, &t) in p.order.iter().enumerate() {
-            let id = p.ids[t as usize];
-            if p.seg_id.last() != Some(&id) {
-                p.seg.push(k as i32);
-                p.seg_id.push(id);
-            }
-        }
-        p.seg.push(n as i32);
-        let u = p.seg_id.len();
-        // plan = [tok (n) | seg (U + 1) | seg_id (U)]
-        p.plan.clear();
-        p.plan.extend_from_slice(&p.order);
-        p.plan.extend_from_slice(&p.seg);
-        p.plan.extend_from_slice(&p.seg_id);
+        let u = p.build();
         let plan = &p.plan;
         let dev = self.scratch_i32(plan.len())?;
         self.bind()?;
@@ -752,4 +732,49 @@ fn check_attn(
         len_is(op, "doc", doc, d.b * d.t)?;
     }
     Ok(())
+}
+
+impl super::EmbedPlan {
+    /// Groups the token indices of `self.ids` by id: `plan` = [tok (n) | seg (U + 1) | seg_id
+    /// (U)], tokens in order within a group, groups by ascending id. Returns U.
+    pub(crate) fn build(&mut self) -> usize {
+        let n = self.ids.len();
+        self.order.clear();
+        self.order.extend(0..n as i32);
+        let idv = &self.ids;
+        // Keys are unique (id, token), so the unstable sort keeps token order within an id.
+        self.order.sort_unstable_by_key(|&t| (idv[t as usize], t));
+        self.seg.clear();
+        self.seg_id.clear();
+        for (k, &t) in self.order.iter().enumerate() {
+            let id = self.ids[t as usize];
+            if self.seg_id.last() != Some(&id) {
+                self.seg.push(k as i32);
+                self.seg_id.push(id);
+            }
+        }
+        self.seg.push(n as i32);
+        self.plan.clear();
+        self.plan.extend_from_slice(&self.order);
+        self.plan.extend_from_slice(&self.seg);
+        self.plan.extend_from_slice(&self.seg_id);
+        self.seg_id.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn embedding_plan_groups_tokens_by_id_in_order() {
+        let mut p = super::super::EmbedPlan {
+            ids: vec![5, 2, 5, 9, 2, 5],
+            ..Default::default()
+        };
+        let u = p.build();
+        assert_eq!(u, 3);
+        // tok: id 2 at tokens 1, 4; id 5 at 0, 2, 5; id 9 at 3
+        assert_eq!(&p.plan[..6], &[1, 4, 0, 2, 5, 3]);
+        assert_eq!(&p.plan[6..10], &[0, 2, 5, 6]); // seg
+        assert_eq!(&p.plan[10..], &[2, 5, 9]); // seg_id
+    }
 }
