@@ -7,7 +7,24 @@ use engine::tokenizer::Tokenizer;
 use engine::Cpu;
 use std::io::Read;
 use std::path::PathBuf;
-use trainer::device::{require_cpu, Device};
+use trainer::device::Device;
+
+/// Runs `$body` with `$be` bound to the backend `--device` names: the model and trainer code is
+/// generic over the backend, so each command is compiled once per backend.
+macro_rules! on_device {
+    ($dev:expr, |$be:ident| $body:expr) => {
+        match $dev {
+            Device::Cpu => {
+                let $be = engine::Cpu;
+                $body
+            }
+            Device::Cuda(n) => {
+                let $be = trainer::device::open_cuda(n)?;
+                $body
+            }
+        }
+    };
+}
 
 #[derive(Parser)]
 #[command(
@@ -29,12 +46,14 @@ enum Cmd {
         dir: PathBuf,
         #[arg(long, default_value = "cpu")]
         device: Device,
-        /// Absolute bound for logits, loss and rewards.
-        #[arg(long, default_value_t = Tolerances::F32.abs)]
-        atol: f32,
-        /// Bound for gradients, relative to each tensor's largest reference entry.
-        #[arg(long, default_value_t = Tolerances::F32.rel)]
-        rtol: f32,
+        /// Absolute bound for logits, loss and rewards (default 2e-5 on the CPU, the bf16 bound
+        /// of engine::check::Tolerances::BF16 on CUDA).
+        #[arg(long)]
+        atol: Option<f32>,
+        /// Bound for gradients, relative to each tensor's largest reference entry (default 1e-4
+        /// on the CPU, Tolerances::BF16 on CUDA).
+        #[arg(long)]
+        rtol: Option<f32>,
     },
     /// Tokenize stdin and print the ids as a JSON array (or decode a JSON array with --decode).
     Tokenize {
@@ -320,6 +339,25 @@ enum BenchCmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Every CUDA kernel on Llama 2 7B and ~1B shapes: time, GB/s or TFLOP/s, and the fraction
+    /// of this run's copy bandwidth and bf16 GEMM TFLOP/s.
+    Kernels {
+        #[arg(long, default_value = "cuda")]
+        device: Device,
+        /// Which shapes: 7b, 1b or all.
+        #[arg(long, default_value = "all")]
+        config: String,
+        /// Timed repetitions per kernel (after one warm-up call).
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+        /// Also time PyTorch's equivalents (scripts/torch_kernel_bench.py; python from
+        /// $LLAMA2_PYTHON or python3).
+        #[arg(long)]
+        vs_torch: bool,
+        /// Write the report as JSON too.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 fn bench(cmd: BenchCmd) -> Result<()> {
@@ -334,22 +372,56 @@ fn bench(cmd: BenchCmd) -> Result<()> {
             vs_torch,
             json,
         } => {
-            require_cpu(device)?;
             let model = if std::path::Path::new(&config).is_file() {
                 engine::LlamaConfig::from_file(std::path::Path::new(&config))?
             } else {
                 engine::LlamaConfig::preset(&config)?
             };
-            let cfg = trainer::bench::BenchConfig {
-                model,
-                seq_len,
-                batch_size,
-                steps,
-                warmup,
-                vs_torch,
-                device_name: engine::Backend::name(&Cpu),
+            let rep = on_device!(device, |be| {
+                let cfg = trainer::bench::BenchConfig {
+                    model,
+                    seq_len,
+                    batch_size,
+                    steps,
+                    warmup,
+                    vs_torch,
+                    device_name: engine::Backend::name(&be),
+                };
+                trainer::bench::run(be, &cfg)?
+            });
+            rep.print();
+            if let Some(p) = json {
+                std::fs::write(&p, serde_json::to_string_pretty(&rep)?)
+                    .with_context(|| format!("writing {}", p.display()))?;
+            }
+        }
+        BenchCmd::Kernels {
+            device,
+            config,
+            reps,
+            vs_torch,
+            json,
+        } => {
+            use trainer::kernel_bench::{Config, Shapes};
+            let n = match device {
+                Device::Cuda(n) => n,
+                Device::Cpu => bail!("bench kernels times the CUDA kernels: use --device cuda[:N]"),
             };
-            let rep = trainer::bench::run(Cpu, &cfg)?;
+            let cx = trainer::device::open_cuda(n)?;
+            let shapes = match config.as_str() {
+                "7b" => vec![Shapes::llama2_7b()],
+                "1b" => vec![Shapes::llama_1b()],
+                "all" => vec![Shapes::llama2_7b(), Shapes::llama_1b()],
+                other => bail!("--config {other}: expected 7b, 1b or all"),
+            };
+            let rep = trainer::kernel_bench::run(
+                &cx,
+                &Config {
+                    shapes,
+                    reps,
+                    vs_torch,
+                },
+            )?;
             rep.print();
             if let Some(p) = json {
                 std::fs::write(&p, serde_json::to_string_pretty(&rep)?)
@@ -449,7 +521,6 @@ struct ScoreArgs {
 
 fn train_rm(a: TrainRmArgs) -> Result<()> {
     use trainer::rm::{train, RmConfig};
-    require_cpu(a.device)?;
     let kind = a.kind.parse().map_err(anyhow::Error::msg)?;
     let mut c = RmConfig::new(a.init, a.data, a.out, kind);
     c.margin = a.margin.parse().map_err(anyhow::Error::msg)?;
@@ -469,7 +540,7 @@ fn train_rm(a: TrainRmArgs) -> Result<()> {
         c.calibration = w;
     }
     c.progress = !a.no_progress;
-    let rep = train(Cpu, &c)?;
+    let rep = on_device!(a.device, |be| train(be, &c)?);
     println!(
         "{} reward model: {} steps on {} pairs ({} held out), last loss {:.4}, batch accuracy {:.3}",
         rep.kind.name(),
@@ -896,7 +967,6 @@ fn chat_cmd(a: ChatArgs) -> Result<()> {
 
 fn sft(a: SftArgs) -> Result<()> {
     use trainer::pretrain::{resume_config, run, DataSpec, TrainConfig};
-    require_cpu(a.device)?;
     let cfg = if let Some(r) = &a.resume {
         let mut c = resume_config(r, a.steps)?;
         c.progress = !a.no_progress;
@@ -928,7 +998,7 @@ fn sft(a: SftArgs) -> Result<()> {
         c.progress = !a.no_progress;
         c
     };
-    let rep = run(Cpu, cfg.clone(), a.resume.as_deref())?;
+    let rep = on_device!(a.device, |be| run(be, cfg.clone(), a.resume.as_deref())?);
     if let Some(l) = rep.logs.last() {
         println!(
             "step {}: loss {:.4}{}",
@@ -1024,7 +1094,6 @@ struct PretrainArgs {
 
 fn pretrain(a: PretrainArgs) -> Result<()> {
     use trainer::pretrain::{resume_config, run, ModelSource, PretrainConfig};
-    require_cpu(a.device)?;
     let cfg = if let Some(r) = &a.resume {
         let mut c = resume_config(r, a.steps)?;
         c.progress = !a.no_progress;
@@ -1072,7 +1141,7 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     };
     println!(
         "pretrain on {}: {} steps of {} tokens (batch {} x seq {} x accum {}), peak lr {:.2e}, warmup {}",
-        engine::Backend::name(&Cpu),
+        a.device,
         cfg.steps,
         cfg.batch_size * cfg.seq_len * cfg.grad_accum,
         cfg.batch_size,
@@ -1081,7 +1150,7 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         cfg.lr,
         cfg.warmup
     );
-    let rep = run(Cpu, cfg.clone(), a.resume.as_deref())?;
+    let rep = on_device!(a.device, |be| run(be, cfg.clone(), a.resume.as_deref())?);
     if let Some(l) = rep.logs.last() {
         println!(
             "step {}: loss {:.4}{}, {:.0} tok/s",
@@ -1133,21 +1202,26 @@ fn run() -> Result<()> {
             atol,
             rtol,
         } => {
-            require_cpu(device)?;
-            println!(
-                "checking {} on {}",
-                dir.display(),
-                engine::Backend::name(&Cpu)
-            );
-            let rep = check_fixture(
-                Cpu,
-                &dir,
-                Tolerances {
-                    abs: atol,
-                    rel: rtol,
-                },
-            )
-            .with_context(|| format!("fixture {}", dir.display()))?;
+            // bf16 compute needs the wider bounds unless they are given explicitly.
+            let base = match device {
+                Device::Cpu => Tolerances::F32,
+                Device::Cuda(_) => Tolerances::BF16,
+            };
+            let tol = Tolerances {
+                abs: atol.unwrap_or(base.abs),
+                rel: rtol.unwrap_or(base.rel),
+            };
+            let rep = on_device!(device, |be| {
+                println!(
+                    "checking {} on {} (atol {:e}, rtol {:e})",
+                    dir.display(),
+                    engine::Backend::name(&be),
+                    tol.abs,
+                    tol.rel
+                );
+                check_fixture(be, &dir, tol)
+                    .with_context(|| format!("fixture {}", dir.display()))?
+            });
             println!("{}", rep.to_table());
             if rep.failed() > 0 {
                 std::process::exit(1);
@@ -1444,7 +1518,6 @@ fn run() -> Result<()> {
             ppo_from,
             no_progress,
         } => {
-            require_cpu(device)?;
             if config != "tiny" {
                 bail!("--config {config}: only `tiny` is sized for the pipeline on a CPU (larger presets need the CUDA backend)");
             }
@@ -1456,12 +1529,14 @@ fn run() -> Result<()> {
                 progress: !no_progress,
                 ..Default::default()
             };
-            println!(
-                "llama2 pipeline `{name}` on {}: writing {}",
-                engine::Backend::name(&Cpu),
-                cfg.out.display()
-            );
-            let rep = trainer::pipeline::run(Cpu, &cfg)?;
+            let rep = on_device!(device, |be| {
+                println!(
+                    "llama2 pipeline `{name}` on {}: writing {}",
+                    engine::Backend::name(&be),
+                    cfg.out.display()
+                );
+                trainer::pipeline::run(be, &cfg)?
+            });
             println!(
                 "{}",
                 std::fs::read_to_string(cfg.out.join("report.md")).unwrap_or_default()

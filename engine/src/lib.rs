@@ -15,6 +15,7 @@ pub mod params;
 pub mod tokenizer;
 
 pub use backend::cpu::Cpu;
+pub use backend::cuda::Cuda;
 pub use backend::Backend;
 pub use config::LlamaConfig;
 pub use error::{Error, Result};

@@ -23,18 +23,36 @@ impl std::str::FromStr for Device {
     }
 }
 
-/// `auto` picks CUDA when the engine has a CUDA backend and a driver with a GPU is present;
-/// this build has only the CPU backend, so it is the CPU.
-fn resolve_auto() -> Device {
-    Device::Cpu
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
 }
 
-/// Fails with a message that says what to do when a device is not available in this build.
+/// `auto` picks CUDA (GPU 0) when a driver with a GPU is present and this build has compiled
+/// kernels, else the CPU.
+fn resolve_auto() -> Device {
+    if engine::backend::cuda::KERNELS_COMPILED && engine::backend::cuda::cuda_available() {
+        Device::Cuda(0)
+    } else {
+        Device::Cpu
+    }
+}
+
+/// Opens the CUDA backend on GPU `n`, with a message that says what to do when it cannot.
+pub fn open_cuda(n: usize) -> Result<engine::Cuda> {
+    engine::Cuda::new(n).map_err(|e| anyhow::anyhow!("--device cuda:{n}: {e}"))
+}
+
+/// Fails with a message that says what to do when a command runs only on the CPU.
 pub fn require_cpu(d: Device) -> Result<()> {
     match d {
         Device::Cpu => Ok(()),
-        Device::Cuda(n) => bail!(
-            "--device cuda:{n}: this build has no CUDA backend yet (the CPU backend is the reference); use --device cpu"
-        ),
+        Device::Cuda(n) => {
+            bail!("--device cuda:{n}: this command runs on the CPU only; use --device cpu")
+        }
     }
 }

@@ -7,6 +7,7 @@ pub mod device;
 pub mod distill;
 pub mod evaluate;
 pub mod gatt;
+pub mod kernel_bench;
 pub mod metrics;
 pub mod pipeline;
 pub mod ppo;

@@ -6,6 +6,7 @@
 //! order: outputs, inputs, weights, dims. Weight-gradient outputs are f32 and accumulate.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::elem::{Elem, Float};
 use crate::error::Result;
