@@ -1470,7 +1470,6 @@ fn run() -> Result<()> {
             seed,
             no_progress,
         } => {
-            require_cpu(device)?;
             let sft = trainer::rlhf::checkpoint_of(&sft)?;
             let mut cfg = trainer::rlhf::RlhfConfig::new(sft, world, out.clone(), rounds);
             cfg.ppo_from = ppo_from;
@@ -1482,11 +1481,12 @@ fn run() -> Result<()> {
             cfg.progress = !no_progress;
             let t0 = std::time::Instant::now();
             let quiet = no_progress;
-            let rep = trainer::rlhf::run(Cpu, &cfg, &|m| {
+            let say = |m: &str| {
                 if !quiet {
                     eprintln!("[{:>6.1}s] {m}", t0.elapsed().as_secs_f64());
                 }
-            })?;
+            };
+            let rep = on_device!(device, |be| trainer::rlhf::run(be, &cfg, &say)?);
             println!("| stage | sampled R_c | greedy R_c | accuracy | helpfulness | safety | false refusals | KL to SFT |");
             println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
             for e in &rep.stages {
