@@ -92,3 +92,44 @@ fn kernel_signatures_match_the_launches() {
         );
     }
 }
+
+/// The attention kernels' real source (flash forward and backward on mma.sync/ldmatrix/cp.async,
+/// the fallback path and the KV-cache kernel) under the same emulation, against a double-precision
+/// port of `engine::ops` attention: head_dim 64 and 128, query-head groups of 1, 2 and 4, document
+/// masks with padding and one-token runs, T from 1 to 260 (`quick`: without the runs that issue
+/// cp.async copies early, which the full `attention_emu_test` binary adds). Skips without g++.
+#[test]
+fn attention_kernels_match_the_cpu_reference_under_emulation() {
+    if Command::new("g++").arg("--version").output().is_err() {
+        println!("skipped: g++ not found (the emulation test compiles the kernels with it)");
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let src = root.join("kernels-cu/attention_emu_test.cuh");
+    let exe = std::env::temp_dir().join(format!("llama2_attn_emu_{}", std::process::id()));
+    let out = Command::new("g++")
+        .args(["-std=c++20", "-O2", "-DATTN_HOST_EMU", "-x", "c++"])
+        .arg(&src)
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .expect("running g++");
+    assert!(
+        out.status.success(),
+        "compiling {} failed:\n{}",
+        src.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = Command::new(&exe)
+        .arg("quick")
+        .output()
+        .expect("running the attention emulation test");
+    let _ = std::fs::remove_file(&exe);
+    let text = String::from_utf8_lossy(&run.stdout);
+    println!("{text}");
+    assert!(
+        run.status.success() && text.contains("all checks passed"),
+        "attention emulation test failed:\n{text}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
