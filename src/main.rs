@@ -1478,7 +1478,6 @@ fn run() -> Result<()> {
             cfg.rs_temperature = temperature;
             cfg.ppo_iterations = ppo_iterations;
             cfg.seed = seed;
-            cfg.progress = !no_progress;
             let t0 = std::time::Instant::now();
             let quiet = no_progress;
             let say = |m: &str| {

@@ -362,7 +362,6 @@ pub fn run<B: Backend>(be: B, cfg: &PipelineConfig) -> Result<Value> {
     rc.ppo_iterations = cfg.ppo_iterations;
     rc.ppo_lr = cfg.ppo_lr;
     rc.seed = cfg.seed;
-    rc.progress = false;
     let rl = crate::rlhf::run(be.clone(), &rc, &|m| {
         step(m);
         if m.starts_with("rlhf round") && m.contains("preference pairs") {

@@ -55,7 +55,6 @@ pub struct RlhfConfig {
     pub ppo_minibatch: usize,
     pub ppo_lr: f32,
     pub seed: u64,
-    pub progress: bool,
 }
 
 impl RlhfConfig {
@@ -83,7 +82,6 @@ impl RlhfConfig {
             ppo_minibatch: 16,
             ppo_lr: 5e-5,
             seed: 1,
-            progress: true,
         }
     }
 }

@@ -461,7 +461,6 @@ fn rlhf_rounds_label_retrain_on_all_labels_and_add_ppo() {
     cfg.eval_prompts = 60;
     cfg.ppo_iterations = 3;
     cfg.ppo_batch = 32;
-    cfg.progress = false;
     let said = std::sync::Mutex::new(Vec::new());
     let rep = trainer::rlhf::run(Cpu, &cfg, &|m| said.lock().unwrap().push(m.to_string())).unwrap();
     for e in &rep.stages {
