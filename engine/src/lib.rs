@@ -5,6 +5,7 @@ pub mod backend;
 pub mod check;
 pub mod checkpoint;
 pub mod config;
+pub mod dist;
 pub mod elem;
 pub mod error;
 pub mod generate;
