@@ -63,22 +63,38 @@ fn opt_cfg(clip: Option<f32>) -> AdamWConfig {
     }
 }
 
-/// One process, the full batch of world·B sequences: losses per step, final weights, and
-/// whether clipping was active on every step.
-fn reference(world: usize, cfg: AdamWConfig) -> (Vec<f32>, Vec<f32>, bool) {
+/// What a run records per step (loss, gradient norm) and its final weights.
+struct Run {
+    losses: Vec<f32>,
+    norms: Vec<f32>,
+    params: Vec<f32>,
+}
+
+/// One process, the full batch of world·B sequences, and whether every step clipped.
+fn reference(world: usize, cfg: AdamWConfig) -> (Run, bool) {
     let ids = tokens(world * B);
     let mut m = model();
     let mut opt = AdamW::new(&m, cfg).unwrap();
-    let (mut losses, mut clipped) = (Vec::new(), true);
+    let (mut losses, mut norms, mut clipped) = (Vec::new(), Vec::new(), true);
     for _ in 0..STEPS {
         losses.push(loss_and_grads(&mut m, &ids, world * B, 1.0));
-        clipped &= opt.step(&mut m, LR).unwrap().clip_scale < 1.0;
+        let st = opt.step(&mut m, LR).unwrap();
+        norms.push(st.grad_norm);
+        clipped &= st.clip_scale < 1.0;
     }
-    (losses, m.params_to_host().unwrap(), clipped)
+    let params = m.params_to_host().unwrap();
+    (
+        Run {
+            losses,
+            norms,
+            params,
+        },
+        clipped,
+    )
 }
 
-/// `world` ranks, each on its own B sequences; per rank: losses per step and final weights.
-fn data_parallel(world: usize, cfg: AdamWConfig) -> Vec<(Vec<f32>, Vec<f32>)> {
+/// `world` ranks, each on its own B sequences: one [`Run`] per rank.
+fn data_parallel(world: usize, cfg: AdamWConfig) -> Vec<Run> {
     let ids = tokens(world * B);
     thread::scope(|s| {
         let handles: Vec<_> = ThreadGroup::new(world)
@@ -93,13 +109,18 @@ fn data_parallel(world: usize, cfg: AdamWConfig) -> Vec<(Vec<f32>, Vec<f32>)> {
                     // ZeRO-1's memory: each rank keeps 3 × ceil(n/N) optimizer floats.
                     assert_eq!(opt.master.len(), m.num_params().div_ceil(world));
                     assert_eq!(opt.m.len() + opt.v.len(), 2 * opt.master.len());
-                    let mut losses = Vec::new();
+                    let (mut losses, mut norms) = (Vec::new(), Vec::new());
                     for _ in 0..STEPS {
                         // Scale by 1/world: the reduce-scatter sums, the mean is what we want.
                         losses.push(loss_and_grads(&mut m, local, B, 1.0 / world as f32));
-                        opt.step(&mut m, &mut comm, LR).unwrap();
+                        norms.push(opt.step(&mut m, &mut comm, LR).unwrap().grad_norm);
                     }
-                    (losses, m.params_to_host().unwrap())
+                    let params = m.params_to_host().unwrap();
+                    Run {
+                        losses,
+                        norms,
+                        params,
+                    }
                 })
             })
             .collect();
@@ -109,24 +130,35 @@ fn data_parallel(world: usize, cfg: AdamWConfig) -> Vec<(Vec<f32>, Vec<f32>)> {
 
 fn check(world: usize, clip: Option<f32>) {
     let cfg = opt_cfg(clip);
-    let (ref_losses, ref_params, clipped) = reference(world, cfg);
-    let n = ref_params.len();
+    let (want, clipped) = reference(world, cfg);
+    let n = want.params.len();
     assert!(n % 2 != 0 && n % 3 != 0, "{n} parameters divide evenly");
     if clip.is_some() {
         assert!(clipped, "the clipped run must actually clip");
     }
     let ranks = data_parallel(world, cfg);
+    let rel = |a: f32, b: f32| (a - b).abs() / b.abs();
     for step in 0..STEPS {
-        let mean = ranks.iter().map(|(l, _)| l[step]).sum::<f32>() / world as f32;
-        let rel = (mean - ref_losses[step]).abs() / ref_losses[step].abs();
+        let mean = ranks.iter().map(|r| r.losses[step]).sum::<f32>() / world as f32;
+        let e = rel(mean, want.losses[step]);
         assert!(
-            rel < 1e-5,
-            "step {step}: loss {mean} vs {} (rel {rel:e})",
-            ref_losses[step]
+            e < 1e-5,
+            "step {step}: loss {mean} vs {} (rel {e:e})",
+            want.losses[step]
         );
+        // Adam hardly sees a gradient scale error (m/√v cancels it); the norm does.
+        for r in &ranks {
+            let e = rel(r.norms[step], want.norms[step]);
+            assert!(
+                e < 1e-5,
+                "step {step}: grad norm {} vs {}",
+                r.norms[step],
+                want.norms[step]
+            );
+        }
     }
-    let p0 = &ranks[0].1;
-    for (r, (_, p)) in ranks.iter().enumerate() {
+    let p0 = &ranks[0].params;
+    for (r, p) in ranks.iter().map(|r| &r.params).enumerate() {
         assert!(
             p.iter().zip(p0).all(|(a, b)| a.to_bits() == b.to_bits()),
             "rank {r} differs from rank 0"
@@ -134,7 +166,7 @@ fn check(world: usize, clip: Option<f32>) {
     }
     let (i, d) = p0
         .iter()
-        .zip(&ref_params)
+        .zip(&want.params)
         .map(|(a, b)| (a - b).abs())
         .enumerate()
         .fold(
