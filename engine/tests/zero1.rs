@@ -146,7 +146,8 @@ fn check(world: usize, clip: Option<f32>) {
             "step {step}: loss {mean} vs {} (rel {e:e})",
             want.losses[step]
         );
-        // Adam hardly sees a gradient scale error (m/√v cancels it); the norm does.
+        // Clipping and Adam's m/√v both cancel a gradient scale error (a missing 1/N passes
+        // the weight check); the norm does not.
         for r in &ranks {
             let e = rel(r.norms[step], want.norms[step]);
             assert!(
