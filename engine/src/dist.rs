@@ -267,6 +267,8 @@ impl ShardedAdamW {
         self.full[n..].fill(0.0);
         comm.reduce_scatter_sum(&self.full, &mut self.gshard)?;
 
+        // Each shard's Σg² in f64 (as AdamW), summed across ranks in f32: the norm agrees with
+        // the single-process one to f32 rounding, and is the same bits on every rank.
         let mut ss = [ops::sum_squares(&self.gshard[..valid]) as f32];
         comm.all_reduce_sum(&mut ss)?;
         let grad_norm = ss[0].sqrt();
