@@ -19,17 +19,19 @@
 //! compliance and over a bare refusal, for each safety prompt of `rlhf_prompts.jsonl`): no sampling
 //! from the model is needed, which keeps the test inside its budget.
 
+mod common;
+
+use common::latest;
 use engine::tokenizer::Message;
 use engine::Cpu;
 use rand::{Rng, SeedableRng};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
-use trainer::data::{prepare, PrepareConfig};
 use trainer::distill::{preprompt_for, with_preprompt, DistillConfig};
 use trainer::gatt::{questions, with_instruction, GattConfig};
-use trainer::pretrain::{run, DataSpec, ModelSource, TrainConfig};
+use trainer::pretrain::{run, DataSpec, TrainConfig};
 use trainer::world::safety::SAFETY_PREPROMPT;
-use trainer::world::{read_examples, Annotator, Category, Example, Size, World, WorldConfig};
+use trainer::world::{read_examples, Annotator, Category, Example, World};
 
 fn write_jsonl(path: &Path, rows: &[serde_json::Value]) {
     let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
@@ -109,46 +111,12 @@ fn safety_pairs(ann: &Annotator, prompts: &[Example]) -> Vec<serde_json::Value> 
     out
 }
 
-fn latest(run_dir: &Path) -> PathBuf {
-    let c = run_dir.join("checkpoints");
-    c.join(std::fs::read_to_string(c.join("latest")).unwrap().trim())
-}
-
 #[test]
 fn ghost_attention_and_safety_context_distillation() {
     let t0 = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let w = d.join("world");
-    trainer::world::run(&WorldConfig {
-        out: w.clone(),
-        seed: 1,
-        size: Size::Small,
-    })
-    .unwrap();
-    trainer::tokenizer_train::train_on(&w.join("corpus.txt"), 512, &d.join("tok.json")).unwrap();
-    prepare(&PrepareConfig {
-        tokenizer: d.join("tok.json"),
-        out: d.join("data"),
-        inputs: vec![w.join("corpus.txt")],
-        val_fraction: 0.05,
-        shard_tokens: 1 << 24,
-        skip_bad: false,
-        progress: false,
-    })
-    .unwrap();
-    let mut pc = TrainConfig::defaults(
-        d.join("data"),
-        d.join("pt"),
-        ModelSource::Preset("tiny".into()),
-        200,
-    );
-    pc.seq_len = 128;
-    pc.batch_size = 16;
-    pc.warmup = 20;
-    pc.eval_every = 0;
-    pc.progress = false;
-    let pt = run(Cpu, pc, None).unwrap().checkpoint.unwrap();
+    let (w, pt) = common::pretrained_world(d, 200, 0);
     let t_pt = t0.elapsed().as_secs_f64();
 
     let ann = Annotator::new(World::load(&w).unwrap());

@@ -2,16 +2,18 @@
 //! reading and sampling, checkpoints with exact resume and early stopping on random tiny models,
 //! and the loop on the built-in world.
 
+mod common;
+
+use common::latest;
 use engine::checkpoint::{load_model, save_model, SaveOptions};
 use engine::tokenizer::Tokenizer;
 use engine::{Cpu, Head, Llama, LlamaConfig};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use trainer::data::{prepare, PrepareConfig};
 use trainer::evaluate::world_eval;
 use trainer::ppo::*;
-use trainer::pretrain::{run, DataSpec, ModelSource, TrainConfig};
-use trainer::world::{read_examples, Annotator, Size, World, WorldConfig};
+use trainer::pretrain::{run, DataSpec, TrainConfig};
+use trainer::world::{read_examples, Annotator, World};
 
 fn close(got: &[f32], want: &[f32], tol: f32) {
     assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");
@@ -515,47 +517,13 @@ fn rlhf_rounds_label_retrain_on_all_labels_and_add_ppo() {
     load_model(Cpu, &rep.checkpoint, Head::Lm).unwrap();
 }
 
-fn latest(run_dir: &Path) -> PathBuf {
-    let c = run_dir.join("checkpoints");
-    c.join(std::fs::read_to_string(c.join("latest")).unwrap().trim())
-}
-
 /// World, tokenizer, pretraining and SFT (the world recipe test's settings, shortened), then a
 /// reward model on annotator-labelled pairs of SFT samples: two answers at temperature 1 to every
 /// RLHF prompt, twice, ties dropped. One reward model serves as helpfulness and safety model, so it
 /// trains on the pairs of both categories. Returns (world dir, SFT checkpoint, reward model dir).
 fn world_sft_and_rm(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let t0 = Instant::now();
-    let w = d.join("world");
-    trainer::world::run(&WorldConfig {
-        out: w.clone(),
-        seed: 1,
-        size: Size::Small,
-    })
-    .unwrap();
-    trainer::tokenizer_train::train_on(&w.join("corpus.txt"), 512, &d.join("tok.json")).unwrap();
-    prepare(&PrepareConfig {
-        tokenizer: d.join("tok.json"),
-        out: d.join("data"),
-        inputs: vec![w.join("corpus.txt")],
-        val_fraction: 0.05,
-        shard_tokens: 1 << 24,
-        skip_bad: false,
-        progress: false,
-    })
-    .unwrap();
-    let mut pc = TrainConfig::defaults(
-        d.join("data"),
-        d.join("pt"),
-        ModelSource::Preset("tiny".into()),
-        200,
-    );
-    pc.seq_len = 128;
-    pc.batch_size = 16;
-    pc.warmup = 20;
-    pc.eval_every = 0;
-    pc.progress = false;
-    let pt = run(Cpu, pc, None).unwrap().checkpoint.unwrap();
+    let (w, pt) = common::pretrained_world(d, 200, 0);
     let mut sc = TrainConfig::sft_defaults(vec![w.join("sft.jsonl")], d.join("sft"), pt);
     if let DataSpec::Sft { epochs, .. } = &mut sc.data {
         *epochs = 3;

@@ -6,48 +6,20 @@
 //!   labelled by the annotator, a reward model trained from the SFT checkpoint ranks held-out
 //!   prompts' pairs well above chance, better on "significantly better" than "negligibly better".
 
+mod common;
+
 use engine::checkpoint::load_model;
 use engine::tokenizer::Tokenizer;
 use engine::{Cpu, Head};
-use trainer::data::{prepare, PrepareConfig};
 use trainer::evaluate::world_eval;
-use trainer::pretrain::{run, ModelSource, TrainConfig};
-use trainer::world::{read_examples, Annotator, Size, World, WorldConfig};
+use trainer::pretrain::{run, TrainConfig};
+use trainer::world::{read_examples, Annotator, World};
 
 #[test]
 fn world_recipe_sft_then_reward_model() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let w = d.join("world");
-    trainer::world::run(&WorldConfig {
-        out: w.clone(),
-        seed: 1,
-        size: Size::Small,
-    })
-    .unwrap();
-    trainer::tokenizer_train::train_on(&w.join("corpus.txt"), 512, &d.join("tok.json")).unwrap();
-    prepare(&PrepareConfig {
-        tokenizer: d.join("tok.json"),
-        out: d.join("data"),
-        inputs: vec![w.join("corpus.txt")],
-        val_fraction: 0.05,
-        shard_tokens: 1 << 24,
-        skip_bad: false,
-        progress: false,
-    })
-    .unwrap();
-    let mut pc = TrainConfig::defaults(
-        d.join("data"),
-        d.join("pt"),
-        ModelSource::Preset("tiny".into()),
-        300,
-    );
-    pc.seq_len = 128;
-    pc.batch_size = 16;
-    pc.warmup = 30;
-    pc.eval_every = 100;
-    pc.progress = false;
-    let pt = run(Cpu, pc, None).unwrap().checkpoint.unwrap();
+    let (w, pt) = common::pretrained_world(d, 300, 100);
 
     let mut sc = TrainConfig::sft_defaults(vec![w.join("sft.jsonl")], d.join("sft"), pt.clone());
     if let trainer::pretrain::DataSpec::Sft { epochs, .. } = &mut sc.data {

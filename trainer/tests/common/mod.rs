@@ -1,0 +1,52 @@
+//! The tiny-world setup the behaviour tests share: world, tokenizer, shards, pretraining.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use engine::Cpu;
+use std::path::{Path, PathBuf};
+use trainer::data::{prepare, PrepareConfig};
+use trainer::pretrain::{run, ModelSource, TrainConfig};
+use trainer::world::{Size, WorldConfig};
+
+/// Under `d`: the small world of seed 1 (`world/`), a 512-token byte-fallback BPE trained on its
+/// corpus (`tok.json`), the corpus as token shards (`data/`), and the tiny preset pretrained on them
+/// for `steps` steps (`pt/`, sequences of 128, batches of 16, a tenth of the steps as warmup,
+/// validation every `eval_every` steps, 0: never). Returns the world directory and the checkpoint.
+pub fn pretrained_world(d: &Path, steps: usize, eval_every: usize) -> (PathBuf, PathBuf) {
+    let w = d.join("world");
+    trainer::world::run(&WorldConfig {
+        out: w.clone(),
+        seed: 1,
+        size: Size::Small,
+    })
+    .unwrap();
+    trainer::tokenizer_train::train_on(&w.join("corpus.txt"), 512, &d.join("tok.json")).unwrap();
+    prepare(&PrepareConfig {
+        tokenizer: d.join("tok.json"),
+        out: d.join("data"),
+        inputs: vec![w.join("corpus.txt")],
+        val_fraction: 0.05,
+        shard_tokens: 1 << 24,
+        skip_bad: false,
+        progress: false,
+    })
+    .unwrap();
+    let mut pc = TrainConfig::defaults(
+        d.join("data"),
+        d.join("pt"),
+        ModelSource::Preset("tiny".into()),
+        steps,
+    );
+    pc.seq_len = 128;
+    pc.batch_size = 16;
+    pc.warmup = steps / 10;
+    pc.eval_every = eval_every;
+    pc.progress = false;
+    let pt = run(Cpu, pc, None).unwrap().checkpoint.unwrap();
+    (w, pt)
+}
+
+/// The latest checkpoint of a training run directory.
+pub fn latest(run_dir: &Path) -> PathBuf {
+    let c = run_dir.join("checkpoints");
+    c.join(std::fs::read_to_string(c.join("latest")).unwrap().trim())
+}
