@@ -7,24 +7,25 @@
 use std::path::Path;
 use std::process::Command;
 
-#[test]
-fn kernels_match_the_cpu_reference_under_emulation() {
+/// Compiles `kernels-cu/<test>` for the CPU with g++ (`define` selects the emulation), runs it with
+/// `args` and fails unless it exits cleanly and prints `success`. Skips without g++.
+fn run_emulated(test: &str, define: &str, extra: &[&str], args: &[&str], success: &str) {
     if Command::new("g++").arg("--version").output().is_err() {
         println!("skipped: g++ not found (the emulation test compiles the kernels with it)");
         return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let src = root.join("kernels-cu/ops_emu_test.cuh");
-    let exe = std::env::temp_dir().join(format!("llama2_ops_emu_{}", std::process::id()));
+    let src = root.join("kernels-cu").join(test);
+    let exe = std::env::temp_dir().join(format!(
+        "llama2_{}_{}",
+        test.trim_end_matches(".cuh"),
+        std::process::id()
+    ));
     let out = Command::new("g++")
-        .args([
-            "-std=c++20",
-            "-O2",
-            "-ffp-contract=off",
-            "-DLLAMA2_HOST_EMU",
-            "-x",
-            "c++",
-        ])
+        .args(["-std=c++20", "-O2"])
+        .args(extra)
+        .arg(define)
+        .args(["-x", "c++"])
         .arg(&src)
         .arg("-o")
         .arg(&exe)
@@ -37,15 +38,27 @@ fn kernels_match_the_cpu_reference_under_emulation() {
         String::from_utf8_lossy(&out.stderr)
     );
     let run = Command::new(&exe)
+        .args(args)
         .output()
         .expect("running the emulation test");
     let _ = std::fs::remove_file(&exe);
     let text = String::from_utf8_lossy(&run.stdout);
     println!("{text}");
     assert!(
-        run.status.success(),
-        "kernel emulation test failed:\n{text}\n{}",
+        run.status.success() && text.contains(success),
+        "{test} failed under emulation:\n{text}\n{}",
         String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+#[test]
+fn kernels_match_the_cpu_reference_under_emulation() {
+    run_emulated(
+        "ops_emu_test.cuh",
+        "-DLLAMA2_HOST_EMU",
+        &["-ffp-contract=off"],
+        &[],
+        " 0 failed",
     );
 }
 
@@ -100,36 +113,11 @@ fn kernel_signatures_match_the_launches() {
 /// cp.async copies early, which the full `attention_emu_test` binary adds). Skips without g++.
 #[test]
 fn attention_kernels_match_the_cpu_reference_under_emulation() {
-    if Command::new("g++").arg("--version").output().is_err() {
-        println!("skipped: g++ not found (the emulation test compiles the kernels with it)");
-        return;
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let src = root.join("kernels-cu/attention_emu_test.cuh");
-    let exe = std::env::temp_dir().join(format!("llama2_attn_emu_{}", std::process::id()));
-    let out = Command::new("g++")
-        .args(["-std=c++20", "-O2", "-DATTN_HOST_EMU", "-x", "c++"])
-        .arg(&src)
-        .arg("-o")
-        .arg(&exe)
-        .output()
-        .expect("running g++");
-    assert!(
-        out.status.success(),
-        "compiling {} failed:\n{}",
-        src.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let run = Command::new(&exe)
-        .arg("quick")
-        .output()
-        .expect("running the attention emulation test");
-    let _ = std::fs::remove_file(&exe);
-    let text = String::from_utf8_lossy(&run.stdout);
-    println!("{text}");
-    assert!(
-        run.status.success() && text.contains("all checks passed"),
-        "attention emulation test failed:\n{text}\n{}",
-        String::from_utf8_lossy(&run.stderr)
+    run_emulated(
+        "attention_emu_test.cuh",
+        "-DATTN_HOST_EMU",
+        &[],
+        &["quick"],
+        "all checks passed",
     );
 }
