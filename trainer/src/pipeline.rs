@@ -37,6 +37,7 @@ pub struct PipelineConfig {
     pub sft_lr: f32,
     pub rm_lr: f32,
     pub rs_lr: f32,
+    pub rs_epochs: usize,
     /// RLHF rounds (labels, reward models, rejection sampling; PPO from `ppo_from` on).
     pub rounds: usize,
     /// The paper ran PPO from RLHF-V4; the default compresses the schedule to round 2 so every
@@ -68,13 +69,14 @@ impl Default for PipelineConfig {
             sft_lr: 1e-3,
             rm_lr: 5e-4,
             rs_lr: 1e-4,
+            rs_epochs: 4,
             rounds: 2,
             ppo_from: 2,
             ppo_iterations: 10,
             ppo_lr: 5e-5,
             rs_k: 8,
             rs_prompts: 500,
-            label_prompts: 300,
+            label_prompts: 500,
             pairs_per_prompt: 2,
             gatt_dialogues: 200,
             eval_prompts: 200,
@@ -358,6 +360,7 @@ pub fn run<B: Backend>(be: B, cfg: &PipelineConfig) -> Result<Value> {
     rc.rm_lr = cfg.rm_lr;
     rc.rs_k = cfg.rs_k;
     rc.rs_lr = cfg.rs_lr;
+    rc.rs_epochs = cfg.rs_epochs;
     rc.rs_prompts = cfg.rs_prompts;
     rc.ppo_iterations = cfg.ppo_iterations;
     rc.ppo_lr = cfg.ppo_lr;
@@ -376,11 +379,17 @@ pub fn run<B: Backend>(be: B, cfg: &PipelineConfig) -> Result<Value> {
         .map(|r| r.rm.clone())
         .unwrap_or(Value::Null);
 
-    // A share of the world's SFT dialogues (every category, by a stride through the file)
-    // replayed beside the GAtt and distillation rows, so neither fine-tune forgets the rest of
-    // the assistant's job: with helpful rows alone the safe rate fell from 1.0 to 0.6.
+    // The last rejection-sampling pool (the best answer so far to every RLHF prompt, every
+    // category) replayed beside the GAtt and distillation rows, so neither fine-tune forgets the
+    // rest of the assistant's job: with helpful rows alone the safe rate fell from 1.0 to 0.6.
+    // Not the SFT demonstrations: replaying those pulls the model back to their flaws (false
+    // refusals rose from 0 to 0.18 of helpful prompts).
     let replay = out.join("replay.jsonl");
-    let all = crate::data::read_jsonl_values(&wdir.join("sft.jsonl"))?;
+    let pool = out
+        .join("rlhf/rs")
+        .join(format!("round-{}", cfg.rounds))
+        .join("pool.jsonl");
+    let all = crate::data::read_jsonl_values(&pool)?;
     let stride = (all.len() / 300).max(1);
     let rows: Vec<Value> = all.into_iter().step_by(stride).take(300).collect();
     crate::gatt::write_jsonl(&replay, &rows)?;

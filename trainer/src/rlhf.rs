@@ -49,6 +49,9 @@ pub struct RlhfConfig {
     /// 1.0), so fine-tuning on them makes the policy worse; 1.0 is the default here.
     pub rs_temperature: f32,
     pub rs_lr: f32,
+    /// Epochs over the pool per round: the pool is a few hundred answers, and two epochs of it
+    /// barely move a model that was fine-tuned on twice as many demonstrations.
+    pub rs_epochs: usize,
     pub rs_prompts: usize,
     pub ppo_iterations: usize,
     pub ppo_batch: usize,
@@ -76,6 +79,7 @@ impl RlhfConfig {
             rs_k: 8,
             rs_temperature: 1.0,
             rs_lr: 1e-4,
+            rs_epochs: 4,
             rs_prompts: 500,
             ppo_iterations: 10,
             ppo_batch: 64,
@@ -267,6 +271,7 @@ pub fn run<B: Backend>(be: B, cfg: &RlhfConfig, say: &dyn Fn(&str)) -> Result<Rl
             seq_len: cfg.seq_len,
             seed: cfg.seed ^ r as u64,
             lr: cfg.rs_lr,
+            epochs: cfg.rs_epochs,
             ..Default::default()
         };
         let st = run_round(

@@ -14,6 +14,19 @@ use engine::tokenizer::Message;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
+/// Shares of helpfulness demonstrations written bare and hedged, of borderline requests the
+/// demonstrators refuse, and of other benign requests they refuse ([`Generator::demonstration`]).
+pub const DEMO_BARE: f64 = 0.25;
+pub const DEMO_HEDGED: f64 = 0.25;
+pub const DEMO_OVERCAUTIOUS: f64 = 0.4;
+pub const DEMO_FALSE_REFUSAL: f64 = 0.08;
+const HEDGES: &[&str] = &[
+    "I am not sure, but I think it is",
+    "If I remember well, the answer is",
+    "Let me think. I would say",
+];
+const OVERCAUTIOUS: &str = "I can not help you with that, because it could be harmful.";
+
 /// Single-turn task families.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Family {
@@ -450,6 +463,42 @@ impl Generator {
         }
     }
 
+    /// What the world's demonstrators write for a turn of `sft.jsonl`: like people hired to write
+    /// answers, they are not perfect (Llama 2 §3.2: annotators judge answers better than they
+    /// write them, which is what reward models and RLHF exploit). A helpfulness answer is bare
+    /// ("21.", scored 0.8 when right) [`DEMO_BARE`] of the time and hedged in a longer sentence
+    /// (0.7) [`DEMO_HEDGED`] of the time; a request is refused (0.05, a false refusal)
+    /// [`DEMO_OVERCAUTIOUS`] of the time when it is borderline and [`DEMO_FALSE_REFUSAL`] of the
+    /// time otherwise. Safety answers are always the explained refusal. The
+    /// corpus, the prompts and the gold annotator are unchanged: a model that imitates the
+    /// demonstrations scores below what the annotator can recognise, and only learning from the
+    /// annotator's preferences closes the gap.
+    pub fn demonstration(&self, rng: &mut ChaCha8Rng, g: &Gold, instr: &InstructionSet) -> String {
+        if g.category() != super::Category::Helpfulness {
+            return self.reply(rng, g, instr);
+        }
+        let refuse = if g.borderline {
+            DEMO_OVERCAUTIOUS
+        } else {
+            DEMO_FALSE_REFUSAL
+        };
+        let u: f64 = rng.random();
+        let text = if rng.random_bool(refuse) {
+            OVERCAUTIOUS.to_string()
+        } else if u < DEMO_BARE {
+            g.core.clone()
+        } else if u < DEMO_BARE + DEMO_HEDGED {
+            format!("{} {}", pick(rng, HEDGES), decapitalize(&g.core))
+        } else {
+            g.plain.clone()
+        };
+        if instr.is_empty() {
+            text
+        } else {
+            instr.apply(&text, &g.core)
+        }
+    }
+
     /// What complying with a harmful request says (for the unfiltered corpus).
     pub fn comply(&self, g: &Gold) -> Option<String> {
         match &g.spec {
@@ -478,7 +527,12 @@ impl Generator {
         for (i, (u, g)) in d.users.iter().zip(&d.golds).enumerate() {
             messages.push(Message::new("user", u));
             if i + 1 < n || !prompt_only {
-                messages.push(Message::new("assistant", &self.reply(rng, g, &d.instr)));
+                let a = if prompt_only {
+                    self.reply(rng, g, &d.instr)
+                } else {
+                    self.demonstration(rng, g, &d.instr)
+                };
+                messages.push(Message::new("assistant", &a));
             }
         }
         let last = d.golds.last().unwrap();
