@@ -335,6 +335,10 @@ enum BenchCmd {
         /// Also time transformers' LlamaForCausalLM on the same shapes (needs torch).
         #[arg(long)]
         vs_torch: bool,
+        /// Activation recomputation: none, attn (rebuild the attention half of each layer in the
+        /// backward) or full (keep only each layer's input and re-run its forward).
+        #[arg(long, default_value = "none")]
+        recompute: engine::Recompute,
         /// Write the report as JSON too.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -370,6 +374,7 @@ fn bench(cmd: BenchCmd) -> Result<()> {
             warmup,
             device,
             vs_torch,
+            recompute,
             json,
         } => {
             let model = if std::path::Path::new(&config).is_file() {
@@ -386,6 +391,7 @@ fn bench(cmd: BenchCmd) -> Result<()> {
                     warmup,
                     vs_torch,
                     device_name: engine::Backend::name(&be),
+                    recompute,
                 };
                 trainer::bench::run(be, &cfg)?
             });
@@ -776,6 +782,10 @@ struct SftArgs {
     seed: u64,
     #[arg(long)]
     skip_bad: bool,
+    /// Activation recomputation: none, attn or full (less memory, more time, the same
+    /// gradients). Default none, or the resumed run's setting.
+    #[arg(long)]
+    recompute: Option<engine::Recompute>,
     #[arg(long, default_value = "cpu")]
     device: Device,
     #[arg(long)]
@@ -970,6 +980,7 @@ fn sft(a: SftArgs) -> Result<()> {
     let cfg = if let Some(r) = &a.resume {
         let mut c = resume_config(r, a.steps)?;
         c.progress = !a.no_progress;
+        c.recompute = a.recompute.unwrap_or(c.recompute);
         c
     } else {
         let init = a.init.clone().context(
@@ -996,6 +1007,7 @@ fn sft(a: SftArgs) -> Result<()> {
         c.ckpt_every = a.ckpt_every;
         c.seed = a.seed;
         c.progress = !a.no_progress;
+        c.recompute = a.recompute.unwrap_or_default();
         c
     };
     let rep = on_device!(a.device, |be| run(be, cfg.clone(), a.resume.as_deref())?);
@@ -1086,6 +1098,10 @@ struct PretrainArgs {
     /// Stop with a checkpoint after this many steps, as an interruption would.
     #[arg(long)]
     stop_after: Option<usize>,
+    /// Activation recomputation: none, attn or full (less memory, more time, the same
+    /// gradients). Default none, or the resumed run's setting.
+    #[arg(long)]
+    recompute: Option<engine::Recompute>,
     #[arg(long, default_value = "cpu")]
     device: Device,
     #[arg(long)]
@@ -1097,6 +1113,7 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     let cfg = if let Some(r) = &a.resume {
         let mut c = resume_config(r, a.steps)?;
         c.progress = !a.no_progress;
+        c.recompute = a.recompute.unwrap_or(c.recompute);
         c
     } else {
         let data = a
@@ -1137,10 +1154,11 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         c.skip_nonfinite = a.skip_nonfinite;
         c.stop_after = a.stop_after;
         c.progress = !a.no_progress;
+        c.recompute = a.recompute.unwrap_or_default();
         c
     };
     println!(
-        "pretrain on {}: {} steps of {} tokens (batch {} x seq {} x accum {}), peak lr {:.2e}, warmup {}",
+        "pretrain on {}: {} steps of {} tokens (batch {} x seq {} x accum {}), peak lr {:.2e}, warmup {}, recompute {}",
         a.device,
         cfg.steps,
         cfg.batch_size * cfg.seq_len * cfg.grad_accum,
@@ -1148,7 +1166,8 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         cfg.seq_len,
         cfg.grad_accum,
         cfg.lr,
-        cfg.warmup
+        cfg.warmup,
+        cfg.recompute
     );
     let rep = on_device!(a.device, |be| run(be, cfg.clone(), a.resume.as_deref())?);
     if let Some(l) = rep.logs.last() {

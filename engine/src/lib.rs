@@ -20,5 +20,5 @@ pub use backend::cuda::Cuda;
 pub use backend::Backend;
 pub use config::LlamaConfig;
 pub use error::{Error, Result};
-pub use model::{Batch, Llama};
+pub use model::{ActBytes, Batch, Llama, Recompute};
 pub use params::{Head, ParamTable};

@@ -3,15 +3,17 @@
 //!
 //! Data flow per block (pre-norm): x → RMSNorm → q,k,v → RoPE → causal GQA attention → o → +x →
 //! RMSNorm → gate,up → SwiGLU → down → +. Saved activations are allocated for the largest batch
-//! seen and reused; a step allocates nothing once that size is reached.
+//! seen and reused; a step allocates nothing once that size is reached. [`Recompute`] trades
+//! saved activations for a second forward of each layer inside the backward.
 
 use crate::backend::{AttnDims, Backend, CacheDims};
 use crate::config::LlamaConfig;
-use crate::elem::Float;
+use crate::elem::{Elem, Float};
 use crate::error::{Error, Result};
-use crate::params::{Head, ParamTable, Span};
+use crate::params::{Head, LayerSpans, ParamTable, Span};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
+use serde::{Deserialize, Serialize};
 
 /// One batch of token rows, [b, t] row-major.
 #[derive(Clone, Copy, Debug)]
@@ -38,25 +40,113 @@ impl<'a> Batch<'a> {
     }
 }
 
-struct LayerActs<B: Backend> {
-    ln1: B::Buf<B::Act>,
-    rstd1: B::Buf<f32>,
-    q: B::Buf<B::Act>,
-    k: B::Buf<B::Act>,
-    v: B::Buf<B::Act>,
-    att: B::Buf<B::Act>,
-    lse: B::Buf<f32>,
-    xmid: B::Buf<B::Act>,
-    ln2: B::Buf<B::Act>,
-    rstd2: B::Buf<f32>,
-    gate: B::Buf<B::Act>,
-    up: B::Buf<B::Act>,
-    hmlp: B::Buf<B::Act>,
+/// How much of each layer's forward the backward re-runs instead of keeping (issue 8): memory
+/// for time. Every mode runs the same ops on the same inputs, so the gradients are identical.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    /// Keep every layer's activations: the fastest backward, O(L) activation sets.
+    #[default]
+    None,
+    /// Keep the MLP half per layer; rebuild the attention half (RMSNorm, q/k/v, RoPE, attention
+    /// output and softmax statistics) from the layer input into one shared set.
+    Attn,
+    /// Keep only each layer's input (the residual stream); re-run the whole layer's forward into
+    /// one shared set just before its backward: O(1) activation sets + L residual inputs.
+    Full,
+}
+
+impl Recompute {
+    pub const ALL: [Recompute; 3] = [Recompute::None, Recompute::Attn, Recompute::Full];
+}
+
+impl std::fmt::Display for Recompute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Recompute::None => "none",
+            Recompute::Attn => "attn",
+            Recompute::Full => "full",
+        })
+    }
+}
+
+impl std::str::FromStr for Recompute {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(Recompute::None),
+            "attn" => Ok(Recompute::Attn),
+            "full" => Ok(Recompute::Full),
+            _ => Err(Error::Input(format!(
+                "recompute mode `{s}`: expected none, attn or full"
+            ))),
+        }
+    }
+}
+
+/// Bytes of the training activations a model holds, summed from the buffers as allocated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ActBytes {
+    /// Per-layer saved sets (L of each half, or one shared set of what is recomputed).
+    pub layers: usize,
+    /// The L+1 residual-stream tensors (each layer's input, and the last one's output).
+    pub resid: usize,
+    /// Everything else: ids, positions, the final norm, the logits, the backward's scratch.
+    pub other: usize,
+}
+
+impl ActBytes {
+    pub fn total(&self) -> usize {
+        self.layers + self.resid + self.other
+    }
+}
+
+/// The attention half of one layer's saved activations (what `attn` and `full` rebuild).
+struct AttnActs<B: Backend> {
+    ln1: B::Buf<B::Act>, // [n, h]
+    rstd1: B::Buf<f32>,  // [n]
+    q: B::Buf<B::Act>,   // [n, qd] after RoPE
+    k: B::Buf<B::Act>,   // [n, kvd] after RoPE
+    v: B::Buf<B::Act>,   // [n, kvd]
+    att: B::Buf<B::Act>, // [n, qd] attention output, before o_proj
+    lse: B::Buf<f32>,    // [n, nh] softmax log-sum-exp
+}
+
+/// The MLP half of one layer's saved activations (what `full` rebuilds).
+struct MlpActs<B: Backend> {
+    xmid: B::Buf<B::Act>, // [n, h] residual after attention
+    ln2: B::Buf<B::Act>,  // [n, h]
+    rstd2: B::Buf<f32>,   // [n]
+    gate: B::Buf<B::Act>, // [n, im]
+    up: B::Buf<B::Act>,   // [n, im]
+    hmlp: B::Buf<B::Act>, // [n, im] SwiGLU output
+}
+
+/// Allocates through the backend and counts the bytes, so the memory report is what was allocated.
+struct Counted<'a, B: Backend> {
+    be: &'a B,
+    bytes: usize,
+}
+
+impl<B: Backend> Counted<'_, B> {
+    fn alloc<T: Elem>(&mut self, len: usize) -> Result<B::Buf<T>> {
+        self.bytes += len * std::mem::size_of::<T>();
+        self.be.alloc(len)
+    }
+    /// The bytes counted since the last call.
+    fn take(&mut self) -> usize {
+        std::mem::take(&mut self.bytes)
+    }
 }
 
 /// Activations saved by the forward and scratch for the backward, for `cap` token rows.
 struct Acts<B: Backend> {
     cap: usize,
+    mode: Recompute,
+    bytes: ActBytes,
+    /// The layer whose activations the shared sets hold (the forward leaves the last layer's
+    /// there, so its backward needs no recompute); `None` when unknown.
+    held: Option<usize>,
     ids: B::Buf<i32>,
     pos: B::Buf<i32>,
     doc: B::Buf<i32>,
@@ -65,7 +155,10 @@ struct Acts<B: Backend> {
     losses: B::Buf<f32>,
     scores: B::Buf<f32>,
     resid: Vec<B::Buf<B::Act>>,
-    layers: Vec<LayerActs<B>>,
+    /// L sets (`none`) or one shared set (`attn`, `full`).
+    attn: Vec<AttnActs<B>>,
+    /// L sets (`none`, `attn`) or one shared set (`full`).
+    mlp: Vec<MlpActs<B>>,
     lnf: B::Buf<B::Act>,
     rstdf: B::Buf<f32>,
     logits: B::Buf<B::Act>,
@@ -79,6 +172,50 @@ struct Acts<B: Backend> {
     dh: B::Buf<B::Act>,
     dgate: B::Buf<B::Act>,
     dup: B::Buf<B::Act>,
+}
+
+/// Layer `l`'s index into a per-layer vector that is either L long or one shared set.
+fn slot<T>(sets: &[T], l: usize) -> usize {
+    if sets.len() == 1 {
+        0
+    } else {
+        l
+    }
+}
+
+/// The sizes every layer op needs, read once from the config.
+#[derive(Clone, Copy)]
+struct Dims {
+    n: usize,
+    h: usize,
+    qd: usize,
+    kvd: usize,
+    im: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    eps: f32,
+    theta: f32,
+    attn: AttnDims,
+}
+
+impl Dims {
+    fn new(c: &LlamaConfig, b: usize, t: usize) -> Self {
+        let (nh, nkv, hd) = (c.num_attention_heads, c.n_kv_heads(), c.head_dim());
+        Dims {
+            n: b * t,
+            h: c.hidden_size,
+            qd: c.q_dim(),
+            kvd: c.kv_dim(),
+            im: c.intermediate_size,
+            nh,
+            nkv,
+            hd,
+            eps: c.rms_norm_eps as f32,
+            theta: c.rope_theta as f32,
+            attn: AttnDims { b, t, nh, nkv, hd },
+        }
+    }
 }
 
 /// What the last forward ran on, so the backward and the loss know the shapes.
@@ -105,6 +242,7 @@ pub struct Llama<B: Backend> {
     acts: Option<Acts<B>>,
     infer: Option<InferActs<B>>,
     shape: Shape,
+    recompute: Recompute,
 }
 
 /// A KV cache: per layer, keys and values of `slots` sequences × `tmax` positions × n_kv_heads ×
@@ -172,6 +310,77 @@ macro_rules! m {
     };
 }
 
+/// The attention half of a block's forward from its input x [n, h], everything its backward
+/// reads: ln1 = RMSNorm(x) [n, h]; q [n, qd], k, v [n, kvd] (RoPE on q, k); att [n, qd] and
+/// lse [n, nh] from causal GQA attention. Run by the forward and again by `attn`/`full` recompute.
+#[allow(clippy::too_many_arguments)]
+fn attn_fwd<B: Backend>(
+    be: &B,
+    s: &mut AttnActs<B>,
+    x: &B::Buf<B::Act>,
+    pos: B::Ref<'_, i32>,
+    doc: Option<B::Ref<'_, i32>>,
+    lw: &LayerSpans,
+    wall: B::Ref<'_, B::Act>,
+    d: &Dims,
+) -> Result<()> {
+    let (n, h, qd, kvd) = (d.n, d.h, d.qd, d.kvd);
+    let w = |s: Span| B::sub(wall, s.off, s.len);
+    be.rmsnorm_fwd(
+        m!(s.ln1, n * h),
+        m!(s.rstd1, n),
+        r!(x, n * h),
+        w(lw.ln1),
+        h,
+        d.eps,
+    )?;
+    be.matmul_fwd(m!(s.q, n * qd), r!(s.ln1, n * h), w(lw.q), n, h, qd)?;
+    be.matmul_fwd(m!(s.k, n * kvd), r!(s.ln1, n * h), w(lw.k), n, h, kvd)?;
+    be.matmul_fwd(m!(s.v, n * kvd), r!(s.ln1, n * h), w(lw.v), n, h, kvd)?;
+    be.rope_fwd(m!(s.q, n * qd), pos, d.nh, d.hd, d.theta)?;
+    be.rope_fwd(m!(s.k, n * kvd), pos, d.nkv, d.hd, d.theta)?;
+    be.attention_fwd(
+        m!(s.att, n * qd),
+        m!(s.lse, n * d.nh),
+        r!(s.q, n * qd),
+        r!(s.k, n * kvd),
+        r!(s.v, n * kvd),
+        doc,
+        d.attn,
+    )
+}
+
+/// The MLP half's saved activations from the block input x [n, h] and the attention output
+/// att [n, qd]: xmid = x + att·oᵀ [n, h], ln2 = RMSNorm(xmid), gate, up [n, im], hmlp =
+/// SwiGLU(gate, up) [n, im]. Stops before the down projection, which the backward never reads.
+#[allow(clippy::too_many_arguments)]
+fn mlp_fwd<B: Backend>(
+    be: &B,
+    s: &mut MlpActs<B>,
+    tmp: &mut B::Buf<B::Act>,
+    x: &B::Buf<B::Act>,
+    att: &B::Buf<B::Act>,
+    lw: &LayerSpans,
+    wall: B::Ref<'_, B::Act>,
+    d: &Dims,
+) -> Result<()> {
+    let (n, h, qd, im) = (d.n, d.h, d.qd, d.im);
+    let w = |s: Span| B::sub(wall, s.off, s.len);
+    be.matmul_fwd(m!(*tmp, n * h), r!(att, n * qd), w(lw.o), n, qd, h)?;
+    be.add(m!(s.xmid, n * h), r!(x, n * h), r!(*tmp, n * h))?;
+    be.rmsnorm_fwd(
+        m!(s.ln2, n * h),
+        m!(s.rstd2, n),
+        r!(s.xmid, n * h),
+        w(lw.ln2),
+        h,
+        d.eps,
+    )?;
+    be.matmul_fwd(m!(s.gate, n * im), r!(s.ln2, n * h), w(lw.gate), n, h, im)?;
+    be.matmul_fwd(m!(s.up, n * im), r!(s.ln2, n * h), w(lw.up), n, h, im)?;
+    be.swiglu_fwd(m!(s.hmlp, n * im), r!(s.gate, n * im), r!(s.up, n * im))
+}
+
 impl<B: Backend> Llama<B> {
     /// A model with zeroed parameters (load or initialise them next).
     pub fn new(be: B, cfg: LlamaConfig, head: Head) -> Result<Self> {
@@ -191,6 +400,7 @@ impl<B: Backend> Llama<B> {
             acts: None,
             infer: None,
             shape: Shape::default(),
+            recompute: Recompute::None,
         })
     }
 
@@ -243,66 +453,118 @@ impl<B: Backend> Llama<B> {
         self.table.total
     }
 
+    /// Sets how much of each layer the backward recomputes. A different mode frees the saved
+    /// activations (the next forward allocates the new layout), so call it between steps.
+    pub fn set_recompute(&mut self, mode: Recompute) {
+        if mode != self.recompute {
+            self.recompute = mode;
+            self.acts = None;
+            self.shape = Shape::default();
+        }
+    }
+
+    pub fn recompute(&self) -> Recompute {
+        self.recompute
+    }
+
+    /// Allocates the training activations for `b`×`t` tokens in the current recompute mode (as
+    /// the first forward of that size would) and returns what the model then holds.
+    pub fn reserve_activations(&mut self, b: usize, t: usize) -> Result<ActBytes> {
+        self.ensure_acts(b * t)?;
+        Ok(self.activation_bytes())
+    }
+
+    /// Bytes of the training activations held now (zero before the first forward).
+    pub fn activation_bytes(&self) -> ActBytes {
+        self.acts.as_ref().map(|a| a.bytes).unwrap_or_default()
+    }
+
     fn ensure_acts(&mut self, n: usize) -> Result<()> {
-        if self.acts.as_ref().is_some_and(|a| a.cap >= n) {
+        let mode = self.recompute;
+        if self
+            .acts
+            .as_ref()
+            .is_some_and(|a| a.cap >= n && a.mode == mode)
+        {
             return Ok(());
         }
         self.acts = None; // free the old set before allocating the larger one
         let c = &self.cfg;
-        let be = &self.be;
         let (h, qd, kvd, im) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-        let nh = c.num_attention_heads;
-        let act = |len: usize| be.alloc::<B::Act>(len);
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for _ in 0..c.num_hidden_layers {
-            layers.push(LayerActs {
-                ln1: act(n * h)?,
-                rstd1: be.alloc(n)?,
-                q: act(n * qd)?,
-                k: act(n * kvd)?,
-                v: act(n * kvd)?,
-                att: act(n * qd)?,
-                lse: be.alloc(n * nh)?,
-                xmid: act(n * h)?,
-                ln2: act(n * h)?,
-                rstd2: be.alloc(n)?,
-                gate: act(n * im)?,
-                up: act(n * im)?,
-                hmlp: act(n * im)?,
+        let (nh, nl) = (c.num_attention_heads, c.num_hidden_layers);
+        let mut al = Counted {
+            be: &self.be,
+            bytes: 0,
+        };
+        // Per-layer sets: L of each half, or one shared set of the half that is recomputed.
+        let n_attn = if mode == Recompute::None { nl } else { 1 };
+        let n_mlp = if mode == Recompute::Full { 1 } else { nl };
+        let mut attn = Vec::with_capacity(n_attn);
+        for _ in 0..n_attn {
+            attn.push(AttnActs {
+                ln1: al.alloc(n * h)?,
+                rstd1: al.alloc(n)?,
+                q: al.alloc(n * qd)?,
+                k: al.alloc(n * kvd)?,
+                v: al.alloc(n * kvd)?,
+                att: al.alloc(n * qd)?,
+                lse: al.alloc(n * nh)?,
             });
         }
+        let mut mlp = Vec::with_capacity(n_mlp);
+        for _ in 0..n_mlp {
+            mlp.push(MlpActs {
+                xmid: al.alloc(n * h)?,
+                ln2: al.alloc(n * h)?,
+                rstd2: al.alloc(n)?,
+                gate: al.alloc(n * im)?,
+                up: al.alloc(n * im)?,
+                hmlp: al.alloc(n * im)?,
+            });
+        }
+        let layers = al.take();
+        let resid = (0..=nl).map(|_| al.alloc(n * h)).collect::<Result<_>>()?;
+        let resid_bytes = al.take();
         let logits_len = if self.head == Head::Lm {
             n * c.vocab_size
         } else {
             0
         };
-        self.acts = Some(Acts {
+        let mut acts = Acts {
             cap: n,
-            ids: be.alloc(n)?,
-            pos: be.alloc(n)?,
-            doc: be.alloc(n)?,
-            targets: be.alloc(n)?,
-            rows: be.alloc(n)?,
-            losses: be.alloc(n)?,
-            scores: be.alloc(n)?,
-            resid: (0..=c.num_hidden_layers)
-                .map(|_| act(n * h))
-                .collect::<Result<_>>()?,
+            mode,
+            bytes: ActBytes::default(),
+            held: None,
+            ids: al.alloc(n)?,
+            pos: al.alloc(n)?,
+            doc: al.alloc(n)?,
+            targets: al.alloc(n)?,
+            rows: al.alloc(n)?,
+            losses: al.alloc(n)?,
+            scores: al.alloc(n)?,
+            resid,
+            attn,
+            mlp,
+            lnf: al.alloc(n * h)?,
+            rstdf: al.alloc(n)?,
+            logits: al.alloc(logits_len)?,
+            tmp: al.alloc(n * h)?,
+            dres: al.alloc(n * h)?,
+            dln: al.alloc(n * h)?,
+            dq: al.alloc(n * qd)?,
+            dk: al.alloc(n * kvd)?,
+            dv: al.alloc(n * kvd)?,
+            datt: al.alloc(n * qd)?,
+            dh: al.alloc(n * im)?,
+            dgate: al.alloc(n * im)?,
+            dup: al.alloc(n * im)?,
+        };
+        acts.bytes = ActBytes {
             layers,
-            lnf: act(n * h)?,
-            rstdf: be.alloc(n)?,
-            logits: act(logits_len)?,
-            tmp: act(n * h)?,
-            dres: act(n * h)?,
-            dln: act(n * h)?,
-            dq: act(n * qd)?,
-            dk: act(n * kvd)?,
-            dv: act(n * kvd)?,
-            datt: act(n * qd)?,
-            dh: act(n * im)?,
-            dgate: act(n * im)?,
-            dup: act(n * im)?,
-        });
+            resid: resid_bytes,
+            other: al.take(),
+        };
+        self.acts = Some(acts);
         Ok(())
     }
 
@@ -367,23 +629,15 @@ impl<B: Backend> Llama<B> {
             n_targets: 0,
             n_rows: 0,
         };
-        let c = &self.cfg;
-        let (h, qd, kvd, im, v) = (
-            c.hidden_size,
-            c.q_dim(),
-            c.kv_dim(),
-            c.intermediate_size,
-            c.vocab_size,
-        );
-        let (nh, nkv, hd) = (c.num_attention_heads, c.n_kv_heads(), c.head_dim());
-        let (eps, theta) = (c.rms_norm_eps as f32, c.rope_theta as f32);
-        let dims = AttnDims { b, t, nh, nkv, hd };
+        let d = Dims::new(&self.cfg, b, t);
+        let (h, im, v) = (d.h, d.im, self.cfg.vocab_size);
         let be = &self.be;
         let tab = &self.table;
         let a = self.acts.as_mut().expect("acts allocated");
         let wall = be.compute_weights(&self.master, &self.shadow);
         let w = |s: Span| B::sub(wall, s.off, s.len);
 
+        a.held = None;
         be.from_host(m!(a.ids, n), batch.ids)?;
         match batch.pos {
             Some(p) => be.from_host(m!(a.pos, n), p)?,
@@ -398,47 +652,18 @@ impl<B: Backend> Llama<B> {
         be.embedding_fwd(m!(a.resid[0], n * h), r!(a.ids, n), w(tab.embed), h)?;
         for (l, lw) in tab.layers.iter().enumerate() {
             let (prev, rest) = a.resid.split_at_mut(l + 1);
-            let x = &prev[l];
-            let la = &mut a.layers[l];
+            let (x, out) = (&prev[l], &mut rest[0]);
             let doc = batch.doc.is_some().then(|| r!(a.doc, n));
-            be.rmsnorm_fwd(
-                m!(la.ln1, n * h),
-                m!(la.rstd1, n),
-                r!(x, n * h),
-                w(lw.ln1),
-                h,
-                eps,
-            )?;
-            be.matmul_fwd(m!(la.q, n * qd), r!(la.ln1, n * h), w(lw.q), n, h, qd)?;
-            be.matmul_fwd(m!(la.k, n * kvd), r!(la.ln1, n * h), w(lw.k), n, h, kvd)?;
-            be.matmul_fwd(m!(la.v, n * kvd), r!(la.ln1, n * h), w(lw.v), n, h, kvd)?;
-            be.rope_fwd(m!(la.q, n * qd), r!(a.pos, n), nh, hd, theta)?;
-            be.rope_fwd(m!(la.k, n * kvd), r!(a.pos, n), nkv, hd, theta)?;
-            be.attention_fwd(
-                m!(la.att, n * qd),
-                m!(la.lse, n * nh),
-                r!(la.q, n * qd),
-                r!(la.k, n * kvd),
-                r!(la.v, n * kvd),
-                doc,
-                dims,
-            )?;
-            be.matmul_fwd(m!(a.tmp, n * h), r!(la.att, n * qd), w(lw.o), n, qd, h)?;
-            be.add(m!(la.xmid, n * h), r!(x, n * h), r!(a.tmp, n * h))?;
-            be.rmsnorm_fwd(
-                m!(la.ln2, n * h),
-                m!(la.rstd2, n),
-                r!(la.xmid, n * h),
-                w(lw.ln2),
-                h,
-                eps,
-            )?;
-            be.matmul_fwd(m!(la.gate, n * im), r!(la.ln2, n * h), w(lw.gate), n, h, im)?;
-            be.matmul_fwd(m!(la.up, n * im), r!(la.ln2, n * h), w(lw.up), n, h, im)?;
-            be.swiglu_fwd(m!(la.hmlp, n * im), r!(la.gate, n * im), r!(la.up, n * im))?;
-            be.matmul_fwd(m!(a.tmp, n * h), r!(la.hmlp, n * im), w(lw.down), n, im, h)?;
-            be.add(m!(rest[0], n * h), r!(la.xmid, n * h), r!(a.tmp, n * h))?;
+            let sa = slot(&a.attn, l);
+            let sm = slot(&a.mlp, l);
+            let (sa, sm) = (&mut a.attn[sa], &mut a.mlp[sm]);
+            attn_fwd(be, sa, x, r!(a.pos, n), doc, lw, wall, &d)?;
+            mlp_fwd(be, sm, &mut a.tmp, x, &sa.att, lw, wall, &d)?;
+            // out = xmid + hmlp · downᵀ: [n, im] → [n, h]
+            be.matmul_fwd(m!(a.tmp, n * h), r!(sm.hmlp, n * im), w(lw.down), n, im, h)?;
+            be.add(m!(*out, n * h), r!(sm.xmid, n * h), r!(a.tmp, n * h))?;
         }
+        a.held = tab.layers.len().checked_sub(1);
         let last = &a.resid[tab.layers.len()];
         be.rmsnorm_fwd(
             m!(a.lnf, n * h),
@@ -446,7 +671,7 @@ impl<B: Backend> Llama<B> {
             r!(last, n * h),
             w(tab.norm),
             h,
-            eps,
+            d.eps,
         )?;
         if let Some(lm) = tab.lm_head {
             be.matmul_fwd(m!(a.logits, n * v), r!(a.lnf, n * h), w(lm), n, h, v)?;
@@ -803,14 +1028,12 @@ impl<B: Backend> Llama<B> {
     }
 
     /// The shared trunk of the backward: from d(final norm output) in `dln` to every parameter.
+    /// Layer by layer in reverse; under `attn`/`full` a layer's recomputed half is rebuilt from
+    /// its saved input just before its backward reads it.
     fn backward_from_dlnf(&mut self) -> Result<()> {
         let (b, t, has_doc) = (self.shape.b, self.shape.t, self.shape.has_doc);
-        let n = b * t;
-        let c = &self.cfg;
-        let (h, qd, kvd, im) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-        let (nh, nkv, hd) = (c.num_attention_heads, c.n_kv_heads(), c.head_dim());
-        let theta = c.rope_theta as f32;
-        let dims = AttnDims { b, t, nh, nkv, hd };
+        let d = Dims::new(&self.cfg, b, t);
+        let (n, h, qd, kvd, im, nh) = (d.n, d.h, d.qd, d.kvd, d.im, d.nh);
         let be = &self.be;
         let tab = &self.table;
         let a = self.acts.as_mut().expect("acts");
@@ -835,13 +1058,24 @@ impl<B: Backend> Llama<B> {
         )?;
         for l in (0..nl).rev() {
             let lw = &tab.layers[l];
-            let la = &a.layers[l];
             let doc = has_doc.then(|| r!(a.doc, n));
-            // MLP block: dres is d(block output).
+            let (ia, im_) = (slot(&a.attn, l), slot(&a.mlp, l));
+            // Rebuild this layer's shared sets from its input resid[l] (`tmp` is free here).
+            if a.mode != Recompute::None && a.held != Some(l) {
+                let x = &a.resid[l];
+                attn_fwd(be, &mut a.attn[ia], x, r!(a.pos, n), doc, lw, wall, &d)?;
+                if a.mode == Recompute::Full {
+                    let att = &a.attn[ia].att;
+                    mlp_fwd(be, &mut a.mlp[im_], &mut a.tmp, x, att, lw, wall, &d)?;
+                }
+                a.held = Some(l);
+            }
+            let (la, lm) = (&a.attn[ia], &a.mlp[im_]);
+            // MLP block: dres is d(block output) [n, h].
             be.matmul_bwd_weight(
                 g!(lw.down),
                 r!(a.dres, n * h),
-                r!(la.hmlp, n * im),
+                r!(lm.hmlp, n * im),
                 n,
                 im,
                 h,
@@ -859,18 +1093,18 @@ impl<B: Backend> Llama<B> {
                 m!(a.dgate, n * im),
                 m!(a.dup, n * im),
                 r!(a.dh, n * im),
-                r!(la.gate, n * im),
-                r!(la.up, n * im),
+                r!(lm.gate, n * im),
+                r!(lm.up, n * im),
             )?;
             be.matmul_bwd_weight(
                 g!(lw.gate),
                 r!(a.dgate, n * im),
-                r!(la.ln2, n * h),
+                r!(lm.ln2, n * h),
                 n,
                 h,
                 im,
             )?;
-            be.matmul_bwd_weight(g!(lw.up), r!(a.dup, n * im), r!(la.ln2, n * h), n, h, im)?;
+            be.matmul_bwd_weight(g!(lw.up), r!(a.dup, n * im), r!(lm.ln2, n * h), n, h, im)?;
             be.matmul_bwd_data(
                 m!(a.dln, n * h),
                 r!(a.dgate, n * im),
@@ -893,12 +1127,12 @@ impl<B: Backend> Llama<B> {
                 m!(a.dres, n * h),
                 g!(lw.ln2),
                 r!(a.dln, n * h),
-                r!(la.xmid, n * h),
+                r!(lm.xmid, n * h),
                 w(lw.ln2),
-                r!(la.rstd2, n),
+                r!(lm.rstd2, n),
                 h,
             )?;
-            // Attention block.
+            // Attention block: dres is d(xmid) [n, h].
             be.matmul_bwd_weight(g!(lw.o), r!(a.dres, n * h), r!(la.att, n * qd), n, qd, h)?;
             be.matmul_bwd_data(
                 m!(a.datt, n * qd),
@@ -920,10 +1154,10 @@ impl<B: Backend> Llama<B> {
                 r!(la.att, n * qd),
                 r!(la.lse, n * nh),
                 doc,
-                dims,
+                d.attn,
             )?;
-            be.rope_bwd(m!(a.dq, n * qd), r!(a.pos, n), nh, hd, theta)?;
-            be.rope_bwd(m!(a.dk, n * kvd), r!(a.pos, n), nkv, hd, theta)?;
+            be.rope_bwd(m!(a.dq, n * qd), r!(a.pos, n), nh, d.hd, d.theta)?;
+            be.rope_bwd(m!(a.dk, n * kvd), r!(a.pos, n), d.nkv, d.hd, d.theta)?;
             be.matmul_bwd_weight(g!(lw.q), r!(a.dq, n * qd), r!(la.ln1, n * h), n, h, qd)?;
             be.matmul_bwd_weight(g!(lw.k), r!(a.dk, n * kvd), r!(la.ln1, n * h), n, h, kvd)?;
             be.matmul_bwd_weight(g!(lw.v), r!(a.dv, n * kvd), r!(la.ln1, n * h), n, h, kvd)?;

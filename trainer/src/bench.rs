@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 use engine::optim::{AdamW, AdamWConfig};
-use engine::{Backend, Batch, Head, Llama, LlamaConfig};
+use engine::{ActBytes, Backend, Batch, Head, Llama, LlamaConfig, Recompute};
 use serde::Serialize;
 use std::path::Path;
 use std::time::Instant;
@@ -18,6 +18,7 @@ pub struct BenchConfig {
     pub warmup: usize,
     pub vs_torch: bool,
     pub device_name: String,
+    pub recompute: Recompute,
 }
 
 #[derive(Debug, Serialize)]
@@ -27,6 +28,9 @@ pub struct BenchReport {
     pub seq_len: usize,
     pub batch_size: usize,
     pub steps: usize,
+    pub recompute: Recompute,
+    /// The training activations the model held (as allocated): what `--recompute` changes.
+    pub activation_bytes: ActBytes,
     pub step_s: f64,
     pub tokens_per_s: f64,
     /// 6·N + 12·L·H·T per token, N = parameters that take part in matmuls (all but the
@@ -72,6 +76,8 @@ pub fn run<B: Backend>(be: B, cfg: &BenchConfig) -> Result<BenchReport> {
         );
     }
     model.init_random(0)?;
+    model.set_recompute(cfg.recompute);
+    let activation_bytes = model.reserve_activations(cfg.batch_size, cfg.seq_len)?;
     let mut opt = AdamW::new(&model, AdamWConfig::default())?;
     let n = cfg.batch_size * cfg.seq_len;
     let ids: Vec<i32> = (0..n)
@@ -112,6 +118,8 @@ pub fn run<B: Backend>(be: B, cfg: &BenchConfig) -> Result<BenchReport> {
         seq_len: cfg.seq_len,
         batch_size: cfg.batch_size,
         steps: cfg.steps,
+        recompute: cfg.recompute,
+        activation_bytes,
         step_s: dt,
         tokens_per_s: tps,
         flops_per_token: fpt,
@@ -196,6 +204,16 @@ impl BenchReport {
         );
         println!("step time         {:.4} s", self.step_s);
         println!("tokens/s          {:.1}", self.tokens_per_s);
+        let a = &self.activation_bytes;
+        let mib = |x: usize| x as f64 / (1 << 20) as f64;
+        println!(
+            "activations       {:.2} MiB with --recompute {} (layer sets {:.2}, residual inputs {:.2}, logits and scratch {:.2})",
+            mib(a.total()),
+            self.recompute,
+            mib(a.layers),
+            mib(a.resid),
+            mib(a.other)
+        );
         println!("FLOPs/token       {:.3e}  (6·N + 12·L·H·T; N = matmul parameters, H = heads·head_dim, T = seq_len)", self.flops_per_token);
         println!("achieved          {:.4} TFLOP/s", self.achieved_tflops);
         println!(

@@ -16,7 +16,7 @@ use engine::checkpoint::{load_model, save_model, write_tensors, SaveOptions, Ten
 use engine::generate::{generate, SamplingParams};
 use engine::optim::{AdamW, AdamWConfig};
 use engine::tokenizer::Tokenizer;
-use engine::{Backend, Batch, Head, Llama, LlamaConfig};
+use engine::{Backend, Batch, Head, Llama, LlamaConfig, Recompute};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -82,6 +82,9 @@ pub struct TrainConfig {
     /// Stop (with a checkpoint) after this many steps of this invocation, as an interruption would.
     pub stop_after: Option<usize>,
     pub progress: bool,
+    /// Activation recomputation: memory for time, the same gradients (absent in old checkpoints).
+    #[serde(default)]
+    pub recompute: Recompute,
 }
 
 impl TrainConfig {
@@ -119,6 +122,7 @@ impl TrainConfig {
             skip_nonfinite: false,
             stop_after: None,
             progress: true,
+            recompute: Recompute::None,
         }
     }
 
@@ -530,6 +534,7 @@ pub fn run<B: Backend>(
         "--seq-len {t} exceeds the model's max_position_embeddings ({})",
         model.cfg.max_position_embeddings
     );
+    model.set_recompute(cfg.recompute);
     let (mut source, val, _) = match &cfg.data {
         DataSpec::Shards(dir) => {
             let data = TokenData::open(dir)?;
