@@ -132,6 +132,16 @@ impl TensorFiles {
         Ok(())
     }
 
+    /// The `__metadata__` strings of the first file (empty when it has none).
+    pub fn metadata(&self) -> Result<HashMap<String, String>> {
+        let Some((path, mm)) = self.files.first() else {
+            return Ok(HashMap::new());
+        };
+        let (_, meta) =
+            SafeTensors::read_metadata(mm).map_err(|e| Error::file(path, e.to_string()))?;
+        Ok(meta.metadata().clone().unwrap_or_default())
+    }
+
     pub fn names(&self) -> Vec<&str> {
         let mut v: Vec<&str> = self.owner.keys().map(|s| s.as_str()).collect();
         v.sort();
@@ -211,6 +221,39 @@ impl TensorFiles {
             }
         };
         Ok((shape, v))
+    }
+
+    /// A tensor's shape, without reading its data.
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        self.view(name).map(|(_, shape, _)| shape)
+    }
+
+    /// Elements `[start, end)` of a 1-D f32 tensor, decoding only those bytes (a resharding
+    /// rank touches only the pages of the slice it needs).
+    pub fn read_f32_range(&self, name: &str, start: usize, end: usize) -> Result<Vec<f32>> {
+        let (dt, shape, data) = self.view(name)?;
+        let file = self.file_of(name);
+        if dt != Dtype::F32 || shape.len() != 1 {
+            return Err(Error::tensor(
+                file,
+                name,
+                format!("{dt:?} {shape:?}, expected a 1-D F32 tensor"),
+            ));
+        }
+        if start > end || end > shape[0] {
+            return Err(Error::tensor(
+                file,
+                name,
+                format!(
+                    "range [{start}, {end}) is outside its {} elements",
+                    shape[0]
+                ),
+            ));
+        }
+        Ok(data[start * 4..end * 4]
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
     }
 
     /// A float tensor that must have `shape`.
@@ -337,6 +380,47 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
     f.write_all(bytes).map_err(|e| Error::io(path, e))?;
     f.sync_all().map_err(|e| Error::io(path, e))
+}
+
+/// Writes one file atomically: a temporary sibling is written and synced, then renamed over
+/// `path`, so readers (another rank polling for it, a resume after a crash) see the old file,
+/// no file, or the whole new one.
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::file(path, "not a file name"))?
+        .to_string_lossy();
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if let Err(e) = write_synced(&tmp, bytes) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    sync_dir(parent);
+    Ok(())
+}
+
+/// Writes f32 tensors (1-D, as named) and string metadata as one safetensors file, atomically.
+pub fn write_safetensors_atomic(
+    path: &Path,
+    tensors: &[(&str, &[f32])],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let views = tensors
+        .iter()
+        .map(|(name, d)| {
+            safetensors::tensor::TensorView::new(Dtype::F32, vec![d.len()], bytemuck::cast_slice(d))
+                .map(|v| (name.to_string(), v))
+                .map_err(|e| Error::tensor(path, name, e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = safetensors::serialize(views, Some(metadata))
+        .map_err(|e| Error::file(path, e.to_string()))?;
+    write_file_atomic(path, &bytes)
 }
 
 fn sync_dir(dir: &Path) {

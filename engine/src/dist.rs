@@ -4,6 +4,21 @@
 //! Every rank holds a full model replica (compute weights and gradients) but only its shard of
 //! the optimizer state: 3 × ceil(n/N) floats instead of 3 × n. A step is reduce-scatter of the
 //! gradients, AdamW on the owned shard, all-gather of the updated shards.
+//!
+//! Around it: [`env`] reads the launch environment (torchrun, mpirun), [`rendezvous`] hands
+//! rank 0's NCCL id to the others (TCP or a shared file), [`nccl`] implements the collectives
+//! over NCCL, and the ZeRO-1 checkpoints ([`save_zero1`], [`ShardedAdamW::load`]) write one
+//! optimizer shard per rank and re-shard on a resume with another world size.
+
+mod ckpt;
+pub mod env;
+pub mod nccl;
+pub mod rendezvous;
+
+pub use ckpt::{save_zero1, shard_file_name, ShardEntry, Zero1Manifest, MANIFEST};
+pub use env::{DistEnv, Launcher};
+pub use nccl::NcclComm;
+pub use rendezvous::Rendezvous;
 
 use crate::backend::{AdamWStep, Backend};
 use crate::error::{Error, Result};
@@ -237,7 +252,8 @@ impl ShardedAdamW {
         let shard = Shard::new(n, rank, world);
         let params = model.params_to_host()?;
         let mut master = vec![0f32; shard.len];
-        master[..shard.valid()].copy_from_slice(&params[shard.off..shard.off + shard.valid()]);
+        let lo = shard.off.min(n);
+        master[..shard.valid()].copy_from_slice(&params[lo..lo + shard.valid()]);
         Ok(ShardedAdamW {
             cfg,
             shard,

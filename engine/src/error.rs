@@ -30,6 +30,9 @@ pub enum Error {
     Device(String),
     #[error("non-finite value: {0}")]
     NonFinite(String),
+    /// Launch environment, rendezvous, NCCL and sharded-checkpoint problems.
+    #[error("distributed: {0}")]
+    Dist(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

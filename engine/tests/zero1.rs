@@ -200,3 +200,198 @@ fn zero1_three_ranks_match_one_process() {
 fn zero1_three_ranks_with_clipping() {
     check(3, Some(0.05));
 }
+
+// ---- ZeRO-1 checkpoints: save with one world size, resume with another ----------------------
+
+use engine::checkpoint::{load_model, SaveOptions};
+use engine::dist::{save_zero1, shard_file_name};
+use std::path::Path;
+
+/// Sequences per step, shared out evenly by world sizes 1, 2 and 3.
+const GLOBAL: usize = 6;
+const SAVE_AT: usize = 3;
+const TOTAL: usize = 5;
+
+/// Step `step`'s global batch: GLOBAL fresh sequences (a new batch every step).
+fn step_tokens(step: usize) -> Vec<i32> {
+    let all = tokens(GLOBAL * (step + 1));
+    all[GLOBAL * step * T..].to_vec()
+}
+
+/// One process on the whole batch, TOTAL steps without interruption.
+fn uninterrupted() -> Vec<f32> {
+    let cfg = opt_cfg(Some(1.0));
+    let mut m = model();
+    let mut opt = AdamW::new(&m, cfg).unwrap();
+    for step in 0..TOTAL {
+        loss_and_grads(&mut m, &step_tokens(step), GLOBAL, 1.0);
+        opt.step(&mut m, LR).unwrap();
+    }
+    m.params_to_host().unwrap()
+}
+
+/// `world` ranks run steps `steps`, starting fresh or from the checkpoint `from`, and save to
+/// `to` at the end if given. Returns rank 0's weights (every rank's must be the same bits).
+fn run_ranks(
+    world: usize,
+    steps: std::ops::Range<usize>,
+    from: Option<&Path>,
+    to: Option<&Path>,
+) -> Vec<f32> {
+    let cfg = opt_cfg(Some(1.0));
+    let b = GLOBAL / world;
+    let out: Vec<Vec<f32>> = thread::scope(|s| {
+        let hs: Vec<_> = ThreadGroup::new(world)
+            .into_iter()
+            .map(|mut comm| {
+                let steps = steps.clone();
+                s.spawn(move || {
+                    let r = comm.rank();
+                    let (mut m, mut opt) = match from {
+                        None => {
+                            let m = model();
+                            let opt = ShardedAdamW::new(&m, cfg, r, world).unwrap();
+                            (m, opt)
+                        }
+                        Some(dir) => {
+                            let mut m = load_model(Cpu, dir, Head::Lm).unwrap();
+                            let mut opt = ShardedAdamW::load(&m, cfg, r, world, dir).unwrap();
+                            opt.gather_params(&mut m, &mut comm).unwrap();
+                            (m, opt)
+                        }
+                    };
+                    for step in steps {
+                        let ids = step_tokens(step);
+                        let local = &ids[r * b * T..(r + 1) * b * T];
+                        loss_and_grads(&mut m, local, b, 1.0 / world as f32);
+                        opt.step(&mut m, &mut comm, LR).unwrap();
+                    }
+                    if let Some(dir) = to {
+                        save_zero1(dir, &m, &opt, &mut comm, SaveOptions::default(), |_| Ok(()))
+                            .unwrap();
+                    }
+                    m.params_to_host().unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (r, p) in out.iter().enumerate() {
+        assert!(
+            p.iter()
+                .zip(&out[0])
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "rank {r} differs from rank 0"
+        );
+    }
+    out.into_iter().next().unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Train 3 steps on 2 ranks, save, resume on 3 ranks and on 1, train 2 more: the weights match
+/// an uninterrupted single-process run within float reassociation (the sums' order changes
+/// with the world size); resuming on 2 ranks matches an uninterrupted 2-rank run bit for bit.
+#[test]
+fn zero1_checkpoint_resumes_with_another_world_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("step-3");
+    run_ranks(2, 0..SAVE_AT, None, Some(&ckpt));
+    let mut files: Vec<String> = std::fs::read_dir(&ckpt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "config.json",
+            "model.safetensors",
+            &shard_file_name(0, 2),
+            &shard_file_name(1, 2),
+            "zero1.json",
+        ]
+    );
+
+    let want = uninterrupted();
+    let init = model().params_to_host().unwrap();
+    let moved = max_abs_diff(&init, &want);
+    assert!(moved > 1e-3, "weights barely moved: {moved:e}");
+    for world in [3, 1] {
+        let got = run_ranks(world, SAVE_AT..TOTAL, Some(&ckpt), None);
+        let d = max_abs_diff(&got, &want);
+        eprintln!("2 ranks -> {world}: max |Δw| vs one uninterrupted process = {d:e}");
+        assert!(d < 1e-5, "resumed on {world} ranks: max |Δw| {d:e}");
+    }
+    let straight = run_ranks(2, 0..TOTAL, None, None);
+    let resumed = run_ranks(2, SAVE_AT..TOTAL, Some(&ckpt), None);
+    assert_eq!(
+        max_abs_diff(&straight, &resumed),
+        0.0,
+        "same world size: bit-exact"
+    );
+}
+
+/// A missing or foreign shard file is an error naming that file.
+#[test]
+fn zero1_checkpoint_names_a_missing_or_mismatched_shard() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("ckpt");
+    run_ranks(2, 0..1, None, Some(&ckpt));
+    let m = model();
+    let cfg = opt_cfg(Some(1.0));
+    let load = |rank, world| {
+        ShardedAdamW::load(&m, cfg, rank, world, &ckpt)
+            .err()
+            .map(|e| e.to_string())
+    };
+    assert_eq!(load(0, 1), None);
+
+    let one = ckpt.join(shard_file_name(1, 2));
+    let saved = std::fs::read(&one).unwrap();
+    std::fs::remove_file(&one).unwrap();
+    let e = load(0, 1).expect("a missing shard must fail");
+    assert!(
+        e.contains(&shard_file_name(1, 2)) && e.contains("no such file"),
+        "{e}"
+    );
+    // Rank 0 of 2 needs only the first old shard: the missing second one does not matter.
+    assert_eq!(load(0, 2), None);
+
+    // Rank 0's file under rank 1's name: its metadata gives it away.
+    std::fs::copy(ckpt.join(shard_file_name(0, 2)), &one).unwrap();
+    let e = load(1, 2).expect("a foreign shard must fail");
+    assert!(
+        e.contains(&shard_file_name(1, 2)) && e.contains("metadata rank = 0"),
+        "{e}"
+    );
+
+    // A truncated file.
+    std::fs::write(&one, &saved[..saved.len() / 2]).unwrap();
+    let e = load(0, 1).expect("a truncated shard must fail");
+    assert!(e.contains(&shard_file_name(1, 2)), "{e}");
+
+    // A shard of another checkpoint (different step).
+    std::fs::write(&one, &saved).unwrap();
+    assert_eq!(load(0, 1), None);
+    let other = tmp.path().join("other");
+    run_ranks(2, 0..2, None, Some(&other));
+    std::fs::copy(other.join(shard_file_name(1, 2)), &one).unwrap();
+    let e = load(0, 1).expect("a shard of another step must fail");
+    assert!(
+        e.contains(&shard_file_name(1, 2)) && e.contains("step = 2"),
+        "{e}"
+    );
+
+    let e = ShardedAdamW::load(&m, cfg, 0, 1, tmp.path())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("zero1.json") && e.contains("missing"), "{e}");
+}

@@ -1,0 +1,406 @@
+//! The collectives over NCCL (cudarc's `nccl` module, libnccl loaded at run time): one process
+//! per GPU, one communicator per job, every operation enqueued on the CUDA backend's stream so
+//! it is ordered after the kernels that wrote its input without a host synchronisation.
+//!
+//! NOT RUN YET: this was written and compiled on machines with neither a GPU nor libnccl (CI
+//! has neither). The sharding logic it serves is checked on the CPU with the thread stand-in
+//! ([`super::ThreadComm`], same trait); the test `nccl_world_of_one_runs_the_real_path` runs
+//! this file's code on a machine that has both, and skips (with a message) elsewhere.
+//!
+//! Two ways in: the [`Collective`] trait on host slices (staged through a device buffer, what
+//! [`super::ShardedAdamW`] uses today), and `*_device` methods on backend views
+//! (`Cuda::all(&model.grads)`, ...) for a ZeRO-1 step that keeps its shard on the GPU and
+//! all-gathers bf16 weights straight into the shadow. The trait itself is unchanged.
+
+use super::{Collective, DistEnv, Rendezvous};
+use crate::backend::cuda::{probe_driver, Cuda, DBuf, DMut, DRef};
+use crate::backend::Backend;
+use crate::elem::Elem;
+use crate::error::{Error, Result};
+use cudarc::nccl::{result, sys};
+use std::ffi::{c_char, c_int, CStr};
+use std::time::Duration;
+
+/// Bytes in an NCCL unique id (what the rendezvous carries).
+pub const ID_BYTES: usize = 128;
+
+/// Element types the collectives move: f32 gradients and master weights, bf16 compute weights.
+pub trait NcclElem: Elem {
+    const DTYPE: sys::ncclDataType_t;
+}
+impl NcclElem for f32 {
+    const DTYPE: sys::ncclDataType_t = sys::ncclDataType_t::ncclFloat32;
+}
+impl NcclElem for half::bf16 {
+    const DTYPE: sys::ncclDataType_t = sys::ncclDataType_t::ncclBfloat16;
+}
+
+/// Whether NCCL can be used here: libnccl loads and a CUDA driver with a GPU is present. Must
+/// pass before any other call into cudarc's nccl module, which panics on a missing library.
+pub fn probe() -> Result<()> {
+    // SAFETY: only tries to dlopen libnccl under cudarc's candidate names; resolves no symbol.
+    if !unsafe { sys::is_culib_present() } {
+        // cudarc looks for unversioned names (libnccl.so); NCCL's runtime package and its pip
+        // wheel ship only the soname, libnccl.so.2. Say so when that is the case.
+        // SAFETY: dlopen of NCCL's soname to name the fix; unloaded on drop, no symbol is used.
+        let soname_only = unsafe { libloading::Library::new("libnccl.so.2") }.is_ok();
+        let msg = if soname_only {
+            "NCCL not found: libnccl.so.2 is installed but cudarc loads only the unversioned \
+             libnccl.so; add a symlink `libnccl.so -> libnccl.so.2` in a directory on \
+             LD_LIBRARY_PATH (the libnccl-dev package has it)"
+        } else {
+            "NCCL not found: libnccl could not be loaded; install NCCL (the distribution's \
+             libnccl2 + libnccl-dev, or `pip install nvidia-nccl-cu13` plus a libnccl.so symlink) \
+             and put its lib directory on LD_LIBRARY_PATH"
+        };
+        return Err(Error::Dist(msg.into()));
+    }
+    probe_driver()
+        .map(|_| ())
+        .map_err(|e| Error::Dist(format!("NCCL needs a CUDA GPU: {e}")))
+}
+
+/// The NCCL version as an integer (e.g. 22703 for 2.27.3).
+pub fn version() -> Result<i32> {
+    probe()?;
+    result::get_nccl_version().map_err(|e| nccl_error("ncclGetVersion", e, std::ptr::null_mut()))
+}
+
+fn nccl_error(what: &str, e: result::NcclError, comm: sys::ncclComm_t) -> Error {
+    // SAFETY: ncclGetErrorString returns a static NUL-terminated string for every code.
+    let s = unsafe { CStr::from_ptr(sys::ncclGetErrorString(e.0)) }.to_string_lossy();
+    // SAFETY: ncclGetLastError takes a live communicator or NULL and returns a NUL-terminated
+    // string owned by NCCL (copied out at once) or NULL.
+    let last = unsafe {
+        let p = sys::ncclGetLastError(comm);
+        if p.is_null() {
+            String::new()
+        } else {
+            CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    };
+    let last = if last.is_empty() {
+        String::new()
+    } else {
+        format!(": {last}")
+    };
+    Error::Dist(format!("NCCL {what}: {:?} ({s}){last}", e.0))
+}
+
+/// One rank's NCCL communicator, bound to one GPU's [`Cuda`] backend and its stream.
+pub struct NcclComm {
+    cuda: Cuda,
+    comm: sys::ncclComm_t,
+    rank: usize,
+    world: usize,
+    /// Device staging (send, receive) for the host-slice [`Collective`] methods; each grows to
+    /// the largest call.
+    stage: [Option<DBuf<f32>>; 2],
+}
+
+// SAFETY: an NCCL communicator may be used from any thread as long as one thread at a time
+// does; every method takes `&mut self`, and the raw pointer is never shared.
+unsafe impl Send for NcclComm {}
+
+impl NcclComm {
+    /// A fresh unique id: rank 0 makes it, the rendezvous hands it to the others.
+    pub fn unique_id() -> Result<[u8; ID_BYTES]> {
+        probe()?;
+        let id = result::get_uniqueid()
+            .map_err(|e| nccl_error("ncclGetUniqueId", e, std::ptr::null_mut()))?;
+        Ok(id.internal.map(|c| c as u8))
+    }
+
+    /// Joins the job as `rank` of `world` on `cuda`'s GPU. Blocks until every rank has called
+    /// it with the same `id`.
+    pub fn new(cuda: &Cuda, rank: usize, world: usize, id: &[u8]) -> Result<Self> {
+        probe()?;
+        if id.len() != ID_BYTES {
+            return Err(Error::Dist(format!(
+                "NCCL unique id: {} bytes, expected {ID_BYTES}",
+                id.len()
+            )));
+        }
+        if rank >= world {
+            return Err(Error::Dist(format!(
+                "rank {rank} is not below world {world}"
+            )));
+        }
+        let mut internal = [0 as c_char; ID_BYTES];
+        internal
+            .iter_mut()
+            .zip(id)
+            .for_each(|(d, &s)| *d = s as c_char);
+        // NCCL picks the GPU from the current CUDA context.
+        cuda.bind()?;
+        let mut comm: sys::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: `comm` is a valid out-pointer; the id is rank 0's 128 bytes; rank < world
+        // (checked) and both fit in c_int for any real job.
+        unsafe {
+            result::comm_init_rank(
+                &mut comm,
+                world as c_int,
+                sys::ncclUniqueId { internal },
+                rank as c_int,
+            )
+        }
+        .map_err(|e| {
+            nccl_error(
+                &format!(
+                    "ncclCommInitRank (rank {rank} of {world}, cuda:{})",
+                    cuda.ordinal()
+                ),
+                e,
+                std::ptr::null_mut(),
+            )
+        })?;
+        Ok(NcclComm {
+            cuda: cuda.clone(),
+            comm,
+            rank,
+            world,
+            stage: [None, None],
+        })
+    }
+
+    /// The whole start-up from the launch environment: probe, rank 0 makes the id, the
+    /// rendezvous hands it out, every rank joins. `cuda` is this rank's GPU (normally
+    /// `Cuda::new(env.local_rank)`).
+    pub fn init(cuda: &Cuda, env: &DistEnv, rdv: &Rendezvous, timeout: Duration) -> Result<Self> {
+        // Before the rendezvous, so a rank without NCCL fails at once, not after the others wait.
+        probe()?;
+        let id = if env.rank == 0 {
+            Some(Self::unique_id()?)
+        } else {
+            None
+        };
+        let blob = rdv.share(env.rank, env.world, id.as_ref().map(|i| &i[..]), timeout)?;
+        Self::new(cuda, env.rank, env.world, &blob)
+    }
+
+    fn stream(&self) -> sys::cudaStream_t {
+        self.cuda.stream().cu_stream() as sys::cudaStream_t
+    }
+
+    fn err(&self, what: &str, e: result::NcclError) -> Error {
+        nccl_error(
+            &format!("{what} (rank {} of {})", self.rank, self.world),
+            e,
+            self.comm,
+        )
+    }
+
+    /// `buf` ← Σ over ranks of `buf`, in place, enqueued on the backend's stream.
+    pub fn all_reduce_sum_device<T: NcclElem>(&mut self, buf: DMut<'_, T>) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.cuda.bind()?;
+        // SAFETY: `buf` borrows a live device buffer of `buf.len()` elements of T (the view
+        // keeps it alive past this call; the op is ordered before any later free on the same
+        // stream); in-place all-reduce is allowed.
+        unsafe {
+            result::all_reduce(
+                buf.ptr() as *const _,
+                buf.ptr() as *mut _,
+                buf.len(),
+                T::DTYPE,
+                sys::ncclRedOp_t::ncclSum,
+                self.comm,
+                self.stream(),
+            )
+        }
+        .map(drop)
+        .map_err(|e| self.err("ncclAllReduce", e))
+    }
+
+    /// `out` ← Σ over ranks of `input[rank·s .. (rank+1)·s]` with `s = out.len()`.
+    pub fn reduce_scatter_sum_device<T: NcclElem>(
+        &mut self,
+        input: DRef<'_, T>,
+        out: DMut<'_, T>,
+    ) -> Result<()> {
+        check_len("reduce_scatter input", input.len(), self.world * out.len())?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.cuda.bind()?;
+        // SAFETY: both views borrow live device buffers; input holds world·s elements and out
+        // s (checked); they are distinct borrows, so they do not overlap.
+        unsafe {
+            result::reduce_scatter(
+                input.ptr() as *const _,
+                out.ptr() as *mut _,
+                out.len(),
+                T::DTYPE,
+                sys::ncclRedOp_t::ncclSum,
+                self.comm,
+                self.stream(),
+            )
+        }
+        .map(drop)
+        .map_err(|e| self.err("ncclReduceScatter", e))
+    }
+
+    /// `out[r·s .. (r+1)·s]` ← rank r's `shard`, with `s = shard.len()`.
+    pub fn all_gather_device<T: NcclElem>(
+        &mut self,
+        shard: DRef<'_, T>,
+        out: DMut<'_, T>,
+    ) -> Result<()> {
+        check_len("all_gather output", out.len(), self.world * shard.len())?;
+        if shard.is_empty() {
+            return Ok(());
+        }
+        self.cuda.bind()?;
+        // SAFETY: both views borrow live device buffers; shard holds s elements and out
+        // world·s (checked); distinct borrows, so no overlap.
+        unsafe {
+            result::all_gather(
+                shard.ptr() as *const _,
+                out.ptr() as *mut _,
+                shard.len(),
+                T::DTYPE,
+                self.comm,
+                self.stream(),
+            )
+        }
+        .map(drop)
+        .map_err(|e| self.err("ncclAllGather", e))
+    }
+
+    /// Staging buffer `i` (0: send, 1: receive) with room for `len` f32, taken out of `self`
+    /// while in use (two buffers, so a send view and a receive view never alias).
+    fn take_stage(&mut self, i: usize, len: usize) -> Result<DBuf<f32>> {
+        match self.stage[i].take() {
+            Some(s) if s.len() >= len => Ok(s),
+            _ => self.cuda.alloc(len.max(1024)),
+        }
+    }
+}
+
+fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        return Err(Error::Shape(format!(
+            "{what}: {got} values, expected {want}"
+        )));
+    }
+    Ok(())
+}
+
+/// Host slices staged through device memory: each call uploads, runs the collective and
+/// downloads (which synchronises), so it returns with the result on the host, as the trait
+/// promises.
+impl Collective for NcclComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
+        let n = buf.len();
+        let mut st = self.take_stage(1, n)?;
+        self.cuda.from_host(st.slice_mut(0, n), buf)?;
+        self.all_reduce_sum_device(st.slice_mut(0, n))?;
+        self.cuda.to_host(buf, st.slice(0, n))?;
+        self.stage[1] = Some(st);
+        Ok(())
+    }
+
+    fn reduce_scatter_sum(&mut self, input: &[f32], out_shard: &mut [f32]) -> Result<()> {
+        check_len(
+            "reduce_scatter input",
+            input.len(),
+            self.world * out_shard.len(),
+        )?;
+        let (n, s) = (input.len(), out_shard.len());
+        let (mut send, mut recv) = (self.take_stage(0, n)?, self.take_stage(1, s)?);
+        self.cuda.from_host(send.slice_mut(0, n), input)?;
+        self.reduce_scatter_sum_device(send.slice(0, n), recv.slice_mut(0, s))?;
+        self.cuda.to_host(out_shard, recv.slice(0, s))?;
+        self.stage = [Some(send), Some(recv)];
+        Ok(())
+    }
+
+    fn all_gather(&mut self, shard: &[f32], out: &mut [f32]) -> Result<()> {
+        check_len("all_gather output", out.len(), self.world * shard.len())?;
+        let (s, n) = (shard.len(), out.len());
+        let (mut send, mut recv) = (self.take_stage(0, s)?, self.take_stage(1, n)?);
+        self.cuda.from_host(send.slice_mut(0, s), shard)?;
+        self.all_gather_device(send.slice(0, s), recv.slice_mut(0, n))?;
+        self.cuda.to_host(out, recv.slice(0, n))?;
+        self.stage = [Some(send), Some(recv)];
+        Ok(())
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        let mut one = [0f32];
+        self.all_reduce_sum(&mut one)
+    }
+}
+
+impl Drop for NcclComm {
+    /// Abort, not destroy: it never waits on peers, so a rank leaving on an error does not hang
+    /// here. Work still queued on the stream is cut short, so drop the communicator after its
+    /// results were read back (any read-back synchronises the stream).
+    fn drop(&mut self) {
+        let _ = self.cuda.bind();
+        // SAFETY: `comm` came from ncclCommInitRank and is released exactly once, here.
+        let _ = unsafe { result::comm_abort(self.comm) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Here (no libnccl, no GPU) every entry point fails with the probe's message instead of
+    /// cudarc's panic.
+    #[test]
+    fn missing_nccl_is_an_error_not_a_panic() {
+        let Err(e) = probe() else {
+            eprintln!("NCCL and a GPU are present: nothing to check here");
+            return;
+        };
+        let m = e.to_string();
+        assert!(
+            m.contains("NCCL not found") || m.contains("NCCL needs a CUDA GPU"),
+            "{m}"
+        );
+        assert_eq!(NcclComm::unique_id().unwrap_err().to_string(), m);
+        assert_eq!(version().unwrap_err().to_string(), m);
+    }
+
+    /// On a machine with a GPU and NCCL: a world of one runs the real code path (init through
+    /// the rendezvous, each collective through device staging). Skipped elsewhere.
+    #[test]
+    fn nccl_world_of_one_runs_the_real_path() {
+        if let Err(e) = probe() {
+            eprintln!("skipped: {e}");
+            return;
+        }
+        let cuda = match Cuda::new(0) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                return;
+            }
+        };
+        let env = DistEnv::single();
+        let rdv = env.rendezvous(None).unwrap();
+        let mut c = NcclComm::init(&cuda, &env, &rdv, Duration::from_secs(30)).unwrap();
+        let x: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.1).sin()).collect();
+        let mut y = x.clone();
+        c.all_reduce_sum(&mut y).unwrap();
+        assert_eq!(y, x);
+        let mut s = vec![0f32; 1000];
+        c.reduce_scatter_sum(&x, &mut s).unwrap();
+        assert_eq!(s, x);
+        let mut g = vec![0f32; 1000];
+        c.all_gather(&x, &mut g).unwrap();
+        assert_eq!(g, x);
+        c.barrier().unwrap();
+    }
+}
