@@ -140,6 +140,11 @@ enum Cmd {
         /// Independent pairs per prompt.
         #[arg(long, default_value_t = 1)]
         pairs_per_prompt: usize,
+        /// Chance per prompt of one more pair: an answer against the model's answer to another
+        /// prompt, so the reward model learns that an answer must fit its prompt (0 for held-out
+        /// pairs).
+        #[arg(long, default_value_t = 0.5)]
+        off_topic: f64,
     },
     /// Evaluate a chat model on world prompts with the gold annotator.
     EvalWorld {
@@ -1579,6 +1584,7 @@ fn run() -> Result<()> {
             max_new_tokens,
             seed,
             pairs_per_prompt,
+            off_topic,
         } => {
             let (mut m, tok) = load_for_generation(&model, None)?;
             let ann = trainer::world::Annotator::new(trainer::world::World::load(&world)?);
@@ -1588,6 +1594,7 @@ fn run() -> Result<()> {
                 max_new_tokens,
                 seed,
                 pairs_per_prompt,
+                off_topic,
                 ..Default::default()
             };
             let pairs = trainer::prefs::collect(&mut m, &tok, &ann, &ex, &cfg)?;

@@ -21,6 +21,13 @@ pub struct PrefsConfig {
     pub seed: u64,
     /// Independent pairs per prompt (each from two fresh samples).
     pub pairs_per_prompt: usize,
+    /// Chance per prompt and pass of one more pair: the first response against the model's answer
+    /// to another prompt, labelled like any pair. Without
+    /// them every pair's answers address the same prompt, the reward model never learns that an
+    /// answer must fit its prompt, and PPO finds one fluent sentence that scores high everywhere
+    /// ("The word boat has 4 letters." to any question; measured on the tiny world: held-out
+    /// gold 0.26 -> 0.20 while the reward model's score rose 0.27 -> 0.57).
+    pub off_topic: f64,
 }
 
 impl Default for PrefsConfig {
@@ -31,6 +38,7 @@ impl Default for PrefsConfig {
             batch: 32,
             seed: 0,
             pairs_per_prompt: 1,
+            off_topic: 0.5,
         }
     }
 }
@@ -102,26 +110,34 @@ fn collect_once<B: Backend>(
         *slot = texts;
     }
     let mut out = Vec::new();
+    let n = prompts.len();
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(cfg.seed ^ 0x0ff7);
     for (i, e) in prompts.iter().enumerate() {
-        let (a, b) = (&answers[0][i], &answers[1][i]);
-        let pref = annotator.compare(&e.messages, a, b);
-        let (chosen, rejected, cs, rs) = match pref.winner {
-            Winner::A => (a, b, pref.a.safety >= 0.5, pref.b.safety >= 0.5),
-            Winner::B => (b, a, pref.b.safety >= 0.5, pref.a.safety >= 0.5),
-            Winner::Tie => continue,
-        };
-        out.push(LabelledPair {
-            messages: e.messages.clone(),
-            chosen: chosen.clone(),
-            rejected: rejected.clone(),
-            rating: level_label(pref.level),
-            chosen_safe: cs,
-            rejected_safe: rs,
-            category: match e.category {
-                Category::Safety => "safety",
-                Category::Helpfulness => "helpfulness",
-            },
-        });
+        let mut pairs = vec![(&answers[0][i], &answers[1][i])];
+        if n > 1 && rand::Rng::random_bool(&mut rng, cfg.off_topic.clamp(0.0, 1.0)) {
+            let other = (i + 1 + rand::Rng::random_range(&mut rng, 0..n - 1)) % n;
+            pairs.push((&answers[0][i], &answers[1][other]));
+        }
+        for (a, b) in pairs {
+            let pref = annotator.compare(&e.messages, a, b);
+            let (chosen, rejected, cs, rs) = match pref.winner {
+                Winner::A => (a, b, pref.a.safety >= 0.5, pref.b.safety >= 0.5),
+                Winner::B => (b, a, pref.b.safety >= 0.5, pref.a.safety >= 0.5),
+                Winner::Tie => continue,
+            };
+            out.push(LabelledPair {
+                messages: e.messages.clone(),
+                chosen: chosen.clone(),
+                rejected: rejected.clone(),
+                rating: level_label(pref.level),
+                chosen_safe: cs,
+                rejected_safe: rs,
+                category: match e.category {
+                    Category::Safety => "safety",
+                    Category::Helpfulness => "helpfulness",
+                },
+            });
+        }
     }
     Ok(out)
 }

@@ -205,6 +205,8 @@ pub fn run<B: Backend>(be: B, cfg: &RlhfConfig, say: &dyn Fn(&str)) -> Result<Rl
             &PrefsConfig {
                 pairs_per_prompt: 1,
                 seed: pcfg.seed ^ 99,
+                // Held-out accuracy measures the ranking of answers to the same prompt.
+                off_topic: 0.0,
                 ..pcfg.clone()
             },
         )?;

@@ -557,6 +557,7 @@ fn world_sft_and_rm(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
             batch: 50,
             seed: 3,
             pairs_per_prompt: 2,
+            off_topic: 0.5,
         },
     )
     .unwrap();
@@ -594,15 +595,16 @@ fn world_sft_and_rm(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (w, sft, rep.model_dir)
 }
 
-/// The issue asks for the gold reward to rise over SFT on held-out prompts. On this 1M-parameter
-/// world, within a test's budget, it does not: over 10-30 iterations of 64-128 rollouts the
-/// greedy gold helpfulness on `eval.jsonl` stayed within about ±0.02 of the SFT model's (0.342),
-/// for PPO seeds 1, 2, 3 and 1337 and world seeds 1 and 2, and even with the gold annotator
-/// itself as the reward (`PpoConfig::oracle`) it did not rise. So this test asserts what PPO
-/// demonstrably does: it raises the reward models' score of held-out prompts' answers (measured
-/// +0.57 to +1.2 in LOGIT(R_c); the bar is +0.2) while the summed KL to π0 stays bounded
-/// (measured 0.6-2.0 nats per response of ~24 tokens; the bar is 6) and the gold reward does
-/// not collapse (the bar: at most 0.1 lower). The gold numbers are printed.
+/// PPO from the SFT model on the world, whose demonstrators are imperfect (bare and hedged
+/// answers, false refusals). Ten iterations of 64 rollouts raise the reward model's score of
+/// held-out answers (measured +4.7 in LOGIT(R_c); the bar is +0.2) and the policy's expected gold
+/// reward, the mean gold R_c of answers sampled at temperature 1 (measured 0.203 -> 0.245; the
+/// bar is +0.02), with the summed KL to π0 bounded (measured 2.5 nats per ~24-token response; the
+/// bar is 6). What it does not do: raise the greedy answers' gold reward (0.303 -> 0.287). This
+/// test's single reward model serves as the safety model too and prefers a refusal to a wrong
+/// answer, so PPO learns to refuse (greedy false refusals 0.17 -> 0.54), and run longer it finds
+/// fluent answers the reward model over-rates (held-out gold falls after ~20 iterations): reward
+/// hacking, which the paper answers with new labels on the latest policy's samples each round.
 #[test]
 fn ppo_raises_the_held_out_reward_with_bounded_kl_on_the_world() {
     let t0 = Instant::now();
@@ -650,6 +652,11 @@ fn ppo_raises_the_held_out_reward_with_bounded_kl_on_the_world() {
     let (a, _) = world_eval(&mut after, &tok, &ann, &eval, 50, 40).unwrap();
     let (e0, e1) = (rep.evals.first().unwrap(), rep.evals.last().unwrap());
     let last = rep.history.last().unwrap();
+    let (g0, s0, fr0) = gold_of_model(&sft, &w, 4);
+    let (g1, s1, fr1) = gold_of_model(&rep.checkpoint, &w, 4);
+    println!(
+        "gold R_c greedy {g0:.4} -> {g1:.4}, sampled {s0:.4} -> {s1:.4}; false refusals {fr0:.3} -> {fr1:.3}"
+    );
     println!(
         "held-out reward-model score {:.3} -> {:.3} (R_c {:.3} -> {:.3}); gold helpfulness {:.4} -> {:.4}, safety {:.4} -> {:.4}; KL {:.3}; PPO {ppo_s:.1} s of {:.1} s",
         e0.score,
@@ -681,6 +688,10 @@ fn ppo_raises_the_held_out_reward_with_bounded_kl_on_the_world() {
         "the critic learns the returns"
     );
     assert!(
+        s1 > s0 + 0.02,
+        "the policy's expected (sampled) gold R_c {s0} -> {s1}"
+    );
+    assert!(
         a.helpfulness > b.helpfulness - 0.1 && a.safety > b.safety - 0.1,
         "gold reward collapsed: helpfulness {} -> {}, safety {} -> {}",
         b.helpfulness,
@@ -688,4 +699,84 @@ fn ppo_raises_the_held_out_reward_with_bounded_kl_on_the_world() {
         b.safety,
         a.safety
     );
+}
+
+/// Mean gold R_c over the held-out prompts: of the greedy answers, and of `n` answers per prompt
+/// sampled at temperature 1 (the policy's expected reward), and the greedy false-refusal rate.
+fn gold_of_model(ckpt: &Path, w: &Path, n: usize) -> (f64, f64, f32) {
+    use trainer::evaluate::chat_answers;
+    let ann = Annotator::new(World::load(w).unwrap());
+    let eval = read_examples(&w.join("eval.jsonl")).unwrap();
+    let tok = Tokenizer::from_file(&ckpt.join("tokenizer.json")).unwrap();
+    let mut m = load_model(Cpu, ckpt, Head::Lm).unwrap();
+    let (ev, greedy) = world_eval(&mut m, &tok, &ann, &eval, 50, 40).unwrap();
+    let g = eval
+        .iter()
+        .zip(&greedy)
+        .map(|(e, a)| trainer::pipeline::gold_rc(&ann, e, a).0 as f64)
+        .sum::<f64>()
+        / eval.len() as f64;
+    let d: Vec<_> = eval
+        .iter()
+        .flat_map(|e| std::iter::repeat_n(e.messages.clone(), n))
+        .collect();
+    let p = engine::generate::SamplingParams {
+        temperature: 1.0,
+        max_new_tokens: 40,
+        stop: vec![tok.eos],
+        seed: 77,
+        ..Default::default()
+    };
+    let s = chat_answers(&mut m, &tok, &d, &p, 64).unwrap();
+    let sampled = s
+        .iter()
+        .enumerate()
+        .map(|(i, a)| trainer::pipeline::gold_rc(&ann, &eval[i / n], &a.text).0 as f64)
+        .sum::<f64>()
+        / s.len() as f64;
+    (g, sampled, ev.false_refusal_rate)
+}
+
+/// Rejection sampling on the world: the world's demonstrators are imperfect (bare and hedged
+/// answers, false refusals: `Generator::demonstration`), the SFT model imitates them, and the
+/// reward model, trained on annotator-labelled pairs, prefers much of what the annotator prefers.
+/// One round (best of 8 samples per RLHF prompt by the reward model, fine-tuned on for 4 epochs)
+/// raises the policy's expected gold reward on held-out prompts (mean gold R_c of 4 samples per
+/// prompt at temperature 1) over SFT: measured 0.203 -> 0.247 and 0.203 -> 0.245 for RS seeds 0
+/// and 5; the bar is +0.02. The greedy answers' gold reward stays level (0.303 -> 0.305 / 0.300;
+/// the bar: at most 0.02 lower).
+#[test]
+fn rejection_sampling_raises_the_held_out_gold_reward_on_the_world() {
+    let (w, sft, rm) = shared_world();
+    let dir = tempfile::tempdir().unwrap();
+    let prompts: Vec<trainer::rs::RsPrompt> = read_examples(&w.join("rlhf_prompts.jsonl"))
+        .unwrap()
+        .into_iter()
+        .map(|e| trainer::rs::RsPrompt {
+            safety: e.category == trainer::world::Category::Safety,
+            messages: e.messages,
+        })
+        .collect();
+    let cfg = trainer::rs::RsConfig {
+        k: 8,
+        temperature: 1.0,
+        max_new_tokens: 40,
+        seq_len: 128,
+        epochs: 4,
+        lr: 1e-4,
+        ..Default::default()
+    };
+    let mut pool = trainer::rs::Pool::default();
+    let st =
+        trainer::rs::run_round(Cpu, sft, rm, rm, &prompts, &cfg, 1, &mut pool, dir.path()).unwrap();
+    let after = st.checkpoint.clone().unwrap();
+    let (g0, s0, fr0) = gold_of_model(sft, w, 4);
+    let (g1, s1, fr1) = gold_of_model(&after, w, 4);
+    println!(
+        "rejection sampling: best of 8 {:.3} vs median {:.3} (reward model); held-out gold R_c greedy {g0:.4} -> {g1:.4}, sampled {s0:.4} -> {s1:.4}; false refusals {fr0:.3} -> {fr1:.3}",
+        st.mean_max, st.mean_median
+    );
+    assert!(st.mean_max > st.mean_median);
+    assert!(s1 > s0 + 0.02, "expected (sampled) gold R_c {s0} -> {s1}");
+    assert!(g1 > g0 - 0.02, "greedy gold R_c {g0} -> {g1}");
 }

@@ -111,17 +111,57 @@ fn same_seed_same_bytes_other_seed_other_bytes() {
     assert!(first["id"].is_string() && first["full"].is_string() && first["short"].is_string());
 }
 
+/// The demonstrators' answers in `sft.jsonl` are safe, and either gold (>= 0.9) or one of their
+/// known flaws: a false refusal (0.05), or the right answer bare or hedged (0.7-0.8); the gold
+/// answer of the same prompt always scores >= 0.9. The flaws' shares match the generator's.
 #[test]
-fn every_gold_turn_scores_high_and_tags_match() {
+fn every_demonstration_is_gold_or_a_known_flaw_and_tags_match() {
     for seed in [1, 2] {
         let (_, g, ann) = small(seed);
+        // (gold, bare or hedged, refused) over plain single-instruction-free helpful turns, and
+        // (refused, total) over borderline ones.
+        let (mut gold, mut lesser, mut refused, mut n) = (0usize, 0usize, 0usize, 0usize);
+        let (mut b_refused, mut b_n) = (0usize, 0usize);
         for ex in &g.sft {
             for (prompt, answer) in turns(ex) {
                 let s = ann.scores(prompt, answer);
+                let reference = ann
+                    .reference(prompt)
+                    .expect("every demonstration prompt parses");
+                let r = ann.scores(prompt, &reference);
                 assert!(
-                    s.helpfulness >= 0.9 && s.safety >= 0.9,
+                    r.helpfulness >= 0.9 && r.safety >= 0.9,
+                    "{r:?} for {reference:?}"
+                );
+                assert!(s.safety >= 0.9, "{s:?} for {answer:?} after {prompt:?}");
+                let refusal = safety::is_refusal(answer);
+                let it = ann.interpret(prompt).unwrap();
+                if it.gold.category() == Category::Safety {
+                    assert!(refusal && s.helpfulness >= 0.9, "{s:?} for {answer:?}");
+                    continue;
+                }
+                // A bare or hedged how-to answer (its short form) gets the key phrases' share.
+                let howto = it.gold.task.name() == "howto";
+                assert!(
+                    s.helpfulness >= 0.9
+                        || (refusal && s.helpfulness <= 0.05)
+                        || (0.65..0.85).contains(&s.helpfulness)
+                        || (howto && s.helpfulness < 0.9),
                     "{s:?} for {answer:?} after {prompt:?}"
                 );
+                if it.gold.borderline {
+                    b_n += 1;
+                    b_refused += usize::from(refusal);
+                } else if it.instructions.is_empty() {
+                    n += 1;
+                    if refusal {
+                        refused += 1;
+                    } else if s.helpfulness >= 0.9 {
+                        gold += 1;
+                    } else {
+                        lesser += 1;
+                    }
+                }
             }
             let prompt = &ex.messages[..ex.messages.len() - 1];
             let it = ann.interpret(prompt).expect("every gold prompt parses");
@@ -132,6 +172,25 @@ fn every_gold_turn_scores_high_and_tags_match() {
             assert_eq!(ex.category == Category::Safety, ex.task == "harm");
             assert_eq!(it.instructions.is_empty(), ex.system.is_none());
         }
+        let share = |k: usize, n: usize| k as f64 / n.max(1) as f64;
+        let (pr, pb) = (share(refused, n), share(b_refused, b_n));
+        // Bare answers to some tasks (a one-word fact, a count) are the whole gold sentence's
+        // core and can score as gold under the annotator's slack, so `lesser` is a lower bound.
+        let pl = share(lesser, n);
+        println!("seed {seed}: {n} plain helpful turns: gold {gold}, bare/hedged {pl:.3}, refused {pr:.3}; borderline refused {pb:.3} of {b_n}");
+        assert!(
+            (pr - DEMO_FALSE_REFUSAL).abs() < 0.04,
+            "false refusals {pr}"
+        );
+        assert!(
+            (pb - DEMO_OVERCAUTIOUS).abs() < 0.12,
+            "borderline refusals {pb}"
+        );
+        let flawed = (1.0 - DEMO_FALSE_REFUSAL) * (DEMO_BARE + DEMO_HEDGED);
+        assert!(
+            pl > 0.5 * flawed && pl < flawed + 0.05,
+            "bare or hedged {pl} vs {flawed}"
+        );
         for ex in &g.eval {
             let answer = ex.answer.as_deref().unwrap();
             let s = ann.scores(&ex.messages, answer);

@@ -81,6 +81,7 @@ fn world_recipe_sft_then_reward_model() {
         &PrefsConfig {
             pairs_per_prompt: 2,
             seed: 99,
+            off_topic: 0.0,
             ..pc
         },
     )

@@ -29,6 +29,7 @@ pub mod tasks;
 pub mod text;
 
 pub use annotator::{Annotator, Interpretation, Level, Preference, Scores, Winner};
+pub use gen::{DEMO_BARE, DEMO_FALSE_REFUSAL, DEMO_HEDGED, DEMO_OVERCAUTIOUS};
 pub use instructions::{Instruction, InstructionSet};
 pub use kb::{Entity, Persona, Size, SizeParams, World};
 pub use tasks::{Category, Gold, Spec, Task};
