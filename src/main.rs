@@ -228,6 +228,8 @@ enum Cmd {
         lr: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        #[arg(long, default_value = "cpu")]
+        device: Device,
     },
     /// Safety context distillation: answers under a safety preprompt, kept when the safety
     /// reward model prefers them, fine-tuned without the preprompt.
@@ -249,6 +251,8 @@ enum Cmd {
         lr: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        #[arg(long, default_value = "cpu")]
+        device: Device,
     },
     /// Iterative RLHF on the built-in world: each round labels new pairs sampled from the latest
     /// model, retrains both reward models on all labels so far, runs rejection sampling, and
@@ -489,6 +493,9 @@ struct TrainRmArgs {
     /// meta-labels (default: 1 for safety, 0 for helpfulness).
     #[arg(long)]
     calibration: Option<f32>,
+    /// Activation recomputation in the backward: none, attn or full (same gradients, less memory).
+    #[arg(long, default_value = "none")]
+    recompute: engine::Recompute,
     #[arg(long, default_value = "cpu")]
     device: Device,
     #[arg(long)]
@@ -550,6 +557,7 @@ fn train_rm(a: TrainRmArgs) -> Result<()> {
     if let Some(w) = a.calibration {
         c.calibration = w;
     }
+    c.recompute = a.recompute;
     c.progress = !a.no_progress;
     let rep = on_device!(a.device, |be| train(be, &c)?);
     println!(
@@ -682,6 +690,11 @@ struct PpoArgs {
     oracle: bool,
     #[arg(long, default_value_t = 1337)]
     seed: u64,
+    /// Activation recomputation for the policy's and the critic's backward: none, attn or full.
+    #[arg(long)]
+    recompute: Option<engine::Recompute>,
+    #[arg(long, default_value = "cpu")]
+    device: Device,
     #[arg(long)]
     no_progress: bool,
 }
@@ -691,6 +704,7 @@ fn ppo_cmd(a: PpoArgs) -> Result<()> {
     let cfg = if let Some(r) = &a.resume {
         let mut c = resume_config(r, a.iterations)?;
         c.progress = !a.no_progress;
+        c.recompute = a.recompute.unwrap_or(c.recompute);
         c
     } else {
         let policy = a.policy.clone().context("--policy DIR is required")?;
@@ -724,10 +738,11 @@ fn ppo_cmd(a: PpoArgs) -> Result<()> {
         c.oracle = a.oracle;
         c.samples_per_prompt = a.samples_per_prompt;
         c.seed = a.seed;
+        c.recompute = a.recompute.unwrap_or_default();
         c.progress = !a.no_progress;
         c
     };
-    let rep = train(Cpu, &cfg)?;
+    let rep = on_device!(a.device, |be| train(be, &cfg)?);
     println!(
         "ppo: {} iterations{} in {:.0} s, beta {}; checkpoint {}",
         rep.iterations,
@@ -1343,6 +1358,7 @@ fn run() -> Result<()> {
             epochs,
             lr,
             seed,
+            device,
         } => {
             let cfg = trainer::gatt::GattConfig {
                 turns,
@@ -1353,7 +1369,9 @@ fn run() -> Result<()> {
                 seed,
                 ..Default::default()
             };
-            let r = trainer::gatt::run_gatt(Cpu, &init, &world, &out, &cfg)?;
+            let r = on_device!(device, |be| trainer::gatt::run_gatt(
+                be, &init, &world, &out, &cfg
+            )?);
             println!(
                 "adherence per turn before GAtt: {:?}",
                 r.adherence_before.follow
@@ -1378,6 +1396,7 @@ fn run() -> Result<()> {
             epochs,
             lr,
             seed,
+            device,
         } => {
             let cfg = trainer::distill::DistillConfig {
                 replay,
@@ -1386,7 +1405,9 @@ fn run() -> Result<()> {
                 seed,
                 ..Default::default()
             };
-            let r = trainer::distill::run_distill(Cpu, &init, &safety_rm, &world, &out, &cfg)?;
+            let r = on_device!(device, |be| {
+                trainer::distill::run_distill(be, &init, &safety_rm, &world, &out, &cfg)?
+            });
             println!(
                 "{} safety prompts, {} answers kept (mean safety-RM score {:.3} with the preprompt, {:.3} without); model: {}",
                 r.prompts, r.kept, r.mean_score_with, r.mean_score_without, r.checkpoint.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "none (no answer kept)".into())

@@ -294,6 +294,9 @@ pub struct PpoConfig {
     /// policy's expected reward, what PPO maximises); 0 evaluates greedy answers.
     #[serde(default)]
     pub eval_samples: usize,
+    /// Activation recomputation for the policy's and the critic's backward (`--recompute`).
+    #[serde(default)]
+    pub recompute: engine::Recompute,
 }
 
 impl PpoConfig {
@@ -348,6 +351,7 @@ impl PpoConfig {
             critic_warmup: 0,
             eval_samples: 0,
             samples_per_prompt: 1,
+            recompute: engine::Recompute::None,
         }
     }
 }
@@ -940,6 +944,7 @@ pub fn train<B: Backend>(be: B, cfg: &PpoConfig) -> Result<PpoReport> {
     let mut policy = load_model(be.clone(), &policy_dir, Head::Lm)
         .with_context(|| format!("loading the policy {}", policy_dir.display()))?;
     policy.zero_grads()?;
+    policy.set_recompute(cfg.recompute);
     let ref_dir = cfg.reference.clone().unwrap_or_else(|| cfg.policy.clone());
     let mut reference = load_model(be.clone(), &ref_dir, Head::Lm)
         .with_context(|| format!("loading the reference policy {}", ref_dir.display()))?;
@@ -965,6 +970,7 @@ pub fn train<B: Backend>(be: B, cfg: &PpoConfig) -> Result<PpoReport> {
     let (mut critic, _) = load_rm(be.clone(), &critic_dir)
         .with_context(|| format!("loading the critic {}", critic_dir.display()))?;
     critic.zero_grads()?;
+    critic.set_recompute(cfg.recompute);
     ensure!(
         critic.cfg.vocab_size >= tok.vocab_size(),
         "the critic reads the policy's tokens: its vocab_size ({}) is smaller than the policy tokenizer's ({})",

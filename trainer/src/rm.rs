@@ -1036,6 +1036,9 @@ pub struct RmConfig {
     pub mix_other: f64,
     /// Weight of the calibration term on the safety meta-labels (BCE of σ(r) against safe).
     pub calibration: f32,
+    /// Activation recomputation in the backward (`--recompute`): memory for time, same gradients.
+    #[serde(default)]
+    pub recompute: engine::Recompute,
 }
 
 impl RmConfig {
@@ -1075,6 +1078,7 @@ impl RmConfig {
                 0.0
             },
             calibration: if kind == RmKind::Safety { 1.0 } else { 0.0 },
+            recompute: engine::Recompute::None,
         }
     }
 }
@@ -1139,6 +1143,7 @@ pub fn train<B: Backend>(be: B, cfg: &RmConfig) -> Result<RmReport> {
     );
     let tok = Tokenizer::from_file(&tok_path)?;
     let mut model = init_rm(be, &cfg.init, cfg.seed)?;
+    model.set_recompute(cfg.recompute);
     ensure!(
         model.cfg.vocab_size >= tok.vocab_size(),
         "the model's vocab_size ({}) is smaller than the tokenizer's ({})",
