@@ -354,12 +354,15 @@ annotator (`trainer::world::Annotator`, rebuilt from this directory with `World:
   `\n\nHuman: ...\n\nAssistant: ...`, segments separated by a blank line. It is deliberately
   unfiltered (as web text is): some harmful requests are answered with the harmful content, so the
   base model is not safe until it is aligned.
-- `sft.jsonl`: gold dialogues, one JSON object per line:
+- `sft.jsonl`: demonstration dialogues, one JSON object per line:
   `{{"messages": [{{"role": "system"|"user"|"assistant", "content": ...}}, ...], "task": ...,
   "category": "helpfulness"|"safety", "borderline"?: true, "turns": N, "system"?: INSTRUCTION_ID}}`.
   Single- and multi-turn tasks, refusals of harmful requests, helpful answers to borderline
-  requests, and dialogues under a system instruction that every assistant turn follows.
-  {sft}.
+  requests, and dialogues under a system instruction that every assistant turn follows. The
+  demonstrators are imperfect on purpose (what RLHF improves on): about a quarter of the helpful
+  answers are bare ("21.") and a quarter hedged ("I am not sure, but I think it is 21."), and 8 %
+  of benign and 40 % of borderline requests are refused; refusals of harmful requests are always
+  right. {sft}.
 - `rlhf_prompts.jsonl`: prompts for rejection sampling and PPO, same fields, `messages` ending
   with a user turn (earlier assistant turns are gold). {rlhf}.
 - `eval.jsonl`: held-out prompts, same fields plus `"answer"`: the reference answer to the final
