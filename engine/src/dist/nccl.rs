@@ -12,7 +12,7 @@
 //! (`Cuda::all(&model.grads)`, ...) for a ZeRO-1 step that keeps its shard on the GPU and
 //! all-gathers bf16 weights straight into the shadow. The trait itself is unchanged.
 
-use super::{Collective, DistEnv, Rendezvous};
+use super::{check_len, Collective, DistEnv, Rendezvous};
 use crate::backend::cuda::{probe_driver, Cuda, DBuf, DMut, DRef};
 use crate::backend::Backend;
 use crate::elem::Elem;
@@ -277,15 +277,6 @@ impl NcclComm {
             _ => self.cuda.alloc(len.max(1024)),
         }
     }
-}
-
-fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
-    if got != want {
-        return Err(Error::Shape(format!(
-            "{what}: {got} values, expected {want}"
-        )));
-    }
-    Ok(())
 }
 
 /// Host slices staged through device memory: each call uploads, runs the collective and
