@@ -24,7 +24,7 @@ use crate::backend::{AdamWStep, Backend};
 use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::ops;
-use crate::optim::{decay_groups, AdamWConfig, StepStats};
+use crate::optim::{clip_scale, decay_groups, AdamWConfig, StepStats};
 use crate::params::Span;
 use std::sync::{Arc, Barrier, Mutex};
 
@@ -288,14 +288,7 @@ impl ShardedAdamW {
         let mut ss = [ops::sum_squares(&self.gshard[..valid]) as f32];
         comm.all_reduce_sum(&mut ss)?;
         let grad_norm = ss[0].sqrt();
-        if !grad_norm.is_finite() {
-            return Err(Error::NonFinite(format!("gradient norm is {grad_norm}")));
-        }
-        let clip_scale = match self.cfg.clip_norm {
-            // As AdamW (torch's clip_grad_norm_): coef = max_norm / (norm + 1e-6), clamped to 1.
-            Some(c) if c > 0.0 => (c / (grad_norm + 1e-6)).min(1.0),
-            _ => 1.0,
-        };
+        let clip_scale = clip_scale(self.cfg.clip_norm, grad_norm)?;
         self.step += 1;
         for &(s, decay) in &self.groups {
             let r = s.off..s.off + s.len;

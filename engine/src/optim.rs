@@ -113,14 +113,7 @@ impl<B: Backend> AdamW<B> {
         lr: f32,
     ) -> Result<StepStats> {
         let grad_norm = be.sum_squares(B::all(grads))?.sqrt() as f32;
-        if !grad_norm.is_finite() {
-            return Err(Error::NonFinite(format!("gradient norm is {grad_norm}")));
-        }
-        let clip_scale = match self.cfg.clip_norm {
-            // torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to 1.
-            Some(c) if c > 0.0 => (c / (grad_norm + 1e-6)).min(1.0),
-            _ => 1.0,
-        };
+        let clip_scale = clip_scale(self.cfg.clip_norm, grad_norm)?;
         self.step += 1;
         for &(span, decay) in &self.groups {
             let s = AdamWStep {
@@ -149,4 +142,16 @@ impl<B: Backend> AdamW<B> {
             clip_scale,
         })
     }
+}
+
+/// The factor gradients are scaled by before the update, as torch.nn.utils.clip_grad_norm_:
+/// max_norm / (norm + 1e-6), clamped to 1; a non-finite norm is an error, not a silent NaN step.
+pub(crate) fn clip_scale(clip_norm: Option<f32>, grad_norm: f32) -> Result<f32> {
+    if !grad_norm.is_finite() {
+        return Err(Error::NonFinite(format!("gradient norm is {grad_norm}")));
+    }
+    Ok(match clip_norm {
+        Some(c) if c > 0.0 => (c / (grad_norm + 1e-6)).min(1.0),
+        _ => 1.0,
+    })
 }
