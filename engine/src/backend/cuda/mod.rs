@@ -1,6 +1,6 @@
 //! The CUDA backend: bf16 activations and compute weights, f32 master weights, gradients and
 //! optimizer state; hand-written kernels from `kernels-cu/` (PTX embedded by `ptx-build.rs`) and
-//! cuBLAS (bf16 in, f32 accumulate) for the matmuls.
+//! cuBLASLt (bf16 in, f32 accumulate; `LLAMA2_GEMM=cublas` for cublasGemmEx) for the matmuls.
 //!
 //! Everything runs in order on one stream, so no op needs events between kernels; the host
 //! synchronises only where it reads results back (`to_host`, `sum`, `sum_squares`, and
@@ -247,6 +247,8 @@ struct Inner {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: cudarc::cublas::CudaBlas,
+    /// cuBLASLt's handle, workspace and plans; None when the matmuls use cublasGemmEx.
+    lt: Option<blas::Lt>,
     name: String,
     sm_count: u32,
     hopper: bool,
@@ -298,6 +300,7 @@ impl Cuda {
         let stream = ctx.default_stream();
         let blas = cudarc::cublas::CudaBlas::new(stream.clone())
             .map_err(|e| Error::Device(format!("cuda:{ordinal}: cuBLAS: {e}")))?;
+        let lt = blas::Lt::from_env(&stream, ordinal)?;
         let (major, minor) = ctx.compute_capability().map_err(dev)?;
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
@@ -321,6 +324,7 @@ impl Cuda {
                 ctx,
                 stream,
                 blas,
+                lt,
             }),
         })
     }
