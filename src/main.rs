@@ -486,7 +486,7 @@ struct TrainRmArgs {
     #[arg(long)]
     skip_bad: bool,
     /// The other reward model's pairs mixed in, as a ratio to this model's own (default: 1/9
-    /// for safety, the paper's 90/10; 0 for helpfulness).
+    /// for safety, the paper's 90/10; 1 for helpfulness, its "equal parts").
     #[arg(long)]
     mix_other: Option<f64>,
     /// Weight of the calibration term that makes σ(score) read as P(safe) from the safety
@@ -522,6 +522,9 @@ struct EvalRmArgs {
     /// Where eval.json, eval.md and scores.svg go.
     #[arg(long, default_value = "runs/eval-rm")]
     out: PathBuf,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
 }
 
 #[derive(clap::Args)]
@@ -535,6 +538,9 @@ struct ScoreArgs {
     seq_len: Option<usize>,
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
 }
 
 fn train_rm(a: TrainRmArgs) -> Result<()> {
@@ -577,11 +583,15 @@ fn train_rm(a: TrainRmArgs) -> Result<()> {
 }
 
 fn eval_rm(a: EvalRmArgs) -> Result<()> {
+    on_device!(a.device, |be| eval_rm_on(be, a))
+}
+
+fn eval_rm_on<B: engine::Backend>(be: B, a: EvalRmArgs) -> Result<()> {
     use trainer::rm::{
         evaluate, load_rm, read_pairs, select_pairs, split_pairs, write_eval, RmKind,
     };
     let kind: RmKind = a.kind.parse().map_err(anyhow::Error::msg)?;
-    let (mut model, tok) = load_rm(Cpu, &a.rm)?;
+    let (mut model, tok) = load_rm(be, &a.rm)?;
     let (pairs, _) = read_pairs(&a.data, false)?;
     let sel = select_pairs(pairs, kind);
     let pairs = if a.val_fraction > 0.0 {
@@ -602,8 +612,12 @@ fn eval_rm(a: EvalRmArgs) -> Result<()> {
 }
 
 fn score_cmd(a: ScoreArgs) -> Result<()> {
+    on_device!(a.device, |be| score_on(be, a))
+}
+
+fn score_on<B: engine::Backend>(be: B, a: ScoreArgs) -> Result<()> {
     use trainer::rm::{load_rm, read_score_rows, score};
-    let (mut model, tok) = load_rm(Cpu, &a.rm)?;
+    let (mut model, tok) = load_rm(be, &a.rm)?;
     let rows = read_score_rows(&a.input)?;
     let seq_len = a.seq_len.unwrap_or(model.cfg.max_position_embeddings);
     let scores = score(&mut model, &tok, &rows, seq_len, a.batch_size)?;
@@ -856,6 +870,9 @@ struct GenerateArgs {
     tokenizer: Option<PathBuf>,
     #[command(flatten)]
     sampling: SamplingArgs,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
 }
 
 #[derive(clap::Args)]
@@ -868,18 +885,22 @@ struct ChatArgs {
     tokenizer: Option<PathBuf>,
     #[command(flatten)]
     sampling: SamplingArgs,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
 }
 
-fn load_for_generation(
+fn load_for_generation<B: engine::Backend>(
+    be: B,
     model: &std::path::Path,
     tokenizer: Option<&std::path::Path>,
-) -> Result<(engine::Llama<Cpu>, Tokenizer)> {
+) -> Result<(engine::Llama<B>, Tokenizer)> {
     let tok_path = tokenizer
         .map(PathBuf::from)
         .unwrap_or_else(|| model.join("tokenizer.json"));
     let tok = Tokenizer::from_file(&tok_path)
         .with_context(|| "the checkpoint has no tokenizer.json: pass --tokenizer")?;
-    let m = engine::checkpoint::load_model(Cpu, model, engine::Head::Lm)?;
+    let m = engine::checkpoint::load_model(be, model, engine::Head::Lm)?;
     Ok((m, tok))
 }
 
@@ -908,8 +929,12 @@ impl Streamer {
 }
 
 fn generate_cmd(a: GenerateArgs) -> Result<()> {
+    on_device!(a.device, |be| generate_on(be, a))
+}
+
+fn generate_on<B: engine::Backend>(be: B, a: GenerateArgs) -> Result<()> {
     use engine::tokenizer::Message;
-    let (mut model, tok) = load_for_generation(&a.model, a.tokenizer.as_deref())?;
+    let (mut model, tok) = load_for_generation(be, &a.model, a.tokenizer.as_deref())?;
     let prompt = if a.chat {
         let mut msgs = Vec::new();
         if let Some(s) = &a.system {
@@ -938,9 +963,13 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
 }
 
 fn chat_cmd(a: ChatArgs) -> Result<()> {
+    on_device!(a.device, |be| chat_on(be, a))
+}
+
+fn chat_on<B: engine::Backend>(be: B, a: ChatArgs) -> Result<()> {
     use engine::tokenizer::Message;
     use std::io::{BufRead, Write};
-    let (mut model, tok) = load_for_generation(&a.model, a.tokenizer.as_deref())?;
+    let (mut model, tok) = load_for_generation(be, &a.model, a.tokenizer.as_deref())?;
     let mut msgs: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
     println!(
         "chatting with {} ({} parameters); /reset starts over, /exit or Ctrl-D ends",
@@ -1607,7 +1636,7 @@ fn run() -> Result<()> {
             pairs_per_prompt,
             off_topic,
         } => {
-            let (mut m, tok) = load_for_generation(&model, None)?;
+            let (mut m, tok) = load_for_generation(Cpu, &model, None)?;
             let ann = trainer::world::Annotator::new(trainer::world::World::load(&world)?);
             let ex = trainer::world::read_examples(&world.join(&split))?;
             let cfg = trainer::prefs::PrefsConfig {
@@ -1640,7 +1669,7 @@ fn run() -> Result<()> {
             max_new_tokens,
             json,
         } => {
-            let (mut m, tok) = load_for_generation(&model, None)?;
+            let (mut m, tok) = load_for_generation(Cpu, &model, None)?;
             let ann = trainer::world::Annotator::new(trainer::world::World::load(&world)?);
             let ex = trainer::world::read_examples(&world.join(&split))?;
             let (ev, answers) =
