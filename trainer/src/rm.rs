@@ -1070,12 +1070,14 @@ impl RmConfig {
             seed: 1337,
             skip_bad: false,
             progress: true,
-            // The safety model: the paper's 90/10 mix with helpfulness data, and calibrated so
-            // that the piecewise reward's 0.15 threshold means "probably unsafe".
+            // The paper's mixes: the safety model sees helpfulness data 90/10, the helpfulness
+            // model "equal parts" of the rest (without it, it has never seen a refusal or a
+            // harmful request scored and PPO's policy finds that out). The safety model is
+            // calibrated so that the piecewise reward's 0.15 threshold means "probably unsafe".
             mix_other: if kind == RmKind::Safety {
                 1.0 / 9.0
             } else {
-                0.0
+                1.0
             },
             calibration: if kind == RmKind::Safety { 1.0 } else { 0.0 },
             recompute: engine::Recompute::None,

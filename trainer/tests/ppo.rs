@@ -599,8 +599,9 @@ fn world_sft_and_rm(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
 /// answers, false refusals). Ten iterations of 64 rollouts raise the reward model's score of
 /// held-out answers (measured +4.7 in LOGIT(R_c); the bar is +0.2) and the policy's expected gold
 /// reward, the mean gold R_c of answers sampled at temperature 1 (measured 0.203 -> 0.245; the
-/// bar is +0.02), with the summed KL to π0 bounded (measured 2.5 nats per ~24-token response; the
-/// bar is 6). What it does not do: raise the greedy answers' gold reward (0.303 -> 0.287). This
+/// bar is +0.02; PPO seeds 1, 2 and 3 gave 0.248, 0.246 and 0.250), with the summed KL to π0
+/// bounded (measured 1.5-2.5 nats per ~24-token response; the bar is 6). What it does not do:
+/// raise the greedy answers' gold reward (0.303 -> 0.287; 0.282, 0.303, 0.302 for seeds 1-3). This
 /// test's single reward model serves as the safety model too and prefers a refusal to a wrong
 /// answer, so PPO learns to refuse (greedy false refusals 0.17 -> 0.54), and run longer it finds
 /// fluent answers the reward model over-rates (held-out gold falls after ~20 iterations): reward
