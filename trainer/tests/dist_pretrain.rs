@@ -11,6 +11,7 @@ use std::thread;
 use trainer::data::{prepare, PrepareConfig};
 use trainer::pretrain::{
     build_model, resume_config, run, run_dp, ModelSource, PretrainConfig, PretrainReport,
+    TrainConfig,
 };
 use trainer::tokenizer_train::train_on;
 
@@ -144,7 +145,10 @@ fn reference() -> &'static PretrainReport {
 /// Each step's loss and gradient norm within RTOL of the reference's, and the final weights
 /// within WEIGHT_ATOL.
 fn assert_matches_reference(what: &str, got: &PretrainReport) {
-    let want = reference();
+    assert_matches(what, got, reference())
+}
+
+fn assert_matches(what: &str, got: &PretrainReport, want: &PretrainReport) {
     let tail = &trace(want)[want.logs.len() - got.logs.len()..];
     let (mut worst_loss, mut worst_norm) = (0f32, 0f32);
     for (&(s, a, ga), &(t, b, gb)) in trace(got).iter().zip(tail) {
@@ -269,5 +273,48 @@ fn copy_dir(from: &Path, to: &Path) {
         } else {
             std::fs::copy(e.path(), dst).unwrap();
         }
+    }
+}
+
+/// SFT through the same loop: packed rows carry different numbers of assistant tokens, so the
+/// ranks' token counts differ and only the global count gives one process's mean.
+#[test]
+fn sft_on_two_and_three_ranks_trains_like_one_process() {
+    let base = setup().0.path().join("sft");
+    let init = reference().checkpoint.clone().unwrap();
+    std::fs::create_dir_all(&base).unwrap();
+    let data = base.join("dialogues.jsonl");
+    let words = [
+        "thou", "art", "the", "king", "of", "this", "fair", "land", "and", "sea",
+    ];
+    let lines: Vec<String> = (0..60)
+        .map(|i| {
+            let pick = |k: usize| -> String {
+                (0..k)
+                    .map(|j| words[(i * 7 + j * 3) % words.len()])
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            serde_json::json!({"prompt": pick(1 + i % 4), "response": pick(1 + i % 9)}).to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let cfg = |world: usize| {
+        let out = base.join(format!("w{world}"));
+        let mut c = TrainConfig::sft_defaults(vec![data.clone()], out, init.clone());
+        c.seq_len = 64;
+        c.batch_size = GLOBAL / world;
+        c.steps = 3;
+        c.lr = 1e-2;
+        c.eval_every = 0;
+        c.eval_windows = 4;
+        c.ckpt_every = 0;
+        c.progress = false;
+        c
+    };
+    let want = run(Cpu, cfg(1), None).unwrap();
+    for world in [2, 3] {
+        let reps = on_ranks(world, &cfg(world), None);
+        assert_matches(&format!("sft on {world} ranks"), &reps[0], &want);
     }
 }
