@@ -655,7 +655,7 @@ pub fn run_dp<B: Backend>(
         // Same global batch on the new world size, so the run continues as it would have.
         let global = cfg.world.max(1) * cfg.batch_size;
         ensure!(
-            global % world == 0,
+            global.is_multiple_of(world),
             "the checkpoint's global batch ({} ranks × {} rows) does not split over {world} ranks",
             cfg.world,
             cfg.batch_size

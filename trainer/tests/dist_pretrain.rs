@@ -182,7 +182,7 @@ fn check_world(world: usize) {
     let want = reference();
     let n = weights(want).len();
     assert!(
-        n % 2 != 0 && n % 3 != 0,
+        !n.is_multiple_of(2) && !n.is_multiple_of(3),
         "{n} parameters: the shards should not split evenly"
     );
     let out = setup().0.path().join(format!("dp{world}"));
