@@ -2,13 +2,13 @@
 //! CPU stand-in for NCCL) takes the same steps as one process with N× the batch, to float
 //! reassociation, and a ZeRO-1 checkpoint resumes on another world size to the same result.
 
-use engine::checkpoint::load_model;
+use engine::checkpoint::{load_model, save_model, SaveOptions};
 use engine::dist::{shard_file_name, ThreadGroup, MANIFEST};
 use engine::{Cpu, Head};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::thread;
-use trainer::data::{prepare, PrepareConfig};
+use trainer::data::{prepare, Loader, PrepareConfig, TokenData};
 use trainer::pretrain::{
     build_model, resume_config, run, run_dp, ModelSource, PretrainConfig, PretrainReport,
     TrainConfig,
@@ -316,5 +316,103 @@ fn sft_on_two_and_three_ranks_trains_like_one_process() {
     for world in [2, 3] {
         let reps = on_ranks(world, &cfg(world), None);
         assert_matches(&format!("sft on {world} ranks"), &reps[0], &want);
+    }
+}
+
+/// A single-process checkpoint (whole AdamW state) continues on 2 ranks, split into shards.
+#[test]
+fn a_single_process_checkpoint_resumes_on_two_ranks() {
+    let base = setup().0.path().join("from-one");
+    let mut c = cfg(&base, 1);
+    c.stop_after = Some(2);
+    let first = run(Cpu, c, None).unwrap();
+    let ck = first.checkpoint.clone().unwrap();
+    assert!(ck.join("optimizer.safetensors").is_file() && !ck.join(MANIFEST).exists());
+    let rc = resume_config(&ck, None).unwrap();
+    let rep = on_ranks(2, &rc, Some(&ck)).swap_remove(0);
+    assert_eq!(rep.logs.first().map(|l| l.step), Some(3));
+    assert_matches_reference("1 rank, resumed on 2", &rep);
+}
+
+/// A NaN that only rank 1's rows reach (an embedding row of a token only they hold): every
+/// rank stops at step 1 naming the tensor (none waits for the others), and with
+/// --skip-nonfinite every rank skips exactly the steps one process skips.
+#[test]
+fn a_nonfinite_loss_on_one_rank_stops_or_skips_on_every_rank() {
+    let base = setup().0.path().join("nan");
+    let c = cfg(&base.join("r"), 2);
+    // Rank 1's rows of step 1's first micro-batch, and every row rank 0 sees in step 1.
+    let data = TokenData::open(setup().1.as_path()).unwrap();
+    let mut loader = Loader::new(&data, c.seq_len, c.seed).unwrap();
+    let (mut ids, mut tg) = (Vec::new(), Vec::new());
+    let mut rows = Vec::new();
+    for _ in 0..c.grad_accum {
+        loader.next_batch(&data, GLOBAL, &mut ids, &mut tg);
+        rows.push(ids.clone());
+    }
+    let rank0: Vec<i32> = rows
+        .iter()
+        .flat_map(|r| r[..3 * c.seq_len].iter().copied())
+        .collect();
+    let token = rows[0][3 * c.seq_len..]
+        .iter()
+        .copied()
+        .find(|t| !rank0.contains(t))
+        .expect("a token only rank 1 sees");
+    let mut m = build_model(Cpu, &c.model, 300, c.seed).unwrap();
+    let mut p = m.params_to_host().unwrap();
+    let e = m.table.get("model.embed_tokens.weight").unwrap().clone();
+    p[e.span.off + token as usize * 35] = f32::NAN;
+    m.set_params(&p).unwrap();
+    let init = base.join("init");
+    save_model(&m, &init, SaveOptions::default(), |_| Ok(())).unwrap();
+
+    let mut c = c;
+    c.model = ModelSource::Init(init);
+    let errs: Vec<String> = thread::scope(|s| {
+        let hs: Vec<_> = ThreadGroup::new(2)
+            .into_iter()
+            .map(|mut comm| {
+                let c = c.clone();
+                s.spawn(move || format!("{:#}", run_dp(Cpu, c, None, Some(&mut comm)).unwrap_err()))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for e in &errs {
+        assert!(
+            e.contains("step 1") && e.contains("model.embed_tokens.weight"),
+            "{e}"
+        );
+    }
+
+    c.skip_nonfinite = true;
+    let mut one = c.clone();
+    one.batch_size = GLOBAL;
+    one.out = base.join("one");
+    let want = run(Cpu, one, None).unwrap();
+    c.out = base.join("skip");
+    let got = on_ranks(2, &c, None);
+    assert!(want.steps_done < STEPS, "some steps are skipped");
+    assert_eq!(got[0].steps_done, want.steps_done);
+    assert_eq!(got[1].steps_done, want.steps_done);
+    let skipped = |dir: &Path| {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .matches("skipped")
+            .count()
+    };
+    assert_eq!(skipped(&base.join("skip")), skipped(&base.join("one")));
+    let (a, b) = (trace(&got[0]), trace(&want));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.0, y.0, "the same steps are skipped");
+        assert!(
+            (x.1 - y.1).abs() < RTOL * y.1,
+            "step {}: {} vs {}",
+            x.0,
+            x.1,
+            y.1
+        );
     }
 }
