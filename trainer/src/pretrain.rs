@@ -797,17 +797,32 @@ pub fn run_dp<B: Backend>(
     );
     source.set_position(loader_pos);
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
-    let mut metrics = if lead {
-        std::fs::write(
-            cfg.out.join("config.json"),
-            serde_json::to_string_pretty(&cfg)?,
-        )?;
-        Some(MetricsWriter::open(
-            &cfg.out.join("metrics.jsonl"),
-            resume.map(|_| start_step as u64),
-        )?)
+    let opened = if lead {
+        let open = || -> Result<MetricsWriter> {
+            std::fs::write(
+                cfg.out.join("config.json"),
+                serde_json::to_string_pretty(&cfg)?,
+            )?;
+            MetricsWriter::open(
+                &cfg.out.join("metrics.jsonl"),
+                resume.map(|_| start_step as u64),
+            )
+        };
+        open().map(Some)
     } else {
-        None
+        Ok(None)
+    };
+    let mut metrics = match comm.as_deref_mut() {
+        // Rank 0's failure here stops every rank, not just rank 0.
+        Some(c) => {
+            let (ok, m) = match opened {
+                Ok(m) => (Ok(()), m),
+                Err(e) => (Err(e), None),
+            };
+            agree(c, ok, "opening the run directory")?;
+            m
+        }
+        None => opened?,
     };
     let ckpt = Ckpt {
         out: &cfg.out,

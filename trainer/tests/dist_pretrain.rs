@@ -101,18 +101,34 @@ fn cfg(out: &Path, world: usize) -> PretrainConfig {
     c
 }
 
-/// Runs the training loop on `world` ranks (threads) and returns every rank's report.
-fn on_ranks(world: usize, cfg: &PretrainConfig, resume: Option<&Path>) -> Vec<PretrainReport> {
+/// Runs the training loop on `world` ranks (threads) and returns every rank's result.
+fn try_on_ranks(
+    world: usize,
+    cfg: &PretrainConfig,
+    resume: Option<&Path>,
+) -> Vec<anyhow::Result<PretrainReport>> {
     thread::scope(|s| {
         let hs: Vec<_> = ThreadGroup::new(world)
             .into_iter()
             .map(|mut comm| {
                 let cfg = cfg.clone();
-                s.spawn(move || run_dp(Cpu, cfg, resume, Some(&mut comm)).unwrap())
+                s.spawn(move || run_dp(Cpu, cfg, resume, Some(&mut comm)))
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     })
+}
+
+fn on_ranks(world: usize, cfg: &PretrainConfig, resume: Option<&Path>) -> Vec<PretrainReport> {
+    let reps = try_on_ranks(world, cfg, resume).into_iter();
+    reps.map(|r| r.unwrap()).collect()
+}
+
+/// Every rank's error, in full.
+fn errors_on_ranks(world: usize, cfg: &PretrainConfig) -> Vec<String> {
+    let errs = try_on_ranks(world, cfg, None).into_iter();
+    errs.map(|r| format!("{:#}", r.err().expect("an error")))
+        .collect()
 }
 
 fn losses(r: &PretrainReport) -> Vec<(usize, f32)> {
@@ -372,16 +388,7 @@ fn a_nonfinite_loss_on_one_rank_stops_or_skips_on_every_rank() {
 
     let mut c = c;
     c.model = ModelSource::Init(init);
-    let errs: Vec<String> = thread::scope(|s| {
-        let hs: Vec<_> = ThreadGroup::new(2)
-            .into_iter()
-            .map(|mut comm| {
-                let c = c.clone();
-                s.spawn(move || format!("{:#}", run_dp(Cpu, c, None, Some(&mut comm)).unwrap_err()))
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let errs = errors_on_ranks(2, &c);
     for e in &errs {
         assert!(
             e.contains("step 1") && e.contains("model.embed_tokens.weight"),
@@ -418,4 +425,20 @@ fn a_nonfinite_loss_on_one_rank_stops_or_skips_on_every_rank() {
             y.1
         );
     }
+}
+
+/// Rank 0 alone opens the run's files; when it cannot, every rank stops with an error instead
+/// of waiting for rank 0 in the first step.
+#[test]
+fn rank_zero_failing_to_open_the_run_stops_every_rank() {
+    let out = setup().0.path().join("unwritable");
+    std::fs::create_dir_all(out.join("metrics.jsonl")).unwrap(); // a directory: open fails
+    let c = cfg(&out, 2);
+    let errs = errors_on_ranks(2, &c);
+    assert!(errs[1].contains("opening the run directory"), "{}", errs[1]);
+    assert!(
+        !errs[0].contains("other rank"),
+        "rank 0 reports its own error: {}",
+        errs[0]
+    );
 }
