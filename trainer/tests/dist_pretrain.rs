@@ -127,7 +127,7 @@ fn on_ranks(world: usize, cfg: &PretrainConfig, resume: Option<&Path>) -> Vec<Pr
 /// Every rank's error, in full.
 fn errors_on_ranks(world: usize, cfg: &PretrainConfig) -> Vec<String> {
     let errs = try_on_ranks(world, cfg, None).into_iter();
-    errs.map(|r| format!("{:#}", r.err().expect("an error")))
+    errs.map(|r| format!("{:#}", r.expect_err("an error")))
         .collect()
 }
 
