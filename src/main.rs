@@ -820,6 +820,15 @@ struct SftArgs {
     /// gradients). Default none, or the resumed run's setting.
     #[arg(long)]
     recompute: Option<engine::Recompute>,
+    /// Run as one rank of a data-parallel job launched by torchrun, mpirun or srun: each rank
+    /// drives cuda:LOCAL_RANK, NCCL sums the gradients and ZeRO-1 shards the optimizer state;
+    /// --batch-size is per rank.
+    #[arg(long, conflicts_with = "device")]
+    dist: bool,
+    /// Where the ranks exchange the NCCL id: file:PATH (shared filesystem) or HOST:PORT
+    /// (default MASTER_ADDR:MASTER_PORT, as torchrun sets them).
+    #[arg(long, requires = "dist")]
+    rendezvous: Option<String>,
     #[arg(long, default_value = "cpu")]
     device: Device,
     #[arg(long)]
@@ -1025,7 +1034,7 @@ fn chat_on<B: engine::Backend>(be: B, a: ChatArgs) -> Result<()> {
 }
 
 fn sft(a: SftArgs) -> Result<()> {
-    use trainer::pretrain::{resume_config, run, DataSpec, TrainConfig};
+    use trainer::pretrain::{resume_config, DataSpec, TrainConfig};
     let cfg = if let Some(r) = &a.resume {
         let mut c = resume_config(r, a.steps)?;
         c.progress = !a.no_progress;
@@ -1059,7 +1068,17 @@ fn sft(a: SftArgs) -> Result<()> {
         c.recompute = a.recompute.unwrap_or_default();
         c
     };
-    let rep = on_device!(a.device, |be| run(be, cfg.clone(), a.resume.as_deref())?);
+    let (rep, lead) = train_loop(
+        a.dist,
+        a.rendezvous.as_deref(),
+        a.device,
+        &cfg,
+        a.resume.as_deref(),
+        |_, _| {},
+    )?;
+    if !lead {
+        return Ok(());
+    }
     if let Some(l) = rep.logs.last() {
         println!(
             "step {}: loss {:.4}{}",
@@ -1151,14 +1170,52 @@ struct PretrainArgs {
     /// gradients). Default none, or the resumed run's setting.
     #[arg(long)]
     recompute: Option<engine::Recompute>,
+    /// Run as one rank of a data-parallel job launched by torchrun, mpirun or srun: each rank
+    /// drives cuda:LOCAL_RANK, NCCL sums the gradients and ZeRO-1 shards the optimizer state;
+    /// --batch-size is per rank.
+    #[arg(long, conflicts_with = "device")]
+    dist: bool,
+    /// Where the ranks exchange the NCCL id: file:PATH (shared filesystem) or HOST:PORT
+    /// (default MASTER_ADDR:MASTER_PORT, as torchrun sets them).
+    #[arg(long, requires = "dist")]
+    rendezvous: Option<String>,
     #[arg(long, default_value = "cpu")]
     device: Device,
     #[arg(long)]
     no_progress: bool,
 }
 
+/// The pretrain/SFT loop on `--device`, or with `--dist` as this process's rank of a launched
+/// job. `header(place, world)` prints once, on rank 0. Returns the report and whether this
+/// process is rank 0 (the one that prints).
+fn train_loop(
+    dist: bool,
+    rendezvous: Option<&str>,
+    device: Device,
+    cfg: &trainer::pretrain::TrainConfig,
+    resume: Option<&std::path::Path>,
+    header: impl FnOnce(&str, usize),
+) -> Result<(trainer::pretrain::PretrainReport, bool)> {
+    use engine::dist::Collective;
+    use trainer::pretrain::{run, run_dp};
+    if !dist {
+        header(&device.to_string(), 1);
+        return Ok((on_device!(device, |be| run(be, cfg.clone(), resume)?), true));
+    }
+    let (cuda, mut comm) = trainer::device::open_dist(rendezvous)?;
+    let lead = comm.rank() == 0;
+    if lead {
+        header(
+            &format!("{} ranks (cuda:LOCAL_RANK each, ZeRO-1)", comm.world()),
+            comm.world(),
+        );
+    }
+    let rep = run_dp(cuda, cfg.clone(), resume, Some(&mut comm))?;
+    Ok((rep, lead))
+}
+
 fn pretrain(a: PretrainArgs) -> Result<()> {
-    use trainer::pretrain::{resume_config, run, ModelSource, PretrainConfig};
+    use trainer::pretrain::{resume_config, ModelSource, PretrainConfig};
     let cfg = if let Some(r) = &a.resume {
         let mut c = resume_config(r, a.steps)?;
         c.progress = !a.no_progress;
@@ -1206,19 +1263,30 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         c.recompute = a.recompute.unwrap_or_default();
         c
     };
-    println!(
-        "pretrain on {}: {} steps of {} tokens (batch {} x seq {} x accum {}), peak lr {:.2e}, warmup {}, recompute {}",
+    let header = |place: &str, world: usize| {
+        println!(
+            "pretrain on {place}: {} steps of {} tokens ({world} x batch {} x seq {} x accum {}), peak lr {:.2e}, warmup {}, recompute {}",
+            cfg.steps,
+            world * cfg.batch_size * cfg.seq_len * cfg.grad_accum,
+            cfg.batch_size,
+            cfg.seq_len,
+            cfg.grad_accum,
+            cfg.lr,
+            cfg.warmup,
+            cfg.recompute
+        )
+    };
+    let (rep, lead) = train_loop(
+        a.dist,
+        a.rendezvous.as_deref(),
         a.device,
-        cfg.steps,
-        cfg.batch_size * cfg.seq_len * cfg.grad_accum,
-        cfg.batch_size,
-        cfg.seq_len,
-        cfg.grad_accum,
-        cfg.lr,
-        cfg.warmup,
-        cfg.recompute
-    );
-    let rep = on_device!(a.device, |be| run(be, cfg.clone(), a.resume.as_deref())?);
+        &cfg,
+        a.resume.as_deref(),
+        header,
+    )?;
+    if !lead {
+        return Ok(());
+    }
     if let Some(l) = rep.logs.last() {
         println!(
             "step {}: loss {:.4}{}, {:.0} tok/s",

@@ -399,3 +399,71 @@ fn rlhf_with_missing_inputs_names_them() {
     o.assert_clean_failure("rlhf --rounds 0");
     assert!(o.stderr.contains("--rounds"), "{}", o.stderr);
 }
+
+// ---- pretrain/sft --dist ------------------------------------------------------------------------
+
+/// `llama2 ARGS` with the launcher variables `vars` set and every other launcher variable unset.
+fn llama2_launched(args: &[&str], vars: &[(&str, &str)]) -> Out {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_llama2"));
+    for k in [
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "TORCHELASTIC_USE_AGENT_STORE",
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+        "PMI_RANK",
+        "PMI_SIZE",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+    ] {
+        cmd.env_remove(k);
+    }
+    let o = cmd
+        .args(args)
+        .envs(vars.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the llama2 binary");
+    Out {
+        code: o.status.code(),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn dist_without_a_launch_or_a_gpu_fails_cleanly() {
+    let two_ranks = [("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")];
+    for cmd in [
+        &["pretrain", "--dist", "--data", "nowhere"][..],
+        &["sft", "--dist", "--init", "nowhere", "--data", "d.jsonl"],
+    ] {
+        // Two ranks and nowhere to meet: an error before any GPU is touched, not a wait.
+        let o = llama2_launched(cmd, &two_ranks);
+        o.assert_clean_failure(&format!("{cmd:?} without MASTER_ADDR"));
+        assert!(o.stderr.contains("MASTER_ADDR"), "{}", o.stderr);
+        // One process: without CUDA the error says --dist needs it; with a GPU it gets as
+        // far as the missing data. Either way a clean failure.
+        let o = llama2_launched(cmd, &[]);
+        o.assert_clean_failure(&format!("{cmd:?} in one process"));
+        if !engine::backend::cuda::cuda_available() {
+            assert!(
+                o.stderr.contains("--dist") && o.stderr.contains("cuda:0"),
+                "{}",
+                o.stderr
+            );
+        }
+    }
+    let o = llama2_launched(
+        &["pretrain", "--dist", "--device", "cpu", "--data", "x"],
+        &[],
+    );
+    o.assert_clean_failure("--dist with --device");
+    assert!(o.stderr.contains("--device"), "{}", o.stderr);
+}

@@ -1,6 +1,7 @@
 //! Device selection for the CLI: `cpu`, `cuda[:N]` or `auto`.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use engine::dist::{rendezvous, DistEnv, NcclComm};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
@@ -55,4 +56,28 @@ pub fn require_cpu(d: Device) -> Result<()> {
             bail!("--device cuda:{n}: this command runs on the CPU only; use --device cpu")
         }
     }
+}
+
+/// The start-up of `--dist`: this process's rank from the launcher's variables (torchrun,
+/// mpirun, srun), its GPU `cuda:LOCAL_RANK`, and an NCCL communicator whose id rank 0 hands to
+/// the others through the rendezvous (`spec`, or `MASTER_ADDR:MASTER_PORT`). Where CUDA or
+/// NCCL is missing it fails with a message, before the other ranks wait on this one.
+pub fn open_dist(spec: Option<&str>) -> Result<(engine::Cuda, NcclComm)> {
+    let env = DistEnv::from_env().context("--dist: reading the launch environment")?;
+    let rdv = env.rendezvous(spec).context("--dist")?;
+    let cuda = open_cuda(env.local_rank).with_context(|| {
+        format!(
+            "--dist: rank {} of {} drives cuda:{} (LOCAL_RANK); data parallelism runs on GPUs \
+             over NCCL (leave out --dist to train in one process)",
+            env.rank, env.world, env.local_rank
+        )
+    })?;
+    let comm =
+        NcclComm::init(&cuda, &env, &rdv, rendezvous::DEFAULT_TIMEOUT).with_context(|| {
+            format!(
+                "--dist: joining the NCCL group as rank {} of {} (rendezvous {rdv:?})",
+                env.rank, env.world
+            )
+        })?;
+    Ok((cuda, comm))
 }

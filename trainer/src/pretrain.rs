@@ -6,6 +6,9 @@
 //! a progress bar; atomic checkpoints (HF model + optimizer + loader state) every N steps and on
 //! Ctrl-C; exact resume (on the CPU, the losses of a resumed run equal an uninterrupted run's bit
 //! for bit); non-finite losses or gradients stop the run naming the step and the tensor.
+//!
+//! [`run_dp`] runs the same loop as one rank of a data-parallel job (ZeRO-1, see
+//! [`engine::dist`]): N ranks together take exactly the steps of one process with N× the batch.
 
 use crate::data::{val_windows, write_atomic, Loader, TokenData};
 use crate::metrics::{line_plot, read_series, MetricsWriter};
@@ -13,8 +16,9 @@ use crate::schedule::Cosine;
 use crate::sft::{PackedSource, SftData};
 use anyhow::{bail, ensure, Context, Result};
 use engine::checkpoint::{load_model, save_model, write_tensors, SaveOptions, TensorFiles};
+use engine::dist::{save_zero1, Collective, ShardedAdamW, MANIFEST};
 use engine::generate::{generate, SamplingParams};
-use engine::optim::{AdamW, AdamWConfig};
+use engine::optim::{AdamW, AdamWConfig, StepStats};
 use engine::tokenizer::Tokenizer;
 use engine::{Backend, Batch, Head, Llama, LlamaConfig, Recompute};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -85,6 +89,14 @@ pub struct TrainConfig {
     /// Activation recomputation: memory for time, the same gradients (absent in old checkpoints).
     #[serde(default)]
     pub recompute: Recompute,
+    /// Data-parallel ranks the run was launched with; `batch_size` is per rank. Set by
+    /// [`run_dp`]; a resume on another world size keeps the global batch `world × batch_size`.
+    #[serde(default = "one")]
+    pub world: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl TrainConfig {
@@ -123,6 +135,7 @@ impl TrainConfig {
             stop_after: None,
             progress: true,
             recompute: Recompute::None,
+            world: 1,
         }
     }
 
@@ -288,31 +301,70 @@ struct Ckpt<'a> {
 }
 
 impl Ckpt<'_> {
+    fn dir(&self, state: &TrainerState) -> PathBuf {
+        self.out
+            .join("checkpoints")
+            .join(format!("step-{:08}", state.step))
+    }
+
+    /// The files beside the model that resuming needs: the tokenizer and the trainer state.
+    fn write_extra(&self, tmp: &Path, state: &TrainerState) -> engine::Result<()> {
+        std::fs::copy(self.tokenizer, tmp.join("tokenizer.json"))
+            .map_err(|e| engine::Error::io(self.tokenizer, e))?;
+        let text = serde_json::to_string_pretty(state).expect("json");
+        std::fs::write(tmp.join("trainer_state.json"), text).map_err(|e| engine::Error::io(tmp, e))
+    }
+
     fn save<B: Backend>(
         &self,
         model: &Llama<B>,
         opt: &AdamW<B>,
         state: &TrainerState,
     ) -> Result<PathBuf> {
-        let root = self.out.join("checkpoints");
-        let name = format!("step-{:08}", state.step);
-        let dir = root.join(&name);
+        let dir = self.dir(state);
         let n = model.table.total;
         let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
         model.be.to_host(&mut m, B::all(&opt.m))?;
         model.be.to_host(&mut v, B::all(&opt.v))?;
         save_model(model, &dir, SaveOptions::default(), |tmp| {
-            std::fs::copy(self.tokenizer, tmp.join("tokenizer.json"))
-                .map_err(|e| engine::Error::io(self.tokenizer, e))?;
             write_tensors_named(
                 tmp,
                 "optimizer.safetensors",
                 &[("adamw.m", &m), ("adamw.v", &v)],
             )?;
-            let text = serde_json::to_string_pretty(state).expect("json");
-            std::fs::write(tmp.join("trainer_state.json"), text)
-                .map_err(|e| engine::Error::io(tmp, e))
+            self.write_extra(tmp, state)
         })?;
+        self.publish(&dir)?;
+        Ok(dir)
+    }
+
+    /// A ZeRO-1 checkpoint, called by every rank: the model once (rank 0), one optimizer shard
+    /// per rank. `latest` moves (rank 0) only once every shard is durable, and every rank
+    /// returns only then, so no rank ever resumes from a half-written checkpoint.
+    fn save_sharded<B: Backend>(
+        &self,
+        model: &Llama<B>,
+        opt: &ShardedAdamW,
+        comm: &mut (dyn Collective + '_),
+        state: &TrainerState,
+    ) -> Result<PathBuf> {
+        let dir = self.dir(state);
+        save_zero1(&dir, model, opt, comm, SaveOptions::default(), |tmp| {
+            self.write_extra(tmp, state)
+        })?;
+        let mine = if comm.rank() == 0 {
+            self.publish(&dir)
+        } else {
+            Ok(())
+        };
+        agree(comm, mine, "publishing the checkpoint")?;
+        Ok(dir)
+    }
+
+    /// Points `checkpoints/latest` at `dir` and removes all but the newest `keep` checkpoints.
+    fn publish(&self, dir: &Path) -> Result<()> {
+        let root = self.out.join("checkpoints");
+        let name = dir.file_name().expect("step-N").to_string_lossy();
         write_atomic(&root.join("latest"), name.as_bytes())?;
         // Keep the newest `keep` checkpoints.
         let mut all: Vec<PathBuf> = std::fs::read_dir(&root)?
@@ -328,7 +380,101 @@ impl Ckpt<'_> {
             let old = all.remove(0);
             let _ = std::fs::remove_dir_all(old);
         }
-        Ok(dir)
+        Ok(())
+    }
+}
+
+/// Turns one rank's failure into an error on every rank (rank 0's own error where it is the
+/// one that failed), so none is left waiting in the next collective.
+fn agree(comm: &mut (dyn Collective + '_), mine: Result<()>, what: &str) -> Result<()> {
+    let mut failed = [if mine.is_err() { 1.0f32 } else { 0.0 }];
+    comm.all_reduce_sum(&mut failed)?;
+    mine?;
+    ensure!(
+        failed[0] == 0.0,
+        "{what}: {} other rank(s) failed (their own errors say why)",
+        failed[0]
+    );
+    Ok(())
+}
+
+/// The optimizer of a run: whole AdamW in one process, ZeRO-1 shards across ranks.
+enum Optim<B: Backend> {
+    Whole(AdamW<B>),
+    Sharded(ShardedAdamW),
+}
+
+impl<B: Backend> Optim<B> {
+    fn steps(&self) -> u64 {
+        match self {
+            Optim::Whole(o) => o.step,
+            Optim::Sharded(o) => o.step,
+        }
+    }
+
+    fn step(
+        &mut self,
+        model: &mut Llama<B>,
+        comm: Option<&mut (dyn Collective + '_)>,
+        lr: f32,
+    ) -> engine::Result<StepStats> {
+        match (self, comm) {
+            (Optim::Whole(o), _) => o.step(model, lr),
+            (Optim::Sharded(o), Some(c)) => o.step(model, c, lr),
+            (Optim::Sharded(_), None) => unreachable!("a sharded optimizer has a communicator"),
+        }
+    }
+}
+
+/// The optimizer state of checkpoint `dir`, for this process's place in the run: a ZeRO-1
+/// checkpoint (from any world size) is re-sharded, a single-process one split into shards or
+/// used whole. With ZeRO-1 state the model's weights are set from the fp32 masters.
+fn load_optim<B: Backend>(
+    model: &mut Llama<B>,
+    cfg: AdamWConfig,
+    dir: &Path,
+    adamw_step: u64,
+    comm: Option<&mut (dyn Collective + '_)>,
+) -> Result<Optim<B>> {
+    let zero1 = dir.join(MANIFEST).is_file();
+    let n = model.table.total;
+    match comm {
+        Some(c) => {
+            let (rank, world) = (c.rank(), c.world());
+            let opt = if zero1 {
+                let mut o = ShardedAdamW::load(model, cfg, rank, world, dir)?;
+                o.gather_params(model, c)?;
+                o
+            } else {
+                let mut o = ShardedAdamW::new(model, cfg, rank, world)?;
+                let f = TensorFiles::open(&dir.join("optimizer.safetensors"))?;
+                let (lo, k) = (o.shard.off.min(n), o.shard.valid());
+                for (name, dst) in [("adamw.m", &mut o.m), ("adamw.v", &mut o.v)] {
+                    let full = f.read_f32_shaped(name, &[n], "the model's parameter count")?;
+                    dst[..k].copy_from_slice(&full[lo..lo + k]);
+                }
+                o.step = adamw_step;
+                o
+            };
+            Ok(Optim::Sharded(opt))
+        }
+        None => {
+            let mut opt = AdamW::new(model, cfg)?;
+            let (m, v) = if zero1 {
+                let sh = ShardedAdamW::load(model, cfg, 0, 1, dir)?;
+                model.set_params(&sh.master[..n])?;
+                (sh.m, sh.v)
+            } else {
+                let f = TensorFiles::open(&dir.join("optimizer.safetensors"))?;
+                let m = f.read_f32_shaped("adamw.m", &[n], "the model's parameter count")?;
+                let v = f.read_f32_shaped("adamw.v", &[n], "the model's parameter count")?;
+                (m, v)
+            };
+            model.be.from_host(B::all_mut(&mut opt.m), &m[..n])?;
+            model.be.from_host(B::all_mut(&mut opt.v), &v[..n])?;
+            opt.step = adamw_step;
+            Ok(Optim::Whole(opt))
+        }
     }
 }
 
@@ -404,6 +550,15 @@ impl Source {
             ),
         }
     }
+    /// Rank `rank`'s `b` rows of the next `world · b`: positions count rows, so skipping the
+    /// other ranks' rows leaves every rank where one process drawing `world · b` would be, and
+    /// the ranks together train on exactly its rows.
+    fn next_for_rank(&mut self, b: usize, rank: usize, world: usize, rows: &mut Rows) {
+        let p = self.position();
+        self.set_position(p + (rank * b) as u64);
+        self.next(b, rows);
+        self.set_position(p + (world * b) as u64);
+    }
     fn position(&self) -> u64 {
         match self {
             Source::Shards { loader, .. } => loader.position,
@@ -465,16 +620,56 @@ fn chunk_rows(
         .collect()
 }
 
+/// Trains in one process.
 pub fn run<B: Backend>(
     be: B,
     cfg: PretrainConfig,
     resume: Option<&Path>,
 ) -> Result<PretrainReport> {
+    run_dp(be, cfg, resume, None)
+}
+
+/// Trains as one rank of a data-parallel job when `comm` spans more than one rank: each rank
+/// takes its `batch_size` rows of every global batch of `world × batch_size`, the gradients are
+/// scaled so their sum over ranks is the global mean, and [`ShardedAdamW`] steps them. Every
+/// rank returns the global mean loss; rank 0 alone prints, evaluates, samples and writes
+/// metrics. Checkpoints are ZeRO-1 (the model once, an optimizer shard per rank); resuming
+/// re-shards them for any world size, one process included. Every rank must call this with
+/// the same configuration and output directory.
+pub fn run_dp<B: Backend>(
+    be: B,
+    cfg: PretrainConfig,
+    resume: Option<&Path>,
+    comm: Option<&mut dyn Collective>,
+) -> Result<PretrainReport> {
     let mut cfg = cfg;
+    // One rank is a plain run: whole AdamW, single-process checkpoints.
+    let mut comm = comm.filter(|c| c.world() > 1);
+    let (rank, world) = comm.as_ref().map_or((0, 1), |c| (c.rank(), c.world()));
+    let lead = rank == 0;
     ensure!(
         cfg.batch_size > 0 && cfg.grad_accum > 0 && cfg.seq_len > 0,
         "batch size, accumulation and seq_len must be > 0"
     );
+    if resume.is_some() && cfg.world != world {
+        // Same global batch on the new world size, so the run continues as it would have.
+        let global = cfg.world.max(1) * cfg.batch_size;
+        ensure!(
+            global.is_multiple_of(world),
+            "the checkpoint's global batch ({} ranks × {} rows) does not split over {world} ranks",
+            cfg.world,
+            cfg.batch_size
+        );
+        if lead {
+            println!(
+                "resuming a {}-rank run on {world}: {} rows per rank keep the global batch of {global}",
+                cfg.world,
+                global / world
+            );
+        }
+        cfg.batch_size = global / world;
+    }
+    cfg.world = world;
     let t = cfg.seq_len;
     // The tokenizer travels with the data (pretraining) or with the model (fine-tuning).
     let tokenizer_path = match (&cfg.data, resume) {
@@ -501,8 +696,14 @@ pub fn run<B: Backend>(
     };
     let (mut model, mut opt, start_step, loader_pos) = match resume {
         None => {
+            // The same seed on every rank: identical replicas.
             let model = build_model(be, &cfg.model, data_vocab, cfg.seed)?;
-            let opt = AdamW::new(&model, adamw_config(&cfg))?;
+            let opt = match comm.as_deref_mut() {
+                None => Optim::Whole(AdamW::new(&model, adamw_config(&cfg))?),
+                Some(_) => {
+                    Optim::Sharded(ShardedAdamW::new(&model, adamw_config(&cfg), rank, world)?)
+                }
+            };
             (model, opt, 0usize, 0u64)
         }
         Some(p) => {
@@ -510,7 +711,7 @@ pub fn run<B: Backend>(
             let state_path = dir.join("trainer_state.json");
             let st: TrainerState = serde_json::from_str(&std::fs::read_to_string(&state_path)?)
                 .with_context(|| format!("{}: malformed", state_path.display()))?;
-            let model = load_model(be, &dir, Head::Lm)?;
+            let mut model = load_model(be, &dir, Head::Lm)?;
             ensure!(
                 model.cfg.vocab_size >= data_vocab,
                 "checkpoint {} has vocab_size {} but the data's tokenizer has {}",
@@ -518,14 +719,14 @@ pub fn run<B: Backend>(
                 model.cfg.vocab_size,
                 data_vocab
             );
-            let mut opt = AdamW::new(&model, adamw_config(&cfg))?;
-            let f = TensorFiles::open(&dir.join("optimizer.safetensors"))?;
-            let n = model.table.total;
-            let m = f.read_f32_shaped("adamw.m", &[n], "the model's parameter count")?;
-            let v = f.read_f32_shaped("adamw.v", &[n], "the model's parameter count")?;
-            model.be.from_host(B::all_mut(&mut opt.m), &m)?;
-            model.be.from_host(B::all_mut(&mut opt.v), &v)?;
-            opt.step = st.adamw_step;
+            let opt = load_optim(
+                &mut model,
+                adamw_config(&cfg),
+                &dir,
+                st.adamw_step,
+                comm.as_deref_mut(),
+            )
+            .with_context(|| format!("loading the optimizer state of {}", dir.display()))?;
             (model, opt, st.step, st.loader_position)
         }
     };
@@ -565,13 +766,15 @@ pub fn run<B: Backend>(
                 cfg.eval_windows.max(1),
             );
             if cfg.steps == 0 {
-                let rows_per_step = cfg.batch_size * cfg.grad_accum;
+                let rows_per_step = world * cfg.batch_size * cfg.grad_accum;
                 cfg.steps = (d.train.rows() * epochs).div_ceil(rows_per_step).max(1);
             }
-            println!(
+            if lead {
+                println!(
                 "sft data: {} dialogues ({} truncated to {t} tokens, {} skipped) packed into {} rows; {} validation rows; {} steps",
                 d.dialogues, d.truncated, d.skipped, d.train.rows(), d.val.rows(), cfg.steps
             );
+            }
             (
                 Source::Packed(PackedSource::new(d.train, cfg.seed)),
                 val,
@@ -594,14 +797,33 @@ pub fn run<B: Backend>(
     );
     source.set_position(loader_pos);
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
-    std::fs::write(
-        cfg.out.join("config.json"),
-        serde_json::to_string_pretty(&cfg)?,
-    )?;
-    let mut metrics = MetricsWriter::open(
-        &cfg.out.join("metrics.jsonl"),
-        resume.map(|_| start_step as u64),
-    )?;
+    let opened = if lead {
+        let open = || -> Result<MetricsWriter> {
+            std::fs::write(
+                cfg.out.join("config.json"),
+                serde_json::to_string_pretty(&cfg)?,
+            )?;
+            MetricsWriter::open(
+                &cfg.out.join("metrics.jsonl"),
+                resume.map(|_| start_step as u64),
+            )
+        };
+        open().map(Some)
+    } else {
+        Ok(None)
+    };
+    let mut metrics = match comm.as_deref_mut() {
+        // Rank 0's failure here stops every rank, not just rank 0.
+        Some(c) => {
+            let (ok, m) = match opened {
+                Ok(m) => (Ok(()), m),
+                Err(e) => (Err(e), None),
+            };
+            agree(c, ok, "opening the run directory")?;
+            m
+        }
+        None => opened?,
+    };
     let ckpt = Ckpt {
         out: &cfg.out,
         keep: cfg.keep_checkpoints,
@@ -610,8 +832,8 @@ pub fn run<B: Backend>(
     let sched = cfg.schedule();
     install_ctrlc();
 
-    let tokens_per_step = cfg.batch_size * cfg.grad_accum * t;
-    let bar = if cfg.progress {
+    let tokens_per_step = world * cfg.batch_size * cfg.grad_accum * t;
+    let bar = if cfg.progress && lead {
         ProgressBar::new(cfg.steps as u64)
     } else {
         ProgressBar::hidden()
@@ -638,9 +860,16 @@ pub fn run<B: Backend>(
         let mut loss_sum = 0f64;
         let mut bad: Option<String> = None;
         for _ in 0..cfg.grad_accum {
-            source.next(cfg.batch_size, &mut rows);
+            source.next_for_rank(cfg.batch_size, rank, world, &mut rows);
             model.forward(&rows.batch(t))?;
-            let (loss, count) = model.lm_loss(&rows.targets)?;
+            let (mut loss, mut count) = model.lm_loss(&rows.targets)?;
+            if let Some(c) = comm.as_deref_mut() {
+                // The global mean and count: every rank then scales by the same 1/count, and a
+                // non-finite loss anywhere is seen (and handled) on every rank.
+                let mut s = [(loss as f64 * count as f64) as f32, count as f32];
+                c.all_reduce_sum(&mut s)?;
+                (loss, count) = (s[0] / s[1].max(1.0), s[1] as usize);
+            }
             if !loss.is_finite() {
                 let host = model.params_to_host()?;
                 bad = Some(match first_nonfinite(&model, &host) {
@@ -659,7 +888,7 @@ pub fn run<B: Backend>(
         let loss = (loss_sum / cfg.grad_accum as f64) as f32;
         let stats = match bad {
             Some(b) => Err(b),
-            None => match opt.step(&mut model, lr) {
+            None => match opt.step(&mut model, comm.as_deref_mut(), lr) {
                 Ok(s) => Ok(s),
                 Err(engine::Error::NonFinite(m)) => {
                     let g = model.grads_to_host()?;
@@ -673,11 +902,13 @@ pub fn run<B: Backend>(
         let stats = match stats {
             Ok(s) => s,
             Err(msg) if cfg.skip_nonfinite => {
-                say(
-                    &bar,
-                    format!("step {}: {msg}: skipped (--skip-nonfinite)", step + 1),
-                );
-                metrics.write(&serde_json::json!({"step": step + 1, "skipped": msg}))?;
+                if let Some(mw) = metrics.as_mut() {
+                    say(
+                        &bar,
+                        format!("step {}: {msg}: skipped (--skip-nonfinite)", step + 1),
+                    );
+                    mw.write(&serde_json::json!({"step": step + 1, "skipped": msg}))?;
+                }
                 step += 1;
                 continue;
             }
@@ -692,18 +923,51 @@ pub fn run<B: Backend>(
         tokens_done += tokens_per_step;
         let tok_s = tokens_per_step as f64 / dt;
         let mut val_loss = None;
-        if (cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == cfg.steps {
-            val_loss = Some(evaluate(&mut model, &val, t)?);
-            final_val = val_loss;
-        }
-        let mut rec = serde_json::json!({
-            "step": step, "lr": lr, "loss": loss, "grad_norm": stats.grad_norm,
-            "tok_per_s": tok_s, "tokens": step * tokens_per_step, "elapsed_s": t_start.elapsed().as_secs_f64(),
-        });
-        if let Some(v) = val_loss {
-            rec["val_loss"] = v.into();
-        }
-        metrics.write(&rec)?;
+        // Rank 0's own work (evaluation, metrics, samples); its error is raised below on
+        // every rank, so the others do not wait for it in the next collective.
+        let lead_work = if lead {
+            let mut lead_step = || -> Result<()> {
+                if (cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == cfg.steps {
+                    val_loss = Some(evaluate(&mut model, &val, t)?);
+                    final_val = val_loss;
+                }
+                let mut rec = serde_json::json!({
+                    "step": step, "lr": lr, "loss": loss, "grad_norm": stats.grad_norm,
+                    "tok_per_s": tok_s, "tokens": step * tokens_per_step, "elapsed_s": t_start.elapsed().as_secs_f64(),
+                });
+                if let Some(v) = val_loss {
+                    rec["val_loss"] = v.into();
+                }
+                let mw = metrics.as_mut().expect("rank 0 writes metrics");
+                mw.write(&rec)?;
+                bar.set_position(step as u64);
+                bar.set_message(format!(
+                    "loss {loss:.4}{} | lr {lr:.2e} | {:.0} tok/s",
+                    final_val
+                        .map(|v| format!(" val {v:.4}"))
+                        .unwrap_or_default(),
+                    tok_s
+                ));
+                if cfg.sample_every > 0 && step % cfg.sample_every == 0 {
+                    let params = SamplingParams {
+                        temperature: 0.8,
+                        top_k: 40,
+                        max_new_tokens: cfg.sample_tokens,
+                        seed: cfg.seed ^ step as u64,
+                        stop: vec![tok.eos],
+                        ..Default::default()
+                    };
+                    let out = generate(&mut model, &[vec![tok.eos]], &params, &mut |_, _| {})?;
+                    let text = tok.decode(&out[0].tokens)?;
+                    say(&bar, format!("--- sample at step {step} ---\n{text}\n---"));
+                    mw.write(&serde_json::json!({"step": step, "sample": text}))?;
+                }
+                Ok(())
+            };
+            lead_step()
+        } else {
+            Ok(())
+        };
         logs.push(StepLog {
             step,
             lr,
@@ -711,29 +975,19 @@ pub fn run<B: Backend>(
             grad_norm: stats.grad_norm,
             val_loss,
         });
-        bar.set_position(step as u64);
-        bar.set_message(format!(
-            "loss {loss:.4}{} | lr {lr:.2e} | {:.0} tok/s",
-            final_val
-                .map(|v| format!(" val {v:.4}"))
-                .unwrap_or_default(),
-            tok_s
-        ));
-        if cfg.sample_every > 0 && step % cfg.sample_every == 0 {
-            let params = SamplingParams {
-                temperature: 0.8,
-                top_k: 40,
-                max_new_tokens: cfg.sample_tokens,
-                seed: cfg.seed ^ step as u64,
-                stop: vec![tok.eos],
-                ..Default::default()
-            };
-            let out = generate(&mut model, &[vec![tok.eos]], &params, &mut |_, _| {})?;
-            let text = tok.decode(&out[0].tokens)?;
-            say(&bar, format!("--- sample at step {step} ---\n{text}\n---"));
-            metrics.write(&serde_json::json!({"step": step, "sample": text}))?;
-        }
         interrupted = INTERRUPTED.swap(false, Ordering::SeqCst);
+        match comm.as_deref_mut() {
+            // Ranks stop (and checkpoint) together when any rank was interrupted.
+            Some(c) => {
+                let mut flags = [f32::from(u8::from(interrupted)), 0.0];
+                flags[1] = f32::from(u8::from(lead_work.is_err()));
+                c.all_reduce_sum(&mut flags)?;
+                lead_work?;
+                ensure!(flags[1] == 0.0, "step {step}: rank 0 failed");
+                interrupted = flags[0] > 0.0;
+            }
+            None => lead_work?,
+        }
         let stop_now = cfg.stop_after.is_some_and(|k| steps_done >= k);
         if (cfg.ckpt_every > 0 && step % cfg.ckpt_every == 0)
             || step == cfg.steps
@@ -744,11 +998,15 @@ pub fn run<B: Backend>(
                 kind: cfg.kind().into(),
                 step,
                 loader_position: source.position(),
-                adamw_step: opt.step,
+                adamw_step: opt.steps(),
                 seed: cfg.seed,
                 config: cfg.clone(),
             };
-            last_ckpt = Some(ckpt.save(&model, &opt, &state)?);
+            last_ckpt = Some(match (&opt, comm.as_deref_mut()) {
+                (Optim::Sharded(o), Some(c)) => ckpt.save_sharded(&model, o, c, &state)?,
+                (Optim::Whole(o), _) => ckpt.save(&model, o, &state)?,
+                (Optim::Sharded(_), None) => unreachable!("a sharded optimizer has a communicator"),
+            });
         }
         if interrupted || stop_now {
             interrupted = true;
@@ -756,7 +1014,8 @@ pub fn run<B: Backend>(
         }
     }
     bar.finish_and_clear();
-    if let Ok(s) = read_series(
+    if !lead {
+    } else if let Ok(s) = read_series(
         &cfg.out.join("metrics.jsonl"),
         "step",
         &["loss", "val_loss"],
