@@ -399,7 +399,7 @@ pub fn run<B: Backend>(be: B, cfg: &PipelineConfig) -> Result<Value> {
         dialogues: cfg.gatt_dialogues,
         candidates: 4,
         eval_dialogues: 60,
-        lr: 5e-4,
+        lr: 2e-4,
         epochs: 3,
         batch_size: 8,
         seq_len: 256,
@@ -418,7 +418,7 @@ pub fn run<B: Backend>(be: B, cfg: &PipelineConfig) -> Result<Value> {
     step("safety context distillation: answers under a safety preprompt, kept when the safety RM prefers them");
     let dc = crate::distill::DistillConfig {
         replay: vec![replay.clone()],
-        lr: 3e-4,
+        lr: 1e-4,
         epochs: 2,
         batch_size: 8,
         rm_seq_len: 128,
