@@ -148,6 +148,10 @@ struct Acts<B: Backend> {
     /// there, so its backward needs no recompute); `None` when unknown.
     held: Option<usize>,
     ids: B::Buf<i32>,
+    /// The batch's ids and positions on the host, kept from the forward (capacity reused): the
+    /// embedding backward groups ids there without reading them back from the device.
+    ids_host: Vec<i32>,
+    pos_host: Vec<i32>,
     pos: B::Buf<i32>,
     doc: B::Buf<i32>,
     targets: B::Buf<i32>,
@@ -536,6 +540,8 @@ impl<B: Backend> Llama<B> {
             bytes: ActBytes::default(),
             held: None,
             ids: al.alloc(n)?,
+            ids_host: Vec::with_capacity(n),
+            pos_host: Vec::with_capacity(n),
             pos: al.alloc(n)?,
             doc: al.alloc(n)?,
             targets: al.alloc(n)?,
@@ -639,11 +645,14 @@ impl<B: Backend> Llama<B> {
 
         a.held = None;
         be.from_host(m!(a.ids, n), batch.ids)?;
+        a.ids_host.clear();
+        a.ids_host.extend_from_slice(batch.ids);
         match batch.pos {
             Some(p) => be.from_host(m!(a.pos, n), p)?,
             None => {
-                let p: Vec<i32> = (0..n).map(|i| (i % t) as i32).collect();
-                be.from_host(m!(a.pos, n), &p)?
+                a.pos_host.clear();
+                a.pos_host.extend((0..n).map(|i| (i % t) as i32));
+                be.from_host(m!(a.pos, n), &a.pos_host)?
             }
         }
         if let Some(d) = batch.doc {
@@ -1190,7 +1199,13 @@ impl<B: Backend> Llama<B> {
                 h,
             )?;
         }
-        be.embedding_bwd(g!(tab.embed), r!(a.dres, n * h), r!(a.ids, n), h)?;
+        be.embedding_bwd(
+            g!(tab.embed),
+            r!(a.dres, n * h),
+            r!(a.ids, n),
+            &a.ids_host,
+            h,
+        )?;
         Ok(())
     }
 }

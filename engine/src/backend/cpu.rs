@@ -119,7 +119,14 @@ impl Backend for Cpu {
         ops::embedding_fwd(out, ids, wte, h);
         Ok(())
     }
-    fn embedding_bwd(&self, dwte: &mut [f32], dout: &[f32], ids: &[i32], h: usize) -> Result<()> {
+    fn embedding_bwd(
+        &self,
+        dwte: &mut [f32],
+        dout: &[f32],
+        ids: &[i32],
+        _ids_host: &[i32],
+        h: usize,
+    ) -> Result<()> {
         ops::embedding_bwd(dwte, dout, ids, h);
         Ok(())
     }

@@ -103,11 +103,15 @@ pub trait Backend: Clone + Send + Sync + 'static {
         wte: Self::Ref<'_, Self::Act>,
         h: usize,
     ) -> Result<()>;
+    /// `ids_host` holds the same ids as `ids`, on the host (the caller uploaded them): a
+    /// backend that groups tokens by id to sum deterministically does it there, with no
+    /// device-to-host copy or sync.
     fn embedding_bwd(
         &self,
         dwte: Self::Mut<'_, f32>,
         dout: Self::Ref<'_, Self::Act>,
         ids: Self::Ref<'_, i32>,
+        ids_host: &[i32],
         h: usize,
     ) -> Result<()>;
 

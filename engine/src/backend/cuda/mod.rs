@@ -3,8 +3,9 @@
 //! cuBLASLt (bf16 in, f32 accumulate; `LLAMA2_GEMM=cublas` for cublasGemmEx) for the matmuls.
 //!
 //! Everything runs in order on one stream, so no op needs events between kernels; the host
-//! synchronises only where it reads results back (`to_host`, `sum`, `sum_squares`, and
-//! `embedding_bwd`, which groups token ids on the host to stay deterministic).
+//! synchronises only where it reads results back (`to_host`, `sum`, `sum_squares`).
+//! `embedding_bwd` groups token ids on the host to stay deterministic, from the host copy of
+//! the batch the model keeps, so it reads nothing back.
 //!
 //! Safety model: cudarc's driver calls are the unsafe core. Device memory is owned by
 //! [`DBuf`]; views ([`DRef`], [`DMut`]) borrow it, so a buffer cannot be freed while a view

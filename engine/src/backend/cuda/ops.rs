@@ -280,20 +280,23 @@ impl Backend for Cuda {
         dwte: DMut<'_, f32>,
         dout: DRef<'_, bf16>,
         ids: DRef<'_, i32>,
+        ids_host: &[i32],
         h: usize,
     ) -> Result<()> {
         let n = ids.len();
         len_is("embedding_bwd", "dout", dout.len(), n * h)?;
+        len_is("embedding_bwd", "ids_host", ids_host.len(), n)?;
         let vocab = rows_of("embedding_bwd", dwte.len(), h)?;
         if n == 0 {
             return Ok(());
         }
-        // Group the token indices by id on the host (n ids; the host buffers are reused), so
-        // the kernel sums each id's rows in token order without atomics. One sync per backward.
+        // Group the token indices by id on the host copy the caller kept (the host buffers are
+        // reused), so the kernel sums each id's rows in token order without atomics; the plan
+        // goes up with an async copy, and nothing is read back.
         let mut guard = self.embed_plan();
         let p = &mut *guard;
-        p.ids.resize(n, 0);
-        self.to_host(&mut p.ids, ids)?;
+        p.ids.clear();
+        p.ids.extend_from_slice(ids_host);
         if let Some((t, &bad)) = p
             .ids
             .iter()
