@@ -368,8 +368,14 @@ fn embedding_fwd_bwd() {
         ops::embedding_bwd(&mut g32, &dout, &ids, h);
         let mut dg = up(&cx, &g0);
         let ddo = up16(&cx, &dout);
-        cx.embedding_bwd(Cuda::all_mut(&mut dg), Cuda::all(&ddo), Cuda::all(&di), &ids, h)
-            .unwrap();
+        cx.embedding_bwd(
+            Cuda::all_mut(&mut dg),
+            Cuda::all(&ddo),
+            Cuda::all(&di),
+            &ids,
+            h,
+        )
+        .unwrap();
         rep.cmp(
             &format!("embedding_bwd V {vocab} h {h}"),
             &down(&cx, &dg),

@@ -221,8 +221,15 @@ fn bench_shapes(cx: &Cuda, s: &Shapes, reps: usize) -> Result<Vec<Case>> {
     let ms =
         t(&mut || cx.embedding_fwd(Cuda::all_mut(&mut y), Cuda::all(&dids), Cuda::all(&wte), h))?;
     push("embedding_fwd", sh.clone(), 2.0 * nh2, 0.0, ms);
-    let ms =
-        t(&mut || cx.embedding_bwd(Cuda::all_mut(&mut dwte), Cuda::all(&x), Cuda::all(&dids), &ids, h))?;
+    let ms = t(&mut || {
+        cx.embedding_bwd(
+            Cuda::all_mut(&mut dwte),
+            Cuda::all(&x),
+            Cuda::all(&dids),
+            &ids,
+            h,
+        )
+    })?;
     push(
         "embedding_bwd",
         sh.clone(),
