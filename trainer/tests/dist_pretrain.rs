@@ -2,6 +2,8 @@
 //! CPU stand-in for NCCL) takes the same steps as one process with N× the batch, to float
 //! reassociation, and a ZeRO-1 checkpoint resumes on another world size to the same result.
 
+mod common;
+use common::shared;
 use engine::checkpoint::{load_model, save_model, SaveOptions};
 use engine::dist::{shard_file_name, ThreadGroup, MANIFEST};
 use engine::{Cpu, Head};
@@ -24,18 +26,6 @@ const RTOL: f32 = 2e-6;
 /// Bound on any weight's difference from one process's after all steps (measured: ≤ 3.4e-7;
 /// the weights move by up to ~4e-2).
 const WEIGHT_ATOL: f32 = 3e-6;
-
-fn shared() -> PathBuf {
-    let p = std::env::var_os("LLAMA2_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
-    assert!(
-        p.join("data").is_dir(),
-        "shared material not found at {}: set LLAMA2_SHARED",
-        p.display()
-    );
-    p
-}
 
 /// Shards of a slice of Tiny Shakespeare with a 300-token tokenizer, and a model config whose
 /// parameter count (37975) is divisible by neither 2 nor 3, so the last ZeRO-1 shard is padded.

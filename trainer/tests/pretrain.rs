@@ -1,6 +1,8 @@
 //! Pretraining behaviour: the loss falls below the unigram entropy on Tiny Shakespeare, resume is
 //! bit-exact, the shard format and the loader are sound, and bad input gets clear errors.
 
+mod common;
+use common::shared;
 use engine::checkpoint::{load_model, save_model, SaveOptions, TensorFiles};
 use engine::{Cpu, Head};
 use std::path::{Path, PathBuf};
@@ -9,18 +11,6 @@ use trainer::data::{
 };
 use trainer::pretrain::{run, ModelSource, PretrainConfig};
 use trainer::tokenizer_train::train_on;
-
-fn shared() -> PathBuf {
-    let p = std::env::var_os("LLAMA2_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
-    assert!(
-        p.join("data").is_dir(),
-        "shared material not found at {}: set LLAMA2_SHARED",
-        p.display()
-    );
-    p
-}
 
 /// Tokenizer + prepared shards for `text` in `dir`.
 fn prepared(dir: &Path, text: &str, vocab: usize) -> PathBuf {

@@ -3,24 +3,14 @@
 //! model learns a synthetic preference (right vs wrong sums) well above chance, best where the
 //! wrong answer is furthest off; the HH harmless pairs load and train.
 
+mod common;
+use common::shared;
 use engine::checkpoint::{read_params, save_model, SaveOptions, TensorFiles};
 use engine::tokenizer::{Message, Tokenizer};
 use engine::{Cpu, Head, Llama, LlamaConfig};
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
 use trainer::rm::*;
-
-fn shared() -> PathBuf {
-    let p = std::env::var_os("LLAMA2_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
-    assert!(
-        p.join("data").is_dir(),
-        "shared material not found at {}: set LLAMA2_SHARED",
-        p.display()
-    );
-    p
-}
 
 fn llama_tok_path() -> PathBuf {
     shared().join("tokenizer/llama2/tokenizer.json")

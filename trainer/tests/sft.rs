@@ -1,23 +1,12 @@
 //! SFT data: every format parses, HH transcripts load, bad lines are named, packing learns
 //! exactly the assistant tokens, and a pack's loss and gradients equal its documents' run apart.
 
+mod common;
+use common::shared;
 use engine::model::Batch;
 use engine::tokenizer::{Message, Tokenizer};
 use engine::{Cpu, Head, Llama, LlamaConfig};
-use std::path::PathBuf;
 use trainer::sft::{pack, parse_hh, read_dialogues, row_messages, tokenize, Dialogue, Doc};
-
-fn shared() -> PathBuf {
-    let p = std::env::var_os("LLAMA2_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
-    assert!(
-        p.join("data").is_dir(),
-        "shared material not found at {}: set LLAMA2_SHARED",
-        p.display()
-    );
-    p
-}
 
 fn llama_tok() -> Tokenizer {
     Tokenizer::from_file(&shared().join("tokenizer/llama2/tokenizer.json")).unwrap()

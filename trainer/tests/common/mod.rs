@@ -50,3 +50,16 @@ pub fn latest(run_dir: &Path) -> PathBuf {
     let c = run_dir.join("checkpoints");
     c.join(std::fs::read_to_string(c.join("latest")).unwrap().trim())
 }
+
+/// The read-only shared material (`../shared`, or `$LLAMA2_SHARED`).
+pub fn shared() -> PathBuf {
+    let p = std::env::var_os("LLAMA2_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+    assert!(
+        p.join("data").is_dir(),
+        "shared material not found at {}: set LLAMA2_SHARED",
+        p.display()
+    );
+    p
+}
