@@ -31,6 +31,9 @@ pub struct BenchReport {
     pub recompute: Recompute,
     /// The training activations the model held (as allocated): what `--recompute` changes.
     pub activation_bytes: ActBytes,
+    /// Device memory in use after the timed steps (every process on the device, the CUDA
+    /// context included) and the device's total; None on the CPU.
+    pub device_memory: Option<(u64, u64)>,
     pub step_s: f64,
     pub tokens_per_s: f64,
     /// 6·N + 12·L·H·T per token, N = parameters that take part in matmuls (all but the
@@ -102,6 +105,7 @@ pub fn run<B: Backend>(be: B, cfg: &BenchConfig) -> Result<BenchReport> {
     }
     be.synchronize()?;
     let dt = t0.elapsed().as_secs_f64() / cfg.steps.max(1) as f64;
+    let device_memory = be.device_memory()?;
     let tps = n as f64 / dt;
     let fpt = flops_per_token(&cfg.model, cfg.seq_len);
     let achieved = tps * fpt / 1e12;
@@ -120,6 +124,7 @@ pub fn run<B: Backend>(be: B, cfg: &BenchConfig) -> Result<BenchReport> {
         steps: cfg.steps,
         recompute: cfg.recompute,
         activation_bytes,
+        device_memory,
         step_s: dt,
         tokens_per_s: tps,
         flops_per_token: fpt,
@@ -214,6 +219,14 @@ impl BenchReport {
             mib(a.resid),
             mib(a.other)
         );
+        if let Some((used, total)) = self.device_memory {
+            let gib = |x: u64| x as f64 / (1u64 << 30) as f64;
+            println!(
+                "device memory     {:.2} GiB in use of {:.2} GiB (after the timed steps)",
+                gib(used),
+                gib(total)
+            );
+        }
         println!("FLOPs/token       {:.3e}  (6·N + 12·L·H·T; N = matmul parameters, H = heads·head_dim, T = seq_len)", self.flops_per_token);
         println!("achieved          {:.4} TFLOP/s", self.achieved_tflops);
         println!(

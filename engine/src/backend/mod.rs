@@ -37,6 +37,11 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn copy<T: Elem>(&self, dst: Self::Mut<'_, T>, src: Self::Ref<'_, T>) -> Result<()>;
     fn zero<T: Elem>(&self, dst: Self::Mut<'_, T>) -> Result<()>;
     fn synchronize(&self) -> Result<()>;
+    /// Device memory in use and the device's total, in bytes, where the backend has a device
+    /// (the engine allocates its buffers up front, so after a step this is the step's peak).
+    fn device_memory(&self) -> Result<Option<(u64, u64)>> {
+        Ok(None)
+    }
 
     /// The compute copy of the fp32 master weights: an empty buffer where the master itself
     /// is used for compute (CPU), a bf16 shadow on CUDA.

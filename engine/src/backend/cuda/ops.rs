@@ -184,6 +184,13 @@ impl Backend for Cuda {
             .map_err(|e| self.dev_err("synchronize (a kernel may have failed)", e))
     }
 
+    fn device_memory(&self) -> Result<Option<(u64, u64)>> {
+        self.bind()?;
+        let (free, total) =
+            cudarc::driver::result::mem_get_info().map_err(|e| self.dev_err("cuMemGetInfo", e))?;
+        Ok(Some(((total - free) as u64, total as u64)))
+    }
+
     fn alloc_shadow(&self, len: usize) -> Result<DBuf<bf16>> {
         self.alloc_buf(len)
     }
