@@ -4,9 +4,45 @@ use super::{AdamWStep, AttnDims, Backend, CacheDims};
 use crate::elem::Elem;
 use crate::error::Result;
 use crate::ops;
+use std::cell::Cell;
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
+
+/// What one thread asked of the CPU backend's memory interface: elements moved by
+/// `to_host`/`from_host`/`upload` (the copies a GPU backend pays for) and buffers allocated.
+/// Lets tests check that a hot path (the ZeRO-1 step) moves and allocates nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub transferred: usize,
+    pub allocs: usize,
+}
+
+thread_local! {
+    static TRAFFIC: Cell<Traffic> = const {
+        Cell::new(Traffic {
+            transferred: 0,
+            allocs: 0,
+        })
+    };
+}
+
+fn note(transferred: usize, allocs: usize) {
+    TRAFFIC.with(|t| {
+        let c = t.get();
+        t.set(Traffic {
+            transferred: c.transferred + transferred,
+            allocs: c.allocs + allocs,
+        })
+    });
+}
+
+impl Cpu {
+    /// This thread's [`Traffic`] so far (per thread, so each rank of a thread group has its own).
+    pub fn traffic() -> Traffic {
+        TRAFFIC.with(|t| t.get())
+    }
+}
 
 impl Backend for Cpu {
     type Act = f32;
@@ -19,9 +55,11 @@ impl Backend for Cpu {
     }
 
     fn alloc<T: Elem>(&self, len: usize) -> Result<Vec<T>> {
+        note(0, 1);
         Ok(vec![T::default(); len])
     }
     fn upload<T: Elem>(&self, src: &[T]) -> Result<Vec<T>> {
+        note(src.len(), 1);
         Ok(src.to_vec())
     }
     fn len<T: Elem>(buf: &Vec<T>) -> usize {
@@ -43,10 +81,12 @@ impl Backend for Cpu {
         &view[off..off + len]
     }
     fn to_host<T: Elem>(&self, dst: &mut [T], src: &[T]) -> Result<()> {
+        note(dst.len(), 0);
         dst.copy_from_slice(&src[..dst.len()]);
         Ok(())
     }
     fn from_host<T: Elem>(&self, dst: &mut [T], src: &[T]) -> Result<()> {
+        note(src.len(), 0);
         dst[..src.len()].copy_from_slice(src);
         Ok(())
     }
