@@ -15,7 +15,8 @@
 use anyhow::{bail, Context, Result};
 use engine::checkpoint::{load_model, SaveOptions};
 use engine::dist::{
-    rendezvous, save_zero1, Collective, DistEnv, NcclComm, ShardedAdamW, ThreadGroup,
+    rendezvous, save_zero1, Collective, DeviceCollective, DistEnv, NcclComm, ShardedAdamW,
+    ThreadGroup,
 };
 use engine::model::shift_labels;
 use engine::optim::AdamWConfig;
@@ -100,7 +101,7 @@ fn sequence(step: usize, g: usize, t: usize, vocab: usize) -> impl Iterator<Item
     (0..t as u64).map(move |i| ((a + s * i) % vocab as u64) as i32)
 }
 
-fn run<B: Backend>(be: B, comm: &mut dyn Collective, a: &Args) -> Result<()> {
+fn run<B: Backend>(be: B, comm: &mut dyn DeviceCollective<B>, a: &Args) -> Result<()> {
     let (rank, world) = (comm.rank(), comm.world());
     let cfg = AdamWConfig::default();
     let (mut model, mut opt, first) = match &a.resume {

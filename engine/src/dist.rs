@@ -3,7 +3,8 @@
 //!
 //! Every rank holds a full model replica (compute weights and gradients) but only its shard of
 //! the optimizer state: 3 × ceil(n/N) floats instead of 3 × n. A step is reduce-scatter of the
-//! gradients, AdamW on the owned shard, all-gather of the updated shards.
+//! gradients, AdamW on the owned shard, all-gather of the updated shards, all on backend
+//! buffers: nothing parameter-sized crosses between host and device.
 //!
 //! Around it: [`env`] reads the launch environment (torchrun, mpirun), [`rendezvous`] hands
 //! rank 0's NCCL id to the others (TCP or a shared file), [`nccl`] implements the collectives
@@ -20,18 +21,18 @@ pub use env::{DistEnv, Launcher};
 pub use nccl::NcclComm;
 pub use rendezvous::Rendezvous;
 
+use crate::backend::cpu::Cpu;
 use crate::backend::{AdamWStep, Backend};
 use crate::error::{Error, Result};
 use crate::model::Llama;
-use crate::ops;
 use crate::optim::{clip_scale, decay_groups, AdamWConfig, StepStats};
 use crate::params::Span;
 use std::sync::{Arc, Barrier, Mutex};
 
 /// The collectives ZeRO-1 needs, with NCCL's semantics: every rank calls the same operation in
 /// the same order with the same lengths, and the call returns once this rank's output is ready.
-/// This version works on host f32 slices; an NCCL implementation will provide the same
-/// operations on device buffers.
+/// These work on host f32 slices (checkpoint agreement, logged scalars); [`DeviceCollective`]
+/// has the same operations on a backend's buffers for the per-step path.
 pub trait Collective: Send {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
@@ -43,6 +44,23 @@ pub trait Collective: Send {
     /// `out[r·s .. (r+1)·s]` ← rank r's `shard`, with `out.len() == world·s` (ncclAllGather).
     fn all_gather(&mut self, shard: &[f32], out: &mut [f32]) -> Result<()>;
     fn barrier(&mut self) -> Result<()>;
+}
+
+/// [`Collective`]'s operations on backend `B`'s f32 views, so the ZeRO-1 step never moves its
+/// buffers through the host: NCCL on CUDA buffers ([`NcclComm`]), the thread stand-in on the
+/// CPU backend's (host) buffers ([`ThreadComm`]). Same semantics and length rules as the host
+/// versions; the operation is ordered after earlier work on `B`'s stream.
+pub trait DeviceCollective<B: Backend>: Collective {
+    /// `buf` ← Σ over ranks of `buf`, in place.
+    fn all_reduce_sum_buf(&mut self, buf: B::Mut<'_, f32>) -> Result<()>;
+    /// `out` ← Σ over ranks of `input[rank·s .. (rank+1)·s]`, `s = out.len()`.
+    fn reduce_scatter_sum_buf(
+        &mut self,
+        input: B::Ref<'_, f32>,
+        out: B::Mut<'_, f32>,
+    ) -> Result<()>;
+    /// `out[r·s .. (r+1)·s]` ← rank r's `shard`, `s = shard.len()`.
+    fn all_gather_buf(&mut self, shard: B::Ref<'_, f32>, out: B::Mut<'_, f32>) -> Result<()>;
 }
 
 /// State shared by the ranks of a [`ThreadGroup`]: one posting slot per rank.
@@ -159,6 +177,19 @@ impl Collective for ThreadComm {
     }
 }
 
+/// The CPU backend's buffers are host memory: the host-slice collectives are the device ones.
+impl DeviceCollective<Cpu> for ThreadComm {
+    fn all_reduce_sum_buf(&mut self, buf: &mut [f32]) -> Result<()> {
+        self.all_reduce_sum(buf)
+    }
+    fn reduce_scatter_sum_buf(&mut self, input: &[f32], out: &mut [f32]) -> Result<()> {
+        self.reduce_scatter_sum(input, out)
+    }
+    fn all_gather_buf(&mut self, shard: &[f32], out: &mut [f32]) -> Result<()> {
+        self.all_gather(shard, out)
+    }
+}
+
 /// Rank `rank`'s contiguous piece `[off, off + len)` of a flat vector of `n` elements split
 /// `world` ways. Every shard has the same length ceil(n/world) (reduce-scatter and all-gather
 /// want equal pieces), so the vector is padded with zeros to `world · len`; the padding sits
@@ -216,61 +247,70 @@ impl Shard {
 }
 
 /// ZeRO-1 AdamW: this rank owns the fp32 master weights and both moments of its [`Shard`] of
-/// the flat parameters; the update is exactly [`crate::optim::AdamW`]'s on those elements.
+/// the flat parameters, in backend buffers; the update is exactly [`crate::optim::AdamW`]'s on
+/// those elements.
 ///
 /// The collectives sum gradients: each rank must scale its backward by 1/world (e.g.
 /// `backward_lm(1 / (world · local_count))`) so the sum is the mean over the global batch.
 ///
-/// The state lives on the host and the new weights go in through `set_params`, which on CUDA
-/// refreshes the bf16 shadow; an NCCL version keeps the shard on the device and all-gathers
-/// straight into the shadow.
-pub struct ShardedAdamW {
+/// Every buffer is allocated here, once; a step reads the model's gradients and writes its
+/// weights (and the compute shadow) on the device, reading back only the norm's scalar.
+pub struct ShardedAdamW<B: Backend> {
     pub cfg: AdamWConfig,
     pub shard: Shard,
-    /// This rank's slice of the fp32 master weights, m and v: `shard.len` each.
-    pub master: Vec<f32>,
-    pub m: Vec<f32>,
-    pub v: Vec<f32>,
+    /// This rank's slice of the fp32 master weights, m and v: `shard.len` each; the padding
+    /// past `shard.valid()` stays zero.
+    pub master: B::Buf<f32>,
+    pub m: B::Buf<f32>,
+    pub v: B::Buf<f32>,
     pub step: u64,
+    be: B,
     /// The decay groups of the unsharded optimizer, cut to this shard (shard-local offsets).
     groups: Vec<(Span, bool)>,
-    /// Communication scratch: the padded full gradient / parameter vector and the gradient shard.
-    full: Vec<f32>,
-    gshard: Vec<f32>,
+    /// This rank's summed gradient shard.
+    gshard: B::Buf<f32>,
+    /// The padded full vector (`shard.padded()`), for the gradients in and the gathered weights
+    /// out, when `n` does not split evenly; otherwise the collectives use the model's own
+    /// buffers and this stays `None`.
+    pad: Option<B::Buf<f32>>,
 }
 
-impl ShardedAdamW {
+impl<B: Backend> ShardedAdamW<B> {
     /// Takes this rank's shard of the model's current weights. Replicas must start identical
     /// (same seed or checkpoint), as with any data-parallel launch.
-    pub fn new<B: Backend>(
-        model: &Llama<B>,
-        cfg: AdamWConfig,
-        rank: usize,
-        world: usize,
-    ) -> Result<Self> {
+    pub fn new(model: &Llama<B>, cfg: AdamWConfig, rank: usize, world: usize) -> Result<Self> {
         let n = model.num_params();
         let shard = Shard::new(n, rank, world);
-        let params = model.params_to_host()?;
-        let mut master = vec![0f32; shard.len];
-        let lo = shard.off.min(n);
-        master[..shard.valid()].copy_from_slice(&params[lo..lo + shard.valid()]);
+        let be = model.be.clone();
+        let mut master = be.alloc(shard.len)?;
+        let (lo, valid) = (shard.off.min(n), shard.valid());
+        be.copy(
+            B::slice_mut(&mut master, 0, valid),
+            B::slice(&model.master, lo, valid),
+        )?;
         Ok(ShardedAdamW {
             cfg,
             shard,
             master,
-            m: vec![0f32; shard.len],
-            v: vec![0f32; shard.len],
+            m: be.alloc(shard.len)?,
+            v: be.alloc(shard.len)?,
             step: 0,
             groups: shard.local_groups(&decay_groups(&model.table, cfg.decay)),
-            full: vec![0f32; shard.padded()],
-            gshard: vec![0f32; shard.len],
+            gshard: be.alloc(shard.len)?,
+            pad: if shard.padded() == n {
+                None
+            } else {
+                Some(be.alloc(shard.padded())?)
+            },
+            be,
         })
     }
 
     /// One data-parallel step at learning rate `lr`: reduce-scatter of the gradients, global
     /// norm and clip, AdamW on this shard, all-gather of the new weights into `model`. Every
-    /// rank sees the same norm, so a non-finite one fails on all ranks together.
-    pub fn step<B: Backend, C: Collective + ?Sized>(
+    /// rank sees the same norm, so a non-finite one fails on all ranks together (before any
+    /// weight changes).
+    pub fn step<C: DeviceCollective<B> + ?Sized>(
         &mut self,
         model: &mut Llama<B>,
         comm: &mut C,
@@ -279,24 +319,33 @@ impl ShardedAdamW {
         let (n, valid) = (self.shard.n, self.shard.valid());
         check_len("model parameters", model.num_params(), n)?;
         check_len("world", comm.world(), self.shard.world)?;
-        self.full[..n].copy_from_slice(&model.grads_to_host()?);
-        self.full[n..].fill(0.0);
-        comm.reduce_scatter_sum(&self.full, &mut self.gshard)?;
+        let be = &self.be;
+        match &mut self.pad {
+            None => {
+                comm.reduce_scatter_sum_buf(B::all(&model.grads), B::all_mut(&mut self.gshard))?
+            }
+            Some(pad) => {
+                // The tail [n, padded) is zero: the all-gather fills it from the shards'
+                // padding, which AdamW never touches.
+                be.copy(B::slice_mut(pad, 0, n), B::all(&model.grads))?;
+                comm.reduce_scatter_sum_buf(B::all(pad), B::all_mut(&mut self.gshard))?;
+            }
+        }
 
         // Each shard's Σg² in f64 (as AdamW), summed across ranks in f32: the norm agrees with
         // the single-process one to f32 rounding, and is the same bits on every rank.
-        let mut ss = [ops::sum_squares(&self.gshard[..valid]) as f32];
+        let mut ss = [be.sum_squares(B::slice(&self.gshard, 0, valid))? as f32];
         comm.all_reduce_sum(&mut ss)?;
         let grad_norm = ss[0].sqrt();
         let clip_scale = clip_scale(self.cfg.clip_norm, grad_norm)?;
         self.step += 1;
         for &(s, decay) in &self.groups {
-            let r = s.off..s.off + s.len;
-            ops::adamw(
-                &mut self.master[r.clone()],
-                &mut self.m[r.clone()],
-                &mut self.v[r.clone()],
-                &self.gshard[r],
+            be.adamw(
+                B::slice_mut(&mut self.master, s.off, s.len),
+                None,
+                B::slice_mut(&mut self.m, s.off, s.len),
+                B::slice_mut(&mut self.v, s.off, s.len),
+                B::slice(&self.gshard, s.off, s.len),
                 AdamWStep {
                     lr,
                     beta1: self.cfg.beta1,
@@ -306,15 +355,55 @@ impl ShardedAdamW {
                     step: self.step,
                     grad_scale: clip_scale,
                 },
-            );
+            )?;
         }
-
-        comm.all_gather(&self.master, &mut self.full)?;
-        model.set_params(&self.full[..n])?;
+        self.gather_params(model, comm)?;
         Ok(StepStats {
             grad_norm,
             clip_scale,
         })
+    }
+
+    /// Sets the model's weights from the sharded fp32 masters (an all-gather, then the compute
+    /// shadow refreshed on the device), so after a resume the compute weights come from the
+    /// masters, not from a possibly bf16 model file.
+    pub fn gather_params<C: DeviceCollective<B> + ?Sized>(
+        &mut self,
+        model: &mut Llama<B>,
+        comm: &mut C,
+    ) -> Result<()> {
+        let n = self.shard.n;
+        check_len("model parameters", model.num_params(), n)?;
+        match &mut self.pad {
+            None => comm.all_gather_buf(B::all(&self.master), B::all_mut(&mut model.master))?,
+            Some(pad) => {
+                comm.all_gather_buf(B::all(&self.master), B::all_mut(pad))?;
+                self.be
+                    .copy(B::all_mut(&mut model.master), B::slice(pad, 0, n))?;
+            }
+        }
+        self.be.sync_shadow(&mut model.shadow, &model.master)
+    }
+
+    /// This shard's real elements of (master, m, v) on the host: for checkpoints, not steps.
+    pub fn state_to_host(&self) -> Result<[Vec<f32>; 3]> {
+        let valid = self.shard.valid();
+        let get = |b: &B::Buf<f32>| -> Result<Vec<f32>> {
+            let mut h = vec![0f32; valid];
+            self.be.to_host(&mut h, B::slice(b, 0, valid))?;
+            Ok(h)
+        };
+        Ok([get(&self.master)?, get(&self.m)?, get(&self.v)?])
+    }
+
+    /// Sets the moments' real elements (`shard.valid()` each) from the host, e.g. this shard
+    /// of a single-process checkpoint's moments.
+    pub fn set_moments(&mut self, m: &[f32], v: &[f32]) -> Result<()> {
+        let valid = self.shard.valid();
+        check_len("m", m.len(), valid)?;
+        check_len("v", v.len(), valid)?;
+        self.be.from_host(B::slice_mut(&mut self.m, 0, valid), m)?;
+        self.be.from_host(B::slice_mut(&mut self.v, 0, valid), v)
     }
 }
 
@@ -417,6 +506,88 @@ mod tests {
         let a = run();
         assert!(a.iter().all(|x| x == &a[0]));
         assert_eq!(a, run());
+    }
+
+    /// Hidden 35, head_dim 8: 21455 parameters, divisible by 5 but not by 2 or 3, so both the
+    /// padded and the direct (model buffers) collectives run.
+    fn tiny_model() -> Llama<Cpu> {
+        let cfg = serde_json::from_value(serde_json::json!({
+            "vocab_size": 64,
+            "hidden_size": 35,
+            "intermediate_size": 48,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "max_position_embeddings": 64,
+        }))
+        .unwrap();
+        let mut m = Llama::new(Cpu, cfg, crate::Head::Lm).unwrap();
+        m.init_random(7).unwrap();
+        m
+    }
+
+    /// Rank r's gradient: a fixed pattern, so the summed gradient is known.
+    fn fake_grads(n: usize, r: usize, world: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7 + r * 13) % 101) as f32 * 1e-3 / world as f32 - 0.05)
+            .collect()
+    }
+
+    /// The step moves no parameter-sized data between host and backend memory and allocates
+    /// no buffer (counted by the CPU backend, per rank thread), and gives every rank the
+    /// weights one whole AdamW gives on the summed gradients.
+    #[test]
+    fn zero1_step_stays_on_the_backend_and_matches_adamw() {
+        use crate::backend::cpu::Traffic;
+        use crate::optim::AdamW;
+        let n = tiny_model().num_params();
+        let cfg = AdamWConfig::default();
+        for world in [1, 2, 3, 5] {
+            assert_eq!(n % world == 0, world == 1 || world == 5);
+            let mut reference = tiny_model();
+            let mut adamw = AdamW::new(&reference, cfg).unwrap();
+            let results = on_ranks(world, |mut c| {
+                let r = c.rank();
+                let mut m = tiny_model();
+                let mut opt = ShardedAdamW::new(&m, cfg, r, world).unwrap();
+                let mut traffic = Vec::new();
+                for step in 0..3 {
+                    // Gradients written straight into the buffer, as a backward does.
+                    m.grads = fake_grads(n, r + step, world);
+                    let before = Cpu::traffic();
+                    let st = opt.step(&mut m, &mut c, 1e-2).unwrap();
+                    let after = Cpu::traffic();
+                    traffic.push(Traffic {
+                        transferred: after.transferred - before.transferred,
+                        allocs: after.allocs - before.allocs,
+                    });
+                    assert!(st.grad_norm.is_finite());
+                }
+                (m.master, traffic)
+            });
+            for step in 0..3 {
+                let g: Vec<f32> = (0..n)
+                    .map(|i| (0..world).map(|r| fake_grads(n, r + step, world)[i]).sum())
+                    .collect();
+                reference.grads = g;
+                adamw.step(&mut reference, 1e-2).unwrap();
+            }
+            for (r, (w, traffic)) in results.iter().enumerate() {
+                assert_eq!(
+                    traffic,
+                    &vec![Traffic::default(); 3],
+                    "world {world} rank {r}"
+                );
+                assert_eq!(w, &results[0].0, "world {world}: ranks differ");
+                let d = w
+                    .iter()
+                    .zip(&reference.master)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(d < 1e-6, "world {world}: {d} from whole AdamW");
+            }
+        }
     }
 
     #[test]

@@ -172,13 +172,14 @@ fn agree<C: Collective + ?Sized>(comm: &mut C, mine: Result<()>, what: &str) -> 
     }
 }
 
-impl ShardedAdamW {
+impl<B: Backend> ShardedAdamW<B> {
     /// Writes this rank's shard (only its real elements) as `dir/shard_file_name(..)`,
-    /// atomically, and returns the path.
+    /// atomically, and returns the path. Copies the shard to the host (not a per-step path).
     pub fn save_shard(&self, dir: &Path) -> Result<PathBuf> {
         let e =
             &Zero1Manifest::new(self.shard.n, self.shard.world, self.step).shards[self.shard.rank];
-        let valid = e.end - e.start;
+        let [master, m, v] = self.state_to_host()?;
+        debug_assert_eq!(master.len(), e.end - e.start);
         let path = dir.join(&e.file);
         let meta = HashMap::from(
             [
@@ -194,11 +195,7 @@ impl ShardedAdamW {
         );
         write_safetensors_atomic(
             &path,
-            &[
-                ("master", &self.master[..valid]),
-                ("m", &self.m[..valid]),
-                ("v", &self.v[..valid]),
-            ],
+            &[("master", &master[..]), ("m", &m[..]), ("v", &v[..])],
             meta,
         )?;
         Ok(path)
@@ -206,8 +203,9 @@ impl ShardedAdamW {
 
     /// This rank's optimizer from a ZeRO-1 checkpoint written with any world size: the slices
     /// of the old shards that overlap the new shard `rank` of `world`, read from those files
-    /// only. The model's weights are not touched (see [`ShardedAdamW::gather_params`]).
-    pub fn load<B: Backend>(
+    /// only, assembled on the host and uploaded once. The model's weights are not touched (see
+    /// [`ShardedAdamW::gather_params`]).
+    pub fn load(
         model: &Llama<B>,
         cfg: AdamWConfig,
         rank: usize,
@@ -228,6 +226,11 @@ impl ShardedAdamW {
         let mut opt = Self::new(model, cfg, rank, world)?;
         let lo = opt.shard.off.min(man.n);
         let hi = lo + opt.shard.valid();
+        let mut state = [
+            vec![0f32; hi - lo],
+            vec![0f32; hi - lo],
+            vec![0f32; hi - lo],
+        ];
         let mut covered = 0;
         for e in &man.shards {
             let (a, b) = (e.start.max(lo), e.end.min(hi));
@@ -238,30 +241,20 @@ impl ShardedAdamW {
             let f = TensorFiles::open(&path)?;
             check_metadata(&path, &f.metadata()?, &man, e)?;
             check_lengths(&f, &path, e)?;
-            for (name, dst) in [
-                ("master", &mut opt.master),
-                ("m", &mut opt.m),
-                ("v", &mut opt.v),
-            ] {
+            for (name, dst) in ["master", "m", "v"].into_iter().zip(state.iter_mut()) {
                 let src = f.read_f32_range(name, a - e.start, b - e.start)?;
                 dst[a - lo..b - lo].copy_from_slice(&src);
             }
             covered += b - a;
         }
         debug_assert_eq!(covered, hi - lo, "the manifest tiles [0, n)");
+        let [master, m, v] = state;
+        model
+            .be
+            .from_host(B::slice_mut(&mut opt.master, 0, hi - lo), &master)?;
+        opt.set_moments(&m, &v)?;
         opt.step = man.step;
         Ok(opt)
-    }
-
-    /// Sets the model's weights from the sharded fp32 masters (an all-gather), so after a
-    /// resume the compute weights come from the masters, not from a possibly bf16 model file.
-    pub fn gather_params<B: Backend, C: Collective + ?Sized>(
-        &mut self,
-        model: &mut Llama<B>,
-        comm: &mut C,
-    ) -> Result<()> {
-        comm.all_gather(&self.master, &mut self.full)?;
-        model.set_params(&self.full[..self.shard.n])
     }
 }
 
@@ -292,7 +285,7 @@ fn check_lengths(f: &TensorFiles, path: &Path, e: &ShardEntry) -> Result<()> {
 pub fn save_zero1<B: Backend, C: Collective + ?Sized>(
     dir: &Path,
     model: &Llama<B>,
-    opt: &ShardedAdamW,
+    opt: &ShardedAdamW<B>,
     comm: &mut C,
     opts: SaveOptions,
     extra: impl FnOnce(&Path) -> Result<()>,

@@ -7,12 +7,12 @@
 //! ([`super::ThreadComm`], same trait); the test `nccl_world_of_one_runs_the_real_path` runs
 //! this file's code on a machine that has both, and skips (with a message) elsewhere.
 //!
-//! Two ways in: the [`Collective`] trait on host slices (staged through a device buffer, what
-//! [`super::ShardedAdamW`] uses today), and `*_device` methods on backend views
-//! (`Cuda::all(&model.grads)`, ...) for a ZeRO-1 step that keeps its shard on the GPU and
-//! all-gathers bf16 weights straight into the shadow. The trait itself is unchanged.
+//! Two ways in: the [`DeviceCollective`] trait on the CUDA backend's views (what
+//! [`super::ShardedAdamW`] steps with: NCCL reads and writes the model's and the optimizer's
+//! device buffers directly, no staging), and the host-slice [`Collective`] trait (staged
+//! through a device buffer; for checkpoint agreement and logged scalars only).
 
-use super::{check_len, Collective, DistEnv, Rendezvous};
+use super::{check_len, Collective, DeviceCollective, DistEnv, Rendezvous};
 use crate::backend::cuda::{probe_driver, Cuda, DBuf, DMut, DRef};
 use crate::backend::Backend;
 use crate::elem::Elem;
@@ -332,6 +332,21 @@ impl Collective for NcclComm {
     }
 }
 
+/// The per-step path: each call enqueues one NCCL operation on the backend's stream (after the
+/// kernels that wrote its input, before those that read its output) and returns without
+/// synchronising.
+impl DeviceCollective<Cuda> for NcclComm {
+    fn all_reduce_sum_buf(&mut self, buf: DMut<'_, f32>) -> Result<()> {
+        self.all_reduce_sum_device(buf)
+    }
+    fn reduce_scatter_sum_buf(&mut self, input: DRef<'_, f32>, out: DMut<'_, f32>) -> Result<()> {
+        self.reduce_scatter_sum_device(input, out)
+    }
+    fn all_gather_buf(&mut self, shard: DRef<'_, f32>, out: DMut<'_, f32>) -> Result<()> {
+        self.all_gather_device(shard, out)
+    }
+}
+
 impl Drop for NcclComm {
     /// Abort, not destroy: it never waits on peers, so a rank leaving on an error does not hang
     /// here. Work still queued on the stream is cut short, so drop the communicator after its
@@ -365,7 +380,8 @@ mod tests {
     }
 
     /// On a machine with a GPU and NCCL: a world of one runs the real code path (init through
-    /// the rendezvous, each collective through device staging). Skipped elsewhere.
+    /// the rendezvous, each collective through device staging and on device buffers). Skipped
+    /// elsewhere.
     #[test]
     fn nccl_world_of_one_runs_the_real_path() {
         if let Err(e) = probe() {
@@ -393,5 +409,16 @@ mod tests {
         c.all_gather(&x, &mut g).unwrap();
         assert_eq!(g, x);
         c.barrier().unwrap();
+        // The device path the ZeRO-1 step takes: NCCL straight on backend buffers.
+        let dx = cuda.upload(&x).unwrap();
+        let mut dy = cuda.alloc::<f32>(1000).unwrap();
+        let mut back = vec![0f32; 1000];
+        c.reduce_scatter_sum_buf(dx.view(), dy.view_mut()).unwrap();
+        cuda.to_host(&mut back, dy.view()).unwrap();
+        assert_eq!(back, x);
+        c.all_gather_buf(dx.view(), dy.view_mut()).unwrap();
+        c.all_reduce_sum_buf(dy.view_mut()).unwrap();
+        cuda.to_host(&mut back, dy.view()).unwrap();
+        assert_eq!(back, x);
     }
 }
