@@ -16,7 +16,7 @@ use crate::schedule::Cosine;
 use crate::sft::{PackedSource, SftData};
 use anyhow::{bail, ensure, Context, Result};
 use engine::checkpoint::{load_model, save_model, write_tensors, SaveOptions, TensorFiles};
-use engine::dist::{save_zero1, Collective, ShardedAdamW, MANIFEST};
+use engine::dist::{save_zero1, Collective, DeviceCollective, ShardedAdamW, MANIFEST};
 use engine::generate::{generate, SamplingParams};
 use engine::optim::{AdamW, AdamWConfig, StepStats};
 use engine::tokenizer::Tokenizer;
@@ -344,7 +344,7 @@ impl Ckpt<'_> {
     fn save_sharded<B: Backend>(
         &self,
         model: &Llama<B>,
-        opt: &ShardedAdamW,
+        opt: &ShardedAdamW<B>,
         comm: &mut (dyn Collective + '_),
         state: &TrainerState,
     ) -> Result<PathBuf> {
@@ -401,7 +401,7 @@ fn agree(comm: &mut (dyn Collective + '_), mine: Result<()>, what: &str) -> Resu
 /// The optimizer of a run: whole AdamW in one process, ZeRO-1 shards across ranks.
 enum Optim<B: Backend> {
     Whole(AdamW<B>),
-    Sharded(ShardedAdamW),
+    Sharded(ShardedAdamW<B>),
 }
 
 impl<B: Backend> Optim<B> {
@@ -415,7 +415,7 @@ impl<B: Backend> Optim<B> {
     fn step(
         &mut self,
         model: &mut Llama<B>,
-        comm: Option<&mut (dyn Collective + '_)>,
+        comm: Option<&mut (dyn DeviceCollective<B> + '_)>,
         lr: f32,
     ) -> engine::Result<StepStats> {
         match (self, comm) {
@@ -434,7 +434,7 @@ fn load_optim<B: Backend>(
     cfg: AdamWConfig,
     dir: &Path,
     adamw_step: u64,
-    comm: Option<&mut (dyn Collective + '_)>,
+    comm: Option<&mut (dyn DeviceCollective<B> + '_)>,
 ) -> Result<Optim<B>> {
     let zero1 = dir.join(MANIFEST).is_file();
     let n = model.table.total;
@@ -449,10 +449,9 @@ fn load_optim<B: Backend>(
                 let mut o = ShardedAdamW::new(model, cfg, rank, world)?;
                 let f = TensorFiles::open(&dir.join("optimizer.safetensors"))?;
                 let (lo, k) = (o.shard.off.min(n), o.shard.valid());
-                for (name, dst) in [("adamw.m", &mut o.m), ("adamw.v", &mut o.v)] {
-                    let full = f.read_f32_shaped(name, &[n], "the model's parameter count")?;
-                    dst[..k].copy_from_slice(&full[lo..lo + k]);
-                }
+                let [m, v] = ["adamw.m", "adamw.v"]
+                    .map(|name| f.read_f32_shaped(name, &[n], "the model's parameter count"));
+                o.set_moments(&m?[lo..lo + k], &v?[lo..lo + k])?;
                 o.step = adamw_step;
                 o
             };
@@ -461,9 +460,9 @@ fn load_optim<B: Backend>(
         None => {
             let mut opt = AdamW::new(model, cfg)?;
             let (m, v) = if zero1 {
-                let sh = ShardedAdamW::load(model, cfg, 0, 1, dir)?;
-                model.set_params(&sh.master[..n])?;
-                (sh.m, sh.v)
+                let [master, m, v] = ShardedAdamW::load(model, cfg, 0, 1, dir)?.state_to_host()?;
+                model.set_params(&master)?;
+                (m, v)
             } else {
                 let f = TensorFiles::open(&dir.join("optimizer.safetensors"))?;
                 let m = f.read_f32_shaped("adamw.m", &[n], "the model's parameter count")?;
@@ -640,7 +639,7 @@ pub fn run_dp<B: Backend>(
     be: B,
     cfg: PretrainConfig,
     resume: Option<&Path>,
-    comm: Option<&mut dyn Collective>,
+    comm: Option<&mut dyn DeviceCollective<B>>,
 ) -> Result<PretrainReport> {
     let mut cfg = cfg;
     // One rank is a plain run: whole AdamW, single-process checkpoints.
