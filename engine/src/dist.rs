@@ -16,7 +16,9 @@ pub mod env;
 pub mod nccl;
 pub mod rendezvous;
 
-pub use ckpt::{save_zero1, shard_file_name, ShardEntry, Zero1Manifest, MANIFEST};
+pub use ckpt::{
+    read_shard_state, save_zero1, shard_file_name, ShardEntry, Zero1Manifest, MANIFEST,
+};
 pub use env::{DistEnv, Launcher};
 pub use nccl::NcclComm;
 pub use rendezvous::Rendezvous;

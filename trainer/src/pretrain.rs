@@ -16,7 +16,9 @@ use crate::schedule::Cosine;
 use crate::sft::{PackedSource, SftData};
 use anyhow::{bail, ensure, Context, Result};
 use engine::checkpoint::{load_model, save_model, write_tensors, SaveOptions, TensorFiles};
-use engine::dist::{save_zero1, Collective, DeviceCollective, ShardedAdamW, MANIFEST};
+use engine::dist::{
+    read_shard_state, save_zero1, Collective, DeviceCollective, ShardedAdamW, MANIFEST,
+};
 use engine::generate::{generate, SamplingParams};
 use engine::optim::{AdamW, AdamWConfig, StepStats};
 use engine::tokenizer::Tokenizer;
@@ -460,7 +462,7 @@ fn load_optim<B: Backend>(
         None => {
             let mut opt = AdamW::new(model, cfg)?;
             let (m, v) = if zero1 {
-                let [master, m, v] = ShardedAdamW::load(model, cfg, 0, 1, dir)?.state_to_host()?;
+                let (_, [master, m, v]) = read_shard_state(dir, n, 0, 1)?;
                 model.set_params(&master)?;
                 (m, v)
             } else {

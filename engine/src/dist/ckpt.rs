@@ -202,9 +202,8 @@ impl<B: Backend> ShardedAdamW<B> {
     }
 
     /// This rank's optimizer from a ZeRO-1 checkpoint written with any world size: the slices
-    /// of the old shards that overlap the new shard `rank` of `world`, read from those files
-    /// only, assembled on the host and uploaded once. The model's weights are not touched (see
-    /// [`ShardedAdamW::gather_params`]).
+    /// of the old shards that overlap the new shard `rank` of `world` ([`read_shard_state`]),
+    /// uploaded once. The model's weights are not touched (see [`ShardedAdamW::gather_params`]).
     pub fn load(
         model: &Llama<B>,
         cfg: AdamWConfig,
@@ -212,50 +211,60 @@ impl<B: Backend> ShardedAdamW<B> {
         world: usize,
         dir: &Path,
     ) -> Result<Self> {
-        let man = Zero1Manifest::read(dir)?;
-        if man.n != model.num_params() {
-            return Err(Error::file(
-                dir.join(MANIFEST),
-                format!(
-                    "{} parameters, but the model has {}",
-                    man.n,
-                    model.num_params()
-                ),
-            ));
-        }
+        let (step, [master, m, v]) = read_shard_state(dir, model.num_params(), rank, world)?;
         let mut opt = Self::new(model, cfg, rank, world)?;
-        let lo = opt.shard.off.min(man.n);
-        let hi = lo + opt.shard.valid();
-        let mut state = [
-            vec![0f32; hi - lo],
-            vec![0f32; hi - lo],
-            vec![0f32; hi - lo],
-        ];
-        let mut covered = 0;
-        for e in &man.shards {
-            let (a, b) = (e.start.max(lo), e.end.min(hi));
-            if a >= b {
-                continue;
-            }
-            let path = dir.join(&e.file);
-            let f = TensorFiles::open(&path)?;
-            check_metadata(&path, &f.metadata()?, &man, e)?;
-            check_lengths(&f, &path, e)?;
-            for (name, dst) in ["master", "m", "v"].into_iter().zip(state.iter_mut()) {
-                let src = f.read_f32_range(name, a - e.start, b - e.start)?;
-                dst[a - lo..b - lo].copy_from_slice(&src);
-            }
-            covered += b - a;
-        }
-        debug_assert_eq!(covered, hi - lo, "the manifest tiles [0, n)");
-        let [master, m, v] = state;
         model
             .be
-            .from_host(B::slice_mut(&mut opt.master, 0, hi - lo), &master)?;
+            .from_host(B::slice_mut(&mut opt.master, 0, master.len()), &master)?;
         opt.set_moments(&m, &v)?;
-        opt.step = man.step;
+        opt.step = step;
         Ok(opt)
     }
+}
+
+/// The AdamW step count and the real elements of (master, m, v) of shard `rank` of `world`
+/// over `n` parameters, from a ZeRO-1 checkpoint written with any world size: only the old
+/// shard files that overlap it are read. Host memory only (a single process resuming takes the
+/// whole state this way, without a second device copy).
+pub fn read_shard_state(
+    dir: &Path,
+    n: usize,
+    rank: usize,
+    world: usize,
+) -> Result<(u64, [Vec<f32>; 3])> {
+    let man = Zero1Manifest::read(dir)?;
+    if man.n != n {
+        return Err(Error::file(
+            dir.join(MANIFEST),
+            format!("{} parameters, but the model has {n}", man.n),
+        ));
+    }
+    let shard = Shard::new(n, rank, world);
+    let lo = shard.off.min(n);
+    let hi = lo + shard.valid();
+    let mut state = [
+        vec![0f32; hi - lo],
+        vec![0f32; hi - lo],
+        vec![0f32; hi - lo],
+    ];
+    let mut covered = 0;
+    for e in &man.shards {
+        let (a, b) = (e.start.max(lo), e.end.min(hi));
+        if a >= b {
+            continue;
+        }
+        let path = dir.join(&e.file);
+        let f = TensorFiles::open(&path)?;
+        check_metadata(&path, &f.metadata()?, &man, e)?;
+        check_lengths(&f, &path, e)?;
+        for (name, dst) in ["master", "m", "v"].into_iter().zip(state.iter_mut()) {
+            let src = f.read_f32_range(name, a - e.start, b - e.start)?;
+            dst[a - lo..b - lo].copy_from_slice(&src);
+        }
+        covered += b - a;
+    }
+    debug_assert_eq!(covered, hi - lo, "the manifest tiles [0, n)");
+    Ok((man.step, state))
 }
 
 /// Every tensor of a shard file holds exactly `end - start` elements.
