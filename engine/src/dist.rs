@@ -545,6 +545,11 @@ mod tests {
         use crate::optim::AdamW;
         let n = tiny_model().num_params();
         let cfg = AdamWConfig::default();
+        // The counter sees what the host-staged step did: a gradient download.
+        let probe = tiny_model();
+        let before = Cpu::traffic().transferred;
+        probe.grads_to_host().unwrap();
+        assert_eq!(Cpu::traffic().transferred - before, n);
         for world in [1, 2, 3, 5] {
             assert_eq!(n % world == 0, world == 1 || world == 5);
             let mut reference = tiny_model();
