@@ -15,8 +15,7 @@
 use anyhow::{bail, Context, Result};
 use engine::checkpoint::{load_model, SaveOptions};
 use engine::dist::{
-    rendezvous, save_zero1, Collective, DeviceCollective, DistEnv, NcclComm, ShardedAdamW,
-    ThreadGroup,
+    rendezvous, save_zero1, DeviceCollective, DistEnv, NcclComm, ShardedAdamW, ThreadGroup,
 };
 use engine::model::shift_labels;
 use engine::optim::AdamWConfig;
