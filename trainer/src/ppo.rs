@@ -40,8 +40,11 @@ use crate::rm::{load_rm, score};
 use crate::world::{Annotator, World};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use engine::checkpoint::{load_model, save_model, write_tensors, SaveOptions, TensorFiles};
+use engine::dist::{
+    read_shard_state, save_zero1, Collective, DeviceCollective, ShardedAdamW, MANIFEST,
+};
 use engine::generate::SamplingParams;
-use engine::optim::{AdamW, AdamWConfig};
+use engine::optim::{AdamW, AdamWConfig, StepStats};
 use engine::tokenizer::{Message, Tokenizer};
 use engine::{Backend, Batch, Head, Llama, LlamaConfig};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -852,20 +855,45 @@ fn save_checkpoint<B: Backend>(
     .with_context(|| format!("saving the checkpoint {}", dir.display()))
 }
 
-fn load_optimizer<B: Backend>(
-    f: &TensorFiles,
-    model: &Llama<B>,
-    opt: &mut AdamW<B>,
-    prefix: &str,
-    step: u64,
+/// A ZeRO-1 PPO checkpoint, written by every rank: the policy's (with `tokenizer.json`), then
+/// the critic's in `critic/`, then rank 0 writes `ppo_state.json`, which makes it a checkpoint.
+#[allow(clippy::too_many_arguments)]
+fn save_zero1_checkpoint<B: Backend>(
+    dir: &Path,
+    policy: &Llama<B>,
+    critic: &Llama<B>,
+    opt_p: &ShardedAdamW<B>,
+    opt_c: &ShardedAdamW<B>,
+    comm: &mut dyn DeviceCollective<B>,
+    tokenizer: &Path,
+    critic_tokenizer: &Path,
+    state: &PpoState,
 ) -> Result<()> {
-    let n = model.table.total;
-    let m = f.read_f32_shaped(&format!("{prefix}.adamw.m"), &[n], "the parameter count")?;
-    let v = f.read_f32_shaped(&format!("{prefix}.adamw.v"), &[n], "the parameter count")?;
-    model.be.from_host(B::all_mut(&mut opt.m), &m)?;
-    model.be.from_host(B::all_mut(&mut opt.v), &v)?;
-    opt.step = step;
-    Ok(())
+    let copy = |from: &Path, tmp: &Path| -> engine::Result<()> {
+        std::fs::copy(from, tmp.join("tokenizer.json"))
+            .map(|_| ())
+            .map_err(|e| engine::Error::io(from, e))
+    };
+    save_zero1(dir, policy, opt_p, comm, SaveOptions::default(), |tmp| {
+        copy(tokenizer, tmp)
+    })
+    .with_context(|| format!("saving the policy of checkpoint {}", dir.display()))?;
+    save_zero1(
+        &dir.join("critic"),
+        critic,
+        opt_c,
+        comm,
+        SaveOptions::default(),
+        |tmp| copy(critic_tokenizer, tmp),
+    )
+    .with_context(|| format!("saving the critic of checkpoint {}", dir.display()))?;
+    let mine = if comm.rank() == 0 {
+        let text = serde_json::to_string_pretty(state).expect("json");
+        crate::data::write_atomic(&dir.join("ppo_state.json"), text.as_bytes())
+    } else {
+        Ok(())
+    };
+    agree(comm, mine, &format!("writing {}", dir.display()))
 }
 
 /// Keeps the newest `keep` `iter-N` checkpoints with N <= `current` and removes the rest,
@@ -899,6 +927,185 @@ fn prune(root: &Path, keep: usize, current: usize) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Data parallelism (`train_dp`)
+
+/// The optimizer of one model: whole AdamW in one process, ZeRO-1 shards across ranks.
+enum Optim<B: Backend> {
+    Whole(AdamW<B>),
+    Sharded(ShardedAdamW<B>),
+}
+
+impl<B: Backend> Optim<B> {
+    fn steps(&self) -> u64 {
+        match self {
+            Optim::Whole(o) => o.step,
+            Optim::Sharded(o) => o.step,
+        }
+    }
+
+    fn step(
+        &mut self,
+        model: &mut Llama<B>,
+        comm: Option<&mut (dyn DeviceCollective<B> + '_)>,
+        lr: f32,
+    ) -> engine::Result<StepStats> {
+        match (self, comm) {
+            (Optim::Whole(o), _) => o.step(model, lr),
+            (Optim::Sharded(o), Some(c)) => o.step(model, c, lr),
+            (Optim::Sharded(_), None) => unreachable!("a sharded optimizer has a communicator"),
+        }
+    }
+}
+
+/// A fresh optimizer for `model`: sharded when there is a communicator.
+fn new_optim<B: Backend>(
+    model: &Llama<B>,
+    cfg: AdamWConfig,
+    comm: Option<&mut (dyn DeviceCollective<B> + '_)>,
+) -> Result<Optim<B>> {
+    Ok(match comm {
+        Some(c) => Optim::Sharded(ShardedAdamW::new(model, cfg, c.rank(), c.world())?),
+        None => Optim::Whole(AdamW::new(model, cfg)?),
+    })
+}
+
+/// The optimizer of `model` from checkpoint `dir`: a ZeRO-1 one (`zero1_dir` has a manifest,
+/// written by any world size) is re-sharded, and the model's weights set from its fp32 masters;
+/// a single-process one (`optimizer.safetensors` under `prefix`) is used whole or split.
+fn load_optim<B: Backend>(
+    model: &mut Llama<B>,
+    cfg: AdamWConfig,
+    zero1_dir: &Path,
+    whole: &Path,
+    prefix: &str,
+    step: u64,
+    comm: Option<&mut (dyn DeviceCollective<B> + '_)>,
+) -> Result<Optim<B>> {
+    let n = model.table.total;
+    let zero1 = zero1_dir.join(MANIFEST).is_file();
+    let read_whole = || -> Result<(Vec<f32>, Vec<f32>)> {
+        let f = TensorFiles::open(&whole.join("optimizer.safetensors"))?;
+        let m = f.read_f32_shaped(&format!("{prefix}.adamw.m"), &[n], "the parameter count")?;
+        let v = f.read_f32_shaped(&format!("{prefix}.adamw.v"), &[n], "the parameter count")?;
+        Ok((m, v))
+    };
+    match comm {
+        Some(c) => {
+            let (rank, world) = (c.rank(), c.world());
+            if zero1 {
+                let mut o = ShardedAdamW::load(model, cfg, rank, world, zero1_dir)?;
+                o.gather_params(model, c)?;
+                Ok(Optim::Sharded(o))
+            } else {
+                let mut o = ShardedAdamW::new(model, cfg, rank, world)?;
+                let (m, v) = read_whole()?;
+                let (lo, k) = (o.shard.off.min(n), o.shard.valid());
+                o.set_moments(&m[lo..lo + k], &v[lo..lo + k])?;
+                o.step = step;
+                Ok(Optim::Sharded(o))
+            }
+        }
+        None => {
+            let mut opt = AdamW::new(model, cfg)?;
+            let (m, v, step) = if zero1 {
+                let (st, [master, m, v]) = read_shard_state(zero1_dir, n, 0, 1)?;
+                model.set_params(&master)?;
+                (m, v, st)
+            } else {
+                let (m, v) = read_whole()?;
+                (m, v, step)
+            };
+            model.be.from_host(B::all_mut(&mut opt.m), &m)?;
+            model.be.from_host(B::all_mut(&mut opt.v), &v)?;
+            opt.step = step;
+            Ok(Optim::Whole(opt))
+        }
+    }
+}
+
+/// Every rank's `local` values, concatenated in rank order (lengths may differ).
+fn gather_var<C: Collective + ?Sized>(comm: &mut C, local: &[f32]) -> Result<Vec<f32>> {
+    let w = comm.world();
+    let mut lens = vec![0f32; w];
+    comm.all_gather(&[local.len() as f32], &mut lens)?;
+    let max = lens.iter().fold(0f32, |a, &b| a.max(b)) as usize;
+    let mut padded = local.to_vec();
+    padded.resize(max, 0.0);
+    let mut all = vec![0f32; max * w];
+    comm.all_gather(&padded, &mut all)?;
+    let mut out = Vec::new();
+    for (r, &l) in lens.iter().enumerate() {
+        out.extend_from_slice(&all[r * max..r * max + l as usize]);
+    }
+    Ok(out)
+}
+
+/// `Err` on every rank when any rank failed.
+fn agree<C: Collective + ?Sized>(comm: &mut C, mine: Result<()>, what: &str) -> Result<()> {
+    let mut failed = [if mine.is_err() { 1.0f32 } else { 0.0 }];
+    comm.all_reduce_sum(&mut failed)?;
+    mine?;
+    ensure!(
+        failed[0] == 0.0,
+        "{what}: {} other rank(s) failed (their own errors say why)",
+        failed[0]
+    );
+    Ok(())
+}
+
+impl Sample {
+    /// What the other ranks need of a rollout, as f32 (token ids are exact below 2^24):
+    /// [ids, p, prompt, rc, has gold, gold×3, ids…, logp_old…, logp_ref…, entropy…, values…].
+    fn encode(&self, out: &mut Vec<f32>) {
+        let g = self.gold.unwrap_or_default();
+        out.extend([
+            self.ids.len() as f32,
+            self.p as f32,
+            self.prompt as f32,
+            self.rc,
+            f32::from(u8::from(self.gold.is_some())),
+            g.0,
+            g.1,
+            g.2,
+        ]);
+        out.extend(self.ids.iter().map(|&x| x as f32));
+        for v in [&self.logp_old, &self.logp_ref, &self.entropy, &self.values] {
+            out.extend_from_slice(v);
+        }
+    }
+
+    fn decode(x: &[f32]) -> Vec<Sample> {
+        let mut out = Vec::new();
+        let mut k = 0;
+        while k < x.len() {
+            let (n, p) = (x[k] as usize, x[k + 1] as usize);
+            let mut s = Sample {
+                prompt: x[k + 2] as usize,
+                p,
+                rc: x[k + 3],
+                gold: (x[k + 4] != 0.0).then_some((x[k + 5], x[k + 6], x[k + 7])),
+                ..Default::default()
+            };
+            k += 8;
+            s.ids = x[k..k + n].iter().map(|&v| v as u32).collect();
+            k += n;
+            let r = n - p;
+            let mut take = || {
+                let v = x[k..k + r].to_vec();
+                k += r;
+                v
+            };
+            s.logp_old = take();
+            s.logp_ref = take();
+            s.entropy = take();
+            s.values = take();
+            out.push(s);
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The loop
 
 fn adamw_cfg(cfg: &PpoConfig) -> AdamWConfig {
@@ -917,6 +1124,42 @@ fn mix(seed: u64, it: usize, purpose: u64) -> u64 {
 
 /// `llama2 ppo`: see the module documentation.
 pub fn train<B: Backend>(be: B, cfg: &PpoConfig) -> Result<PpoReport> {
+    train_dp(be, cfg, None)
+}
+
+/// PPO on `comm.world()` data-parallel ranks (or one process with `None`), doing what one
+/// process does with the same configuration: each rank generates, scores and evaluates under
+/// the old policy, the reference and the critic its contiguous share of the iteration's
+/// `gen_batch` chunks (with the same per-chunk seeds), then every rank all-gathers the rollouts
+/// (tokens and per-token numbers, as f32) and computes the batch-wide quantities (leave-one-out
+/// baselines, whitening, GAE, logged means) on the whole batch, identically. Each minibatch is
+/// cut into `world` contiguous parts, one per rank, whose backward is scaled by the minibatch's
+/// global token count, so the summed gradient is one process's; policy and critic step with
+/// ZeRO-1 (`ShardedAdamW`). Rank 0 evaluates, logs and writes; the early-stopping decision is
+/// sent to every rank; checkpoints are ZeRO-1 ones (`save_zero1`, the critic's in `critic/`),
+/// which resume on any world size.
+pub fn train_dp<B: Backend>(
+    be: B,
+    cfg: &PpoConfig,
+    comm: Option<&mut dyn DeviceCollective<B>>,
+) -> Result<PpoReport> {
+    let mut comm = comm.filter(|c| c.world() > 1);
+    let (rank, world) = comm.as_ref().map_or((0, 1), |c| (c.rank(), c.world()));
+    let lead = rank == 0;
+    let say = |bar: &ProgressBar, msg: String| {
+        if lead {
+            say(bar, msg)
+        }
+    };
+    ensure!(
+        world == 1
+            || (cfg.gen_batch > 0
+                && cfg.batch.is_multiple_of(cfg.gen_batch)
+                && (cfg.batch / cfg.gen_batch).is_multiple_of(world)),
+        "ppo on {world} ranks: the batch ({}) must be a whole number of generation chunks (gen_batch {}) per rank, so each rank samples with one process's seeds",
+        cfg.batch,
+        cfg.gen_batch
+    );
     ensure!(
         cfg.batch > 0 && cfg.minibatch > 0,
         "batch and minibatch must be > 0"
@@ -996,16 +1239,33 @@ pub fn train<B: Backend>(be: B, cfg: &PpoConfig) -> Result<PpoReport> {
         .context("loading the world for the gold annotator")?;
     let beta = cfg.beta.unwrap_or_else(|| default_beta(&policy.cfg));
     let critic_lr = cfg.critic_lr.unwrap_or(cfg.lr);
-    let mut opt_p = AdamW::new(&policy, adamw_cfg(cfg))?;
-    let mut opt_c = AdamW::new(&critic, adamw_cfg(cfg))?;
     let (mut start, mut best_eval, mut since_best) = (0usize, None::<f32>, 0usize);
+    let (mut opt_p, mut opt_c);
     if let (Some(dir), Some(st)) = (&resume, &state) {
-        let f = TensorFiles::open(&dir.join("optimizer.safetensors"))?;
-        load_optimizer(&f, &policy, &mut opt_p, "policy", st.policy_adamw_step)?;
-        load_optimizer(&f, &critic, &mut opt_c, "critic", st.critic_adamw_step)?;
+        opt_p = load_optim(
+            &mut policy,
+            adamw_cfg(cfg),
+            dir,
+            dir,
+            "policy",
+            st.policy_adamw_step,
+            comm.as_deref_mut(),
+        )?;
+        opt_c = load_optim(
+            &mut critic,
+            adamw_cfg(cfg),
+            &dir.join("critic"),
+            dir,
+            "critic",
+            st.critic_adamw_step,
+            comm.as_deref_mut(),
+        )?;
         start = st.iteration;
         best_eval = st.best_eval;
         since_best = st.evals_since_best;
+    } else {
+        opt_p = new_optim(&policy, adamw_cfg(cfg), comm.as_deref_mut())?;
+        opt_c = new_optim(&critic, adamw_cfg(cfg), comm.as_deref_mut())?;
     }
 
     // ---- prompts
@@ -1027,16 +1287,21 @@ pub fn train<B: Backend>(be: B, cfg: &PpoConfig) -> Result<PpoReport> {
     eval_p.truncate(cfg.eval_size);
     ensure!(!train_p.is_empty(), "no training prompts");
 
-    std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
-    std::fs::write(
-        cfg.out.join("config.json"),
-        serde_json::to_string_pretty(cfg)?,
-    )?;
-    let mut metrics = MetricsWriter::open(
-        &cfg.out.join("metrics.jsonl"),
-        resume.as_ref().map(|_| start as u64),
-    )?;
-    let bar = if cfg.progress {
+    let mut metrics = if lead {
+        std::fs::create_dir_all(&cfg.out)
+            .with_context(|| format!("creating {}", cfg.out.display()))?;
+        std::fs::write(
+            cfg.out.join("config.json"),
+            serde_json::to_string_pretty(cfg)?,
+        )?;
+        Some(MetricsWriter::open(
+            &cfg.out.join("metrics.jsonl"),
+            resume.as_ref().map(|_| start as u64),
+        )?)
+    } else {
+        None
+    };
+    let bar = if cfg.progress && lead {
         ProgressBar::new(cfg.iterations as u64)
     } else {
         ProgressBar::hidden()
@@ -1051,9 +1316,10 @@ pub fn train<B: Backend>(be: B, cfg: &PpoConfig) -> Result<PpoReport> {
     say(
         &bar,
         format!(
-            "ppo: {} training / {} held-out prompts; batch {}, minibatch {}, lr {:.1e} (critic {:.1e}), β {beta}, clip {}, γ {}, λ {}, temperature {}, ≤{} new tokens{}{}",
+            "ppo: {} training / {} held-out prompts; {}batch {}, minibatch {}, lr {:.1e} (critic {:.1e}), β {beta}, clip {}, γ {}, λ {}, temperature {}, ≤{} new tokens{}{}",
             train_p.len(),
             eval_p.len(),
+            if world > 1 { format!("{world} ranks; ") } else { String::new() },
             cfg.batch,
             cfg.minibatch,
             cfg.lr,
@@ -1071,7 +1337,7 @@ pub fn train<B: Backend>(be: B, cfg: &PpoConfig) -> Result<PpoReport> {
     let pad = tok.eos;
     let ckpt_root = cfg.out.join("checkpoints");
     let best_dir = cfg.out.join("best");
-    if start == 0 {
+    if start == 0 && lead {
         let _ = std::fs::remove_dir_all(&best_dir); // a previous run's
     }
     let mut history = Vec::new();
@@ -1083,7 +1349,7 @@ pub fn train<B: Backend>(be: B, cfg: &PpoConfig) -> Result<PpoReport> {
 
     let do_eval =
         |policy: &mut Llama<B>, rewards: &mut Rewards<B>, it: usize| -> Result<Option<EvalStats>> {
-            if eval_p.is_empty() || cfg.eval_every == 0 {
+            if eval_p.is_empty() || cfg.eval_every == 0 || !lead {
                 return Ok(None);
             }
             Ok(Some(evaluate(
@@ -1101,7 +1367,9 @@ pub fn train<B: Backend>(be: B, cfg: &PpoConfig) -> Result<PpoReport> {
     if start == 0 {
         if let Some(ev) = do_eval(&mut policy, &mut rewards, 0)? {
             say(&bar, eval_line(&ev));
-            metrics.write(&serde_json::json!({"eval": &ev, "step": 0}))?;
+            if let Some(m) = &mut metrics {
+                m.write(&serde_json::json!({"eval": &ev, "step": 0}))?;
+            }
             best_eval = Some(ev.reward);
             best = Some(ev.clone());
             evals.push(ev);
@@ -1118,18 +1386,22 @@ pub fn train<B: Backend>(be: B, cfg: &PpoConfig) -> Result<PpoReport> {
                 .flat_map(|i| std::iter::repeat_n(i, group))
                 .take(cfg.batch)
                 .collect();
+        // This rank's share: whole generation chunks, seeded as one process seeds them.
+        let per_rank = cfg.batch / world;
+        let mine = &idx[rank * per_rank..(rank + 1) * per_rank];
+        let first_chunk = (rank * per_rank / cfg.gen_batch.max(1)) as u64;
         let dialogues: Vec<Vec<Message>> =
-            idx.iter().map(|&i| train_p[i].messages.clone()).collect();
+            mine.iter().map(|&i| train_p[i].messages.clone()).collect();
         let params = SamplingParams {
             temperature: cfg.temperature,
             top_p: cfg.top_p,
             max_new_tokens: cfg.max_new_tokens,
-            seed: mix(cfg.seed, it, 1),
+            seed: mix(cfg.seed, it, 1).wrapping_add(first_chunk),
             stop: vec![tok.eos],
             ..Default::default()
         };
         let answers = chat_answers(&mut policy, &tok, &dialogues, &params, cfg.gen_batch)?;
-        let mut samples: Vec<Sample> = idx
+        let mut samples: Vec<Sample> = mine
             .iter()
             .zip(answers)
             .map(|(&pi, a)| {
@@ -1147,11 +1419,6 @@ pub fn train<B: Backend>(be: B, cfg: &PpoConfig) -> Result<PpoReport> {
                 }
             })
             .collect();
-        let n_stopped = samples
-            .iter()
-            .filter(|s| s.ids.last() == Some(&tok.eos))
-            .count();
-
         // ---- rewards: R_c, then WHITEN(LOGIT(R_c)) over the batch
         let rows: Vec<(Vec<Message>, String)> = samples
             .iter()
@@ -1165,19 +1432,8 @@ pub fn train<B: Backend>(be: B, cfg: &PpoConfig) -> Result<PpoReport> {
                 .collect(),
             _ => rewards.rc(&rows, &safety)?,
         };
-        // The gold annotator's scores are not probabilities: the oracle whitens them as they are.
-        let mut logits: Vec<f32> = if cfg.oracle {
-            rc.clone()
-        } else {
-            rc.iter().map(|&r| logit(r)).collect()
-        };
-        if group > 1 {
-            leave_one_out(&mut logits, &idx);
-        }
-        let white = whiten(&logits, false);
-        for (s, (&r, &w)) in samples.iter_mut().zip(rc.iter().zip(&white)) {
+        for (s, &r) in samples.iter_mut().zip(&rc) {
             s.rc = r;
-            s.reward = w;
             if let Some(ann) = &ann {
                 s.gold = Some(gold_of(
                     ann,
@@ -1202,6 +1458,34 @@ pub fn train<B: Backend>(be: B, cfg: &PpoConfig) -> Result<PpoReport> {
                 s.logp_ref = lr;
                 s.values = v;
             }
+        }
+
+        // ---- every rank's rollouts on every rank: the rest sees the whole batch
+        if let Some(c) = comm.as_deref_mut() {
+            let mut enc = Vec::new();
+            for s in &samples {
+                s.encode(&mut enc);
+            }
+            samples = Sample::decode(&gather_var(c, &enc)?);
+        }
+        let rc: Vec<f32> = samples.iter().map(|s| s.rc).collect();
+        let n_stopped = samples
+            .iter()
+            .filter(|s| s.ids.last() == Some(&tok.eos))
+            .count();
+
+        // The gold annotator's scores are not probabilities: the oracle whitens them as they are.
+        let mut logits: Vec<f32> = if cfg.oracle {
+            rc.clone()
+        } else {
+            rc.iter().map(|&r| logit(r)).collect()
+        };
+        if group > 1 {
+            leave_one_out(&mut logits, &idx);
+        }
+        let white = whiten(&logits, false);
+        for (s, &w) in samples.iter_mut().zip(&white) {
+            s.reward = w;
         }
 
         // ---- per-token rewards and GAE
@@ -1239,12 +1523,19 @@ pub fn train<B: Backend>(be: B, cfg: &PpoConfig) -> Result<PpoReport> {
         for epoch in 0..cfg.ppo_epochs {
             let order = stream_order(samples.len(), mix(cfg.seed, it, 2), epoch as u64);
             for mb in order.chunks(cfg.minibatch) {
-                let batch: Vec<&Sample> = mb.iter().map(|&i| &samples[i]).collect();
+                // The minibatch's token count over all ranks: each rank's backward is scaled by
+                // it, so the ranks' gradients sum to the minibatch mean.
+                let ntok: usize = mb.iter().map(|&i| samples[i].len()).sum();
+                // This rank's contiguous part of the minibatch (possibly empty).
+                let part = mb.len().div_ceil(world);
+                let lo = (rank * part).min(mb.len());
+                let hi = (lo + part).min(mb.len());
+                let batch: Vec<&Sample> = mb[lo..hi].iter().map(|&i| &samples[i]).collect();
                 let pb = Padded::new(&batch, pad);
-                let ntok = pb.rows.len();
+                let active = !batch.is_empty();
                 // Policy: the clipped surrogate, mean over the minibatch's response tokens.
                 let train_policy = it >= cfg.critic_warmup;
-                if train_policy {
+                if train_policy && active {
                     policy.forward(&pb.batch())?;
                     let (lp, _) = policy.token_logprobs(&pb.targets)?;
                     let mut w = vec![0f32; pb.b * pb.t];
@@ -1262,30 +1553,34 @@ pub fn train<B: Backend>(be: B, cfg: &PpoConfig) -> Result<PpoReport> {
                         }
                     }
                     policy.backward_logprobs(&w)?;
+                }
+                if train_policy {
                     let st = opt_p
-                        .step(&mut policy, cfg.lr)
+                        .step(&mut policy, comm.as_deref_mut(), cfg.lr)
                         .map_err(|e| anyhow!("iteration {}: policy step: {e}", it + 1))?;
                     policy.zero_grads()?;
                     pgn += st.grad_norm as f64;
                 }
                 // Critic: the clipped value loss at the same positions.
-                critic.forward(&pb.batch())?;
-                let v = critic.scores(&pb.rows)?;
-                let mut dv = vec![0f32; v.len()];
-                let mut k = 0;
-                for s in &batch {
-                    for j in 0..s.len() {
-                        let (l, d) =
-                            clipped_value_loss(v[k], s.values[j], s.ret[j], cfg.value_clip);
-                        vl_sum += l as f64;
-                        vclip_n += usize::from((v[k] - s.values[j]).abs() > cfg.value_clip);
-                        dv[k] = d / ntok as f32;
-                        k += 1;
+                if active {
+                    critic.forward(&pb.batch())?;
+                    let v = critic.scores(&pb.rows)?;
+                    let mut dv = vec![0f32; v.len()];
+                    let mut k = 0;
+                    for s in &batch {
+                        for j in 0..s.len() {
+                            let (l, d) =
+                                clipped_value_loss(v[k], s.values[j], s.ret[j], cfg.value_clip);
+                            vl_sum += l as f64;
+                            vclip_n += usize::from((v[k] - s.values[j]).abs() > cfg.value_clip);
+                            dv[k] = d / ntok as f32;
+                            k += 1;
+                        }
                     }
+                    critic.backward_scores(&dv)?;
                 }
-                critic.backward_scores(&dv)?;
                 let st = opt_c
-                    .step(&mut critic, critic_lr)
+                    .step(&mut critic, comm.as_deref_mut(), critic_lr)
                     .map_err(|e| anyhow!("iteration {}: critic step: {e}", it + 1))?;
                 critic.zero_grads()?;
                 cgn += st.grad_norm as f64;
@@ -1294,6 +1589,22 @@ pub fn train<B: Backend>(be: B, cfg: &PpoConfig) -> Result<PpoReport> {
             }
         }
         it += 1;
+        if let Some(c) = comm.as_deref_mut() {
+            // The ranks' shares of the loss sums (each rank's is in f64; the sum in f32).
+            let mut sums = [
+                pg_sum as f32,
+                clip_n as f32,
+                vl_sum as f32,
+                vclip_n as f32,
+                akl_sum as f32,
+            ];
+            c.all_reduce_sum(&mut sums)?;
+            pg_sum = sums[0] as f64;
+            clip_n = sums[1] as usize;
+            vl_sum = sums[2] as f64;
+            vclip_n = sums[3] as usize;
+            akl_sum = sums[4] as f64;
+        }
 
         // ---- logs
         let n = samples.len() as f32;
@@ -1335,7 +1646,9 @@ pub fn train<B: Backend>(be: B, cfg: &PpoConfig) -> Result<PpoReport> {
         };
         let mut rec = serde_json::to_value(&stats)?;
         rec["step"] = it.into(); // what MetricsWriter keeps on resume
-        metrics.write(&rec)?;
+        if let Some(m) = &mut metrics {
+            m.write(&rec)?;
+        }
         bar.set_position(it as u64);
         bar.set_message(format!(
             "reward {:.3}{} | kl {:.3} | ent {:.2} | clip {:.2} | vloss {:.3} | ev {:.2} | len {:.1}",
@@ -1356,13 +1669,18 @@ pub fn train<B: Backend>(be: B, cfg: &PpoConfig) -> Result<PpoReport> {
         }
         history.push(stats);
 
-        // ---- held-out evaluation and early stopping
+        // ---- held-out evaluation and early stopping (rank 0 evaluates and decides)
         if cfg.eval_every > 0 && it % cfg.eval_every == 0 {
-            if let Some(ev) = do_eval(&mut policy, &mut rewards, it)? {
+            let mut decided = (|| -> Result<bool> {
+                let Some(ev) = do_eval(&mut policy, &mut rewards, it)? else {
+                    return Ok(false);
+                };
                 say(&bar, eval_line(&ev));
                 let mut rec = serde_json::json!({"eval": &ev});
                 rec["step"] = it.into();
-                metrics.write(&rec)?;
+                if let Some(m) = &mut metrics {
+                    m.write(&rec)?;
+                }
                 if best_eval.is_none_or(|b| ev.reward > b) {
                     best_eval = Some(ev.reward);
                     since_best = 0;
@@ -1376,16 +1694,37 @@ pub fn train<B: Backend>(be: B, cfg: &PpoConfig) -> Result<PpoReport> {
                     since_best += 1;
                 }
                 evals.push(ev);
-                if cfg.patience > 0 && since_best >= cfg.patience {
-                    say(
+                Ok(cfg.patience > 0 && since_best >= cfg.patience)
+            })();
+            if let Some(c) = comm.as_deref_mut() {
+                // Rank 0's decision (or its failure) on every rank.
+                let mut x = [0f32; 2];
+                if lead {
+                    x = match &decided {
+                        Ok(stop) => [f32::from(u8::from(*stop)), 0.0],
+                        Err(_) => [0.0, 1.0],
+                    };
+                }
+                c.all_reduce_sum(&mut x)?;
+                if !lead {
+                    decided = if x[1] != 0.0 {
+                        Err(anyhow!(
+                            "iteration {it}: the held-out evaluation failed on rank 0"
+                        ))
+                    } else {
+                        Ok(x[0] != 0.0)
+                    };
+                }
+            }
+            if decided? {
+                say(
                         &bar,
                         format!(
                             "early stop at iteration {it}: no better held-out reward in {since_best} evaluations (best {:.4})",
                             best_eval.unwrap_or(f32::NAN)
                         ),
                     );
-                    stopped_early = true;
-                }
+                stopped_early = true;
             }
         }
 
@@ -1397,8 +1736,8 @@ pub fn train<B: Backend>(be: B, cfg: &PpoConfig) -> Result<PpoReport> {
             let st = PpoState {
                 kind: "ppo".into(),
                 iteration: it,
-                policy_adamw_step: opt_p.step,
-                critic_adamw_step: opt_c.step,
+                policy_adamw_step: opt_p.steps(),
+                critic_adamw_step: opt_c.steps(),
                 best_eval,
                 evals_since_best: since_best,
                 config: PpoConfig {
@@ -1406,18 +1745,29 @@ pub fn train<B: Backend>(be: B, cfg: &PpoConfig) -> Result<PpoReport> {
                     ..cfg.clone()
                 },
             };
-            save_checkpoint(
-                &dir,
-                &policy,
-                &critic,
-                &opt_p,
-                &opt_c,
-                &tok_path,
-                &critic_tok,
-                &st,
-            )?;
-            crate::data::write_atomic(&ckpt_root.join("latest"), name.as_bytes())?;
-            prune(&ckpt_root, cfg.keep_checkpoints, it);
+            match (&opt_p, &opt_c, comm.as_deref_mut()) {
+                (Optim::Whole(op), Optim::Whole(oc), _) => {
+                    save_checkpoint(&dir, &policy, &critic, op, oc, &tok_path, &critic_tok, &st)?
+                }
+                (Optim::Sharded(op), Optim::Sharded(oc), Some(c)) => {
+                    save_zero1_checkpoint(
+                        &dir,
+                        &policy,
+                        &critic,
+                        op,
+                        oc,
+                        c,
+                        &tok_path,
+                        &critic_tok,
+                        &st,
+                    )?;
+                }
+                _ => unreachable!("both optimizers are sharded or neither"),
+            }
+            if lead {
+                crate::data::write_atomic(&ckpt_root.join("latest"), name.as_bytes())?;
+                prune(&ckpt_root, cfg.keep_checkpoints, it);
+            }
             last_ckpt = Some(dir);
         }
         if stopped_early {

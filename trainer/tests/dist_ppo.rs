@@ -1,0 +1,238 @@
+//! Data-parallel PPO: the real PPO loop on 2 ranks (threads of this process, the CPU stand-in
+//! for NCCL) logs the same iterations and ends with the same policy and critic as one process
+//! with the same configuration, to float reassociation; a 2-rank ZeRO-1 checkpoint resumes on
+//! 2 ranks and on 1 process to the same result.
+
+use engine::checkpoint::{load_model, save_model, SaveOptions};
+use engine::dist::{ThreadGroup, MANIFEST};
+use engine::tokenizer::Tokenizer;
+use engine::{Cpu, Head, Llama, LlamaConfig};
+use std::path::{Path, PathBuf};
+use std::thread;
+use trainer::ppo::{resume_config, train, train_dp, IterStats, PpoConfig, PpoReport};
+
+/// Relative bound (against max(1, |x|)) on each iteration's logged numbers against one
+/// process's (measured: ≤ 1.2e-7).
+const STAT_TOL: f32 = 2e-6;
+/// Bound on any policy or critic weight's difference from one process's after all iterations
+/// (measured: ≤ 1.2e-7 for the policy, ≤ 8.4e-8 for the critic; the policy moves by > 1e-3).
+const WEIGHT_ATOL: f32 = 2e-6;
+
+fn tiny_setup(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let words = [
+        "red", "fox", "sun", "moon", "tree", "bird", "sings", "runs", "the", "a",
+    ];
+    let mut text = String::new();
+    for i in 0..400 {
+        text += &format!(
+            "{} {} {}.\n",
+            words[i % 10],
+            words[(i * 7) % 10],
+            words[(i * 3) % 10]
+        );
+    }
+    std::fs::write(d.join("corpus.txt"), &text).unwrap();
+    let tok = d.join("tok.json");
+    trainer::tokenizer_train::train_on(&d.join("corpus.txt"), 300, &tok).unwrap();
+    let vocab = Tokenizer::from_file(&tok).unwrap().vocab_size();
+    let mut c = LlamaConfig::preset("tiny").unwrap();
+    c.vocab_size = vocab;
+    c.hidden_size = 32;
+    c.intermediate_size = 64;
+    c.num_hidden_layers = 2;
+    c.max_position_embeddings = 64;
+    let mut m = Llama::new(Cpu, c, Head::Lm).unwrap();
+    m.init_random(3).unwrap();
+    let lm = d.join("lm");
+    save_model(&m, &lm, SaveOptions::default(), |tmp| {
+        std::fs::copy(&tok, tmp.join("tokenizer.json")).unwrap();
+        Ok(())
+    })
+    .unwrap();
+    let rm = trainer::rm::init_rm(Cpu, &lm, 4).unwrap();
+    trainer::rm::save_rm(&rm, &d.join("rm"), &tok).unwrap();
+    let prompts = d.join("prompts.jsonl");
+    let rows: String = (0..24)
+        .map(|i| {
+            let cat = if i % 4 == 0 { "safety" } else { "helpfulness" };
+            format!(
+                "{}\n",
+                serde_json::json!({"messages": [{"role": "user", "content": format!("the {} {}", words[i % 10], words[(i * 3) % 10])}], "category": cat})
+            )
+        })
+        .collect();
+    std::fs::write(&prompts, rows).unwrap();
+    (lm, d.join("rm"), prompts)
+}
+
+/// 8 rollouts (4 prompts × 2 answers, RLOO baselines across the ranks' halves), generated in
+/// 4 chunks of 2 (2 per rank), 2 minibatches of 4 per iteration in a shuffled order.
+fn cfg(d: &Path, lm: &Path, rm: &Path, prompts: &Path, out: &str) -> PpoConfig {
+    let mut cfg = PpoConfig::new(lm.into(), rm.into(), vec![prompts.into()], d.join(out));
+    cfg.iterations = 3;
+    cfg.batch = 8;
+    cfg.samples_per_prompt = 2;
+    cfg.minibatch = 4;
+    cfg.gen_batch = 2;
+    cfg.lr = 1e-3;
+    cfg.max_new_tokens = 6;
+    cfg.eval_every = 2;
+    cfg.patience = 0;
+    cfg.ckpt_every = 1;
+    cfg.critic_warmup = 1;
+    cfg.progress = false;
+    cfg
+}
+
+fn on_2_ranks(cfg: &PpoConfig) -> Vec<PpoReport> {
+    thread::scope(|s| {
+        let hs: Vec<_> = ThreadGroup::new(2)
+            .into_iter()
+            .map(|mut comm| s.spawn(move || train_dp(Cpu, cfg, Some(&mut comm))))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
+    })
+}
+
+fn stats(h: &IterStats) -> [(&'static str, f32); 12] {
+    [
+        ("reward", h.reward),
+        ("score", h.score),
+        ("kl", h.kl),
+        ("entropy", h.entropy),
+        ("pg_loss", h.pg_loss),
+        ("value_loss", h.value_loss),
+        ("explained_variance", h.explained_variance),
+        ("approx_kl", h.approx_kl),
+        ("response_len", h.response_len),
+        ("clip_frac", h.clip_frac),
+        ("policy_grad_norm", h.policy_grad_norm),
+        ("critic_grad_norm", h.critic_grad_norm),
+    ]
+}
+
+/// The largest relative difference of the logged numbers, over every iteration.
+fn stats_diff(what: &str, got: &[IterStats], want: &[IterStats]) -> f32 {
+    assert_eq!(got.len(), want.len(), "{what}: iterations");
+    let mut worst = 0f32;
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g.iteration, w.iteration);
+        for ((name, a), (_, b)) in stats(g).into_iter().zip(stats(w)) {
+            let d = (a - b).abs() / b.abs().max(1.0);
+            assert!(
+                d <= STAT_TOL,
+                "{what}: iteration {} {name}: {a} vs one process's {b}",
+                g.iteration
+            );
+            worst = worst.max(d);
+        }
+    }
+    worst
+}
+
+/// (policy, critic) weights of a report's final checkpoint.
+fn weights(r: &PpoReport) -> (Vec<f32>, Vec<f32>) {
+    let p = load_model(Cpu, &r.checkpoint, Head::Lm)
+        .unwrap()
+        .params_to_host()
+        .unwrap();
+    let (c, _) = trainer::rm::load_rm(Cpu, &r.checkpoint.join("critic")).unwrap();
+    (p, c.params_to_host().unwrap())
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+fn weights_diff(what: &str, got: &PpoReport, want: &PpoReport) -> (f32, f32) {
+    let ((gp, gc), (wp, wc)) = (weights(got), weights(want));
+    let (dp, dc) = (max_diff(&gp, &wp), max_diff(&gc, &wc));
+    assert!(
+        dp <= WEIGHT_ATOL && dc <= WEIGHT_ATOL,
+        "{what}: policy differs by {dp:e}, critic by {dc:e}"
+    );
+    (dp, dc)
+}
+
+#[test]
+fn two_ranks_match_one_process_and_resume_on_either() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (lm, rm, prompts) = tiny_setup(d);
+
+    let one = train(Cpu, &cfg(d, &lm, &rm, &prompts, "one")).unwrap();
+    assert_eq!(one.history.len(), 3);
+    assert!(one.history[1].policy_grad_norm > 0.0);
+    let two = on_2_ranks(&cfg(d, &lm, &rm, &prompts, "two"));
+    for (r, rep) in two.iter().enumerate() {
+        let s = stats_diff(&format!("rank {r}"), &rep.history, &one.history);
+        let (p, c) = weights_diff(&format!("rank {r}"), rep, &one);
+        println!("rank {r}: stats rel diff {s:e}, policy {p:e}, critic {c:e}");
+    }
+    // The weights moved far more than the tolerance.
+    let w0 = load_model(Cpu, &lm, Head::Lm)
+        .unwrap()
+        .params_to_host()
+        .unwrap();
+    let moved = max_diff(&weights(&one).0, &w0);
+    assert!(moved > 1e-3, "the policy barely moved: {moved:e}");
+    // Rank 0 alone logged: one record per iteration and the evaluations at 0 and 2.
+    let metrics = std::fs::read_to_string(d.join("two/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().filter(|l| l.contains("\"kl\"")).count(), 3);
+    assert_eq!(
+        metrics.lines().filter(|l| l.contains("\"eval\"")).count(),
+        2
+    );
+    assert_eq!(two[0].evals.len(), 2);
+    // ZeRO-1 checkpoints for the policy and the critic.
+    let ck = &two[0].checkpoint;
+    assert!(ck.join(MANIFEST).is_file() && ck.join("critic").join(MANIFEST).is_file());
+    assert!(ck.join("ppo_state.json").is_file());
+
+    // A 2-rank run stopped after 2 iterations, resumed for the third on 2 ranks and on 1.
+    let mut c2 = cfg(d, &lm, &rm, &prompts, "part");
+    c2.iterations = 2;
+    on_2_ranks(&c2);
+    let mut again2 = resume_config(&d.join("part"), Some(3)).unwrap();
+    again2.out = d.join("again2");
+    let r2 = on_2_ranks(&again2);
+    let (p, c) = weights_diff("resumed on 2 ranks", &r2[0], &one);
+    println!("resumed on 2 ranks: policy {p:e}, critic {c:e}");
+    let mut again1 = resume_config(&d.join("part"), Some(3)).unwrap();
+    again1.out = d.join("again1");
+    let r1 = train(Cpu, &again1).unwrap();
+    let (p, c) = weights_diff("resumed on 1 process", &r1, &one);
+    println!("resumed on 1 process: policy {p:e}, critic {c:e}");
+    for (what, r) in [
+        ("resumed on 2 ranks", &r2[0]),
+        ("resumed on 1 process", &r1),
+    ] {
+        stats_diff(what, &r.history, &one.history[2..]);
+    }
+}
+
+#[test]
+fn a_batch_that_does_not_split_into_whole_chunks_per_rank_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (lm, rm, prompts) = tiny_setup(d);
+    let mut c = cfg(d, &lm, &rm, &prompts, "bad");
+    c.gen_batch = 4; // 8 rollouts = 2 chunks of 4, but 3 ranks
+    let errs: Vec<String> = thread::scope(|s| {
+        let hs: Vec<_> = ThreadGroup::new(3)
+            .into_iter()
+            .map(|mut comm| {
+                let c = &c;
+                s.spawn(move || train_dp(Cpu, c, Some(&mut comm)).unwrap_err().to_string())
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for e in errs {
+        assert!(e.contains("generation chunks"), "{e}");
+    }
+}
