@@ -707,6 +707,16 @@ struct PpoArgs {
     /// Activation recomputation for the policy's and the critic's backward: none, attn or full.
     #[arg(long)]
     recompute: Option<engine::Recompute>,
+    /// Run as one rank of a data-parallel job launched by torchrun, mpirun or srun: each rank
+    /// drives cuda:LOCAL_RANK, generates and scores its share of each batch (whole --gen-batch
+    /// chunks), NCCL sums the policy's and the critic's gradients and ZeRO-1 shards their
+    /// optimizer states; --batch and --minibatch stay global (the run equals one process's).
+    #[arg(long, conflicts_with = "device")]
+    dist: bool,
+    /// Where the ranks exchange the NCCL id: file:PATH (shared filesystem) or HOST:PORT
+    /// (default MASTER_ADDR:MASTER_PORT, as torchrun sets them).
+    #[arg(long, requires = "dist")]
+    rendezvous: Option<String>,
     #[arg(long, default_value = "cpu")]
     device: Device,
     #[arg(long)]
@@ -714,7 +724,14 @@ struct PpoArgs {
 }
 
 fn ppo_cmd(a: PpoArgs) -> Result<()> {
-    use trainer::ppo::{resume_config, train, PpoConfig};
+    use engine::dist::Collective;
+    use trainer::ppo::{resume_config, train, train_dp, PpoConfig};
+    // The launch first: a rank without a place to meet fails before reading anything.
+    let mut dist = if a.dist {
+        Some(trainer::device::open_dist(a.rendezvous.as_deref())?)
+    } else {
+        None
+    };
     let cfg = if let Some(r) = &a.resume {
         let mut c = resume_config(r, a.iterations)?;
         c.progress = !a.no_progress;
@@ -756,7 +773,17 @@ fn ppo_cmd(a: PpoArgs) -> Result<()> {
         c.progress = !a.no_progress;
         c
     };
-    let rep = on_device!(a.device, |be| train(be, &cfg)?);
+    let rep = match &mut dist {
+        None => on_device!(a.device, |be| train(be, &cfg)?),
+        Some((cuda, comm)) => {
+            let lead = comm.rank() == 0;
+            let rep = train_dp(cuda.clone(), &cfg, Some(comm))?;
+            if !lead {
+                return Ok(());
+            }
+            rep
+        }
+    };
     println!(
         "ppo: {} iterations{} in {:.0} s, beta {}; checkpoint {}",
         rep.iterations,

@@ -443,6 +443,16 @@ fn dist_without_a_launch_or_a_gpu_fails_cleanly() {
     for cmd in [
         &["pretrain", "--dist", "--data", "nowhere"][..],
         &["sft", "--dist", "--init", "nowhere", "--data", "d.jsonl"],
+        &[
+            "ppo",
+            "--dist",
+            "--policy",
+            "nowhere",
+            "--reward-helpfulness",
+            "nowhere",
+            "--prompts",
+            "p.jsonl",
+        ],
     ] {
         // Two ranks and nowhere to meet: an error before any GPU is touched, not a wait.
         let o = llama2_launched(cmd, &two_ranks);
