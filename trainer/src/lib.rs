@@ -9,6 +9,7 @@ pub mod evaluate;
 pub mod gatt;
 pub mod kernel_bench;
 pub mod metrics;
+mod optimizer;
 pub mod pipeline;
 pub mod ppo;
 pub mod prefs;

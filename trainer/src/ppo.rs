@@ -35,16 +35,15 @@
 
 use crate::evaluate::chat_answers;
 use crate::metrics::{line_plot, read_series, MetricsWriter};
+use crate::optimizer::Optim;
 use crate::pretrain::say;
 use crate::rm::{load_rm, score};
 use crate::world::{Annotator, World};
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use engine::checkpoint::{load_model, save_model, write_tensors, SaveOptions, TensorFiles};
-use engine::dist::{
-    read_shard_state, save_zero1, Collective, DeviceCollective, ShardedAdamW, MANIFEST,
-};
+use engine::checkpoint::{load_model, save_model, write_tensors, SaveOptions};
+use engine::dist::{save_zero1, Collective, DeviceCollective, ShardedAdamW};
 use engine::generate::SamplingParams;
-use engine::optim::{AdamW, AdamWConfig, StepStats};
+use engine::optim::{AdamW, AdamWConfig};
 use engine::tokenizer::{Message, Tokenizer};
 use engine::{Backend, Batch, Head, Llama, LlamaConfig};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -929,100 +928,6 @@ fn prune(root: &Path, keep: usize, current: usize) {
 // ---------------------------------------------------------------------------------------------
 // Data parallelism (`train_dp`)
 
-/// The optimizer of one model: whole AdamW in one process, ZeRO-1 shards across ranks.
-enum Optim<B: Backend> {
-    Whole(AdamW<B>),
-    Sharded(ShardedAdamW<B>),
-}
-
-impl<B: Backend> Optim<B> {
-    fn steps(&self) -> u64 {
-        match self {
-            Optim::Whole(o) => o.step,
-            Optim::Sharded(o) => o.step,
-        }
-    }
-
-    fn step(
-        &mut self,
-        model: &mut Llama<B>,
-        comm: Option<&mut (dyn DeviceCollective<B> + '_)>,
-        lr: f32,
-    ) -> engine::Result<StepStats> {
-        match (self, comm) {
-            (Optim::Whole(o), _) => o.step(model, lr),
-            (Optim::Sharded(o), Some(c)) => o.step(model, c, lr),
-            (Optim::Sharded(_), None) => unreachable!("a sharded optimizer has a communicator"),
-        }
-    }
-}
-
-/// A fresh optimizer for `model`: sharded when there is a communicator.
-fn new_optim<B: Backend>(
-    model: &Llama<B>,
-    cfg: AdamWConfig,
-    comm: Option<&mut (dyn DeviceCollective<B> + '_)>,
-) -> Result<Optim<B>> {
-    Ok(match comm {
-        Some(c) => Optim::Sharded(ShardedAdamW::new(model, cfg, c.rank(), c.world())?),
-        None => Optim::Whole(AdamW::new(model, cfg)?),
-    })
-}
-
-/// The optimizer of `model` from checkpoint `dir`: a ZeRO-1 one (`zero1_dir` has a manifest,
-/// written by any world size) is re-sharded, and the model's weights set from its fp32 masters;
-/// a single-process one (`optimizer.safetensors` under `prefix`) is used whole or split.
-fn load_optim<B: Backend>(
-    model: &mut Llama<B>,
-    cfg: AdamWConfig,
-    zero1_dir: &Path,
-    whole: &Path,
-    prefix: &str,
-    step: u64,
-    comm: Option<&mut (dyn DeviceCollective<B> + '_)>,
-) -> Result<Optim<B>> {
-    let n = model.table.total;
-    let zero1 = zero1_dir.join(MANIFEST).is_file();
-    let read_whole = || -> Result<(Vec<f32>, Vec<f32>)> {
-        let f = TensorFiles::open(&whole.join("optimizer.safetensors"))?;
-        let m = f.read_f32_shaped(&format!("{prefix}.adamw.m"), &[n], "the parameter count")?;
-        let v = f.read_f32_shaped(&format!("{prefix}.adamw.v"), &[n], "the parameter count")?;
-        Ok((m, v))
-    };
-    match comm {
-        Some(c) => {
-            let (rank, world) = (c.rank(), c.world());
-            if zero1 {
-                let mut o = ShardedAdamW::load(model, cfg, rank, world, zero1_dir)?;
-                o.gather_params(model, c)?;
-                Ok(Optim::Sharded(o))
-            } else {
-                let mut o = ShardedAdamW::new(model, cfg, rank, world)?;
-                let (m, v) = read_whole()?;
-                let (lo, k) = (o.shard.off.min(n), o.shard.valid());
-                o.set_moments(&m[lo..lo + k], &v[lo..lo + k])?;
-                o.step = step;
-                Ok(Optim::Sharded(o))
-            }
-        }
-        None => {
-            let mut opt = AdamW::new(model, cfg)?;
-            let (m, v, step) = if zero1 {
-                let (st, [master, m, v]) = read_shard_state(zero1_dir, n, 0, 1)?;
-                model.set_params(&master)?;
-                (m, v, st)
-            } else {
-                let (m, v) = read_whole()?;
-                (m, v, step)
-            };
-            model.be.from_host(B::all_mut(&mut opt.m), &m)?;
-            model.be.from_host(B::all_mut(&mut opt.v), &v)?;
-            opt.step = step;
-            Ok(Optim::Whole(opt))
-        }
-    }
-}
-
 /// Every rank's `local` values, concatenated in rank order (lengths may differ).
 fn gather_var<C: Collective + ?Sized>(comm: &mut C, local: &[f32]) -> Result<Vec<f32>> {
     let w = comm.world();
@@ -1242,7 +1147,7 @@ pub fn train_dp<B: Backend>(
     let (mut start, mut best_eval, mut since_best) = (0usize, None::<f32>, 0usize);
     let (mut opt_p, mut opt_c);
     if let (Some(dir), Some(st)) = (&resume, &state) {
-        opt_p = load_optim(
+        opt_p = Optim::load(
             &mut policy,
             adamw_cfg(cfg),
             dir,
@@ -1251,7 +1156,7 @@ pub fn train_dp<B: Backend>(
             st.policy_adamw_step,
             comm.as_deref_mut(),
         )?;
-        opt_c = load_optim(
+        opt_c = Optim::load(
             &mut critic,
             adamw_cfg(cfg),
             &dir.join("critic"),
@@ -1264,8 +1169,8 @@ pub fn train_dp<B: Backend>(
         best_eval = st.best_eval;
         since_best = st.evals_since_best;
     } else {
-        opt_p = new_optim(&policy, adamw_cfg(cfg), comm.as_deref_mut())?;
-        opt_c = new_optim(&critic, adamw_cfg(cfg), comm.as_deref_mut())?;
+        opt_p = Optim::new(&policy, adamw_cfg(cfg), comm.as_deref_mut())?;
+        opt_c = Optim::new(&critic, adamw_cfg(cfg), comm.as_deref_mut())?;
     }
 
     // ---- prompts

@@ -12,15 +12,14 @@
 
 use crate::data::{val_windows, write_atomic, Loader, TokenData};
 use crate::metrics::{line_plot, read_series, MetricsWriter};
+use crate::optimizer::Optim;
 use crate::schedule::Cosine;
 use crate::sft::{PackedSource, SftData};
 use anyhow::{bail, ensure, Context, Result};
-use engine::checkpoint::{load_model, save_model, write_tensors, SaveOptions, TensorFiles};
-use engine::dist::{
-    read_shard_state, save_zero1, Collective, DeviceCollective, ShardedAdamW, MANIFEST,
-};
+use engine::checkpoint::{load_model, save_model, write_tensors, SaveOptions};
+use engine::dist::{save_zero1, Collective, DeviceCollective, ShardedAdamW};
 use engine::generate::{generate, SamplingParams};
-use engine::optim::{AdamW, AdamWConfig, StepStats};
+use engine::optim::{AdamW, AdamWConfig};
 use engine::tokenizer::Tokenizer;
 use engine::{Backend, Batch, Head, Llama, LlamaConfig, Recompute};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -400,85 +399,6 @@ fn agree(comm: &mut (dyn Collective + '_), mine: Result<()>, what: &str) -> Resu
     Ok(())
 }
 
-/// The optimizer of a run: whole AdamW in one process, ZeRO-1 shards across ranks.
-enum Optim<B: Backend> {
-    Whole(AdamW<B>),
-    Sharded(ShardedAdamW<B>),
-}
-
-impl<B: Backend> Optim<B> {
-    fn steps(&self) -> u64 {
-        match self {
-            Optim::Whole(o) => o.step,
-            Optim::Sharded(o) => o.step,
-        }
-    }
-
-    fn step(
-        &mut self,
-        model: &mut Llama<B>,
-        comm: Option<&mut (dyn DeviceCollective<B> + '_)>,
-        lr: f32,
-    ) -> engine::Result<StepStats> {
-        match (self, comm) {
-            (Optim::Whole(o), _) => o.step(model, lr),
-            (Optim::Sharded(o), Some(c)) => o.step(model, c, lr),
-            (Optim::Sharded(_), None) => unreachable!("a sharded optimizer has a communicator"),
-        }
-    }
-}
-
-/// The optimizer state of checkpoint `dir`, for this process's place in the run: a ZeRO-1
-/// checkpoint (from any world size) is re-sharded, a single-process one split into shards or
-/// used whole. With ZeRO-1 state the model's weights are set from the fp32 masters.
-fn load_optim<B: Backend>(
-    model: &mut Llama<B>,
-    cfg: AdamWConfig,
-    dir: &Path,
-    adamw_step: u64,
-    comm: Option<&mut (dyn DeviceCollective<B> + '_)>,
-) -> Result<Optim<B>> {
-    let zero1 = dir.join(MANIFEST).is_file();
-    let n = model.table.total;
-    match comm {
-        Some(c) => {
-            let (rank, world) = (c.rank(), c.world());
-            let opt = if zero1 {
-                let mut o = ShardedAdamW::load(model, cfg, rank, world, dir)?;
-                o.gather_params(model, c)?;
-                o
-            } else {
-                let mut o = ShardedAdamW::new(model, cfg, rank, world)?;
-                let f = TensorFiles::open(&dir.join("optimizer.safetensors"))?;
-                let (lo, k) = (o.shard.off.min(n), o.shard.valid());
-                let [m, v] = ["adamw.m", "adamw.v"]
-                    .map(|name| f.read_f32_shaped(name, &[n], "the model's parameter count"));
-                o.set_moments(&m?[lo..lo + k], &v?[lo..lo + k])?;
-                o.step = adamw_step;
-                o
-            };
-            Ok(Optim::Sharded(opt))
-        }
-        None => {
-            let mut opt = AdamW::new(model, cfg)?;
-            let (m, v) = if zero1 {
-                let (_, [master, m, v]) = read_shard_state(dir, n, 0, 1)?;
-                model.set_params(&master)?;
-                (m, v)
-            } else {
-                let f = TensorFiles::open(&dir.join("optimizer.safetensors"))?;
-                let m = f.read_f32_shaped("adamw.m", &[n], "the model's parameter count")?;
-                let v = f.read_f32_shaped("adamw.v", &[n], "the model's parameter count")?;
-                (m, v)
-            };
-            model.be.from_host(B::all_mut(&mut opt.m), &m[..n])?;
-            model.be.from_host(B::all_mut(&mut opt.v), &v[..n])?;
-            opt.step = adamw_step;
-            Ok(Optim::Whole(opt))
-        }
-    }
-}
-
 /// Writes flat f32 arrays as a safetensors file named `file` inside `dir`.
 fn write_tensors_named(dir: &Path, file: &str, tensors: &[(&str, &[f32])]) -> engine::Result<()> {
     let sub = dir.join(format!(".{file}.d"));
@@ -699,12 +619,7 @@ pub fn run_dp<B: Backend>(
         None => {
             // The same seed on every rank: identical replicas.
             let model = build_model(be, &cfg.model, data_vocab, cfg.seed)?;
-            let opt = match comm.as_deref_mut() {
-                None => Optim::Whole(AdamW::new(&model, adamw_config(&cfg))?),
-                Some(_) => {
-                    Optim::Sharded(ShardedAdamW::new(&model, adamw_config(&cfg), rank, world)?)
-                }
-            };
+            let opt = Optim::new(&model, adamw_config(&cfg), comm.as_deref_mut())?;
             (model, opt, 0usize, 0u64)
         }
         Some(p) => {
@@ -720,10 +635,12 @@ pub fn run_dp<B: Backend>(
                 model.cfg.vocab_size,
                 data_vocab
             );
-            let opt = load_optim(
+            let opt = Optim::load(
                 &mut model,
                 adamw_config(&cfg),
                 &dir,
+                &dir,
+                "",
                 st.adamw_step,
                 comm.as_deref_mut(),
             )

@@ -3,11 +3,11 @@
 //! with the same configuration, to float reassociation; a 2-rank ZeRO-1 checkpoint resumes on
 //! 2 ranks and on 1 process to the same result.
 
-use engine::checkpoint::{load_model, save_model, SaveOptions};
+mod common;
+use engine::checkpoint::load_model;
 use engine::dist::{ThreadGroup, MANIFEST};
-use engine::tokenizer::Tokenizer;
-use engine::{Cpu, Head, Llama, LlamaConfig};
-use std::path::{Path, PathBuf};
+use engine::{Cpu, Head};
+use std::path::Path;
 use std::thread;
 use trainer::ppo::{resume_config, train, train_dp, IterStats, PpoConfig, PpoReport};
 
@@ -17,53 +17,6 @@ const STAT_TOL: f32 = 2e-6;
 /// Bound on any policy or critic weight's difference from one process's after all iterations
 /// (measured: ≤ 1.2e-7 for the policy, ≤ 8.4e-8 for the critic; the policy moves by > 1e-3).
 const WEIGHT_ATOL: f32 = 2e-6;
-
-fn tiny_setup(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let words = [
-        "red", "fox", "sun", "moon", "tree", "bird", "sings", "runs", "the", "a",
-    ];
-    let mut text = String::new();
-    for i in 0..400 {
-        text += &format!(
-            "{} {} {}.\n",
-            words[i % 10],
-            words[(i * 7) % 10],
-            words[(i * 3) % 10]
-        );
-    }
-    std::fs::write(d.join("corpus.txt"), &text).unwrap();
-    let tok = d.join("tok.json");
-    trainer::tokenizer_train::train_on(&d.join("corpus.txt"), 300, &tok).unwrap();
-    let vocab = Tokenizer::from_file(&tok).unwrap().vocab_size();
-    let mut c = LlamaConfig::preset("tiny").unwrap();
-    c.vocab_size = vocab;
-    c.hidden_size = 32;
-    c.intermediate_size = 64;
-    c.num_hidden_layers = 2;
-    c.max_position_embeddings = 64;
-    let mut m = Llama::new(Cpu, c, Head::Lm).unwrap();
-    m.init_random(3).unwrap();
-    let lm = d.join("lm");
-    save_model(&m, &lm, SaveOptions::default(), |tmp| {
-        std::fs::copy(&tok, tmp.join("tokenizer.json")).unwrap();
-        Ok(())
-    })
-    .unwrap();
-    let rm = trainer::rm::init_rm(Cpu, &lm, 4).unwrap();
-    trainer::rm::save_rm(&rm, &d.join("rm"), &tok).unwrap();
-    let prompts = d.join("prompts.jsonl");
-    let rows: String = (0..24)
-        .map(|i| {
-            let cat = if i % 4 == 0 { "safety" } else { "helpfulness" };
-            format!(
-                "{}\n",
-                serde_json::json!({"messages": [{"role": "user", "content": format!("the {} {}", words[i % 10], words[(i * 3) % 10])}], "category": cat})
-            )
-        })
-        .collect();
-    std::fs::write(&prompts, rows).unwrap();
-    (lm, d.join("rm"), prompts)
-}
 
 /// 8 rollouts (4 prompts × 2 answers, RLOO baselines across the ranks' halves), generated in
 /// 4 chunks of 2 (2 per rank), 2 minibatches of 4 per iteration in a shuffled order.
@@ -162,7 +115,7 @@ fn weights_diff(what: &str, got: &PpoReport, want: &PpoReport) -> (f32, f32) {
 fn two_ranks_match_one_process_and_resume_on_either() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (lm, rm, prompts) = tiny_setup(d);
+    let (lm, rm, prompts) = common::tiny_ppo_setup(d);
 
     let one = train(Cpu, &cfg(d, &lm, &rm, &prompts, "one")).unwrap();
     assert_eq!(one.history.len(), 3);
@@ -219,7 +172,7 @@ fn two_ranks_match_one_process_and_resume_on_either() {
 fn a_batch_that_does_not_split_into_whole_chunks_per_rank_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (lm, rm, prompts) = tiny_setup(d);
+    let (lm, rm, prompts) = common::tiny_ppo_setup(d);
     let mut c = cfg(d, &lm, &rm, &prompts, "bad");
     c.gen_batch = 4; // 8 rollouts = 2 chunks of 4, but 3 ranks
     let errs: Vec<String> = thread::scope(|s| {

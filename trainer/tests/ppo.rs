@@ -5,9 +5,9 @@
 mod common;
 
 use common::latest;
-use engine::checkpoint::{load_model, save_model, SaveOptions};
+use engine::checkpoint::load_model;
 use engine::tokenizer::Tokenizer;
-use engine::{Cpu, Head, Llama, LlamaConfig};
+use engine::{Cpu, Head};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use trainer::evaluate::world_eval;
@@ -238,53 +238,6 @@ fn prompts_parse_and_sample_every_prompt_once_per_epoch() {
 
 /// A tokenizer, a random tiny LM (the policy) and a random reward model from its trunk, and a
 /// prompt file; returns (policy dir, reward model dir, prompts).
-fn tiny_setup(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let words = [
-        "red", "fox", "sun", "moon", "tree", "bird", "sings", "runs", "the", "a",
-    ];
-    let mut text = String::new();
-    for i in 0..400 {
-        text += &format!(
-            "{} {} {}.\n",
-            words[i % 10],
-            words[(i * 7) % 10],
-            words[(i * 3) % 10]
-        );
-    }
-    std::fs::write(d.join("corpus.txt"), &text).unwrap();
-    let tok = d.join("tok.json");
-    trainer::tokenizer_train::train_on(&d.join("corpus.txt"), 300, &tok).unwrap();
-    let vocab = Tokenizer::from_file(&tok).unwrap().vocab_size();
-    let mut c = LlamaConfig::preset("tiny").unwrap();
-    c.vocab_size = vocab;
-    c.hidden_size = 32;
-    c.intermediate_size = 64;
-    c.num_hidden_layers = 2;
-    c.max_position_embeddings = 64;
-    let mut m = Llama::new(Cpu, c, Head::Lm).unwrap();
-    m.init_random(3).unwrap();
-    let lm = d.join("lm");
-    save_model(&m, &lm, SaveOptions::default(), |tmp| {
-        std::fs::copy(&tok, tmp.join("tokenizer.json")).unwrap();
-        Ok(())
-    })
-    .unwrap();
-    let rm = trainer::rm::init_rm(Cpu, &lm, 4).unwrap();
-    trainer::rm::save_rm(&rm, &d.join("rm"), &tok).unwrap();
-    let prompts = d.join("prompts.jsonl");
-    let rows: String = (0..24)
-        .map(|i| {
-            let cat = if i % 4 == 0 { "safety" } else { "helpfulness" };
-            format!(
-                "{}\n",
-                serde_json::json!({"messages": [{"role": "user", "content": format!("the {} {}", words[i % 10], words[(i * 3) % 10])}], "category": cat})
-            )
-        })
-        .collect();
-    std::fs::write(&prompts, rows).unwrap();
-    (lm, d.join("rm"), prompts)
-}
-
 fn tiny_cfg(d: &Path, lm: &Path, rm: &Path, prompts: &Path, out: &str) -> PpoConfig {
     let mut cfg = PpoConfig::new(lm.into(), rm.into(), vec![prompts.into()], d.join(out));
     cfg.reward_safety = Some(rm.into()); // a second (here identical) reward model
@@ -306,7 +259,7 @@ fn tiny_cfg(d: &Path, lm: &Path, rm: &Path, prompts: &Path, out: &str) -> PpoCon
 fn checkpoints_resume_exactly_and_load_as_hf_models() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (lm, rm, prompts) = tiny_setup(d);
+    let (lm, rm, prompts) = common::tiny_ppo_setup(d);
 
     let straight = train(Cpu, &tiny_cfg(d, &lm, &rm, &prompts, "a")).unwrap();
     assert_eq!(straight.iterations, 4);

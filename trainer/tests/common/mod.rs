@@ -1,7 +1,9 @@
 //! The tiny-world setup the behaviour tests share: world, tokenizer, shards, pretraining.
 #![allow(dead_code)] // each test binary uses its own subset
 
-use engine::Cpu;
+use engine::checkpoint::{save_model, SaveOptions};
+use engine::tokenizer::Tokenizer;
+use engine::{Cpu, Head, Llama, LlamaConfig};
 use std::path::{Path, PathBuf};
 use trainer::data::{prepare, PrepareConfig};
 use trainer::pretrain::{run, ModelSource, TrainConfig};
@@ -62,4 +64,54 @@ pub fn shared() -> PathBuf {
         p.display()
     );
     p
+}
+
+/// A word corpus, its 300-token tokenizer, a random tiny Llama (`lm/`), a reward model
+/// initialised from it (`rm/`) and 24 one-turn prompts, every 4th tagged safety: the PPO loop's
+/// smallest setup. Returns (policy, reward model, prompts).
+pub fn tiny_ppo_setup(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let words = [
+        "red", "fox", "sun", "moon", "tree", "bird", "sings", "runs", "the", "a",
+    ];
+    let mut text = String::new();
+    for i in 0..400 {
+        text += &format!(
+            "{} {} {}.\n",
+            words[i % 10],
+            words[(i * 7) % 10],
+            words[(i * 3) % 10]
+        );
+    }
+    std::fs::write(d.join("corpus.txt"), &text).unwrap();
+    let tok = d.join("tok.json");
+    trainer::tokenizer_train::train_on(&d.join("corpus.txt"), 300, &tok).unwrap();
+    let vocab = Tokenizer::from_file(&tok).unwrap().vocab_size();
+    let mut c = LlamaConfig::preset("tiny").unwrap();
+    c.vocab_size = vocab;
+    c.hidden_size = 32;
+    c.intermediate_size = 64;
+    c.num_hidden_layers = 2;
+    c.max_position_embeddings = 64;
+    let mut m = Llama::new(Cpu, c, Head::Lm).unwrap();
+    m.init_random(3).unwrap();
+    let lm = d.join("lm");
+    save_model(&m, &lm, SaveOptions::default(), |tmp| {
+        std::fs::copy(&tok, tmp.join("tokenizer.json")).unwrap();
+        Ok(())
+    })
+    .unwrap();
+    let rm = trainer::rm::init_rm(Cpu, &lm, 4).unwrap();
+    trainer::rm::save_rm(&rm, &d.join("rm"), &tok).unwrap();
+    let prompts = d.join("prompts.jsonl");
+    let rows: String = (0..24)
+        .map(|i| {
+            let cat = if i % 4 == 0 { "safety" } else { "helpfulness" };
+            format!(
+                "{}\n",
+                serde_json::json!({"messages": [{"role": "user", "content": format!("the {} {}", words[i % 10], words[(i * 3) % 10])}], "category": cat})
+            )
+        })
+        .collect();
+    std::fs::write(&prompts, rows).unwrap();
+    (lm, d.join("rm"), prompts)
 }
