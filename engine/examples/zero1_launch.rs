@@ -107,12 +107,12 @@ fn run<B: Backend>(be: B, comm: &mut dyn DeviceCollective<B>, a: &Args) -> Resul
         None => {
             let mut m = Llama::new(be, config(), Head::Lm)?;
             m.init_random(1234)?; // the same seed on every rank: identical replicas
-            let opt = ShardedAdamW::new(&m, cfg, rank, world)?;
+            let opt = ShardedAdamW::new(&mut m, cfg, rank, world)?;
             (m, opt, 0)
         }
         Some(dir) => {
             let mut m = load_model(be, dir, Head::Lm)?;
-            let mut opt = ShardedAdamW::load(&m, cfg, rank, world, dir)?;
+            let mut opt = ShardedAdamW::load(&mut m, cfg, rank, world, dir)?;
             opt.gather_params(&mut m, comm)?;
             let first = opt.step as usize;
             (m, opt, first)

@@ -48,21 +48,51 @@ pub trait Collective: Send {
     fn barrier(&mut self) -> Result<()>;
 }
 
-/// [`Collective`]'s operations on backend `B`'s f32 views, so the ZeRO-1 step never moves its
+/// The per-step collectives on backend `B`'s buffers, so the ZeRO-1 step never moves its
 /// buffers through the host: NCCL on CUDA buffers ([`NcclComm`]), the thread stand-in on the
-/// CPU backend's (host) buffers ([`ThreadComm`]). Same semantics and length rules as the host
-/// versions; the operation is ordered after earlier work on `B`'s stream.
+/// CPU backend's (host) buffers ([`ThreadComm`]). Ordered after earlier work on `B`'s stream.
+///
+/// The sharded ones cut a vector of `n` elements into pieces of `piece` elements, rank r
+/// owning `[r·piece, min(n, (r+1)·piece))` ([`Shard`]'s split; the last pieces may be short or
+/// empty), and work in place on the unpadded vector: no padded scratch copy when `n` does not
+/// split evenly.
 pub trait DeviceCollective<B: Backend>: Collective {
     /// `buf` ← Σ over ranks of `buf`, in place.
     fn all_reduce_sum_buf(&mut self, buf: B::Mut<'_, f32>) -> Result<()>;
-    /// `out` ← Σ over ranks of `input[rank·s .. (rank+1)·s]`, `s = out.len()`.
-    fn reduce_scatter_sum_buf(
+    /// `out` ← Σ over ranks of this rank's piece of `input` (`out.len()` = the piece's length).
+    fn reduce_scatter_v(
         &mut self,
         input: B::Ref<'_, f32>,
         out: B::Mut<'_, f32>,
+        piece: usize,
     ) -> Result<()>;
-    /// `out[r·s .. (r+1)·s]` ← rank r's `shard`, `s = shard.len()`.
-    fn all_gather_buf(&mut self, shard: B::Ref<'_, f32>, out: B::Mut<'_, f32>) -> Result<()>;
+    /// In place: every rank's piece of `buf`, in the compute dtype (bf16 on CUDA), is copied
+    /// into the others' `buf`.
+    fn all_gather_v(&mut self, buf: B::Mut<'_, B::Act>, piece: usize) -> Result<()>;
+}
+
+/// Rank `rank`'s piece `[off, off + len)` of `n` elements cut into pieces of `piece`.
+pub(crate) fn piece_of(n: usize, piece: usize, rank: usize) -> (usize, usize) {
+    let off = (rank * piece).min(n);
+    (off, (n - off).min(piece))
+}
+
+/// Checks that `piece` splits `n` over `world` ranks (the last pieces may be short) and that
+/// this rank's part has `got` elements.
+pub(crate) fn check_pieces(
+    what: &str,
+    n: usize,
+    piece: usize,
+    world: usize,
+    rank: usize,
+    got: usize,
+) -> Result<()> {
+    if piece * world < n {
+        return Err(Error::Shape(format!(
+            "{what}: pieces of {piece} over {world} ranks do not cover {n} elements"
+        )));
+    }
+    check_len(what, got, piece_of(n, piece, rank).1)
 }
 
 /// State shared by the ranks of a [`ThreadGroup`]: one posting slot per rank.
@@ -179,16 +209,39 @@ impl Collective for ThreadComm {
     }
 }
 
-/// The CPU backend's buffers are host memory: the host-slice collectives are the device ones.
+/// The CPU backend's buffers are host memory: the collectives read other ranks' posted data.
 impl DeviceCollective<Cpu> for ThreadComm {
     fn all_reduce_sum_buf(&mut self, buf: &mut [f32]) -> Result<()> {
         self.all_reduce_sum(buf)
     }
-    fn reduce_scatter_sum_buf(&mut self, input: &[f32], out: &mut [f32]) -> Result<()> {
-        self.reduce_scatter_sum(input, out)
+    fn reduce_scatter_v(&mut self, input: &[f32], out: &mut [f32], piece: usize) -> Result<()> {
+        let (n, world, rank) = (input.len(), self.world, self.rank);
+        check_pieces("reduce_scatter_v output", n, piece, world, rank, out.len())?;
+        self.post(input);
+        self.shared.barrier.wait();
+        self.sum_slots(piece_of(n, piece, rank).0, out);
+        self.shared.barrier.wait();
+        Ok(())
     }
-    fn all_gather_buf(&mut self, shard: &[f32], out: &mut [f32]) -> Result<()> {
-        self.all_gather(shard, out)
+    fn all_gather_v(&mut self, buf: &mut [f32], piece: usize) -> Result<()> {
+        let (n, world, rank) = (buf.len(), self.world, self.rank);
+        check_pieces(
+            "all_gather_v",
+            n,
+            piece,
+            world,
+            rank,
+            piece_of(n, piece, rank).1,
+        )?;
+        let (off, len) = piece_of(n, piece, rank);
+        self.post(&buf[off..off + len]);
+        self.shared.barrier.wait();
+        for r in (0..world).filter(|&r| r != rank) {
+            let (o, l) = piece_of(n, piece, r);
+            buf[o..o + l].copy_from_slice(&self.shared.slots[r].lock().expect("slot lock")[..l]);
+        }
+        self.shared.barrier.wait();
+        Ok(())
     }
 }
 
@@ -252,11 +305,18 @@ impl Shard {
 /// the flat parameters, in backend buffers; the update is exactly [`crate::optim::AdamW`]'s on
 /// those elements.
 ///
+/// Where the model computes from a separate copy (CUDA's bf16 shadow), creating this frees the
+/// model's full fp32 master ([`Llama::release_master`]): each rank keeps the compute weights,
+/// fp32 gradients and 3 × ceil(n/N) floats of optimizer state, 6 + 12/N bytes per parameter.
+/// The step updates this rank's shard of the compute weights in the AdamW pass and all-gathers
+/// them in their own dtype. Where the master is the compute weights (the CPU) it is updated
+/// the same way, in place.
+///
 /// The collectives sum gradients: each rank must scale its backward by 1/world (e.g.
 /// `backward_lm(1 / (world · local_count))`) so the sum is the mean over the global batch.
 ///
 /// Every buffer is allocated here, once; a step reads the model's gradients and writes its
-/// weights (and the compute shadow) on the device, reading back only the norm's scalar.
+/// weights on the device, reading back only the norm's scalar.
 pub struct ShardedAdamW<B: Backend> {
     pub cfg: AdamWConfig,
     pub shard: Shard,
@@ -271,16 +331,18 @@ pub struct ShardedAdamW<B: Backend> {
     groups: Vec<(Span, bool)>,
     /// This rank's summed gradient shard.
     gshard: B::Buf<f32>,
-    /// The padded full vector (`shard.padded()`), for the gradients in and the gathered weights
-    /// out, when `n` does not split evenly; otherwise the collectives use the model's own
-    /// buffers and this stays `None`.
-    pad: Option<B::Buf<f32>>,
 }
 
 impl<B: Backend> ShardedAdamW<B> {
-    /// Takes this rank's shard of the model's current weights. Replicas must start identical
-    /// (same seed or checkpoint), as with any data-parallel launch.
-    pub fn new(model: &Llama<B>, cfg: AdamWConfig, rank: usize, world: usize) -> Result<Self> {
+    /// Takes this rank's shard of the model's current weights and releases the model's full
+    /// master where it can. Replicas must start identical (same seed or checkpoint), as with any
+    /// data-parallel launch.
+    pub fn new(model: &mut Llama<B>, cfg: AdamWConfig, rank: usize, world: usize) -> Result<Self> {
+        if model.master_released() {
+            return Err(Error::Config(
+                "this model's fp32 master is already held by a ZeRO-1 optimizer".into(),
+            ));
+        }
         let n = model.num_params();
         let shard = Shard::new(n, rank, world);
         let be = model.be.clone();
@@ -290,6 +352,7 @@ impl<B: Backend> ShardedAdamW<B> {
             B::slice_mut(&mut master, 0, valid),
             B::slice(&model.master, lo, valid),
         )?;
+        model.release_master()?;
         Ok(ShardedAdamW {
             cfg,
             shard,
@@ -299,40 +362,29 @@ impl<B: Backend> ShardedAdamW<B> {
             step: 0,
             groups: shard.local_groups(&decay_groups(&model.table, cfg.decay)),
             gshard: be.alloc(shard.len)?,
-            pad: if shard.padded() == n {
-                None
-            } else {
-                Some(be.alloc(shard.padded())?)
-            },
             be,
         })
     }
 
     /// One data-parallel step at learning rate `lr`: reduce-scatter of the gradients, global
-    /// norm and clip, AdamW on this shard, all-gather of the new weights into `model`. Every
-    /// rank sees the same norm, so a non-finite one fails on all ranks together (before any
-    /// weight changes).
+    /// norm and clip, AdamW on this shard (writing its compute weights too), all-gather of the
+    /// compute weights. Every rank sees the same norm, so a non-finite one fails on all ranks
+    /// together (before any weight changes).
     pub fn step<C: DeviceCollective<B> + ?Sized>(
         &mut self,
         model: &mut Llama<B>,
         comm: &mut C,
         lr: f32,
     ) -> Result<StepStats> {
-        let (n, valid) = (self.shard.n, self.shard.valid());
+        let (n, valid, off) = (self.shard.n, self.shard.valid(), self.shard.off);
         check_len("model parameters", model.num_params(), n)?;
         check_len("world", comm.world(), self.shard.world)?;
         let be = &self.be;
-        match &mut self.pad {
-            None => {
-                comm.reduce_scatter_sum_buf(B::all(&model.grads), B::all_mut(&mut self.gshard))?
-            }
-            Some(pad) => {
-                // The tail [n, padded) is zero: the all-gather fills it from the shards'
-                // padding, which AdamW never touches.
-                be.copy(B::slice_mut(pad, 0, n), B::all(&model.grads))?;
-                comm.reduce_scatter_sum_buf(B::all(pad), B::all_mut(&mut self.gshard))?;
-            }
-        }
+        comm.reduce_scatter_v(
+            B::all(&model.grads),
+            B::slice_mut(&mut self.gshard, 0, valid),
+            self.shard.len,
+        )?;
 
         // Each shard's Σg² in f64 (as AdamW), summed across ranks in f32: the norm agrees with
         // the single-process one to f32 rounding, and is the same bits on every rank.
@@ -341,10 +393,11 @@ impl<B: Backend> ShardedAdamW<B> {
         let grad_norm = ss[0].sqrt();
         let clip_scale = clip_scale(self.cfg.clip_norm, grad_norm)?;
         self.step += 1;
+        let mut weights = be.compute_weights_mut(&mut model.master, &mut model.shadow);
         for &(s, decay) in &self.groups {
             be.adamw(
                 B::slice_mut(&mut self.master, s.off, s.len),
-                None,
+                Some(B::sub_mut(&mut weights, off + s.off, s.len)),
                 B::slice_mut(&mut self.m, s.off, s.len),
                 B::slice_mut(&mut self.v, s.off, s.len),
                 B::slice(&self.gshard, s.off, s.len),
@@ -359,32 +412,34 @@ impl<B: Backend> ShardedAdamW<B> {
                 },
             )?;
         }
-        self.gather_params(model, comm)?;
+        comm.all_gather_v(weights, self.shard.len)?;
         Ok(StepStats {
             grad_norm,
             clip_scale,
         })
     }
 
-    /// Sets the model's weights from the sharded fp32 masters (an all-gather, then the compute
-    /// shadow refreshed on the device), so after a resume the compute weights come from the
-    /// masters, not from a possibly bf16 model file.
+    /// Sets the model's weights from the sharded fp32 masters (this shard rounded into the
+    /// compute weights, then an all-gather), so after a resume the compute weights come from
+    /// the masters, not from a possibly bf16 model file.
     pub fn gather_params<C: DeviceCollective<B> + ?Sized>(
         &mut self,
         model: &mut Llama<B>,
         comm: &mut C,
     ) -> Result<()> {
-        let n = self.shard.n;
+        let (n, valid, off) = (
+            self.shard.n,
+            self.shard.valid(),
+            self.shard.off.min(self.shard.n),
+        );
         check_len("model parameters", model.num_params(), n)?;
-        match &mut self.pad {
-            None => comm.all_gather_buf(B::all(&self.master), B::all_mut(&mut model.master))?,
-            Some(pad) => {
-                comm.all_gather_buf(B::all(&self.master), B::all_mut(pad))?;
-                self.be
-                    .copy(B::all_mut(&mut model.master), B::slice(pad, 0, n))?;
-            }
-        }
-        self.be.sync_shadow(&mut model.shadow, &model.master)
+        let be = &self.be;
+        let mut weights = be.compute_weights_mut(&mut model.master, &mut model.shadow);
+        be.to_compute(
+            B::sub_mut(&mut weights, off, valid),
+            B::slice(&self.master, 0, valid),
+        )?;
+        comm.all_gather_v(weights, self.shard.len)
     }
 
     /// This shard's real elements of (master, m, v) on the host: for checkpoints, not steps.
@@ -538,7 +593,9 @@ mod tests {
 
     /// The step moves no parameter-sized data between host and backend memory and allocates
     /// no buffer (counted by the CPU backend, per rank thread), and gives every rank the
-    /// weights one whole AdamW gives on the summed gradients.
+    /// weights one whole AdamW gives on the summed gradients: with the master as the compute
+    /// weights (the CPU) and with a separate compute copy and the master released (CUDA's
+    /// data flow), on 1 and 5 ranks (the pieces split n evenly) and 2 and 3 (they do not).
     #[test]
     fn zero1_step_stays_on_the_backend_and_matches_adamw() {
         use crate::backend::cpu::Traffic;
@@ -550,50 +607,111 @@ mod tests {
         let before = Cpu::traffic().transferred;
         probe.grads_to_host().unwrap();
         assert_eq!(Cpu::traffic().transferred - before, n);
-        for world in [1, 2, 3, 5] {
-            assert_eq!(n.is_multiple_of(world), world == 1 || world == 5);
-            let mut reference = tiny_model();
-            let mut adamw = AdamW::new(&reference, cfg).unwrap();
-            let results = on_ranks(world, |mut c| {
-                let r = c.rank();
-                let mut m = tiny_model();
-                let mut opt = ShardedAdamW::new(&m, cfg, r, world).unwrap();
-                let mut traffic = Vec::new();
+        for separate in [false, true] {
+            for world in [1, 2, 3, 5] {
+                assert_eq!(n.is_multiple_of(world), world == 1 || world == 5);
+                let mut reference = tiny_model();
+                let mut adamw = AdamW::new(&reference, cfg).unwrap();
+                let results = on_ranks(world, |mut c| {
+                    let r = c.rank();
+                    let mut m = tiny_model();
+                    if separate {
+                        m.separate_compute_copy().unwrap();
+                    }
+                    let mut opt = ShardedAdamW::new(&mut m, cfg, r, world).unwrap();
+                    assert_eq!(m.master_released(), separate);
+                    assert_eq!(m.master.len(), if separate { 0 } else { n });
+                    let mut traffic = Vec::new();
+                    for step in 0..3 {
+                        // Gradients written straight into the buffer, as a backward does.
+                        m.grads = fake_grads(n, r + step, world);
+                        let before = Cpu::traffic();
+                        let st = opt.step(&mut m, &mut c, 1e-2).unwrap();
+                        let after = Cpu::traffic();
+                        traffic.push(Traffic {
+                            transferred: after.transferred - before.transferred,
+                            allocs: after.allocs - before.allocs,
+                        });
+                        assert!(st.grad_norm.is_finite());
+                    }
+                    // What the forward reads.
+                    let w = Cpu.compute_weights(&m.master, &m.shadow).to_vec();
+                    (w, traffic)
+                });
                 for step in 0..3 {
-                    // Gradients written straight into the buffer, as a backward does.
-                    m.grads = fake_grads(n, r + step, world);
-                    let before = Cpu::traffic();
-                    let st = opt.step(&mut m, &mut c, 1e-2).unwrap();
-                    let after = Cpu::traffic();
-                    traffic.push(Traffic {
-                        transferred: after.transferred - before.transferred,
-                        allocs: after.allocs - before.allocs,
-                    });
-                    assert!(st.grad_norm.is_finite());
+                    let g: Vec<f32> = (0..n)
+                        .map(|i| (0..world).map(|r| fake_grads(n, r + step, world)[i]).sum())
+                        .collect();
+                    reference.grads = g;
+                    adamw.step(&mut reference, 1e-2).unwrap();
                 }
-                (m.master, traffic)
-            });
-            for step in 0..3 {
-                let g: Vec<f32> = (0..n)
-                    .map(|i| (0..world).map(|r| fake_grads(n, r + step, world)[i]).sum())
-                    .collect();
-                reference.grads = g;
-                adamw.step(&mut reference, 1e-2).unwrap();
+                let what = format!("world {world}, separate compute copy {separate}");
+                for (r, (w, traffic)) in results.iter().enumerate() {
+                    assert_eq!(traffic, &vec![Traffic::default(); 3], "{what}, rank {r}");
+                    assert_eq!(w, &results[0].0, "{what}: ranks differ");
+                    let d = w
+                        .iter()
+                        .zip(&reference.master)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(d < 1e-6, "{what}: {d} from whole AdamW");
+                }
             }
-            for (r, (w, traffic)) in results.iter().enumerate() {
-                assert_eq!(
-                    traffic,
-                    &vec![Traffic::default(); 3],
-                    "world {world} rank {r}"
-                );
-                assert_eq!(w, &results[0].0, "world {world}: ranks differ");
-                let d = w
-                    .iter()
-                    .zip(&reference.master)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
-                assert!(d < 1e-6, "world {world}: {d} from whole AdamW");
-            }
+        }
+    }
+
+    /// Once the optimizer holds the master, the model refuses what would bypass it, and the
+    /// weights it reports are the compute copy's.
+    #[test]
+    fn a_released_master_is_not_written_behind_the_optimizer() {
+        let mut m = tiny_model();
+        let before = m.params_to_host().unwrap();
+        m.separate_compute_copy().unwrap();
+        let mut c = ThreadGroup::new(1).pop().unwrap();
+        let cfg = AdamWConfig::default();
+        let mut opt = ShardedAdamW::new(&mut m, cfg, 0, 1).unwrap();
+        assert!(m.master_released());
+        assert_eq!(m.params_to_host().unwrap(), before);
+        let e = m.set_params(&before).unwrap_err().to_string();
+        assert!(e.contains("ZeRO-1"), "{e}");
+        let e = crate::optim::AdamW::new(&m, cfg)
+            .unwrap()
+            .step(&mut m, 1e-3)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ZeRO-1"), "{e}");
+        assert!(ShardedAdamW::new(&mut m, cfg, 0, 1).is_err());
+        // The optimizer still steps it, and gather_params rebuilds the weights from its shard.
+        m.grads = fake_grads(m.num_params(), 0, 1);
+        opt.step(&mut m, &mut c, 1e-2).unwrap();
+        let stepped = m.params_to_host().unwrap();
+        assert_ne!(stepped, before);
+        m.shadow.fill(0.0);
+        opt.gather_params(&mut m, &mut c).unwrap();
+        assert_eq!(m.params_to_host().unwrap(), stepped);
+    }
+
+    /// The uneven collectives on 3 ranks over 10 elements in pieces of 4: the last rank's
+    /// piece is short, and a piece that cannot cover the vector is refused.
+    #[test]
+    fn uneven_pieces_reduce_and_gather_in_place() {
+        let (world, n, piece) = (3, 10, 4);
+        let out = on_ranks(world, |mut c| {
+            let r = c.rank();
+            let input: Vec<f32> = (0..n).map(|i| (i * 10 + r) as f32).collect();
+            let (off, len) = piece_of(n, piece, r);
+            let mut mine = vec![0f32; len];
+            c.reduce_scatter_v(&input, &mut mine, piece).unwrap();
+            let mut buf = vec![-1f32; n];
+            buf[off..off + len].copy_from_slice(&mine);
+            c.all_gather_v(&mut buf, piece).unwrap();
+            let short = c.reduce_scatter_v(&input, &mut mine, 3).is_err();
+            (buf, short)
+        });
+        let want: Vec<f32> = (0..n).map(|i| (i * 30 + 3) as f32).collect();
+        for (buf, short) in out {
+            assert_eq!(buf, want);
+            assert!(short);
         }
     }
 

@@ -424,8 +424,48 @@ impl<B: Backend> Llama<B> {
         self.set_params(&host)
     }
 
+    /// Gives the model a compute copy of its weights separate from the fp32 master where the
+    /// backend computes from the master itself (the CPU), so the CPU runs CUDA's data flow
+    /// (master beside a compute copy; ZeRO-1 releasing the master) in tests. A no-op where there
+    /// is one already.
+    pub fn separate_compute_copy(&mut self) -> Result<()> {
+        if B::len(&self.shadow) == 0 {
+            self.shadow = self.be.alloc::<B::Act>(self.table.total)?;
+            self.be.sync_shadow(&mut self.shadow, &self.master)?;
+        }
+        Ok(())
+    }
+
+    /// Frees the full fp32 master where the compute weights are a separate copy (CUDA's bf16
+    /// shadow), because a ZeRO-1 optimizer now owns the master, one shard per rank: on 8 ranks
+    /// that takes a 7B model from 16 to 5.5 bytes per parameter before activations. Returns
+    /// whether it did; where the master is the compute weights (the CPU) it stays. Afterwards
+    /// the weights are read from the compute copy and may only be set through the optimizer.
+    pub fn release_master(&mut self) -> Result<bool> {
+        if self.master_released() {
+            return Ok(true);
+        }
+        if B::len(&self.shadow) != self.table.total || self.table.total == 0 {
+            return Ok(false);
+        }
+        self.master = self.be.alloc::<f32>(0)?;
+        Ok(true)
+    }
+
+    /// Whether [`Llama::release_master`] freed the fp32 master.
+    pub fn master_released(&self) -> bool {
+        B::len(&self.master) != self.table.total
+    }
+
     /// Replaces every parameter from a host array in the flat layout.
     pub fn set_params(&mut self, host: &[f32]) -> Result<()> {
+        if self.master_released() {
+            return Err(Error::Config(
+                "the fp32 master weights belong to the ZeRO-1 optimizer (released from the \
+                 model): set weights before creating it, or load them through it"
+                    .into(),
+            ));
+        }
         if host.len() != self.table.total {
             return Err(Error::Shape(format!(
                 "parameter array has {} values, the model needs {}",
@@ -437,7 +477,13 @@ impl<B: Backend> Llama<B> {
         self.be.sync_shadow(&mut self.shadow, &self.master)
     }
 
+    /// The weights in the flat layout: the fp32 master, or, once a ZeRO-1 optimizer holds it
+    /// ([`Llama::release_master`]), the compute copy (bf16 values on CUDA).
     pub fn params_to_host(&self) -> Result<Vec<f32>> {
+        if self.master_released() {
+            let w = self.be.compute_weights(&self.master, &self.shadow);
+            return self.be.to_host_f32(w, self.table.total);
+        }
         let mut v = vec![0f32; self.table.total];
         self.be.to_host(&mut v, B::all(&self.master))?;
         Ok(v)

@@ -105,7 +105,7 @@ fn data_parallel(world: usize, cfg: AdamWConfig) -> Vec<Run> {
                     let r = comm.rank();
                     let local = &ids[r * B * T..(r + 1) * B * T];
                     let mut m = model();
-                    let mut opt = ShardedAdamW::new(&m, cfg, r, world).unwrap();
+                    let mut opt = ShardedAdamW::new(&mut m, cfg, r, world).unwrap();
                     // ZeRO-1's memory: each rank keeps 3 × ceil(n/N) optimizer floats.
                     assert_eq!(opt.master.len(), m.num_params().div_ceil(world));
                     assert_eq!(opt.m.len() + opt.v.len(), 2 * opt.master.len());
@@ -238,6 +238,18 @@ fn run_ranks(
     from: Option<&Path>,
     to: Option<&Path>,
 ) -> Vec<f32> {
+    run_ranks_as(world, steps, from, to, false)
+}
+
+/// [`run_ranks`], where `separate` gives each replica a compute copy apart from its master, so
+/// the optimizer releases the master (CUDA's data flow, run on the CPU).
+fn run_ranks_as(
+    world: usize,
+    steps: std::ops::Range<usize>,
+    from: Option<&Path>,
+    to: Option<&Path>,
+    separate: bool,
+) -> Vec<f32> {
     let cfg = opt_cfg(Some(1.0));
     let b = GLOBAL / world;
     let out: Vec<Vec<f32>> = thread::scope(|s| {
@@ -249,13 +261,19 @@ fn run_ranks(
                     let r = comm.rank();
                     let (mut m, mut opt) = match from {
                         None => {
-                            let m = model();
-                            let opt = ShardedAdamW::new(&m, cfg, r, world).unwrap();
+                            let mut m = model();
+                            if separate {
+                                m.separate_compute_copy().unwrap();
+                            }
+                            let opt = ShardedAdamW::new(&mut m, cfg, r, world).unwrap();
                             (m, opt)
                         }
                         Some(dir) => {
                             let mut m = load_model(Cpu, dir, Head::Lm).unwrap();
-                            let mut opt = ShardedAdamW::load(&m, cfg, r, world, dir).unwrap();
+                            if separate {
+                                m.separate_compute_copy().unwrap();
+                            }
+                            let mut opt = ShardedAdamW::load(&mut m, cfg, r, world, dir).unwrap();
                             opt.gather_params(&mut m, &mut comm).unwrap();
                             (m, opt)
                         }
@@ -338,16 +356,50 @@ fn zero1_checkpoint_resumes_with_another_world_size() {
     );
 }
 
+/// With the master released to the optimizer (each replica computing from its own copy, as on
+/// CUDA) the run is the same bits as with the master as the compute weights; its checkpoint
+/// stores the model in bf16, yet a resume on 3 ranks or 1 takes the fp32 masters from the
+/// shards and lands where an uninterrupted process does.
+#[test]
+fn zero1_with_a_released_master_trains_saves_and_resumes_alike() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("step-3");
+    let plain = run_ranks(3, 0..SAVE_AT, None, None);
+    let released = run_ranks_as(3, 0..SAVE_AT, None, Some(&ckpt), true);
+    assert_eq!(max_abs_diff(&plain, &released), 0.0);
+    let cfg_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg_json["torch_dtype"], "bfloat16");
+    let file = load_model(Cpu, &ckpt, Head::Lm)
+        .unwrap()
+        .params_to_host()
+        .unwrap();
+    let rounding = max_abs_diff(&file, &released);
+    assert!(rounding > 0.0, "the model file should hold bf16 values");
+
+    let want = uninterrupted();
+    for world in [3, 1] {
+        let got = run_ranks_as(world, SAVE_AT..TOTAL, Some(&ckpt), None, true);
+        let d = max_abs_diff(&got, &want);
+        eprintln!(
+            "3 ranks (released master) -> {world}: max |Δw| = {d:e} (bf16 file: {rounding:e})"
+        );
+        assert!(
+            d < 1e-5 && d < rounding / 10.0,
+            "resumed on {world} ranks: max |Δw| {d:e}"
+        );
+    }
+}
+
 /// A missing or foreign shard file is an error naming that file.
 #[test]
 fn zero1_checkpoint_names_a_missing_or_mismatched_shard() {
     let tmp = tempfile::tempdir().unwrap();
     let ckpt = tmp.path().join("ckpt");
     run_ranks(2, 0..1, None, Some(&ckpt));
-    let m = model();
     let cfg = opt_cfg(Some(1.0));
     let load = |rank, world| {
-        ShardedAdamW::load(&m, cfg, rank, world, &ckpt)
+        ShardedAdamW::load(&mut model(), cfg, rank, world, &ckpt)
             .err()
             .map(|e| e.to_string())
     };
@@ -389,7 +441,7 @@ fn zero1_checkpoint_names_a_missing_or_mismatched_shard() {
         "{e}"
     );
 
-    let e = ShardedAdamW::load(&m, cfg, 0, 1, tmp.path())
+    let e = ShardedAdamW::load(&mut model(), cfg, 0, 1, tmp.path())
         .err()
         .unwrap()
         .to_string();

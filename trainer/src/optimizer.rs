@@ -16,7 +16,7 @@ pub(crate) enum Optim<B: Backend> {
 impl<B: Backend> Optim<B> {
     /// A fresh optimizer for `model`: sharded when there is a communicator.
     pub(crate) fn new(
-        model: &Llama<B>,
+        model: &mut Llama<B>,
         cfg: AdamWConfig,
         comm: Option<&mut (dyn DeviceCollective<B> + '_)>,
     ) -> Result<Self> {

@@ -1169,8 +1169,8 @@ pub fn train_dp<B: Backend>(
         best_eval = st.best_eval;
         since_best = st.evals_since_best;
     } else {
-        opt_p = Optim::new(&policy, adamw_cfg(cfg), comm.as_deref_mut())?;
-        opt_c = Optim::new(&critic, adamw_cfg(cfg), comm.as_deref_mut())?;
+        opt_p = Optim::new(&mut policy, adamw_cfg(cfg), comm.as_deref_mut())?;
+        opt_c = Optim::new(&mut critic, adamw_cfg(cfg), comm.as_deref_mut())?;
     }
 
     // ---- prompts

@@ -618,8 +618,8 @@ pub fn run_dp<B: Backend>(
     let (mut model, mut opt, start_step, loader_pos) = match resume {
         None => {
             // The same seed on every rank: identical replicas.
-            let model = build_model(be, &cfg.model, data_vocab, cfg.seed)?;
-            let opt = Optim::new(&model, adamw_config(&cfg), comm.as_deref_mut())?;
+            let mut model = build_model(be, &cfg.model, data_vocab, cfg.seed)?;
+            let opt = Optim::new(&mut model, adamw_config(&cfg), comm.as_deref_mut())?;
             (model, opt, 0usize, 0u64)
         }
         Some(p) => {

@@ -2,7 +2,7 @@
 
 use super::{AdamWStep, AttnDims, Backend, CacheDims};
 use crate::elem::Elem;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ops;
 use std::cell::Cell;
 
@@ -25,6 +25,15 @@ thread_local! {
             allocs: 0,
         })
     };
+}
+
+fn check_same(what: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        return Err(Error::Shape(format!(
+            "{what}: {got} elements, expected {want}"
+        )));
+    }
+    Ok(())
 }
 
 fn note(transferred: usize, allocs: usize) {
@@ -80,6 +89,9 @@ impl Backend for Cpu {
     fn sub<'a, T: Elem>(view: Self::Ref<'a, T>, off: usize, len: usize) -> Self::Ref<'a, T> {
         &view[off..off + len]
     }
+    fn sub_mut<'b, T: Elem>(view: &'b mut &mut [T], off: usize, len: usize) -> &'b mut [T] {
+        &mut view[off..off + len]
+    }
     fn to_host<T: Elem>(&self, dst: &mut [T], src: &[T]) -> Result<()> {
         note(dst.len(), 0);
         dst.copy_from_slice(&src[..dst.len()]);
@@ -104,10 +116,34 @@ impl Backend for Cpu {
     fn alloc_shadow(&self, _len: usize) -> Result<Vec<f32>> {
         Ok(Vec::new())
     }
-    fn compute_weights<'a>(&self, master: &'a Vec<f32>, _shadow: &'a Vec<f32>) -> &'a [f32] {
-        master
+    fn compute_weights<'a>(&self, master: &'a Vec<f32>, shadow: &'a Vec<f32>) -> &'a [f32] {
+        if shadow.is_empty() {
+            master
+        } else {
+            shadow
+        }
     }
-    fn sync_shadow(&self, _shadow: &mut Vec<f32>, _master: &Vec<f32>) -> Result<()> {
+    fn compute_weights_mut<'a>(
+        &self,
+        master: &'a mut Vec<f32>,
+        shadow: &'a mut Vec<f32>,
+    ) -> &'a mut [f32] {
+        if shadow.is_empty() {
+            master
+        } else {
+            shadow
+        }
+    }
+    fn sync_shadow(&self, shadow: &mut Vec<f32>, master: &Vec<f32>) -> Result<()> {
+        if !shadow.is_empty() {
+            check_same("sync_shadow", shadow.len(), master.len())?;
+            shadow.copy_from_slice(master);
+        }
+        Ok(())
+    }
+    fn to_compute(&self, dst: &mut [f32], src: &[f32]) -> Result<()> {
+        check_same("to_compute", dst.len(), src.len())?;
+        dst.copy_from_slice(src);
         Ok(())
     }
 
@@ -329,13 +365,19 @@ impl Backend for Cpu {
     fn adamw(
         &self,
         master: &mut [f32],
-        _shadow: Option<&mut [f32]>,
+        shadow: Option<&mut [f32]>,
         m: &mut [f32],
         v: &mut [f32],
         g: &[f32],
         s: AdamWStep,
     ) -> Result<()> {
         ops::adamw(master, m, v, g, s);
+        // A separate compute copy (Llama::separate_compute_copy) or ZeRO-1's shard of the
+        // compute weights; the empty shadow of a model computing from its master is skipped.
+        if let Some(sh) = shadow.filter(|sh| !sh.is_empty()) {
+            check_same("adamw shadow", sh.len(), master.len())?;
+            sh.copy_from_slice(master);
+        }
         Ok(())
     }
     fn sum_squares(&self, x: &[f32]) -> Result<f64> {

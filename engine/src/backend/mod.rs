@@ -32,6 +32,12 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn slice_mut<T: Elem>(buf: &mut Self::Buf<T>, off: usize, len: usize) -> Self::Mut<'_, T>;
     /// A sub-view of a view (a weight inside the flat parameter view).
     fn sub<'a, T: Elem>(view: Self::Ref<'a, T>, off: usize, len: usize) -> Self::Ref<'a, T>;
+    /// A mutable sub-view, reborrowed from a mutable view for as long as it lives.
+    fn sub_mut<'b, T: Elem>(
+        view: &'b mut Self::Mut<'_, T>,
+        off: usize,
+        len: usize,
+    ) -> Self::Mut<'b, T>;
     fn to_host<T: Elem>(&self, dst: &mut [T], src: Self::Ref<'_, T>) -> Result<()>;
     fn from_host<T: Elem>(&self, dst: Self::Mut<'_, T>, src: &[T]) -> Result<()>;
     fn copy<T: Elem>(&self, dst: Self::Mut<'_, T>, src: Self::Ref<'_, T>) -> Result<()>;
@@ -44,17 +50,29 @@ pub trait Backend: Clone + Send + Sync + 'static {
     }
 
     /// The compute copy of the fp32 master weights: an empty buffer where the master itself
-    /// is used for compute (CPU), a bf16 shadow on CUDA.
+    /// is used for compute (CPU), a bf16 shadow on CUDA. (A model can still give itself a
+    /// separate copy on the CPU, [`crate::Llama::separate_compute_copy`], to run CUDA's data
+    /// flow there.)
     fn alloc_shadow(&self, len: usize) -> Result<Self::Buf<Self::Act>>;
-    /// The weights the ops read: the master (CPU) or its shadow (CUDA).
+    /// The weights the ops read: the shadow where it is not empty (CUDA), else the master.
     fn compute_weights<'a>(
         &self,
         master: &'a Self::Buf<f32>,
         shadow: &'a Self::Buf<Self::Act>,
     ) -> Self::Ref<'a, Self::Act>;
+    /// The compute weights for writing in place: the shadow where it is not empty, else the
+    /// master (the same rule as [`Backend::compute_weights`]). ZeRO-1 updates its shard of them
+    /// and all-gathers them in their own dtype (bf16 on CUDA: half the bytes of fp32).
+    fn compute_weights_mut<'a>(
+        &self,
+        master: &'a mut Self::Buf<f32>,
+        shadow: &'a mut Self::Buf<Self::Act>,
+    ) -> Self::Mut<'a, Self::Act>;
     /// Refresh the shadow from the master after the master was written outside AdamW.
     fn sync_shadow(&self, shadow: &mut Self::Buf<Self::Act>, master: &Self::Buf<f32>)
         -> Result<()>;
+    /// `dst` ← `src` rounded to the compute dtype (a copy on the CPU).
+    fn to_compute(&self, dst: Self::Mut<'_, Self::Act>, src: Self::Ref<'_, f32>) -> Result<()>;
 
     /// Downloads a float buffer as f32.
     fn to_host_f32(&self, src: Self::Ref<'_, Self::Act>, len: usize) -> Result<Vec<f32>> {

@@ -5,14 +5,17 @@
 //! new rank reads only the slices of the old shard files that overlap its new shard.
 //!
 //! Layout of a checkpoint directory:
-//! `config.json`, `model.safetensors` (rank 0, the existing [`save_model`]), `zero1.json` (the
+//! `config.json`, `model.safetensors` (rank 0, the existing [`save_model`]; bf16 where the
+//! model's master was released to the optimizer, as on CUDA), `zero1.json` (the
 //! manifest), `optimizer-zero1-RRRRR-of-WWWWW.safetensors` (one per rank: tensors `master`, `m`,
 //! `v` of the shard's real elements; metadata `rank`, `world`, `start`, `end`, `n`, `step`).
 
 use super::{Collective, Shard, ShardedAdamW};
 use crate::backend::Backend;
 use crate::checkpoint::TensorFiles;
-use crate::checkpoint::{save_model, write_file_atomic, write_safetensors_atomic, SaveOptions};
+use crate::checkpoint::{
+    save_model, write_file_atomic, write_safetensors_atomic, SaveDtype, SaveOptions,
+};
 use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::optim::AdamWConfig;
@@ -203,9 +206,10 @@ impl<B: Backend> ShardedAdamW<B> {
 
     /// This rank's optimizer from a ZeRO-1 checkpoint written with any world size: the slices
     /// of the old shards that overlap the new shard `rank` of `world` ([`read_shard_state`]),
-    /// uploaded once. The model's weights are not touched (see [`ShardedAdamW::gather_params`]).
+    /// uploaded once. The model's weights are not set (see [`ShardedAdamW::gather_params`]); its
+    /// full master is released as by [`ShardedAdamW::new`].
     pub fn load(
-        model: &Llama<B>,
+        model: &mut Llama<B>,
         cfg: AdamWConfig,
         rank: usize,
         world: usize,
@@ -308,6 +312,16 @@ pub fn save_zero1<B: Backend, C: Collective + ?Sized>(
             comm.world()
         )));
     }
+    // Where the optimizer holds the only fp32 master (CUDA), the model file is the bf16
+    // compute weights, stored as what they are; the shards keep the masters a resume uses.
+    let opts = if model.master_released() {
+        SaveOptions {
+            dtype: SaveDtype::Bf16,
+            ..opts
+        }
+    } else {
+        opts
+    };
     let first = if comm.rank() == 0 {
         let man = Zero1Manifest::new(opt.shard.n, opt.shard.world, opt.step);
         // The directory write replaces an older one wholesale, so the other ranks write only

@@ -12,7 +12,7 @@
 //! device buffers directly, no staging), and the host-slice [`Collective`] trait (staged
 //! through a device buffer; for checkpoint agreement and logged scalars only).
 
-use super::{check_len, Collective, DeviceCollective, DistEnv, Rendezvous};
+use super::{check_len, check_pieces, piece_of, Collective, DeviceCollective, DistEnv, Rendezvous};
 use crate::backend::cuda::{probe_driver, Cuda, DBuf, DMut, DRef};
 use crate::backend::Backend;
 use crate::elem::Elem;
@@ -269,6 +269,134 @@ impl NcclComm {
         .map_err(|e| self.err("ncclAllGather", e))
     }
 
+    /// Runs `f`'s NCCL calls as one group (ncclGroupStart/End), so per-rank operations of a
+    /// collective proceed together; the group is closed even when `f` fails.
+    fn grouped(&mut self, f: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
+        result::group_start().map_err(|e| self.err("ncclGroupStart", e))?;
+        let r = f(self);
+        let end = result::group_end().map_err(|e| self.err("ncclGroupEnd", e));
+        r.and(end.map(drop))
+    }
+
+    /// `out` ← Σ over ranks of this rank's piece of `input` (pieces of `piece` elements, the
+    /// last ones short): one ncclReduceScatter when the pieces are equal, else one ncclReduce
+    /// per rank onto its owner, grouped.
+    pub fn reduce_scatter_v_device<T: NcclElem>(
+        &mut self,
+        input: DRef<'_, T>,
+        out: DMut<'_, T>,
+        piece: usize,
+    ) -> Result<()> {
+        let n = input.len();
+        check_pieces(
+            "reduce_scatter_v output",
+            n,
+            piece,
+            self.world,
+            self.rank,
+            out.len(),
+        )?;
+        if n == self.world * piece {
+            return self.reduce_scatter_sum_device(input, out);
+        }
+        self.cuda.bind()?;
+        let size = std::mem::size_of::<T>() as u64;
+        self.grouped(|me| {
+            for r in 0..me.world {
+                let (off, len) = piece_of(n, piece, r);
+                if len == 0 {
+                    continue;
+                }
+                let send = input.ptr() + off as u64 * size;
+                // Only the root's receive buffer is used; the others pass their send pointer.
+                let recv = if r == me.rank { out.ptr() } else { send };
+                // SAFETY: `input` borrows a live device buffer of n elements and [off, off+len)
+                // lies inside it (piece_of); on the root `out` borrows a distinct live buffer of
+                // len elements (check_pieces); r < world fits in c_int for any real job.
+                unsafe {
+                    result::reduce(
+                        send as *const _,
+                        recv as *mut _,
+                        len,
+                        T::DTYPE,
+                        sys::ncclRedOp_t::ncclSum,
+                        r as c_int,
+                        me.comm,
+                        me.stream(),
+                    )
+                }
+                .map_err(|e| me.err("ncclReduce", e))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// In place over `buf`: every rank's piece is copied to the others. One in-place
+    /// ncclAllGather when the pieces are equal, else one ncclBroadcast per rank from its owner,
+    /// grouped.
+    pub fn all_gather_v_device<T: NcclElem>(
+        &mut self,
+        buf: DMut<'_, T>,
+        piece: usize,
+    ) -> Result<()> {
+        let (n, world, rank) = (buf.len(), self.world, self.rank);
+        check_pieces(
+            "all_gather_v",
+            n,
+            piece,
+            world,
+            rank,
+            piece_of(n, piece, rank).1,
+        )?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.cuda.bind()?;
+        let size = std::mem::size_of::<T>() as u64;
+        if n == world * piece {
+            let send = buf.ptr() + (rank * piece) as u64 * size;
+            // SAFETY: `buf` borrows a live device buffer of world·piece elements; the send
+            // pointer is this rank's piece inside it, the in-place form NCCL allows
+            // (sendbuff == recvbuff + rank·sendcount).
+            return unsafe {
+                result::all_gather(
+                    send as *const _,
+                    buf.ptr() as *mut _,
+                    piece,
+                    T::DTYPE,
+                    self.comm,
+                    self.stream(),
+                )
+            }
+            .map(drop)
+            .map_err(|e| self.err("ncclAllGather (in place)", e));
+        }
+        self.grouped(|me| {
+            for r in 0..world {
+                let (off, len) = piece_of(n, piece, r);
+                if len == 0 {
+                    continue;
+                }
+                let p = buf.ptr() + off as u64 * size;
+                // SAFETY: [off, off+len) lies inside the live buffer `buf` borrows; in-place
+                // broadcast (sendbuff == recvbuff) is allowed.
+                unsafe {
+                    result::broadcast(
+                        p as *const _,
+                        p as *mut _,
+                        len,
+                        T::DTYPE,
+                        r as c_int,
+                        me.comm,
+                        me.stream(),
+                    )
+                }
+                .map_err(|e| me.err("ncclBroadcast", e))?;
+            }
+            Ok(())
+        })
+    }
+
     /// Staging buffer `i` (0: send, 1: receive) with room for `len` f32, taken out of `self`
     /// while in use (two buffers, so a send view and a receive view never alias).
     fn take_stage(&mut self, i: usize, len: usize) -> Result<DBuf<f32>> {
@@ -339,11 +467,16 @@ impl DeviceCollective<Cuda> for NcclComm {
     fn all_reduce_sum_buf(&mut self, buf: DMut<'_, f32>) -> Result<()> {
         self.all_reduce_sum_device(buf)
     }
-    fn reduce_scatter_sum_buf(&mut self, input: DRef<'_, f32>, out: DMut<'_, f32>) -> Result<()> {
-        self.reduce_scatter_sum_device(input, out)
+    fn reduce_scatter_v(
+        &mut self,
+        input: DRef<'_, f32>,
+        out: DMut<'_, f32>,
+        piece: usize,
+    ) -> Result<()> {
+        self.reduce_scatter_v_device(input, out, piece)
     }
-    fn all_gather_buf(&mut self, shard: DRef<'_, f32>, out: DMut<'_, f32>) -> Result<()> {
-        self.all_gather_device(shard, out)
+    fn all_gather_v(&mut self, buf: DMut<'_, half::bf16>, piece: usize) -> Result<()> {
+        self.all_gather_v_device(buf, piece)
     }
 }
 
@@ -413,12 +546,25 @@ mod tests {
         let dx = cuda.upload(&x).unwrap();
         let mut dy = cuda.alloc::<f32>(1000).unwrap();
         let mut back = vec![0f32; 1000];
-        c.reduce_scatter_sum_buf(dx.view(), dy.view_mut()).unwrap();
+        c.reduce_scatter_v(dx.view(), dy.view_mut(), 1000).unwrap();
         cuda.to_host(&mut back, dy.view()).unwrap();
         assert_eq!(back, x);
-        c.all_gather_buf(dx.view(), dy.view_mut()).unwrap();
         c.all_reduce_sum_buf(dy.view_mut()).unwrap();
         cuda.to_host(&mut back, dy.view()).unwrap();
         assert_eq!(back, x);
+        // The uneven forms (grouped reduce / broadcast), as a world of one sees them: a piece
+        // larger than the vector.
+        let mut dz = cuda.alloc::<f32>(1000).unwrap();
+        c.reduce_scatter_v_device(dx.view(), dz.view_mut(), 1024)
+            .unwrap();
+        cuda.to_host(&mut back, dz.view()).unwrap();
+        assert_eq!(back, x);
+        let xb: Vec<half::bf16> = x.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let mut db = cuda.upload(&xb).unwrap();
+        c.all_gather_v(db.view_mut(), 1000).unwrap();
+        c.all_gather_v(db.view_mut(), 1024).unwrap();
+        let mut bb = vec![half::bf16::ZERO; 1000];
+        cuda.to_host(&mut bb, db.view()).unwrap();
+        assert_eq!(bb, xb);
     }
 }

@@ -149,6 +149,20 @@ impl<'a, T> DMut<'a, T> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// A mutable view of `[off, off + len)`, borrowing this one.
+    pub fn sub_mut(&mut self, off: usize, len: usize) -> DMut<'_, T> {
+        assert!(
+            off + len <= self.len,
+            "view [{off}, {}) out of bounds of {}",
+            off + len,
+            self.len
+        );
+        DMut {
+            ptr: self.ptr + (off * std::mem::size_of::<T>()) as u64,
+            len,
+            _t: PhantomData,
+        }
+    }
     /// A read-only view of the same elements.
     pub fn as_ref(&self) -> DRef<'_, T> {
         DRef {

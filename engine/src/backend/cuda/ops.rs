@@ -117,6 +117,9 @@ impl Backend for Cuda {
     fn sub<'a, T: Elem>(view: Self::Ref<'a, T>, off: usize, len: usize) -> Self::Ref<'a, T> {
         view.sub(off, len)
     }
+    fn sub_mut<'b, T: Elem>(view: &'b mut DMut<'_, T>, off: usize, len: usize) -> DMut<'b, T> {
+        view.sub_mut(off, len)
+    }
 
     fn to_host<T: Elem>(&self, dst: &mut [T], src: DRef<'_, T>) -> Result<()> {
         len_at_least("to_host", "src", src.len(), dst.len())?;
@@ -201,15 +204,25 @@ impl Backend for Cuda {
     ) -> DRef<'a, bf16> {
         shadow.view()
     }
+    fn compute_weights_mut<'a>(
+        &self,
+        _master: &'a mut DBuf<f32>,
+        shadow: &'a mut DBuf<bf16>,
+    ) -> DMut<'a, bf16> {
+        shadow.view_mut()
+    }
     fn sync_shadow(&self, shadow: &mut DBuf<bf16>, master: &DBuf<f32>) -> Result<()> {
         len_is("sync_shadow", "shadow", shadow.len(), master.len())?;
-        let n = master.len();
+        self.to_compute(shadow.view_mut(), master.view())
+    }
+    fn to_compute(&self, dst: DMut<'_, bf16>, src: DRef<'_, f32>) -> Result<()> {
+        let n = src.len();
+        len_is("to_compute", "dst", dst.len(), n)?;
         if n == 0 {
             return Ok(());
         }
-        let out = shadow.view_mut();
         launch!(self, "elementwise", "f32_to_bf16", self.elementwise_grid(n), BLOCK, 0;
-            &out, master.view(), n)
+            &dst, src, n)
     }
 
     fn add(&self, out: DMut<'_, bf16>, a: DRef<'_, bf16>, b: DRef<'_, bf16>) -> Result<()> {
