@@ -1,9 +1,9 @@
 //! The built-in assistant world: `world`, `world-prefs`, `eval-world`.
 
-use super::common::load_for_generation;
+use super::common::{load_for_generation, on_device};
 use anyhow::{Context, Result};
-use engine::Cpu;
 use std::path::PathBuf;
+use trainer::device::Device;
 
 #[derive(clap::Args)]
 pub struct WorldArgs {
@@ -50,9 +50,16 @@ pub struct WorldPrefsArgs {
     /// pairs).
     #[arg(long, default_value_t = 0.5)]
     off_topic: f64,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
 }
 
 pub fn world_prefs(a: WorldPrefsArgs) -> Result<()> {
+    on_device!(a.device, |be| world_prefs_on(be, a))
+}
+
+fn world_prefs_on<B: engine::Backend>(be: B, a: WorldPrefsArgs) -> Result<()> {
     let WorldPrefsArgs {
         model,
         world,
@@ -63,8 +70,9 @@ pub fn world_prefs(a: WorldPrefsArgs) -> Result<()> {
         seed,
         pairs_per_prompt,
         off_topic,
+        ..
     } = a;
-    let (mut m, tok) = load_for_generation(Cpu, &model, None)?;
+    let (mut m, tok) = load_for_generation(be, &model, None)?;
     let ann = trainer::world::Annotator::new(trainer::world::World::load(&world)?);
     let ex = trainer::world::read_examples(&world.join(&split))?;
     let cfg = trainer::prefs::PrefsConfig {
@@ -108,9 +116,16 @@ pub struct EvalWorldArgs {
     /// Write the report (and every answer) as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
 }
 
 pub fn eval_world(a: EvalWorldArgs) -> Result<()> {
+    on_device!(a.device, |be| eval_world_on(be, a))
+}
+
+fn eval_world_on<B: engine::Backend>(be: B, a: EvalWorldArgs) -> Result<()> {
     let EvalWorldArgs {
         model,
         world,
@@ -118,8 +133,9 @@ pub fn eval_world(a: EvalWorldArgs) -> Result<()> {
         batch_size,
         max_new_tokens,
         json,
+        ..
     } = a;
-    let (mut m, tok) = load_for_generation(Cpu, &model, None)?;
+    let (mut m, tok) = load_for_generation(be, &model, None)?;
     let ann = trainer::world::Annotator::new(trainer::world::World::load(&world)?);
     let ex = trainer::world::read_examples(&world.join(&split))?;
     let (ev, answers) =
