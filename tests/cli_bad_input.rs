@@ -477,3 +477,30 @@ fn dist_without_a_launch_or_a_gpu_fails_cleanly() {
     o.assert_clean_failure("--dist with --device");
     assert!(o.stderr.contains("--device"), "{}", o.stderr);
 }
+
+// ---- --device cuda without a GPU ----------------------------------------------------------------
+
+#[test]
+fn world_commands_on_a_missing_gpu_fail_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("no-model");
+    let world = tmp.path().join("no-world");
+    let out = tmp.path().join("prefs.jsonl");
+    for cmd in [&["world-prefs", "--out", p(&out)][..], &["eval-world"]] {
+        let mut args = cmd.to_vec();
+        args.extend_from_slice(&["--model", p(&model), "--world", p(&world)]);
+        // The device opens first, as in score and generate: without a GPU the error names it;
+        // with one the run gets as far as the missing model. Either way a clean failure.
+        args.extend_from_slice(&["--device", "cuda"]);
+        let o = llama2(&args, b"");
+        o.assert_clean_failure(&format!("{args:?}"));
+        if !engine::backend::cuda::cuda_available() {
+            assert!(
+                o.stderr.contains("--device cuda:0") && o.stderr.contains("--device cpu"),
+                "{args:?}: {}",
+                o.stderr
+            );
+        }
+        assert!(!out.exists(), "{args:?} wrote {}", out.display());
+    }
+}

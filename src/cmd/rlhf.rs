@@ -1,0 +1,575 @@
+//! The RLHF stages: `rejection-sample`, `ppo`, `gatt`, `distill-safety`, and `rlhf` and
+//! `pipeline` that chain them.
+
+use super::common::on_device;
+use anyhow::{bail, Context, Result};
+use engine::Cpu;
+use std::path::PathBuf;
+use trainer::device::Device;
+
+#[derive(clap::Args)]
+pub struct RejectionSampleArgs {
+    /// The model to start from (SFT or an earlier round).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    rm_helpfulness: PathBuf,
+    #[arg(long)]
+    rm_safety: PathBuf,
+    /// Prompt JSONL: rows with `messages` ending in a user turn; `category: "safety"` tags
+    /// safety prompts.
+    #[arg(long)]
+    prompts: PathBuf,
+    #[arg(long, default_value = "runs/rs")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    #[arg(long, default_value_t = 8)]
+    k: usize,
+    #[arg(long, default_value_t = 1.2)]
+    temperature: f32,
+    /// Prompts per round (0: all).
+    #[arg(long, default_value_t = 0)]
+    max_prompts: usize,
+    #[arg(long, default_value_t = 2e-5)]
+    lr: f32,
+    #[arg(long, default_value_t = 2)]
+    epochs: usize,
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+pub fn rejection_sample(a: RejectionSampleArgs) -> Result<()> {
+    let RejectionSampleArgs {
+        model,
+        rm_helpfulness,
+        rm_safety,
+        prompts,
+        out,
+        rounds,
+        k,
+        temperature,
+        max_prompts,
+        lr,
+        epochs,
+        seq_len,
+        seed,
+    } = a;
+    use trainer::rs::{run_round, write_report, Pool, RsConfig, RsPrompt};
+    let text = std::fs::read_to_string(&prompts)
+        .with_context(|| format!("reading {}", prompts.display()))?;
+    let mut ps = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}", prompts.display(), i + 1))?;
+        let messages: Vec<engine::tokenizer::Message> =
+            serde_json::from_value(v["messages"].clone()).with_context(|| {
+                format!(
+                    "{}:{}: `messages` must be a list of {{role, content}}",
+                    prompts.display(),
+                    i + 1
+                )
+            })?;
+        if messages.last().is_none_or(|m| m.role != "user") {
+            bail!(
+                "{}:{}: the dialogue must end with a user turn",
+                prompts.display(),
+                i + 1
+            );
+        }
+        ps.push(RsPrompt {
+            messages,
+            safety: v["category"] == "safety",
+        });
+    }
+    if max_prompts > 0 {
+        ps.truncate(max_prompts);
+    }
+    let cfg = RsConfig {
+        k,
+        temperature,
+        lr,
+        epochs,
+        seq_len,
+        seed,
+        ..Default::default()
+    };
+    let mut pool = Pool::default();
+    let mut current = model;
+    let mut stats = Vec::new();
+    for r in 1..=rounds {
+        let st = run_round(
+            Cpu,
+            &current,
+            &rm_helpfulness,
+            &rm_safety,
+            &ps,
+            &cfg,
+            r,
+            &mut pool,
+            &out,
+        )?;
+        println!(
+            "round {r}: {} prompts x {k}: mean max reward {:.4}, mean median {:.4} (delta {:.4}); pool {}",
+            st.prompts, st.mean_max, st.mean_median, st.mean_max - st.mean_median, st.pool
+        );
+        current = st.checkpoint.clone().context("no checkpoint written")?;
+        stats.push(st);
+    }
+    write_report(&out, &stats)?;
+    println!(
+        "model: {}\nreport: {}/rs_report.json, rs_rewards.svg",
+        current.display(),
+        out.display()
+    );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct PpoArgs {
+    /// The policy to train (RS or SFT checkpoint with tokenizer.json).
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// The frozen reference π0 (default: the policy).
+    #[arg(long)]
+    reference: Option<PathBuf>,
+    #[arg(long)]
+    reward_helpfulness: Option<PathBuf>,
+    /// Default: the helpfulness reward model.
+    #[arg(long)]
+    reward_safety: Option<PathBuf>,
+    /// The critic's initialisation (default: the helpfulness reward model).
+    #[arg(long)]
+    critic: Option<PathBuf>,
+    /// Prompt JSONL (`messages` ending with a user turn; `category: "safety"` tags safety prompts).
+    #[arg(long, num_args = 1..)]
+    prompts: Vec<PathBuf>,
+    /// Held-out prompts for early stopping (default: every 20th prompt).
+    #[arg(long, num_args = 1..)]
+    eval_prompts: Vec<PathBuf>,
+    /// A world directory: logs the gold annotator's reward too.
+    #[arg(long)]
+    world: Option<PathBuf>,
+    #[arg(long, default_value = "runs/ppo")]
+    out: PathBuf,
+    /// Continue a run (run directory or checkpoint).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    #[arg(long)]
+    iterations: Option<usize>,
+    /// Rollouts per iteration (paper: 512).
+    #[arg(long, default_value_t = 512)]
+    batch: usize,
+    /// Rollouts per gradient step (paper: 64).
+    #[arg(long, default_value_t = 64)]
+    minibatch: usize,
+    /// Constant learning rate (paper: 1e-6).
+    #[arg(long, default_value_t = 1e-6)]
+    lr: f32,
+    /// KL coefficient (default 0.01; 0.005 for 34B/70B shapes).
+    #[arg(long)]
+    beta: Option<f32>,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Iterations that train only the critic first.
+    #[arg(long, default_value_t = 0)]
+    critic_warmup: usize,
+    /// The critic's learning rate (default: --lr).
+    #[arg(long)]
+    critic_lr: Option<f32>,
+    /// Passes over each batch of rollouts (paper: 1).
+    #[arg(long, default_value_t = 1)]
+    ppo_epochs: usize,
+    /// Evaluate the held-out prompts every N iterations (0: never).
+    #[arg(long, default_value_t = 10)]
+    eval_every: usize,
+    /// Held-out answers sampled per prompt at the rollout temperature (0: greedy).
+    #[arg(long, default_value_t = 0)]
+    eval_samples: usize,
+    /// Stop after this many evaluations without a better held-out reward (0: never).
+    #[arg(long, default_value_t = 3)]
+    patience: usize,
+    /// Answers sampled per prompt; with k > 1 rewards are taken against the other answers'
+    /// mean (a per-prompt baseline).
+    #[arg(long, default_value_t = 1)]
+    samples_per_prompt: usize,
+    /// Reward rollouts with the world's gold annotator instead of the reward models (an
+    /// upper-bound ablation; needs --world).
+    #[arg(long)]
+    oracle: bool,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    /// Activation recomputation for the policy's and the critic's backward: none, attn or full.
+    #[arg(long)]
+    recompute: Option<engine::Recompute>,
+    /// Run as one rank of a data-parallel job launched by torchrun, mpirun or srun: each rank
+    /// drives cuda:LOCAL_RANK, generates and scores its share of each batch (whole --gen-batch
+    /// chunks), NCCL sums the policy's and the critic's gradients and ZeRO-1 shards their
+    /// optimizer states; --batch and --minibatch stay global (the run equals one process's).
+    #[arg(long, conflicts_with = "device")]
+    dist: bool,
+    /// Where the ranks exchange the NCCL id: file:PATH (shared filesystem) or HOST:PORT
+    /// (default MASTER_ADDR:MASTER_PORT, as torchrun sets them).
+    #[arg(long, requires = "dist")]
+    rendezvous: Option<String>,
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    #[arg(long)]
+    no_progress: bool,
+}
+
+pub fn ppo_cmd(a: PpoArgs) -> Result<()> {
+    use engine::dist::Collective;
+    use trainer::ppo::{resume_config, train, train_dp, PpoConfig};
+    // The launch first: a rank without a place to meet fails before reading anything.
+    let mut dist = if a.dist {
+        Some(trainer::device::open_dist(a.rendezvous.as_deref())?)
+    } else {
+        None
+    };
+    let cfg = if let Some(r) = &a.resume {
+        let mut c = resume_config(r, a.iterations)?;
+        c.progress = !a.no_progress;
+        c.recompute = a.recompute.unwrap_or(c.recompute);
+        c
+    } else {
+        let policy = a.policy.clone().context("--policy DIR is required")?;
+        let rh = a
+            .reward_helpfulness
+            .clone()
+            .context("--reward-helpfulness DIR is required")?;
+        if a.prompts.is_empty() {
+            bail!("--prompts FILE... is required");
+        }
+        let mut c = PpoConfig::new(policy, rh, a.prompts.clone(), a.out.clone());
+        c.reference = a.reference.clone();
+        c.reward_safety = a.reward_safety.clone();
+        c.critic = a.critic.clone();
+        c.eval_prompts = a.eval_prompts.clone();
+        c.world = a.world.clone();
+        if let Some(i) = a.iterations {
+            c.iterations = i;
+        }
+        c.batch = a.batch;
+        c.minibatch = a.minibatch;
+        c.lr = a.lr;
+        c.beta = a.beta;
+        c.max_new_tokens = a.max_new_tokens;
+        c.critic_warmup = a.critic_warmup;
+        c.critic_lr = a.critic_lr;
+        c.ppo_epochs = a.ppo_epochs;
+        c.eval_every = a.eval_every;
+        c.eval_samples = a.eval_samples;
+        c.patience = a.patience;
+        c.oracle = a.oracle;
+        c.samples_per_prompt = a.samples_per_prompt;
+        c.seed = a.seed;
+        c.recompute = a.recompute.unwrap_or_default();
+        c.progress = !a.no_progress;
+        c
+    };
+    let rep = match &mut dist {
+        None => on_device!(a.device, |be| train(be, &cfg)?),
+        Some((cuda, comm)) => {
+            let lead = comm.rank() == 0;
+            let rep = train_dp(cuda.clone(), &cfg, Some(comm))?;
+            if !lead {
+                return Ok(());
+            }
+            rep
+        }
+    };
+    println!(
+        "ppo: {} iterations{} in {:.0} s, beta {}; checkpoint {}",
+        rep.iterations,
+        if rep.stopped_early {
+            " (stopped early on held-out reward)"
+        } else {
+            ""
+        },
+        rep.seconds,
+        rep.beta,
+        rep.checkpoint.display()
+    );
+    if let Some(b) = &rep.best_dir {
+        println!("best policy: {}", b.display());
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct GattArgs {
+    #[arg(long)]
+    init: PathBuf,
+    #[arg(long)]
+    world: PathBuf,
+    #[arg(long, default_value = "runs/gatt")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 4)]
+    turns: usize,
+    #[arg(long, default_value_t = 400)]
+    dialogues: usize,
+    /// Extra SFT JSONL mixed into the fine-tune.
+    #[arg(long, num_args = 1..)]
+    replay: Vec<PathBuf>,
+    #[arg(long, default_value_t = 2)]
+    epochs: usize,
+    #[arg(long, default_value_t = 2e-5)]
+    lr: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+}
+
+pub fn gatt(a: GattArgs) -> Result<()> {
+    let GattArgs {
+        init,
+        world,
+        out,
+        turns,
+        dialogues,
+        replay,
+        epochs,
+        lr,
+        seed,
+        device,
+    } = a;
+    let cfg = trainer::gatt::GattConfig {
+        turns,
+        dialogues,
+        replay,
+        epochs,
+        lr,
+        seed,
+        ..Default::default()
+    };
+    let r = on_device!(device, |be| trainer::gatt::run_gatt(
+        be, &init, &world, &out, &cfg
+    )?);
+    println!(
+        "adherence per turn before GAtt: {:?}",
+        r.adherence_before.follow
+    );
+    println!(
+        "adherence per turn after GAtt:  {:?}",
+        r.adherence_after.follow
+    );
+    println!(
+        "{} training rows from {} dialogues; model: {}",
+        r.rows,
+        r.dialogues,
+        r.checkpoint.display()
+    );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct DistillSafetyArgs {
+    #[arg(long)]
+    init: PathBuf,
+    #[arg(long)]
+    safety_rm: PathBuf,
+    #[arg(long)]
+    world: PathBuf,
+    #[arg(long, default_value = "runs/distill")]
+    out: PathBuf,
+    /// Extra SFT JSONL mixed into the fine-tune (keeps helpfulness; limits false refusals).
+    #[arg(long, num_args = 1..)]
+    replay: Vec<PathBuf>,
+    #[arg(long, default_value_t = 2)]
+    epochs: usize,
+    #[arg(long, default_value_t = 2e-5)]
+    lr: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+}
+
+pub fn distill_safety(a: DistillSafetyArgs) -> Result<()> {
+    let DistillSafetyArgs {
+        init,
+        safety_rm,
+        world,
+        out,
+        replay,
+        epochs,
+        lr,
+        seed,
+        device,
+    } = a;
+    let cfg = trainer::distill::DistillConfig {
+        replay,
+        epochs,
+        lr,
+        seed,
+        ..Default::default()
+    };
+    let r = on_device!(device, |be| {
+        trainer::distill::run_distill(be, &init, &safety_rm, &world, &out, &cfg)?
+    });
+    println!(
+        "{} safety prompts, {} answers kept (mean safety-RM score {:.3} with the preprompt, {:.3} without); model: {}",
+        r.prompts, r.kept, r.mean_score_with, r.mean_score_without, r.checkpoint.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "none (no answer kept)".into())
+    );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct RlhfArgs {
+    /// The SFT checkpoint (or its training run directory).
+    #[arg(long)]
+    sft: PathBuf,
+    /// The world directory (`llama2 world`): prompts and the gold annotator.
+    #[arg(long)]
+    world: PathBuf,
+    #[arg(long, default_value = "runs/rlhf")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// The first round that adds PPO after rejection sampling (the paper: V4).
+    #[arg(long, default_value_t = 4)]
+    ppo_from: usize,
+    /// Prompts labelled per round.
+    #[arg(long, default_value_t = 300)]
+    label_prompts: usize,
+    /// Rejection-sampling samples per prompt.
+    #[arg(long, default_value_t = 8)]
+    k: usize,
+    /// Rejection-sampling temperature (the paper: 1.2-1.3 for 70B; 1.0 suits the tiny preset).
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 10)]
+    ppo_iterations: usize,
+    #[arg(long, default_value = "auto")]
+    device: Device,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long)]
+    no_progress: bool,
+}
+
+pub fn rlhf(a: RlhfArgs) -> Result<()> {
+    let RlhfArgs {
+        sft,
+        world,
+        out,
+        rounds,
+        ppo_from,
+        label_prompts,
+        k,
+        temperature,
+        ppo_iterations,
+        device,
+        seed,
+        no_progress,
+    } = a;
+    let sft = trainer::rlhf::checkpoint_of(&sft)?;
+    let mut cfg = trainer::rlhf::RlhfConfig::new(sft, world, out.clone(), rounds);
+    cfg.ppo_from = ppo_from;
+    cfg.label_prompts = label_prompts;
+    cfg.rs_k = k;
+    cfg.rs_temperature = temperature;
+    cfg.ppo_iterations = ppo_iterations;
+    cfg.seed = seed;
+    let t0 = std::time::Instant::now();
+    let quiet = no_progress;
+    let say = |m: &str| {
+        if !quiet {
+            eprintln!("[{:>6.1}s] {m}", t0.elapsed().as_secs_f64());
+        }
+    };
+    let rep = on_device!(device, |be| trainer::rlhf::run(be, &cfg, &say)?);
+    println!("| stage | sampled R_c | greedy R_c | accuracy | helpfulness | safety | false refusals | KL to SFT |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for e in &rep.stages {
+        println!(
+            "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} |",
+            e.stage,
+            e.sampled_reward,
+            e.reward,
+            e.gold.accuracy,
+            e.gold.helpfulness,
+            e.gold.safety,
+            e.gold.false_refusal_rate,
+            e.kl_to_sft
+        );
+    }
+    println!(
+        "model: {}\nreport: {}/rlhf_report.json, rs_rewards.svg (in {:.0} s)",
+        rep.checkpoint.display(),
+        out.display(),
+        rep.seconds
+    );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct PipelineArgs {
+    /// The run's name: everything goes to runs/<name>/.
+    #[arg(long, default_value = "pipeline")]
+    name: String,
+    /// The size preset of the run (tiny is the only one sized for a CPU).
+    #[arg(long, default_value = "tiny")]
+    config: String,
+    #[arg(long, default_value = "auto")]
+    device: Device,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// RLHF rounds (each: new labels, reward models, rejection sampling).
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// The first round that adds PPO (the paper: 4; compressed to 2 by default here).
+    #[arg(long, default_value_t = 2)]
+    ppo_from: usize,
+    #[arg(long)]
+    no_progress: bool,
+}
+
+pub fn pipeline(a: PipelineArgs) -> Result<()> {
+    let PipelineArgs {
+        name,
+        config,
+        device,
+        seed,
+        rounds,
+        ppo_from,
+        no_progress,
+    } = a;
+    if config != "tiny" {
+        bail!("--config {config}: only `tiny` is sized for the pipeline on a CPU (larger presets need the CUDA backend)");
+    }
+    let cfg = trainer::pipeline::PipelineConfig {
+        out: PathBuf::from("runs").join(&name),
+        seed,
+        rounds,
+        ppo_from,
+        progress: !no_progress,
+        ..Default::default()
+    };
+    let rep = on_device!(device, |be| {
+        println!(
+            "llama2 pipeline `{name}` on {}: writing {}",
+            engine::Backend::name(&be),
+            cfg.out.display()
+        );
+        trainer::pipeline::run(be, &cfg)?
+    });
+    println!(
+        "{}",
+        std::fs::read_to_string(cfg.out.join("report.md")).unwrap_or_default()
+    );
+    println!(
+        "report: {}/report.json (in {:.0} s)",
+        cfg.out.display(),
+        rep["seconds"].as_f64().unwrap_or(0.0)
+    );
+    Ok(())
+}

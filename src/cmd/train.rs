@@ -1,0 +1,348 @@
+//! Pretraining and supervised fine-tuning: `pretrain`, `sft` and the loop they share.
+
+use super::common::on_device;
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use trainer::device::Device;
+
+#[derive(clap::Args)]
+pub struct PretrainArgs {
+    /// A directory written by `llama2 prepare-data`.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The run directory: metrics.jsonl, loss.svg, checkpoints/.
+    #[arg(long, default_value = "runs/pretrain")]
+    out: PathBuf,
+    /// Model preset (tiny, 7b, 13b, 34b, 70b); its vocabulary is set to the data's.
+    #[arg(long, conflicts_with_all = ["config", "init"])]
+    preset: Option<String>,
+    /// An HF config.json to initialise randomly.
+    #[arg(long, conflicts_with = "init")]
+    config: Option<PathBuf>,
+    /// An HF checkpoint directory to continue pretraining from.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Continue an interrupted run: a run directory or one of its checkpoints. The checkpoint's
+    /// own configuration is used; only --steps may change.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Tokens per optimizer step (a multiple of batch-size x seq-len; the rest is accumulation).
+    #[arg(long)]
+    batch_tokens: Option<usize>,
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Peak learning rate (default: 3e-4; 1.5e-4 for 34b/70b; 1e-3 for tiny).
+    #[arg(long)]
+    lr: Option<f32>,
+    /// Warmup steps (default: 2000, or a tenth of a shorter run).
+    #[arg(long)]
+    warmup: Option<usize>,
+    #[arg(long, default_value_t = 0.1)]
+    final_lr_ratio: f32,
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f32,
+    /// Global gradient-norm clip (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    clip: f32,
+    #[arg(long, default_value_t = 100)]
+    eval_every: usize,
+    /// Validation windows per evaluation.
+    #[arg(long, default_value_t = 64)]
+    eval_windows: usize,
+    /// Print a text sample every N steps (0: never).
+    #[arg(long, default_value_t = 0)]
+    sample_every: usize,
+    #[arg(long, default_value_t = 500)]
+    ckpt_every: usize,
+    /// Checkpoints kept (oldest removed first).
+    #[arg(long, default_value_t = 3)]
+    keep: usize,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    /// Skip steps with a non-finite loss or gradient instead of stopping.
+    #[arg(long)]
+    skip_nonfinite: bool,
+    /// Stop with a checkpoint after this many steps, as an interruption would.
+    #[arg(long)]
+    stop_after: Option<usize>,
+    /// Activation recomputation: none, attn or full (less memory, more time, the same
+    /// gradients). Default none, or the resumed run's setting.
+    #[arg(long)]
+    recompute: Option<engine::Recompute>,
+    /// Run as one rank of a data-parallel job launched by torchrun, mpirun or srun: each rank
+    /// drives cuda:LOCAL_RANK, NCCL sums the gradients and ZeRO-1 shards the optimizer state;
+    /// --batch-size is per rank.
+    #[arg(long, conflicts_with = "device")]
+    dist: bool,
+    /// Where the ranks exchange the NCCL id: file:PATH (shared filesystem) or HOST:PORT
+    /// (default MASTER_ADDR:MASTER_PORT, as torchrun sets them).
+    #[arg(long, requires = "dist")]
+    rendezvous: Option<String>,
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    #[arg(long)]
+    no_progress: bool,
+}
+
+/// The pretrain/SFT loop on `--device`, or with `--dist` as this process's rank of a launched
+/// job. `header(place, world)` prints once, on rank 0. Returns the report and whether this
+/// process is rank 0 (the one that prints).
+fn train_loop(
+    dist: bool,
+    rendezvous: Option<&str>,
+    device: Device,
+    cfg: &trainer::pretrain::TrainConfig,
+    resume: Option<&std::path::Path>,
+    header: impl FnOnce(&str, usize),
+) -> Result<(trainer::pretrain::PretrainReport, bool)> {
+    use engine::dist::Collective;
+    use trainer::pretrain::{run, run_dp};
+    if !dist {
+        header(&device.to_string(), 1);
+        return Ok((on_device!(device, |be| run(be, cfg.clone(), resume)?), true));
+    }
+    let (cuda, mut comm) = trainer::device::open_dist(rendezvous)?;
+    let lead = comm.rank() == 0;
+    if lead {
+        header(
+            &format!("{} ranks (cuda:LOCAL_RANK each, ZeRO-1)", comm.world()),
+            comm.world(),
+        );
+    }
+    let rep = run_dp(cuda, cfg.clone(), resume, Some(&mut comm))?;
+    Ok((rep, lead))
+}
+
+pub fn pretrain(a: PretrainArgs) -> Result<()> {
+    use trainer::pretrain::{resume_config, ModelSource, PretrainConfig};
+    let cfg = if let Some(r) = &a.resume {
+        let mut c = resume_config(r, a.steps)?;
+        c.progress = !a.no_progress;
+        c.recompute = a.recompute.unwrap_or(c.recompute);
+        c
+    } else {
+        let data = a
+            .data
+            .clone()
+            .context("--data is required (a directory from `llama2 prepare-data`)")?;
+        let model = match (&a.preset, &a.config, &a.init) {
+            (_, Some(c), _) => ModelSource::Config(c.clone()),
+            (_, _, Some(i)) => ModelSource::Init(i.clone()),
+            (p, _, _) => ModelSource::Preset(p.clone().unwrap_or_else(|| "tiny".into())),
+        };
+        let steps = a.steps.unwrap_or(1000);
+        let mut c = PretrainConfig::defaults(data, a.out.clone(), model, steps);
+        c.seq_len = a.seq_len;
+        c.batch_size = a.batch_size;
+        if let Some(bt) = a.batch_tokens {
+            let micro = a.batch_size * a.seq_len;
+            if bt % micro != 0 || bt == 0 {
+                bail!("--batch-tokens {bt} is not a multiple of batch-size x seq-len = {micro}");
+            }
+            c.grad_accum = bt / micro;
+        }
+        if let Some(lr) = a.lr {
+            c.lr = lr;
+        }
+        if let Some(w) = a.warmup {
+            c.warmup = w;
+        }
+        c.final_lr_ratio = a.final_lr_ratio;
+        c.weight_decay = a.weight_decay;
+        c.clip = a.clip;
+        c.eval_every = a.eval_every;
+        c.eval_windows = a.eval_windows;
+        c.sample_every = a.sample_every;
+        c.ckpt_every = a.ckpt_every;
+        c.keep_checkpoints = a.keep;
+        c.seed = a.seed;
+        c.skip_nonfinite = a.skip_nonfinite;
+        c.stop_after = a.stop_after;
+        c.progress = !a.no_progress;
+        c.recompute = a.recompute.unwrap_or_default();
+        c
+    };
+    let header = |place: &str, world: usize| {
+        println!(
+            "pretrain on {place}: {} steps of {} tokens ({world} x batch {} x seq {} x accum {}), peak lr {:.2e}, warmup {}, recompute {}",
+            cfg.steps,
+            world * cfg.batch_size * cfg.seq_len * cfg.grad_accum,
+            cfg.batch_size,
+            cfg.seq_len,
+            cfg.grad_accum,
+            cfg.lr,
+            cfg.warmup,
+            cfg.recompute
+        )
+    };
+    let (rep, lead) = train_loop(
+        a.dist,
+        a.rendezvous.as_deref(),
+        a.device,
+        &cfg,
+        a.resume.as_deref(),
+        header,
+    )?;
+    if !lead {
+        return Ok(());
+    }
+    if let Some(l) = rep.logs.last() {
+        println!(
+            "step {}: loss {:.4}{}, {:.0} tok/s",
+            l.step,
+            l.loss,
+            rep.final_val_loss
+                .map(|v| format!(", val loss {v:.4}"))
+                .unwrap_or_default(),
+            rep.tokens_per_s
+        );
+    }
+    if let Some(c) = &rep.checkpoint {
+        println!("checkpoint: {}", c.display());
+    }
+    if rep.interrupted {
+        println!(
+            "stopped early; continue with: llama2 pretrain --resume {}",
+            cfg.out.display()
+        );
+    }
+    println!(
+        "metrics: {}, plot: {}",
+        cfg.out.join("metrics.jsonl").display(),
+        cfg.out.join("loss.svg").display()
+    );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct SftArgs {
+    /// The checkpoint to fine-tune (HF directory with tokenizer.json).
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Dialogue JSONL files.
+    #[arg(long = "data", num_args = 1..)]
+    data: Vec<PathBuf>,
+    #[arg(long, default_value = "runs/sft")]
+    out: PathBuf,
+    /// Continue an interrupted run (run directory or checkpoint).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// A tokenizer.json other than the checkpoint's.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[arg(long, default_value_t = 2)]
+    epochs: usize,
+    /// Optimizer steps (default: what the epochs need).
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long, default_value_t = 2e-5)]
+    lr: f32,
+    #[arg(long, default_value_t = 0)]
+    warmup: usize,
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f32,
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 0.05)]
+    val_fraction: f64,
+    #[arg(long, default_value_t = 50)]
+    eval_every: usize,
+    #[arg(long, default_value_t = 200)]
+    ckpt_every: usize,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    #[arg(long)]
+    skip_bad: bool,
+    /// Activation recomputation: none, attn or full (less memory, more time, the same
+    /// gradients). Default none, or the resumed run's setting.
+    #[arg(long)]
+    recompute: Option<engine::Recompute>,
+    /// Run as one rank of a data-parallel job launched by torchrun, mpirun or srun: each rank
+    /// drives cuda:LOCAL_RANK, NCCL sums the gradients and ZeRO-1 shards the optimizer state;
+    /// --batch-size is per rank.
+    #[arg(long, conflicts_with = "device")]
+    dist: bool,
+    /// Where the ranks exchange the NCCL id: file:PATH (shared filesystem) or HOST:PORT
+    /// (default MASTER_ADDR:MASTER_PORT, as torchrun sets them).
+    #[arg(long, requires = "dist")]
+    rendezvous: Option<String>,
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    #[arg(long)]
+    no_progress: bool,
+}
+
+pub fn sft(a: SftArgs) -> Result<()> {
+    use trainer::pretrain::{resume_config, DataSpec, TrainConfig};
+    let cfg = if let Some(r) = &a.resume {
+        let mut c = resume_config(r, a.steps)?;
+        c.progress = !a.no_progress;
+        c.recompute = a.recompute.unwrap_or(c.recompute);
+        c
+    } else {
+        let init = a.init.clone().context(
+            "--init DIR is required: SFT starts from a checkpoint (e.g. a pretraining one)",
+        )?;
+        if a.data.is_empty() {
+            bail!("--data FILE... is required: dialogue JSONL");
+        }
+        let mut c = TrainConfig::sft_defaults(a.data.clone(), a.out.clone(), init);
+        c.data = DataSpec::Sft {
+            files: a.data.clone(),
+            tokenizer: a.tokenizer.clone(),
+            val_fraction: a.val_fraction,
+            epochs: a.epochs,
+            skip_bad: a.skip_bad,
+        };
+        c.steps = a.steps.unwrap_or(0);
+        c.lr = a.lr;
+        c.warmup = a.warmup;
+        c.weight_decay = a.weight_decay;
+        c.seq_len = a.seq_len;
+        c.batch_size = a.batch_size;
+        c.eval_every = a.eval_every;
+        c.ckpt_every = a.ckpt_every;
+        c.seed = a.seed;
+        c.progress = !a.no_progress;
+        c.recompute = a.recompute.unwrap_or_default();
+        c
+    };
+    let (rep, lead) = train_loop(
+        a.dist,
+        a.rendezvous.as_deref(),
+        a.device,
+        &cfg,
+        a.resume.as_deref(),
+        |_, _| {},
+    )?;
+    if !lead {
+        return Ok(());
+    }
+    if let Some(l) = rep.logs.last() {
+        println!(
+            "step {}: loss {:.4}{}",
+            l.step,
+            l.loss,
+            rep.final_val_loss
+                .map(|v| format!(", val loss {v:.4}"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(c) = &rep.checkpoint {
+        println!("checkpoint: {}", c.display());
+    }
+    if rep.interrupted {
+        println!(
+            "stopped early; continue with: llama2 sft --resume {}",
+            cfg.out.display()
+        );
+    }
+    Ok(())
+}
