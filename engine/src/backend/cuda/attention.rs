@@ -9,11 +9,9 @@
 
 use std::sync::OnceLock;
 
-use cudarc::driver::sys::CUfunction_attribute_enum;
-use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 use half::bf16;
 
-use super::{Cuda, DMut, DRef};
+use super::{launch, Cuda, DMut, DRef};
 use crate::backend::{AttnDims, CacheDims};
 use crate::error::{Error, Result};
 
@@ -45,17 +43,13 @@ fn bwd_smem_bytes(hd: usize) -> u32 {
 }
 
 /// `LLAMA2_ATTN=naive` selects the naive kernels (read once per process).
-fn naive_forced() -> bool {
+pub(super) fn naive_forced() -> bool {
     static NAIVE: OnceLock<bool> = OnceLock::new();
     *NAIVE.get_or_init(|| {
         std::env::var("LLAMA2_ATTN")
             .map(|v| v.trim().eq_ignore_ascii_case("naive"))
             .unwrap_or(false)
     })
-}
-
-fn dev_err(what: &str, e: impl std::fmt::Debug) -> Error {
-    Error::Device(format!("attention: {what}: {e:?}"))
 }
 
 fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
@@ -110,27 +104,21 @@ fn use_fast(hd: usize, ptrs: &[u64]) -> bool {
     !naive_forced() && (hd == 64 || hd == 128) && ptrs.iter().all(|p| p % 16 == 0)
 }
 
-/// The fast kernel `name`, opted in to `smem` bytes of dynamic shared memory (needed above
-/// 48 KB; one cheap driver call, repeated per launch). `None`, with a one-time warning, when the
-/// device cannot give that much per block: the caller then takes the naive path.
-fn fast_kernel(cx: &Cuda, name: &str, smem: u32) -> Result<Option<CudaFunction>> {
-    let f = cx.func(MODULE, name)?;
-    if smem > 48 * 1024 {
-        if let Err(e) = f.set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        ) {
-            static WARNED: OnceLock<()> = OnceLock::new();
-            WARNED.get_or_init(|| {
-                eprintln!(
-                    "warning: attention: {name} needs {smem} bytes of shared memory per block \
-                     ({e:?}); using the naive attention kernels"
-                )
-            });
-            return Ok(None);
-        }
+/// Whether the fast kernel `name` may take `smem` bytes of dynamic shared memory (opting it in
+/// where that is over the 48 KiB default). False, with a one-time warning, when the device
+/// cannot give that much per block: the caller then takes the naive path.
+fn fast_kernel(cx: &Cuda, name: &str, smem: u32) -> Result<bool> {
+    if let Some(why) = cx.opt_in_smem(MODULE, name, smem)? {
+        static WARNED: OnceLock<()> = OnceLock::new();
+        WARNED.get_or_init(|| {
+            eprintln!(
+                "warning: attention: {name} needs {smem} bytes of shared memory per block \
+                 ({why}); using the naive attention kernels"
+            )
+        });
+        return Ok(false);
     }
-    Ok(Some(f))
+    Ok(true)
 }
 
 /// out [b, t, nh, hd], lse [b, t, nh] from q [b, t, nh, hd], k, v [b, t, nkv, hd] and optional
@@ -163,7 +151,6 @@ pub(super) fn attention_fwd(
     let doc_p: u64 = doc.map_or(0, |dc| dc.ptr());
     let (bi, ti, nhi, nkvi, hdi) = (i64_of(b), i64_of(t), i64_of(nh), i64_of(nkv), i64_of(hd));
     let scale = 1.0f32 / (hd as f32).sqrt();
-    let stream = cx.stream();
 
     let name = if hd == 64 {
         "attention_fwd_bf16_hd64"
@@ -171,69 +158,30 @@ pub(super) fn attention_fwd(
         "attention_fwd_bf16_hd128"
     };
     let smem = fwd_smem_bytes(hd);
-    let fast = if use_fast(hd, &[o_p, q_p, k_p, v_p]) {
-        fast_kernel(cx, name, smem)?
+    if use_fast(hd, &[o_p, q_p, k_p, v_p]) && fast_kernel(cx, name, smem)? {
+        // attention_fwd_bf16_hd{64,128}(bf16* out, float* lse, const bf16* q, k, v,
+        // const int* doc, i64 b, t, nh, nkv, float scale): every buffer's length was checked
+        // against the dims above (doc may be null: the kernel tests it); the grid covers exactly
+        // the b·nh·⌈t/64⌉ query blocks and the kernel bounds every row by t.
+        let grid = (
+            grid_u32("query blocks", t.div_ceil(FWD_BM), i32::MAX as usize)?,
+            grid_u32("nh", nh, 65535)?,
+            grid_u32("b", b, 65535)?,
+        );
+        launch!(cx, MODULE, name, grid, 128, smem;
+            o_p, l_p, q_p, k_p, v_p, doc_p, bi, ti, nhi, nkvi, scale)?;
     } else {
-        None
-    };
-    if let Some(f) = fast {
-        let cfg = LaunchConfig {
-            grid_dim: (
-                grid_u32("query blocks", t.div_ceil(FWD_BM), i32::MAX as usize)?,
-                grid_u32("nh", nh, 65535)?,
-                grid_u32("b", b, 65535)?,
-            ),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: smem,
-        };
-        let mut l = stream.launch_builder(&f);
-        l.arg(&o_p)
-            .arg(&l_p)
-            .arg(&q_p)
-            .arg(&k_p)
-            .arg(&v_p)
-            .arg(&doc_p)
-            .arg(&bi)
-            .arg(&ti)
-            .arg(&nhi)
-            .arg(&nkvi)
-            .arg(&scale);
-        // SAFETY: the argument list matches attention_fwd_bf16_hd{64,128}(bf16* out, float* lse,
-        // const bf16* q, k, v, const int* doc, i64 b, t, nh, nkv, float scale); every buffer's
-        // length was checked against the dims above (doc may be null: the kernel tests it), the
-        // views borrow live device allocations of this stream's context for the duration of the
-        // call and kernels on this stream run in order; the grid covers exactly the b·nh·⌈t/64⌉
-        // query blocks and the kernel bounds every row by t.
-        unsafe { l.launch(cfg) }.map_err(|e| dev_err(name, e))?;
-    } else {
+        // attention_fwd_naive_bf16(out, lse, q, k, v, doc, b, t, nh, nkv, hd, scale): lengths
+        // checked above, hd ≤ 256 as the kernel's shared arrays require; one CTA per (row, head,
+        // batch).
         let name = "attention_fwd_naive_bf16";
-        let f = cx.func(MODULE, name)?;
-        let cfg = LaunchConfig {
-            grid_dim: (
-                grid_u32("t", t, i32::MAX as usize)?,
-                grid_u32("nh", nh, 65535)?,
-                grid_u32("b", b, 65535)?,
-            ),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut l = stream.launch_builder(&f);
-        l.arg(&o_p)
-            .arg(&l_p)
-            .arg(&q_p)
-            .arg(&k_p)
-            .arg(&v_p)
-            .arg(&doc_p)
-            .arg(&bi)
-            .arg(&ti)
-            .arg(&nhi)
-            .arg(&nkvi)
-            .arg(&hdi)
-            .arg(&scale);
-        // SAFETY: arguments match attention_fwd_naive_bf16(out, lse, q, k, v, doc, b, t, nh, nkv,
-        // hd, scale); lengths checked above, hd ≤ 256 as the kernel's shared arrays require; the
-        // views are live device memory of this stream's context; one CTA per (row, head, batch).
-        unsafe { l.launch(cfg) }.map_err(|e| dev_err(name, e))?;
+        let grid = (
+            grid_u32("t", t, i32::MAX as usize)?,
+            grid_u32("nh", nh, 65535)?,
+            grid_u32("b", b, 65535)?,
+        );
+        launch!(cx, MODULE, name, grid, 128, 0;
+            o_p, l_p, q_p, k_p, v_p, doc_p, bi, ti, nhi, nkvi, hdi, scale)?;
     }
     Ok(())
 }
@@ -280,7 +228,6 @@ pub(super) fn attention_bwd(
     let doc_p: u64 = doc.map_or(0, |dc| dc.ptr());
     let (bi, ti, nhi, nkvi, hdi) = (i64_of(b), i64_of(t), i64_of(nh), i64_of(nkv), i64_of(hd));
     let scale = 1.0f32 / (hd as f32).sqrt();
-    let stream = cx.stream();
 
     // Scratch from the backend's f32 workspace (valid for this call's work on the stream):
     // D = rowsum(dout ∘ out) [b·t·nh] at the start, then on the fast path the f32 dQ accumulator
@@ -293,152 +240,63 @@ pub(super) fn attention_bwd(
         "attention_bwd_bf16_hd128"
     };
     let smem = bwd_smem_bytes(hd);
-    let fast = if use_fast(hd, &[dq_p, dk_p, dv_p, do_p, q_p, k_p, v_p]) {
-        fast_kernel(cx, name, smem)?
-    } else {
-        None
-    };
-    let scratch = cx.scratch_f32(acc_off + if fast.is_some() { nq } else { 0 })?;
+    let fast =
+        use_fast(hd, &[dq_p, dk_p, dv_p, do_p, q_p, k_p, v_p]) && fast_kernel(cx, name, smem)?;
+    let scratch = cx.scratch_f32(acc_off + if fast { nq } else { 0 })?;
     let dsum_p = scratch;
     let acc_p = scratch + (acc_off * 4) as u64;
 
-    // D[row] = Σ_d dout·out, one warp per row.
+    // D[row] = Σ_d dout·out, one warp per row: attention_bwd_preprocess_bf16(float* D,
+    // const bf16* dout, const bf16* out, i64 rows, i64 hd); the scratch holds ≥ `rows` f32 at D,
+    // dout and out have rows·hd elements (checked); the kernel returns for warps past `rows`.
     {
         let name = "attention_bwd_preprocess_bf16";
-        let f = cx.func(MODULE, name)?;
-        let cfg = LaunchConfig {
-            grid_dim: (
-                grid_u32("preprocess", rows.div_ceil(8), i32::MAX as usize)?,
-                1,
-                1,
-            ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let rows_i = i64_of(rows);
-        let mut l = stream.launch_builder(&f);
-        l.arg(&dsum_p).arg(&do_p).arg(&o_p).arg(&rows_i).arg(&hdi);
-        // SAFETY: attention_bwd_preprocess_bf16(float* D, const bf16* dout, const bf16* out,
-        // i64 rows, i64 hd): the scratch holds ≥ `rows` f32 at D, dout and out have rows·hd
-        // elements (checked); the kernel returns for warps past `rows`.
-        unsafe { l.launch(cfg) }.map_err(|e| dev_err(name, e))?;
+        let grid = grid_u32("preprocess", rows.div_ceil(8), i32::MAX as usize)?;
+        launch!(cx, MODULE, name, grid, 256, 0; dsum_p, do_p, o_p, i64_of(rows), hdi)?;
     }
 
-    if let Some(f) = fast {
+    if fast {
         // SAFETY: zeroes nq·4 bytes at acc_p, inside the scratch of acc_off + nq f32 obtained
         // above, asynchronously on the stream every kernel of this op runs on.
-        unsafe { cudarc::driver::result::memset_d8_async(acc_p, 0, nq * 4, stream.cu_stream()) }
-            .map_err(|e| dev_err("zeroing the dQ accumulator", e))?;
-        let cfg = LaunchConfig {
-            grid_dim: (
-                grid_u32("key blocks", t.div_ceil(BWD_BN), i32::MAX as usize)?,
-                grid_u32("nkv", nkv, 65535)?,
-                grid_u32("b", b, 65535)?,
-            ),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: smem,
-        };
-        {
-            let mut l = stream.launch_builder(&f);
-            l.arg(&acc_p)
-                .arg(&dk_p)
-                .arg(&dv_p)
-                .arg(&do_p)
-                .arg(&q_p)
-                .arg(&k_p)
-                .arg(&v_p)
-                .arg(&l_p)
-                .arg(&dsum_p)
-                .arg(&doc_p)
-                .arg(&bi)
-                .arg(&ti)
-                .arg(&nhi)
-                .arg(&nkvi)
-                .arg(&scale);
-            // SAFETY: matches attention_bwd_bf16_hd{64,128}(float* dq_accum, bf16* dk, dv,
-            // const bf16* dout, q, k, v, const float* lse, D, const int* doc, i64 b, t, nh, nkv,
-            // float scale); dq_accum (zeroed) and D lie in the scratch with b·t·nh·hd and
-            // b·t·nh f32, every other length was checked; the views are live device memory of this stream's
-            // context; the kernel bounds every key and query by t.
-            unsafe { l.launch(cfg) }.map_err(|e| dev_err(name, e))?;
-        }
+        unsafe { cx.memset_raw(acc_p, nq * 4) }?;
+        // attention_bwd_bf16_hd{64,128}(float* dq_accum, bf16* dk, dv, const bf16* dout, q, k,
+        // v, const float* lse, D, const int* doc, i64 b, t, nh, nkv, float scale); dq_accum
+        // (zeroed) and D lie in the scratch with b·t·nh·hd and b·t·nh f32, every other length
+        // was checked; the kernel bounds every key and query by t.
+        let grid = (
+            grid_u32("key blocks", t.div_ceil(BWD_BN), i32::MAX as usize)?,
+            grid_u32("nkv", nkv, 65535)?,
+            grid_u32("b", b, 65535)?,
+        );
+        launch!(cx, MODULE, name, grid, 256, smem;
+            acc_p, dk_p, dv_p, do_p, q_p, k_p, v_p, l_p, dsum_p, doc_p, bi, ti, nhi, nkvi, scale)?;
+        // attention_bwd_dq_convert_bf16(bf16* dq, const float* acc, i64 n, float scale) with dq
+        // and acc of n elements each (checked / in the scratch); grid-stride loop bounded by n.
         let name = "attention_bwd_dq_convert_bf16";
-        let f = cx.func(MODULE, name)?;
-        let cfg = LaunchConfig {
-            grid_dim: (nq.div_ceil(256).min(1 << 20) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let nq_i = i64_of(nq);
-        let mut l = stream.launch_builder(&f);
-        l.arg(&dq_p).arg(&acc_p).arg(&nq_i).arg(&scale);
-        // SAFETY: attention_bwd_dq_convert_bf16(bf16* dq, const float* acc, i64 n, float scale)
-        // with dq and acc of n elements each (checked / in the scratch); grid-stride loop bounded
-        // by n.
-        unsafe { l.launch(cfg) }.map_err(|e| dev_err(name, e))?;
+        let grid = nq.div_ceil(256).min(1 << 20) as u32;
+        launch!(cx, MODULE, name, grid, 256, 0; dq_p, acc_p, i64_of(nq), scale)?;
     } else {
+        // attention_bwd_naive_dq_bf16(dq, dout, q, k, v, lse, D, doc, b, t, nh, nkv, hd, scale);
+        // lengths checked, D in the scratch with b·t·nh f32, hd ≤ 256; one CTA per (query row,
+        // head, batch).
         let name = "attention_bwd_naive_dq_bf16";
-        let f = cx.func(MODULE, name)?;
-        let cfg = LaunchConfig {
-            grid_dim: (
-                grid_u32("t", t, i32::MAX as usize)?,
-                grid_u32("nh", nh, 65535)?,
-                grid_u32("b", b, 65535)?,
-            ),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        {
-            let mut l = stream.launch_builder(&f);
-            l.arg(&dq_p)
-                .arg(&do_p)
-                .arg(&q_p)
-                .arg(&k_p)
-                .arg(&v_p)
-                .arg(&l_p)
-                .arg(&dsum_p)
-                .arg(&doc_p)
-                .arg(&bi)
-                .arg(&ti)
-                .arg(&nhi)
-                .arg(&nkvi)
-                .arg(&hdi)
-                .arg(&scale);
-            // SAFETY: matches attention_bwd_naive_dq_bf16(dq, dout, q, k, v, lse, D, doc, b, t,
-            // nh, nkv, hd, scale); lengths checked, D in the scratch with b·t·nh f32, hd ≤ 256;
-            // one CTA per (query row, head, batch).
-            unsafe { l.launch(cfg) }.map_err(|e| dev_err(name, e))?;
-        }
+        let grid = (
+            grid_u32("t", t, i32::MAX as usize)?,
+            grid_u32("nh", nh, 65535)?,
+            grid_u32("b", b, 65535)?,
+        );
+        launch!(cx, MODULE, name, grid, 128, 0;
+            dq_p, do_p, q_p, k_p, v_p, l_p, dsum_p, doc_p, bi, ti, nhi, nkvi, hdi, scale)?;
+        // attention_bwd_naive_dkdv_bf16(dk, dv, dout, q, k, v, lse, D, doc, b, t, nh, nkv, hd,
+        // scale); lengths checked, hd ≤ 256; one CTA per (key, kv head, batch).
         let name = "attention_bwd_naive_dkdv_bf16";
-        let f = cx.func(MODULE, name)?;
-        let cfg = LaunchConfig {
-            grid_dim: (
-                grid_u32("t", t, i32::MAX as usize)?,
-                grid_u32("nkv", nkv, 65535)?,
-                grid_u32("b", b, 65535)?,
-            ),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut l = stream.launch_builder(&f);
-        l.arg(&dk_p)
-            .arg(&dv_p)
-            .arg(&do_p)
-            .arg(&q_p)
-            .arg(&k_p)
-            .arg(&v_p)
-            .arg(&l_p)
-            .arg(&dsum_p)
-            .arg(&doc_p)
-            .arg(&bi)
-            .arg(&ti)
-            .arg(&nhi)
-            .arg(&nkvi)
-            .arg(&hdi)
-            .arg(&scale);
-        // SAFETY: matches attention_bwd_naive_dkdv_bf16(dk, dv, dout, q, k, v, lse, D, doc, b, t,
-        // nh, nkv, hd, scale); lengths checked, hd ≤ 256; one CTA per (key, kv head, batch).
-        unsafe { l.launch(cfg) }.map_err(|e| dev_err(name, e))?;
+        let grid = (
+            grid_u32("t", t, i32::MAX as usize)?,
+            grid_u32("nkv", nkv, 65535)?,
+            grid_u32("b", b, 65535)?,
+        );
+        launch!(cx, MODULE, name, grid, 128, 0;
+            dk_p, dv_p, do_p, q_p, k_p, v_p, l_p, dsum_p, doc_p, bi, ti, nhi, nkvi, hdi, scale)?;
     }
     Ok(())
 }
@@ -482,43 +340,19 @@ pub(super) fn attention_cached(
     if b * tq == 0 {
         return Ok(());
     }
+    // attention_cached_bf16(out, q, kcache, vcache, qpos, b, tq, tmax, nh, nkv, hd, scale);
+    // out/q/qpos lengths checked, the caches hold ≥ b sequences of tmax·nkv·hd and the kernel
+    // clamps positions to tmax − 1; hd ≤ 256; one CTA per (row, head).
     let name = "attention_cached_bf16";
-    let f = cx.func(MODULE, name)?;
-    let cfg = LaunchConfig {
-        grid_dim: (
-            grid_u32("b·tq", b * tq, i32::MAX as usize)?,
-            grid_u32("nh", nh, 65535)?,
-            1,
-        ),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let (o_p, q_p, k_p, v_p, p_p) = (out.ptr(), q.ptr(), kcache.ptr(), vcache.ptr(), qpos.ptr());
-    let (bi, tqi, tmaxi, nhi, nkvi, hdi) = (
-        i64_of(b),
-        i64_of(tq),
-        i64_of(tmax),
-        i64_of(nh),
-        i64_of(nkv),
-        i64_of(hd),
+    let grid = (
+        grid_u32("b·tq", b * tq, i32::MAX as usize)?,
+        grid_u32("nh", nh, 65535)?,
+        1,
     );
+    let (o_p, q_p, k_p, v_p, p_p) = (out.ptr(), q.ptr(), kcache.ptr(), vcache.ptr(), qpos.ptr());
     let scale = 1.0f32 / (hd as f32).sqrt();
-    let mut l = cx.stream().launch_builder(&f);
-    l.arg(&o_p)
-        .arg(&q_p)
-        .arg(&k_p)
-        .arg(&v_p)
-        .arg(&p_p)
-        .arg(&bi)
-        .arg(&tqi)
-        .arg(&tmaxi)
-        .arg(&nhi)
-        .arg(&nkvi)
-        .arg(&hdi)
-        .arg(&scale);
-    // SAFETY: matches attention_cached_bf16(out, q, kcache, vcache, qpos, b, tq, tmax, nh, nkv,
-    // hd, scale); out/q/qpos lengths checked, the caches hold ≥ b sequences of tmax·nkv·hd and the
-    // kernel clamps positions to tmax − 1; hd ≤ 256; one CTA per (row, head).
-    unsafe { l.launch(cfg) }.map_err(|e| dev_err(name, e))?;
+    launch!(cx, MODULE, name, grid, 256, 0;
+        o_p, q_p, k_p, v_p, p_p, i64_of(b), i64_of(tq), i64_of(tmax), i64_of(nh), i64_of(nkv),
+        i64_of(hd), scale)?;
     Ok(())
 }

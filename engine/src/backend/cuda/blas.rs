@@ -217,8 +217,12 @@ fn gemm(cx: &Cuda, op: Op, g: GemmCall, a: u64, b: u64, c: u64, c_f32: bool) -> 
     if g.m == 0 || g.n == 0 {
         return Ok(());
     }
+    if cx.is_dry_run() {
+        // A dry run checks kernel launches only; cuBLAS is not emulated.
+        return Ok(());
+    }
     // k = 0 (C = beta C) goes to GemmEx, which defines it; cuBLASLt layouts need rows, cols ≥ 1.
-    if let (Some(lt), true) = (&cx.inner.lt, g.k > 0) {
+    if let (Some(lt), true) = (cx.lt(), g.k > 0) {
         if lt.matmul(cx, op, g, a, b, c, c_f32)? {
             return Ok(());
         }

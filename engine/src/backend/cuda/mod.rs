@@ -15,9 +15,18 @@
 //! For the attention module (and any other kernel file): [`Cuda::func`] hands out a loaded
 //! `CudaFunction` by (module, entry name), [`Cuda::stream`] the stream every op runs on,
 //! [`Cuda::launch`] launches with 64-bit arguments, and [`Cuda::scratch_f32`] lends workspace.
+//!
+//! Every kernel launch goes through [`Cuda::launch`] (the `launch!` macro), which checks the
+//! host side of the call against the kernel's PTX before the driver sees it: the argument
+//! count and kinds, block and grid limits, and dynamic shared memory against the 48 KiB default
+//! or the amount opted in with [`Cuda::opt_in_smem`]. [`Cuda::dry_run`] is a backend without a
+//! GPU that runs the same ops and checks but records the launches instead (tests use it to check
+//! every launch where no GPU is at hand).
 
 mod attention;
 mod blas;
+#[cfg(test)]
+mod launch_check;
 mod ops;
 
 use crate::elem::Elem;
@@ -26,6 +35,7 @@ pub use crate::ops::{AttnDims, CacheDims};
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
 use std::ffi::c_void;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 mod registry {
@@ -173,16 +183,20 @@ impl<'a, T> DMut<'a, T> {
     }
 }
 
-/// Something a kernel takes by value: device pointers as u64, sizes as i64, scalars as f32/i32.
-/// Stored in 8 bytes; CUDA reads the parameter's own size from the start (little-endian).
-/// `CODE` is the PTX parameter kind it must meet: `q` 64-bit integer or pointer, `f` f32,
-/// `i` 32-bit integer (checked against the kernel's PTX signature at launch).
+/// Something a kernel takes by value: device pointers as u64 (raw addresses) or views, sizes as
+/// usize/i64, scalars as f32/i32. Stored in 8 bytes; CUDA reads the parameter's own size from the
+/// start (little-endian). `CODE` is the kind of parameter it fills: `p` device pointer, `q` 64-bit
+/// integer, `f` f32, `i` 32-bit integer. PTX spells pointers and 64-bit integers alike (`.u64`),
+/// so the launch-time check matches `p` and `q` to the same PTX kind; the kernels' C declarations
+/// tell them apart (checked by the dry-run tests).
 pub trait KernelArg {
     const CODE: u8;
     fn bits(self) -> u64;
 }
+/// A raw device address (scratch, the reduction buffer, an optional pointer as 0). Sizes are
+/// passed as usize or i64, never as u64, so that a size and a pointer cannot be swapped unseen.
 impl KernelArg for u64 {
-    const CODE: u8 = b'q';
+    const CODE: u8 = b'p';
     fn bits(self) -> u64 {
         self
     }
@@ -213,26 +227,40 @@ impl KernelArg for i32 {
     }
 }
 impl<T> KernelArg for DRef<'_, T> {
-    const CODE: u8 = b'q';
+    const CODE: u8 = b'p';
     fn bits(self) -> u64 {
         self.ptr
     }
 }
 impl<T> KernelArg for &DMut<'_, T> {
-    const CODE: u8 = b'q';
+    const CODE: u8 = b'p';
     fn bits(self) -> u64 {
         self.ptr
     }
 }
 
-/// (bits, PTX kind) of one kernel argument; used by `launch!`.
+/// (bits, kind) of one kernel argument; used by `launch!`.
 pub fn kernel_arg<A: KernelArg>(a: A) -> (u64, u8) {
     (a.bits(), A::CODE)
 }
 
+/// A launch's grid or block shape (x, y, z); a plain `u32` is (n, 1, 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dim3(pub u32, pub u32, pub u32);
+impl From<u32> for Dim3 {
+    fn from(x: u32) -> Dim3 {
+        Dim3(x, 1, 1)
+    }
+}
+impl From<(u32, u32, u32)> for Dim3 {
+    fn from((x, y, z): (u32, u32, u32)) -> Dim3 {
+        Dim3(x, y, z)
+    }
+}
+
 /// Launches `module::name` on the backend's stream: `launch!(cx, "rmsnorm", "rmsnorm_fwd_bf16",
-/// grid, block, smem; out, rstd, x, w, n, h, eps)`. Arguments are [`KernelArg`]s; their kinds
-/// are checked against the kernel's PTX parameter list before the launch.
+/// grid, block, smem; out, rstd, x, w, n, h, eps)`. Grid and block are a `u32` or `(x, y, z)`;
+/// arguments are [`KernelArg`]s. [`Cuda::launch`] checks the call against the kernel's PTX.
 macro_rules! launch {
     ($cx:expr, $module:expr, $name:expr, $grid:expr, $block:expr, $smem:expr; $($arg:expr),+ $(,)?) => {{
         let args = [$($crate::backend::cuda::kernel_arg($arg)),+];
@@ -254,26 +282,71 @@ pub(crate) struct EmbedPlan {
     pub plan: Vec<i32>,
 }
 
-/// (module, entry name, function, PTX parameter kinds).
-type LoadedFn = (String, String, CudaFunction, Vec<u8>);
+/// Dynamic plus static shared memory a block may use without opting in (every CUDA GPU).
+const DEFAULT_SMEM: u32 = 48 * 1024;
+/// The most shared memory a block can opt in to on any supported GPU (sm_90: 227 KiB; A100 has
+/// 163 KiB, which the driver enforces when the attribute is set).
+const MAX_SMEM_OPT_IN: u32 = 227 * 1024;
 
-struct Inner {
-    ordinal: usize,
+/// One kernel launch as a dry run recorded it (after it passed [`check_launch`]).
+#[derive(Clone, Debug)]
+pub struct LaunchRecord {
+    pub module: String,
+    pub name: String,
+    pub grid: Dim3,
+    pub block: Dim3,
+    pub smem: u32,
+    /// Each argument's bits, as the driver would read them.
+    pub args: Vec<u64>,
+    /// Each argument's [`KernelArg::CODE`].
+    pub kinds: Vec<u8>,
+}
+
+/// A kernel's PTX facts (parsed once per backend) and the dynamic shared memory it has been
+/// opted in to (0: never).
+struct KernelEntry {
+    module: String,
+    name: String,
+    info: KernelInfo,
+    opt_in: u32,
+}
+
+/// What only an opened GPU has.
+struct Device {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: cudarc::cublas::CudaBlas,
     /// cuBLASLt's handle, workspace and plans; None when the matmuls use cublasGemmEx.
     lt: Option<blas::Lt>,
+    modules: Mutex<Vec<Option<Arc<CudaModule>>>>,
+    /// Loaded functions by (module, entry name).
+    funcs: Mutex<Vec<(String, String, CudaFunction)>>,
+    scratch_f32: Mutex<Option<CudaSlice<u8>>>,
+    scratch_i32: Mutex<Option<CudaSlice<u8>>>,
+    /// [0]: a reduction's result, [1..=1024]: its per-block partials (at `Inner::reduce_ptr`).
+    reduce: CudaSlice<f64>,
+}
+
+/// A dry run's state: fake device addresses and the launches made.
+struct DryRun {
+    /// Next fake address (256-aligned, far above any size a kernel is passed).
+    next: AtomicU64,
+    launches: Mutex<Vec<LaunchRecord>>,
+}
+
+/// Where a dry run's fake device addresses start; pointers below it are not device memory.
+pub const DRY_RUN_BASE: u64 = 0x7f00_0000_0000;
+
+struct Inner {
+    ordinal: usize,
     name: String,
     sm_count: u32,
     hopper: bool,
-    modules: Mutex<Vec<Option<Arc<CudaModule>>>>,
-    /// Loaded functions with their PTX parameter kinds (see [`KernelArg::CODE`]).
-    funcs: Mutex<Vec<LoadedFn>>,
-    scratch_f32: Mutex<Option<CudaSlice<u8>>>,
-    scratch_i32: Mutex<Option<CudaSlice<u8>>>,
-    /// [0]: a reduction's result, [1..=1024]: its per-block partials.
-    reduce: CudaSlice<f64>,
+    /// The GPU; None in a dry run.
+    dev: Option<Device>,
+    /// Some in a dry run.
+    dry: Option<DryRun>,
+    kernels: Mutex<Vec<KernelEntry>>,
     reduce_ptr: u64,
     /// Host workspace of embedding_bwd, reused across steps.
     embed_plan: Mutex<EmbedPlan>,
@@ -329,19 +402,74 @@ impl Cuda {
                 name: format!("cuda:{ordinal} ({gpu}, sm_{major}{minor}, bf16 compute)"),
                 sm_count,
                 hopper: (major, minor) == (9, 0),
-                modules: Mutex::new(vec![None; registry::PTX.len()]),
-                funcs: Mutex::new(Vec::new()),
-                scratch_f32: Mutex::new(None),
-                scratch_i32: Mutex::new(None),
-                reduce,
+                dev: Some(Device {
+                    modules: Mutex::new(vec![None; registry::PTX.len()]),
+                    funcs: Mutex::new(Vec::new()),
+                    scratch_f32: Mutex::new(None),
+                    scratch_i32: Mutex::new(None),
+                    reduce,
+                    ctx,
+                    stream,
+                    blas,
+                    lt,
+                }),
+                dry: None,
+                kernels: Mutex::new(Vec::new()),
                 reduce_ptr,
                 embed_plan: Mutex::new(EmbedPlan::default()),
-                ctx,
-                stream,
-                blas,
-                lt,
             }),
         })
+    }
+
+    /// A backend without a GPU for checking launches: ops run their host-side checks and
+    /// launches are checked against the embedded PTX exactly as on a GPU, then recorded
+    /// ([`Cuda::dry_launches`]) instead of run. Buffers get fake addresses (from
+    /// [`DRY_RUN_BASE`], 256-aligned) and hold no data: copies do nothing, reads give zeros,
+    /// cuBLAS matmuls are skipped. `sm_count` and `hopper` stand for the GPU being modelled.
+    pub fn dry_run(sm_count: u32, hopper: bool) -> Result<Cuda> {
+        if !KERNELS_COMPILED || registry::PTX.is_empty() {
+            return Err(Error::Device(NO_KERNELS_MSG.into()));
+        }
+        let dry = DryRun {
+            next: AtomicU64::new(DRY_RUN_BASE),
+            launches: Mutex::new(Vec::new()),
+        };
+        let reduce_ptr = dry.alloc(1025 * 8);
+        Ok(Cuda {
+            inner: Arc::new(Inner {
+                ordinal: 0,
+                name: format!("cuda dry run ({sm_count} SMs)"),
+                sm_count: sm_count.max(1),
+                hopper,
+                dev: None,
+                dry: Some(dry),
+                kernels: Mutex::new(Vec::new()),
+                reduce_ptr,
+                embed_plan: Mutex::new(EmbedPlan::default()),
+            }),
+        })
+    }
+
+    /// The launches a dry run has recorded so far (empty on a GPU).
+    pub fn dry_launches(&self) -> Vec<LaunchRecord> {
+        self.inner
+            .dry
+            .as_ref()
+            .map(|d| d.launches.lock().unwrap().clone())
+            .unwrap_or_default()
+    }
+
+    /// Whether this is a [`Cuda::dry_run`] backend.
+    pub fn is_dry_run(&self) -> bool {
+        self.inner.dry.is_some()
+    }
+
+    /// The GPU's handles. Panics on a dry run, which no caller that needs a GPU is given.
+    fn dev(&self) -> &Device {
+        self.inner
+            .dev
+            .as_ref()
+            .expect("a dry-run CUDA backend has no GPU context or stream")
     }
 
     pub fn ordinal(&self) -> usize {
@@ -353,35 +481,27 @@ impl Cuda {
         self.inner.sm_count
     }
 
+    /// The GPU's context (panics on a dry run).
     pub fn context(&self) -> &Arc<CudaContext> {
-        &self.inner.ctx
+        &self.dev().ctx
     }
 
-    /// The stream every op of this backend runs on (in order).
+    /// The stream every op of this backend runs on, in order (panics on a dry run).
     pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.inner.stream
+        &self.dev().stream
     }
 
     pub(crate) fn blas(&self) -> &cudarc::cublas::CudaBlas {
-        &self.inner.blas
+        &self.dev().blas
     }
 
-    /// The loaded kernel `name` of module `module` (the stem of `kernels-cu/<module>.cu`).
-    /// Each module is loaded once, on first use (its compute_90a build on an sm_90 GPU when the
-    /// file asked for one); functions are cached, so this is a short lock and a scan.
-    pub fn func(&self, module: &str, name: &str) -> Result<CudaFunction> {
-        self.func_sig(module, name).map(|(f, _)| f)
+    fn lt(&self) -> Option<&blas::Lt> {
+        self.dev().lt.as_ref()
     }
 
-    /// [`Cuda::func`] with the kernel's PTX parameter kinds.
-    fn func_sig(&self, module: &str, name: &str) -> Result<(CudaFunction, Vec<u8>)> {
-        {
-            let funcs = self.inner.funcs.lock().unwrap();
-            if let Some((_, _, f, sig)) = funcs.iter().find(|(m, n, _, _)| m == module && n == name)
-            {
-                return Ok((f.clone(), sig.clone()));
-            }
-        }
+    /// The PTX of `module`: its compute_90a build on an sm_90 GPU when the file asked for one.
+    /// Returns the module's index in the registry too.
+    fn module_source(&self, module: &str) -> Result<(usize, &'static str)> {
         let idx = registry::PTX
             .iter()
             .position(|(m, _)| *m == module)
@@ -394,13 +514,61 @@ impl Cuda {
             .iter()
             .find(|(m, _)| *m == module)
             .filter(|_| self.inner.hopper);
-        let ptx = hopper_ptx.unwrap_or(&registry::PTX[idx]).1;
-        let sig = ptx_params(ptx, name).unwrap_or_default();
+        Ok((idx, hopper_ptx.unwrap_or(&registry::PTX[idx]).1))
+    }
+
+    /// Runs `f` on the PTX facts of `module::name` (parsed on first use); fails if the module
+    /// has no such entry.
+    fn with_kernel<R>(
+        &self,
+        module: &str,
+        name: &str,
+        f: impl FnOnce(&mut KernelEntry) -> R,
+    ) -> Result<R> {
+        let mut ks = self.inner.kernels.lock().unwrap();
+        let i = match ks.iter().position(|e| e.module == module && e.name == name) {
+            Some(i) => i,
+            None => {
+                let (_, ptx) = self.module_source(module)?;
+                let info = kernel_info(ptx, name).ok_or_else(|| {
+                    Error::Device(format!(
+                        "kernel `{name}` is not an entry of kernels-cu/{module}.cu (no `.entry \
+                         {name}(` in its PTX; is it `extern \"C\" __global__`?)"
+                    ))
+                })?;
+                ks.push(KernelEntry {
+                    module: module.to_string(),
+                    name: name.to_string(),
+                    info,
+                    opt_in: 0,
+                });
+                ks.len() - 1
+            }
+        };
+        Ok(f(&mut ks[i]))
+    }
+
+    /// The loaded kernel `name` of module `module` (the stem of `kernels-cu/<module>.cu`).
+    /// Each module is loaded once, on first use (its compute_90a build on an sm_90 GPU when the
+    /// file asked for one); functions are cached, so this is a short lock and a scan. Fails on a
+    /// dry run.
+    pub fn func(&self, module: &str, name: &str) -> Result<CudaFunction> {
+        let Some(dev) = &self.inner.dev else {
+            return Err(Error::Device(format!(
+                "{module}::{name}: a dry-run backend loads no kernels"
+            )));
+        };
+        {
+            let funcs = dev.funcs.lock().unwrap();
+            if let Some((_, _, f)) = funcs.iter().find(|(m, n, _)| m == module && n == name) {
+                return Ok(f.clone());
+            }
+        }
+        let (idx, ptx) = self.module_source(module)?;
         let module_arc = {
-            let mut mods = self.inner.modules.lock().unwrap();
+            let mut mods = dev.modules.lock().unwrap();
             if mods[idx].is_none() {
-                let m = self
-                    .inner
+                let m = dev
                     .ctx
                     .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
                     .map_err(|e| {
@@ -416,42 +584,94 @@ impl Cuda {
         let f = module_arc.load_function(name).map_err(|e| {
             Error::Device(format!("kernel `{name}` in kernels-cu/{module}.cu: {e}"))
         })?;
-        self.inner.funcs.lock().unwrap().push((
-            module.to_string(),
-            name.to_string(),
-            f.clone(),
-            sig.clone(),
-        ));
-        Ok((f, sig))
+        dev.funcs
+            .lock()
+            .unwrap()
+            .push((module.to_string(), name.to_string(), f.clone()));
+        Ok(f)
     }
 
-    /// Launches `module::name` with a 1-D grid; `args` are the parameters' bits, one u64 each,
-    /// and `kinds` their [`KernelArg::CODE`]s, which must match the kernel's PTX parameters (the
-    /// `launch!` macro builds both).
+    /// Lets `module::name` use `bytes` of dynamic shared memory per block: without this the
+    /// driver allows 48 KiB less the kernel's static shared memory, and [`Cuda::launch`] refuses
+    /// more. `Ok(None)` when it may (the attribute is set once per kernel, where needed);
+    /// `Ok(Some(why))` when this GPU cannot give that much (callers fall back to another kernel).
+    pub fn opt_in_smem(&self, module: &str, name: &str, bytes: u32) -> Result<Option<String>> {
+        let static_smem = self.with_kernel(module, name, |e| {
+            let fits =
+                bytes <= DEFAULT_SMEM.saturating_sub(e.info.static_smem) || bytes <= e.opt_in;
+            (!fits).then_some(e.info.static_smem)
+        })?;
+        let Some(static_smem) = static_smem else {
+            return Ok(None);
+        };
+        if static_smem as u64 + bytes as u64 > MAX_SMEM_OPT_IN as u64 {
+            return Ok(Some(format!(
+                "{bytes} bytes of dynamic and {static_smem} of static shared memory exceed the \
+                 {MAX_SMEM_OPT_IN} any supported GPU has per block"
+            )));
+        }
+        if self.inner.dev.is_some() {
+            let f = self.func(module, name)?;
+            if let Err(e) = f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            ) {
+                return Ok(Some(format!("{e:?}")));
+            }
+        }
+        self.with_kernel(module, name, |e| e.opt_in = e.opt_in.max(bytes))?;
+        Ok(None)
+    }
+
+    /// Launches `module::name`; `args` are the parameters' bits, one u64 each, and `kinds` their
+    /// [`KernelArg::CODE`]s (the `launch!` macro builds both). First checks the call against the
+    /// kernel's PTX ([`check_launch`]): a mismatch is an error, never a launch. A grid x of 0 is
+    /// raised to 1. A dry run records the launch instead.
     #[allow(clippy::too_many_arguments)]
     pub fn launch(
         &self,
         module: &str,
         name: &str,
-        grid: u32,
-        block: u32,
+        grid: impl Into<Dim3>,
+        block: impl Into<Dim3>,
         smem: u32,
         args: &mut [u64],
         kinds: &[u8],
     ) -> Result<()> {
-        let (f, sig) = self.func_sig(module, name)?;
-        if sig != kinds {
-            return Err(Error::Device(format!(
-                "kernel `{name}` (kernels-cu/{module}.cu) takes parameters `{}` but the launch \
-                 passes `{}` (q: 64-bit, f: f32, i: i32): the Rust call and the kernel disagree",
-                String::from_utf8_lossy(&sig),
-                String::from_utf8_lossy(kinds)
-            )));
+        let (grid, block) = (grid.into(), block.into());
+        let grid = Dim3(grid.0.max(1), grid.1, grid.2);
+        self.with_kernel(module, name, |e| {
+            check_launch(&e.info, e.opt_in, module, name, grid, block, smem, kinds)
+        })?
+        .map_err(Error::Device)?;
+        if let Some(dry) = &self.inner.dry {
+            dry.launches.lock().unwrap().push(LaunchRecord {
+                module: module.to_string(),
+                name: name.to_string(),
+                grid,
+                block,
+                smem,
+                args: args.to_vec(),
+                kinds: kinds.to_vec(),
+            });
+            return Ok(());
         }
-        self.launch_func(&f, (grid.max(1), 1, 1), (block, 1, 1), smem, args)
+        let f = self.func(module, name)?;
+        self.launch_func(
+            &f,
+            (grid.0, grid.1, grid.2),
+            (block.0, block.1, block.2),
+            smem,
+            args,
+        )
+        .map_err(|e| match e {
+            Error::Device(m) => Error::Device(format!("{module}::{name}: {m}")),
+            e => e,
+        })
     }
 
-    /// Launches a loaded function with any grid and block shape.
+    /// Launches a loaded function with any grid and block shape, unchecked (prefer
+    /// [`Cuda::launch`], which checks the call against the kernel's PTX).
     pub fn launch_func(
         &self,
         f: &CudaFunction,
@@ -480,7 +700,7 @@ impl Cuda {
                 grid,
                 block,
                 smem,
-                self.inner.stream.cu_stream(),
+                self.dev().stream.cu_stream(),
                 &mut ptrs[..args.len()],
             )
         }
@@ -488,24 +708,106 @@ impl Cuda {
     }
 
     /// Makes this GPU's context current on the calling thread (the raw driver calls need it;
-    /// a no-op when it already is).
+    /// a no-op when it already is, and on a dry run).
     pub fn bind(&self) -> Result<()> {
-        self.inner
-            .ctx
+        let Some(dev) = &self.inner.dev else {
+            return Ok(());
+        };
+        dev.ctx
             .bind_to_thread()
             .map_err(|e| self.dev_err("binding the CUDA context to this thread", e))
+    }
+
+    /// Copies `src` to device address `dst` on the stream (a no-op on a dry run). From pageable
+    /// host memory the driver stages the data before returning, so `src` may be reused then.
+    ///
+    /// # Safety
+    /// `dst` must be device memory of this backend with room for `src`.
+    pub(crate) unsafe fn htod_raw<T: Copy>(&self, dst: u64, src: &[T]) -> Result<()> {
+        let Some(dev) = &self.inner.dev else {
+            return Ok(());
+        };
+        self.bind()?;
+        // SAFETY: the caller guarantees `dst` holds src.len() elements.
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst, src, dev.stream.cu_stream()) }
+            .map_err(|e| self.dev_err("host-to-device copy", e))
+    }
+
+    /// Copies device address `src` into `dst` and waits for it (leaves `dst` alone on a dry
+    /// run).
+    ///
+    /// # Safety
+    /// `src` must be device memory of this backend holding at least dst.len() elements.
+    pub(crate) unsafe fn dtoh_raw<T: Copy>(&self, dst: &mut [T], src: u64) -> Result<()> {
+        let Some(dev) = &self.inner.dev else {
+            return Ok(());
+        };
+        self.bind()?;
+        // SAFETY: the caller guarantees `src` holds dst.len() elements; the copy is complete
+        // when synchronize returns, before dst can be used again.
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, src, dev.stream.cu_stream()) }
+            .map_err(|e| self.dev_err("device-to-host copy", e))?;
+        self.sync_stream()
+    }
+
+    /// Copies `bytes` from device address `src` to `dst` on the stream (a no-op on a dry run).
+    ///
+    /// # Safety
+    /// Both must be device memory of this backend with `bytes` bytes.
+    pub(crate) unsafe fn dtod_raw(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        let Some(dev) = &self.inner.dev else {
+            return Ok(());
+        };
+        self.bind()?;
+        // SAFETY: the caller guarantees both ranges.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, dev.stream.cu_stream())
+        }
+        .map_err(|e| self.dev_err("device-to-device copy", e))
+    }
+
+    /// Zeroes `bytes` at device address `dst` on the stream (a no-op on a dry run).
+    ///
+    /// # Safety
+    /// `dst` must be device memory of this backend with `bytes` bytes.
+    pub(crate) unsafe fn memset_raw(&self, dst: u64, bytes: usize) -> Result<()> {
+        let Some(dev) = &self.inner.dev else {
+            return Ok(());
+        };
+        self.bind()?;
+        // SAFETY: the caller guarantees the range.
+        unsafe { cudarc::driver::result::memset_d8_async(dst, 0, bytes, dev.stream.cu_stream()) }
+            .map_err(|e| self.dev_err("memset", e))
+    }
+
+    /// Waits for the stream (at once on a dry run).
+    pub(crate) fn sync_stream(&self) -> Result<()> {
+        let Some(dev) = &self.inner.dev else {
+            return Ok(());
+        };
+        dev.stream
+            .synchronize()
+            .map_err(|e| self.dev_err("synchronize (a kernel may have failed)", e))
     }
 
     /// Workspace of at least `len` f32 on the backend's stream, returned as a device pointer.
     /// Valid for work enqueued on [`Cuda::stream`] until the next `scratch_f32` call (the buffer
     /// only grows; a replaced buffer is freed in stream order, after the work that used it).
     pub fn scratch_f32(&self, len: usize) -> Result<u64> {
-        self.scratch(&self.inner.scratch_f32, len * 4)
+        match (&self.inner.dev, &self.inner.dry) {
+            (Some(dev), _) => self.scratch(&dev.scratch_f32, len * 4),
+            (None, Some(dry)) => Ok(dry.alloc(len * 4)),
+            (None, None) => unreachable!("a backend is a GPU or a dry run"),
+        }
     }
 
     /// Like [`Cuda::scratch_f32`], for i32 (separate memory).
     pub fn scratch_i32(&self, len: usize) -> Result<u64> {
-        self.scratch(&self.inner.scratch_i32, len * 4)
+        match (&self.inner.dev, &self.inner.dry) {
+            (Some(dev), _) => self.scratch(&dev.scratch_i32, len * 4),
+            (None, Some(dry)) => Ok(dry.alloc(len * 4)),
+            (None, None) => unreachable!("a backend is a GPU or a dry run"),
+        }
     }
 
     fn scratch(&self, slot: &Mutex<Option<CudaSlice<u8>>>, bytes: usize) -> Result<u64> {
@@ -513,13 +815,13 @@ impl Cuda {
         if s.as_ref().is_none_or(|b| b.len() < bytes) {
             *s = None;
             let b = self
-                .inner
+                .dev()
                 .stream
                 .alloc_zeros::<u8>(bytes.max(256))
                 .map_err(|e| self.oom(bytes, e))?;
             *s = Some(b);
         }
-        Ok(raw_ptr(s.as_ref().unwrap(), &self.inner.stream))
+        Ok(raw_ptr(s.as_ref().unwrap(), &self.dev().stream))
     }
 
     fn oom(&self, bytes: usize, e: cudarc::driver::DriverError) -> Error {
@@ -540,12 +842,19 @@ impl Cuda {
                 _t: PhantomData,
             });
         }
-        let mem = self
-            .inner
-            .stream
+        if let Some(dry) = &self.inner.dry {
+            return Ok(DBuf {
+                mem: None,
+                ptr: dry.alloc(bytes),
+                len,
+                _t: PhantomData,
+            });
+        }
+        let stream = &self.dev().stream;
+        let mem = stream
             .alloc_zeros::<u8>(bytes)
             .map_err(|e| self.oom(bytes, e))?;
-        let ptr = raw_ptr(&mem, &self.inner.stream);
+        let ptr = raw_ptr(&mem, stream);
         Ok(DBuf {
             mem: Some(mem),
             ptr,
@@ -580,21 +889,23 @@ impl Cuda {
     /// Mean milliseconds per call of `f`, timed with CUDA events on the backend's stream over
     /// `reps` calls after one warm-up call (the host only enqueues; the events time the GPU).
     pub fn time_ms(&self, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+        let dev = self.inner.dev.as_ref().ok_or_else(|| {
+            Error::Device("a dry-run backend has no GPU to time kernels on".into())
+        })?;
         let ev = || {
-            self.inner
-                .ctx
+            dev.ctx
                 .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
                 .map_err(|e| self.dev_err("creating an event", e))
         };
         let (start, end) = (ev()?, ev()?);
         f()?;
         start
-            .record(&self.inner.stream)
+            .record(&dev.stream)
             .map_err(|e| self.dev_err("recording an event", e))?;
         for _ in 0..reps.max(1) {
             f()?;
         }
-        end.record(&self.inner.stream)
+        end.record(&dev.stream)
             .map_err(|e| self.dev_err("recording an event", e))?;
         let ms = start
             .elapsed_ms(&end)
@@ -604,9 +915,194 @@ impl Cuda {
 
     /// Keeps `reduce` alive for as long as `reduce_ptr` is used.
     #[allow(dead_code)]
-    fn reduce_buf(&self) -> &CudaSlice<f64> {
-        &self.inner.reduce
+    fn reduce_buf(&self) -> Option<&CudaSlice<f64>> {
+        self.inner.dev.as_ref().map(|d| &d.reduce)
     }
+}
+
+impl DryRun {
+    /// A fresh fake address range of `bytes` (256-aligned, like cudaMalloc).
+    fn alloc(&self, bytes: usize) -> u64 {
+        let bytes = (bytes.max(1) as u64).next_multiple_of(256);
+        self.next.fetch_add(bytes, Ordering::Relaxed)
+    }
+}
+
+/// What a kernel's PTX says about launching it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelInfo {
+    /// Parameter kinds as [`ptx_params`] gives them.
+    pub params: Vec<u8>,
+    /// `.maxntid` (from `__launch_bounds__`) as a thread count.
+    pub max_threads: Option<u32>,
+    /// `.reqntid`, when the kernel requires an exact block shape.
+    pub req_threads: Option<Dim3>,
+    /// Static shared memory in bytes: the `.shared` variables declared in the entry, plus the
+    /// module-scope ones that it (or a `.func` it names) uses.
+    pub static_smem: u32,
+}
+
+/// The launch facts of kernel `name` in PTX text, or None if the PTX has no such entry.
+pub fn kernel_info(ptx: &str, name: &str) -> Option<KernelInfo> {
+    let params = ptx_params(ptx, name)?;
+    let start = ptx.find(&format!(".entry {name}("))?;
+    let rest = &ptx[start..];
+    let open = rest.find('{')?;
+    let header = &rest[..open];
+    // The body ends at the first `}` in column 0.
+    let body = &rest[open..open + rest[open..].find("\n}").unwrap_or(rest.len() - open)];
+    let dims = |directive: &str| -> Option<Vec<u32>> {
+        let at = header.find(directive)?;
+        let line = header[at + directive.len()..].lines().next()?;
+        Some(
+            line.split(',')
+                .map(|d| d.trim().parse().unwrap_or(1))
+                .collect(),
+        )
+    };
+    let max_threads = dims(".maxntid").map(|d| d.iter().product());
+    let req_threads = dims(".reqntid").map(|d| {
+        Dim3(
+            d.first().copied().unwrap_or(1),
+            d.get(1).copied().unwrap_or(1),
+            d.get(2).copied().unwrap_or(1),
+        )
+    });
+    // Module-scope `.func` bodies the entry names, to find module-scope shared they use.
+    let mut used = body.to_string();
+    let mut at = 0;
+    for line in ptx.split_inclusive('\n') {
+        let head = line.trim_end().trim_end_matches("()").trim_end_matches('(');
+        let is_func = [".func ", ".visible .func ", ".weak .func "]
+            .iter()
+            .any(|p| line.starts_with(p));
+        if let Some(fname) = head
+            .rsplit([' ', ')'])
+            .next()
+            .filter(|n| is_func && !n.is_empty())
+        {
+            let f = &ptx[at..];
+            if body.contains(fname) {
+                used.push_str(&f[..f.find("\n}").unwrap_or(f.len())]);
+            }
+        }
+        at += line.len();
+    }
+    let mut static_smem = 0u32;
+    for line in body.lines() {
+        if let Some((_, bytes, align)) = shared_decl(line) {
+            static_smem = static_smem.next_multiple_of(align) + bytes;
+        }
+    }
+    for line in ptx.lines().filter(|l| l.starts_with(".shared")) {
+        if let Some((var, bytes, align)) = shared_decl(line) {
+            if used.contains(var) {
+                static_smem = static_smem.next_multiple_of(align) + bytes;
+            }
+        }
+    }
+    Some(KernelInfo {
+        params,
+        max_threads,
+        req_threads,
+        static_smem,
+    })
+}
+
+/// (name, bytes, alignment) of a PTX `.shared` variable declaration (not `.extern`, which is the
+/// dynamic shared memory): `.shared .align 4 .b8 name[128];` or `.shared .align 4 .u32 name;`.
+fn shared_decl(line: &str) -> Option<(&str, u32, u32)> {
+    let decl = line.trim().strip_prefix(".shared ")?.trim_end_matches(';');
+    let mut align = 1;
+    let mut elem = 0;
+    let mut var = "";
+    let mut words = decl.split_whitespace();
+    while let Some(w) = words.next() {
+        match w {
+            ".align" => align = words.next()?.parse().ok()?,
+            _ if w.starts_with('.') => {
+                elem = match &w[2..] {
+                    "8" => 1,
+                    "16" => 2,
+                    "32" => 4,
+                    "64" => 8,
+                    "128" => 16,
+                    _ => return None,
+                }
+            }
+            _ => var = w,
+        }
+    }
+    let (var, dims) = var.split_once('[').map_or((var, ""), |(v, d)| (v, d));
+    let count: u32 = dims
+        .split('[')
+        .map(|d| d.trim_end_matches(']'))
+        .filter(|d| !d.is_empty())
+        .map(|d| d.parse::<u32>().ok())
+        .product::<Option<u32>>()?;
+    (elem > 0 && !var.is_empty()).then_some((var, elem * count, align.max(elem)))
+}
+
+/// Checks one launch of `module::name` against its PTX facts: the arguments' count and kinds,
+/// the block (≤ 1024 threads, ≤ the kernel's `__launch_bounds__`, = its `.reqntid`), the grid
+/// (x < 2³¹, y and z ≤ 65535) and the dynamic shared memory (≤ 48 KiB less the static, or the
+/// amount `opt_in` the kernel was opted in to). The error says what disagrees.
+#[allow(clippy::too_many_arguments)]
+pub fn check_launch(
+    info: &KernelInfo,
+    opt_in: u32,
+    module: &str,
+    name: &str,
+    grid: Dim3,
+    block: Dim3,
+    smem: u32,
+    kinds: &[u8],
+) -> std::result::Result<(), String> {
+    let at = format!("kernel `{name}` (kernels-cu/{module}.cu)");
+    // PTX declares pointers as .u64 like 64-bit integers.
+    let as_ptx = |k: &u8| if *k == b'p' { b'q' } else { *k };
+    if !kinds.iter().map(as_ptx).eq(info.params.iter().copied()) {
+        return Err(format!(
+            "{at} takes parameters `{}` but the launch passes `{}` (p: pointer, q: 64-bit \
+             integer, f: f32, i: 32-bit integer; PTX writes pointers as q): the Rust call and the \
+             kernel disagree",
+            String::from_utf8_lossy(&info.params),
+            String::from_utf8_lossy(kinds)
+        ));
+    }
+    let Dim3(bx, by, bz) = block;
+    let threads = bx as u64 * by as u64 * bz as u64;
+    if threads == 0 || bx > 1024 || by > 1024 || bz > 64 || threads > 1024 {
+        return Err(format!(
+            "{at}: block {block:?} is not a legal CUDA block (each dimension ≥ 1, x, y ≤ 1024, \
+             z ≤ 64, at most 1024 threads)"
+        ));
+    }
+    if let Some(max) = info.max_threads.filter(|&m| threads > m as u64) {
+        return Err(format!(
+            "{at}: a block of {threads} threads exceeds the kernel's __launch_bounds__ ({max})"
+        ));
+    }
+    if let Some(req) = info.req_threads.filter(|&r| r != block) {
+        return Err(format!(
+            "{at}: block {block:?}, the kernel requires {req:?}"
+        ));
+    }
+    let Dim3(gx, gy, gz) = grid;
+    if gx == 0 || gy == 0 || gz == 0 || gx > i32::MAX as u32 || gy > 65535 || gz > 65535 {
+        return Err(format!(
+            "{at}: grid {grid:?} is not a legal CUDA grid (x in 1..2³¹, y and z in 1..=65535)"
+        ));
+    }
+    let limit = opt_in.max(DEFAULT_SMEM.saturating_sub(info.static_smem));
+    if smem > limit {
+        return Err(format!(
+            "{at}: {smem} bytes of dynamic shared memory exceed the {limit} the kernel may use \
+             ({} static; above 48 KiB in all it needs Cuda::opt_in_smem)",
+            info.static_smem
+        ));
+    }
+    Ok(())
 }
 
 /// The parameter kinds of kernel `name` in PTX text (`q` 64-bit integer or pointer, `f` f32,

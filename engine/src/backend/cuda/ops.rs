@@ -17,6 +17,9 @@ const MAX_ROW_GRID: usize = 1 << 20;
 /// RMSNorm backward's row blocks: a constant so the weight gradient's summation order, and so
 /// its bits, do not depend on the GPU.
 const RMSNORM_BWD_PARTS: usize = 512;
+/// Static shared memory of rmsnorm_bwd_bf16 (`__shared__ float sh[32]`; the launch check reads
+/// the same from the PTX).
+const RMSNORM_BWD_STATIC_SMEM: usize = 128;
 /// Reductions' first-pass blocks at most (the partials buffer holds 1024).
 const REDUCE_PARTS: usize = 1024;
 
@@ -69,14 +72,9 @@ impl Cuda {
         launch!(self, "reduce", "reduce_sum_f32", parts as u32, BLOCK, 0; partials, x, n, square as i32)?;
         launch!(self, "reduce", "reduce_finish_f64", 1, 1024, 0; out, partials, parts)?;
         let mut host = [0f64; 1];
-        self.bind()?;
         // SAFETY: `out` is the backend's own 1025-element f64 buffer; the copy is ordered after
-        // the kernels on the same stream and completes before synchronize returns.
-        unsafe {
-            cudarc::driver::result::memcpy_dtoh_async(&mut host[..], out, self.stream().cu_stream())
-        }
-        .map_err(|e| self.dev_err("reading a reduction back", e))?;
-        self.synchronize()?;
+        // the kernels on the same stream and has completed when dtoh_raw returns.
+        unsafe { self.dtoh_raw(&mut host[..], out) }?;
         Ok(host[0])
     }
 }
@@ -126,68 +124,41 @@ impl Backend for Cuda {
         if dst.is_empty() {
             return Ok(());
         }
-        self.bind()?;
         // SAFETY: src holds at least dst.len() elements of T (checked); the copy is complete
-        // when synchronize returns, before dst can be used again.
-        unsafe {
-            cudarc::driver::result::memcpy_dtoh_async(dst, src.ptr(), self.stream().cu_stream())
-        }
-        .map_err(|e| self.dev_err("device-to-host copy", e))?;
-        self.synchronize()
+        // when dtoh_raw returns, before dst can be used again.
+        unsafe { self.dtoh_raw(dst, src.ptr()) }
     }
     fn from_host<T: Elem>(&self, dst: DMut<'_, T>, src: &[T]) -> Result<()> {
         len_at_least("from_host", "dst", dst.len(), src.len())?;
         if src.is_empty() {
             return Ok(());
         }
-        self.bind()?;
-        // SAFETY: dst holds at least src.len() elements (checked). From pageable host memory the
-        // driver stages the data before returning, so src may be reused once this returns.
-        unsafe {
-            cudarc::driver::result::memcpy_htod_async(dst.ptr(), src, self.stream().cu_stream())
-        }
-        .map_err(|e| self.dev_err("host-to-device copy", e))
+        // SAFETY: dst holds at least src.len() elements (checked).
+        unsafe { self.htod_raw(dst.ptr(), src) }
     }
     fn copy<T: Elem>(&self, dst: DMut<'_, T>, src: DRef<'_, T>) -> Result<()> {
         len_is("copy", "dst", dst.len(), src.len())?;
         if src.is_empty() {
             return Ok(());
         }
-        self.bind()?;
         // SAFETY: both views hold src.len() elements of T (checked).
-        unsafe {
-            cudarc::driver::result::memcpy_dtod_async(
-                dst.ptr(),
-                src.ptr(),
-                src.len() * std::mem::size_of::<T>(),
-                self.stream().cu_stream(),
-            )
-        }
-        .map_err(|e| self.dev_err("device-to-device copy", e))
+        unsafe { self.dtod_raw(dst.ptr(), src.ptr(), src.len() * std::mem::size_of::<T>()) }
     }
     fn zero<T: Elem>(&self, dst: DMut<'_, T>) -> Result<()> {
         if dst.is_empty() {
             return Ok(());
         }
-        self.bind()?;
         // SAFETY: writes exactly the view's bytes.
-        unsafe {
-            cudarc::driver::result::memset_d8_async(
-                dst.ptr(),
-                0,
-                dst.len() * std::mem::size_of::<T>(),
-                self.stream().cu_stream(),
-            )
-        }
-        .map_err(|e| self.dev_err("memset", e))
+        unsafe { self.memset_raw(dst.ptr(), dst.len() * std::mem::size_of::<T>()) }
     }
     fn synchronize(&self) -> Result<()> {
-        self.stream()
-            .synchronize()
-            .map_err(|e| self.dev_err("synchronize (a kernel may have failed)", e))
+        self.sync_stream()
     }
 
     fn device_memory(&self) -> Result<Option<(u64, u64)>> {
+        if self.is_dry_run() {
+            return Ok(None);
+        }
         self.bind()?;
         let (free, total) =
             cudarc::driver::result::mem_get_info().map_err(|e| self.dev_err("cuMemGetInfo", e))?;
@@ -330,13 +301,9 @@ impl Backend for Cuda {
         let u = p.build();
         let plan = &p.plan;
         let dev = self.scratch_i32(plan.len())?;
-        self.bind()?;
         // SAFETY: the scratch buffer holds at least plan.len() i32; the host data is staged by
         // the driver before the call returns.
-        unsafe {
-            cudarc::driver::result::memcpy_htod_async(dev, &plan[..], self.stream().cu_stream())
-        }
-        .map_err(|e| self.dev_err("uploading the embedding plan", e))?;
+        unsafe { self.htod_raw(dev, &plan[..]) }?;
         let (tok, segp, segid) = (dev, dev + 4 * n as u64, dev + 4 * (n + u + 1) as u64);
         launch!(self, "embedding", "embedding_bwd_bf16", row_grid(u), BLOCK, 0;
             &dwte, dout, tok, segp, segid, u, h)
@@ -380,10 +347,13 @@ impl Backend for Cuda {
         if n == 0 {
             return Ok(());
         }
+        // The per-block dw row in dynamic shared memory, beside the kernel's static 128 bytes:
+        // together within the 48 KiB a block gets without opting in.
         let smem = h * 4;
-        check(smem <= 48 * 1024, || {
+        check(smem + RMSNORM_BWD_STATIC_SMEM <= 48 * 1024, || {
             format!(
-                "rmsnorm_bwd: hidden size {h} exceeds the kernel's 12288 (48 KiB of shared memory)"
+                "rmsnorm_bwd: hidden size {h} exceeds the kernel's {} (48 KiB of shared memory)",
+                (48 * 1024 - RMSNORM_BWD_STATIC_SMEM) / 4
             )
         })?;
         let per = n.div_ceil(RMSNORM_BWD_PARTS);
