@@ -85,6 +85,30 @@ pub enum BenchCmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Device memory of one training process per recompute setting (weights, fp32 master,
+    /// gradients, optimizer, activations), from the engine's own allocations on a dry-run
+    /// backend: no GPU needed. `--world N` plans one rank of a ZeRO-1 run.
+    Memory {
+        /// A preset name (tiny, 7b, 13b, 34b, 70b) or an HF config.json.
+        #[arg(long, default_value = "7b")]
+        config: String,
+        #[arg(long, default_value_t = 4096)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 1)]
+        batch_size: usize,
+        /// Ranks the optimizer state is sharded over (ZeRO-1); 1 is one process, whole AdamW.
+        #[arg(long, default_value_t = 1)]
+        world: usize,
+        /// cuda (bf16 compute weights, the default) or cpu (f32, the master is the weights).
+        #[arg(long, default_value = "cuda")]
+        device: Device,
+        /// The GPU's memory in GB (10^9 bytes), for the `fits` column.
+        #[arg(long, default_value_t = 80.0)]
+        gpu_gb: f64,
+        /// Write the plans as JSON too.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Every CUDA kernel on Llama 2 7B and ~1B shapes: time, GB/s or TFLOP/s, and the fraction
     /// of this run's copy bandwidth and bf16 GEMM TFLOP/s.
     Kernels {
@@ -140,6 +164,57 @@ pub fn bench(cmd: BenchCmd) -> Result<()> {
             rep.print();
             if let Some(p) = json {
                 std::fs::write(&p, serde_json::to_string_pretty(&rep)?)
+                    .with_context(|| format!("writing {}", p.display()))?;
+            }
+        }
+        BenchCmd::Memory {
+            config,
+            seq_len,
+            batch_size,
+            world,
+            device,
+            gpu_gb,
+            json,
+        } => {
+            let model = if std::path::Path::new(&config).is_file() {
+                engine::LlamaConfig::from_file(std::path::Path::new(&config))?
+            } else {
+                engine::LlamaConfig::preset(&config)?
+            };
+            let plans = match device {
+                // The dry run models an H100 (132 SMs); the allocations do not depend on it.
+                Device::Cuda(_) => trainer::memory::plan(
+                    engine::Cuda::dry_run(132, true)?,
+                    &model,
+                    world,
+                    batch_size,
+                    seq_len,
+                )?,
+                Device::Cpu => trainer::memory::plan(Cpu, &model, world, batch_size, seq_len)?,
+            };
+            println!(
+                "{} parameters on {}, batch {batch_size} x seq {seq_len}, {}",
+                plans[0].params,
+                if matches!(device, Device::Cpu) {
+                    "the CPU (f32)"
+                } else {
+                    "CUDA (bf16 compute, fp32 master and moments)"
+                },
+                if world > 1 {
+                    format!("one rank of {world} (ZeRO-1)")
+                } else {
+                    "one process".to_string()
+                }
+            );
+            print!(
+                "{}",
+                trainer::memory::table(&plans, Some((gpu_gb * 1e9) as u64))
+            );
+            println!(
+                "(the engine's own buffers; add the CUDA context, cuBLAS's 32 MiB workspace and NCCL's buffers)"
+            );
+            if let Some(p) = json {
+                std::fs::write(&p, serde_json::to_string_pretty(&plans)?)
                     .with_context(|| format!("writing {}", p.display()))?;
             }
         }

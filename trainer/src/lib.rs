@@ -8,6 +8,7 @@ pub mod distill;
 pub mod evaluate;
 pub mod gatt;
 pub mod kernel_bench;
+pub mod memory;
 pub mod metrics;
 mod optimizer;
 pub mod pipeline;
