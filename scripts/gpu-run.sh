@@ -53,4 +53,7 @@ for r in none attn full; do
     step "train_$r" $B/llama2 bench train --device cuda --config bench/configs/llama-1b.json \
         --seq-len 4096 --batch-size 2 --steps 3 --warmup 1 --recompute $r --json "$OUT/train-$r.json"
 done
+# The plan for the same shapes, to set beside the measured device memory above.
+step memory_plan $B/llama2 bench memory --config bench/configs/llama-1b.json --seq-len 4096 \
+    --batch-size 2 --json "$OUT/memory-plan.json"
 echo "=== summary: ${status[*]}" | tee -a "$L"

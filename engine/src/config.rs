@@ -89,19 +89,19 @@ impl LlamaConfig {
             return e("vocab_size, hidden_size, intermediate_size, num_hidden_layers and num_attention_heads must all be > 0".into());
         }
         let kv = self.n_kv_heads();
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return e(format!(
                 "num_key_value_heads ({kv}) must divide num_attention_heads ({})",
                 self.num_attention_heads
             ));
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return e(format!(
                 "hidden_size ({}) is not divisible by num_attention_heads ({})",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return e(format!(
                 "head_dim ({}) must be even for RoPE",
                 self.head_dim()

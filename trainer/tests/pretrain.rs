@@ -224,7 +224,7 @@ fn bad_data_gets_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let err = |r: anyhow::Result<trainer::pretrain::PretrainReport>| {
-        format!("{:#}", r.err().expect("must fail"))
+        format!("{:#}", r.expect_err("must fail"))
     };
     // Not a data directory.
     let e = err(run(Cpu, small_cfg(d.join("nope"), d.join("r"), 2), None));

@@ -617,7 +617,7 @@ mod tests {
                     Plan::ChatWords => ["reverse", "sort", "count_words"].contains(t),
                     _ => ["fact", "age_in"].contains(t),
                 };
-                assert!(names[1..].iter().all(|t| ok(t)), "{plan:?}: {:?}", d.users);
+                assert!(names[1..].iter().all(ok), "{plan:?}: {:?}", d.users);
                 if plan == Plan::ChatArith {
                     assert!(names[1..].iter().all(|t| *t == "add" || *t == "sub"));
                 }
