@@ -504,3 +504,59 @@ fn world_commands_on_a_missing_gpu_fail_cleanly() {
         assert!(!out.exists(), "{args:?} wrote {}", out.display());
     }
 }
+
+/// `bench memory` plans on the CPU with no GPU, writes its JSON, and names a bad world or
+/// config instead of panicking.
+#[test]
+fn bench_memory_plans_and_names_bad_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("plan.json");
+    let o = llama2(
+        &[
+            "bench",
+            "memory",
+            "--config",
+            "tiny",
+            "--device",
+            "cpu",
+            "--world",
+            "2",
+            "--json",
+            p(&json),
+        ],
+        b"",
+    );
+    o.assert_success("bench memory");
+    assert!(o.stdout.contains("one rank of 2 (ZeRO-1)"), "{}", o.stdout);
+    let plans: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let modes: Vec<&str> = plans
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["recompute"].as_str().unwrap())
+        .collect();
+    assert_eq!(modes, ["none", "attn", "full"]);
+    let o = llama2(
+        &["bench", "memory", "--config", "nope", "--device", "cpu"],
+        b"",
+    );
+    assert!(
+        !o.ok() && o.stderr.contains("unknown preset `nope`"),
+        "{}",
+        o.stderr
+    );
+    o.assert_no_panic("unknown preset");
+    let o = llama2(
+        &[
+            "bench", "memory", "--config", "tiny", "--device", "cpu", "--world", "0",
+        ],
+        b"",
+    );
+    assert!(
+        !o.ok() && o.stderr.contains("at least one rank"),
+        "{}",
+        o.stderr
+    );
+    o.assert_no_panic("world 0");
+}

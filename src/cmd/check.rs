@@ -130,6 +130,25 @@ pub enum BenchCmd {
     },
 }
 
+/// `--config`: an HF config.json if such a file exists, else a preset name.
+fn model_config(config: &str) -> Result<engine::LlamaConfig> {
+    let path = std::path::Path::new(config);
+    Ok(if path.is_file() {
+        engine::LlamaConfig::from_file(path)?
+    } else {
+        engine::LlamaConfig::preset(config)?
+    })
+}
+
+/// Writes a report as pretty JSON where `--json` asked for it.
+fn write_json(path: Option<PathBuf>, report: &impl serde::Serialize) -> Result<()> {
+    if let Some(p) = path {
+        std::fs::write(&p, serde_json::to_string_pretty(report)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
 pub fn bench(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Train {
@@ -143,11 +162,7 @@ pub fn bench(cmd: BenchCmd) -> Result<()> {
             recompute,
             json,
         } => {
-            let model = if std::path::Path::new(&config).is_file() {
-                engine::LlamaConfig::from_file(std::path::Path::new(&config))?
-            } else {
-                engine::LlamaConfig::preset(&config)?
-            };
+            let model = model_config(&config)?;
             let rep = on_device!(device, |be| {
                 let cfg = trainer::bench::BenchConfig {
                     model,
@@ -162,10 +177,7 @@ pub fn bench(cmd: BenchCmd) -> Result<()> {
                 trainer::bench::run(be, &cfg)?
             });
             rep.print();
-            if let Some(p) = json {
-                std::fs::write(&p, serde_json::to_string_pretty(&rep)?)
-                    .with_context(|| format!("writing {}", p.display()))?;
-            }
+            write_json(json, &rep)?;
         }
         BenchCmd::Memory {
             config,
@@ -176,11 +188,7 @@ pub fn bench(cmd: BenchCmd) -> Result<()> {
             gpu_gb,
             json,
         } => {
-            let model = if std::path::Path::new(&config).is_file() {
-                engine::LlamaConfig::from_file(std::path::Path::new(&config))?
-            } else {
-                engine::LlamaConfig::preset(&config)?
-            };
+            let model = model_config(&config)?;
             let plans = match device {
                 // The dry run models an H100 (132 SMs); the allocations do not depend on it.
                 Device::Cuda(_) => trainer::memory::plan(
@@ -213,10 +221,7 @@ pub fn bench(cmd: BenchCmd) -> Result<()> {
             println!(
                 "(the engine's own buffers; add the CUDA context, cuBLAS's 32 MiB workspace and NCCL's buffers)"
             );
-            if let Some(p) = json {
-                std::fs::write(&p, serde_json::to_string_pretty(&plans)?)
-                    .with_context(|| format!("writing {}", p.display()))?;
-            }
+            write_json(json, &plans)?;
         }
         BenchCmd::Kernels {
             device,
@@ -246,10 +251,7 @@ pub fn bench(cmd: BenchCmd) -> Result<()> {
                 },
             )?;
             rep.print();
-            if let Some(p) = json {
-                std::fs::write(&p, serde_json::to_string_pretty(&rep)?)
-                    .with_context(|| format!("writing {}", p.display()))?;
-            }
+            write_json(json, &rep)?;
         }
     }
     Ok(())

@@ -77,13 +77,14 @@ pub fn plan<B: Backend>(
     Ok(out)
 }
 
-const GIB: f64 = (1u64 << 30) as f64;
-
-/// The plans as a table; `capacity` (bytes) adds a column saying whether each fits.
+/// The plans as a table (GiB, or MiB for small models); `capacity` (bytes) adds a column
+/// saying whether each fits.
 pub fn table(plans: &[MemoryPlan], capacity: Option<u64>) -> String {
-    let g = |b: usize| format!("{:.2}", b as f64 / GIB);
-    let mut s = String::from(
-        "recompute | weights GiB | fp32 master | grads | optimizer | activations | total GiB",
+    let big = plans.iter().any(|p| p.total() >= 1 << 30);
+    let (unit, div) = if big { ("GiB", 30) } else { ("MiB", 20) };
+    let g = |b: usize| format!("{:.2}", b as f64 / (1u64 << div) as f64);
+    let mut s = format!(
+        "recompute | weights {unit} | fp32 master | grads | optimizer | activations | total {unit}"
     );
     if capacity.is_some() {
         s += " | fits";
