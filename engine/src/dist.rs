@@ -77,22 +77,15 @@ pub(crate) fn piece_of(n: usize, piece: usize, rank: usize) -> (usize, usize) {
     (off, (n - off).min(piece))
 }
 
-/// Checks that `piece` splits `n` over `world` ranks (the last pieces may be short) and that
-/// this rank's part has `got` elements.
-pub(crate) fn check_pieces(
-    what: &str,
-    n: usize,
-    piece: usize,
-    world: usize,
-    rank: usize,
-    got: usize,
-) -> Result<()> {
+/// Checks that pieces of `piece` elements over `world` ranks cover all `n` (the last ones may
+/// be short or empty).
+pub(crate) fn check_cover(what: &str, n: usize, piece: usize, world: usize) -> Result<()> {
     if piece * world < n {
         return Err(Error::Shape(format!(
             "{what}: pieces of {piece} over {world} ranks do not cover {n} elements"
         )));
     }
-    check_len(what, got, piece_of(n, piece, rank).1)
+    Ok(())
 }
 
 /// State shared by the ranks of a [`ThreadGroup`]: one posting slot per rank.
@@ -216,7 +209,12 @@ impl DeviceCollective<Cpu> for ThreadComm {
     }
     fn reduce_scatter_v(&mut self, input: &[f32], out: &mut [f32], piece: usize) -> Result<()> {
         let (n, world, rank) = (input.len(), self.world, self.rank);
-        check_pieces("reduce_scatter_v output", n, piece, world, rank, out.len())?;
+        check_cover("reduce_scatter_v", n, piece, world)?;
+        check_len(
+            "reduce_scatter_v output",
+            out.len(),
+            piece_of(n, piece, rank).1,
+        )?;
         self.post(input);
         self.shared.barrier.wait();
         self.sum_slots(piece_of(n, piece, rank).0, out);
@@ -225,14 +223,7 @@ impl DeviceCollective<Cpu> for ThreadComm {
     }
     fn all_gather_v(&mut self, buf: &mut [f32], piece: usize) -> Result<()> {
         let (n, world, rank) = (buf.len(), self.world, self.rank);
-        check_pieces(
-            "all_gather_v",
-            n,
-            piece,
-            world,
-            rank,
-            piece_of(n, piece, rank).1,
-        )?;
+        check_cover("all_gather_v", n, piece, world)?;
         let (off, len) = piece_of(n, piece, rank);
         self.post(&buf[off..off + len]);
         self.shared.barrier.wait();

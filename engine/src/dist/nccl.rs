@@ -12,7 +12,7 @@
 //! device buffers directly, no staging), and the host-slice [`Collective`] trait (staged
 //! through a device buffer; for checkpoint agreement and logged scalars only).
 
-use super::{check_len, check_pieces, piece_of, Collective, DeviceCollective, DistEnv, Rendezvous};
+use super::{check_cover, check_len, piece_of, Collective, DeviceCollective, DistEnv, Rendezvous};
 use crate::backend::cuda::{probe_driver, Cuda, DBuf, DMut, DRef};
 use crate::backend::Backend;
 use crate::elem::Elem;
@@ -288,13 +288,11 @@ impl NcclComm {
         piece: usize,
     ) -> Result<()> {
         let n = input.len();
-        check_pieces(
+        check_cover("reduce_scatter_v", n, piece, self.world)?;
+        check_len(
             "reduce_scatter_v output",
-            n,
-            piece,
-            self.world,
-            self.rank,
             out.len(),
+            piece_of(n, piece, self.rank).1,
         )?;
         if n == self.world * piece {
             return self.reduce_scatter_sum_device(input, out);
@@ -312,7 +310,7 @@ impl NcclComm {
                 let recv = if r == me.rank { out.ptr() } else { send };
                 // SAFETY: `input` borrows a live device buffer of n elements and [off, off+len)
                 // lies inside it (piece_of); on the root `out` borrows a distinct live buffer of
-                // len elements (check_pieces); r < world fits in c_int for any real job.
+                // len elements (check_len); r < world fits in c_int for any real job.
                 unsafe {
                     result::reduce(
                         send as *const _,
@@ -340,14 +338,7 @@ impl NcclComm {
         piece: usize,
     ) -> Result<()> {
         let (n, world, rank) = (buf.len(), self.world, self.rank);
-        check_pieces(
-            "all_gather_v",
-            n,
-            piece,
-            world,
-            rank,
-            piece_of(n, piece, rank).1,
-        )?;
+        check_cover("all_gather_v", n, piece, world)?;
         if n == 0 {
             return Ok(());
         }

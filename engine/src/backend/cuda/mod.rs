@@ -161,6 +161,15 @@ impl<'a, T> DMut<'a, T> {
     }
     /// A mutable view of `[off, off + len)`, borrowing this one.
     pub fn sub_mut(&mut self, off: usize, len: usize) -> DMut<'_, T> {
+        DMut {
+            ptr: self.ptr,
+            len: self.len,
+            _t: PhantomData,
+        }
+        .into_sub(off, len)
+    }
+    /// The view narrowed to `[off, off + len)`, for as long as this one lived.
+    fn into_sub(self, off: usize, len: usize) -> DMut<'a, T> {
         assert!(
             off + len <= self.len,
             "view [{off}, {}) out of bounds of {}",
@@ -1163,17 +1172,7 @@ impl<T: Elem> DBuf<T> {
         self.view().sub(off, len)
     }
     pub(crate) fn slice_mut(&mut self, off: usize, len: usize) -> DMut<'_, T> {
-        assert!(
-            off + len <= self.len,
-            "view [{off}, {}) out of bounds of {}",
-            off + len,
-            self.len
-        );
-        DMut {
-            ptr: self.ptr + (off * std::mem::size_of::<T>()) as u64,
-            len,
-            _t: PhantomData,
-        }
+        self.view_mut().into_sub(off, len)
     }
     /// Keeps the allocation reachable (it is freed on drop, in stream order).
     #[allow(dead_code)]
