@@ -26,7 +26,7 @@ pub use rendezvous::Rendezvous;
 use crate::backend::cpu::Cpu;
 use crate::backend::{AdamWStep, Backend};
 use crate::error::{Error, Result};
-use crate::model::Llama;
+use crate::model::{GradReady, Llama};
 use crate::optim::{clip_scale, decay_groups, AdamWConfig, StepStats};
 use crate::params::Span;
 use std::sync::{Arc, Barrier, Mutex};
@@ -69,6 +69,61 @@ pub trait DeviceCollective<B: Backend>: Collective {
     /// In place: every rank's piece of `buf`, in the compute dtype (bf16 on CUDA), is copied
     /// into the others' `buf`.
     fn all_gather_v(&mut self, buf: B::Mut<'_, B::Act>, piece: usize) -> Result<()>;
+    /// One bucket of a reduce-scatter issued over several calls: `part` is elements
+    /// `[lo, lo + part.len())` of an `n`-element vector cut into pieces of `piece`, and the
+    /// elements of this rank's piece `out` that fall in the bucket ← Σ over ranks (the others
+    /// are left alone). The same sums as [`DeviceCollective::reduce_scatter_v`], bucket by
+    /// bucket. It may run behind later work on B's stream (NCCL: on its own stream, so it
+    /// overlaps the rest of the backward): read `out` only after
+    /// [`DeviceCollective::wait_reduced`].
+    fn reduce_scatter_part(
+        &mut self,
+        part: B::Ref<'_, f32>,
+        lo: usize,
+        n: usize,
+        out: B::Mut<'_, f32>,
+        piece: usize,
+    ) -> Result<()>;
+    /// Orders later work on B's stream after every `reduce_scatter_part` issued so far.
+    fn wait_reduced(&mut self) -> Result<()>;
+}
+
+/// The part of rank `rank`'s piece that bucket `[lo, hi)` covers: `(start, end)` as global
+/// indices, empty when `start == end`.
+pub(crate) fn bucket_in_piece(
+    lo: usize,
+    hi: usize,
+    n: usize,
+    piece: usize,
+    rank: usize,
+) -> (usize, usize) {
+    let (off, len) = piece_of(n, piece, rank);
+    let (a, b) = (lo.max(off), hi.min(off + len));
+    (a, b.max(a))
+}
+
+/// Checks a bucket `[lo, lo + len)` of an `n`-element vector and the output piece's length.
+pub(crate) fn check_part(
+    lo: usize,
+    len: usize,
+    n: usize,
+    piece: usize,
+    world: usize,
+    rank: usize,
+    out: usize,
+) -> Result<()> {
+    check_cover("reduce_scatter_part", n, piece, world)?;
+    if lo + len > n {
+        return Err(Error::Shape(format!(
+            "reduce_scatter_part: bucket [{lo}, {}) outside {n} elements",
+            lo + len
+        )));
+    }
+    check_len(
+        "reduce_scatter_part output",
+        out,
+        piece_of(n, piece, rank).1,
+    )
 }
 
 /// Rank `rank`'s piece `[off, off + len)` of `n` elements cut into pieces of `piece`.
@@ -88,10 +143,24 @@ pub(crate) fn check_cover(what: &str, n: usize, piece: usize, world: usize) -> R
     Ok(())
 }
 
-/// State shared by the ranks of a [`ThreadGroup`]: one posting slot per rank.
+/// A collective call as the ranks must agree on it: its name and its sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+struct Call {
+    name: &'static str,
+    sizes: [usize; 4],
+}
+
+impl std::fmt::Display for Call {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{:?}", self.name, self.sizes)
+    }
+}
+
+/// State shared by the ranks of a [`ThreadGroup`]: one posting slot per rank (the call it
+/// made and its data).
 struct Shared {
     barrier: Barrier,
-    slots: Vec<Mutex<Vec<f32>>>,
+    slots: Vec<Mutex<(Call, Vec<f32>)>>,
 }
 
 /// A CPU stand-in for NCCL: ranks are threads of one process.
@@ -105,7 +174,9 @@ impl ThreadGroup {
         assert!(world > 0, "a group needs at least one rank");
         let shared = Arc::new(Shared {
             barrier: Barrier::new(world),
-            slots: (0..world).map(|_| Mutex::new(Vec::new())).collect(),
+            slots: (0..world)
+                .map(|_| Mutex::new((Call::default(), Vec::new())))
+                .collect(),
         });
         (0..world)
             .map(|rank| ThreadComm {
@@ -117,9 +188,12 @@ impl ThreadGroup {
     }
 }
 
-/// One rank of a [`ThreadGroup`]. A collective posts this rank's data, waits for every rank,
-/// reads what it needs, and waits again so no slot is overwritten while another rank reads it.
-/// Sums run in rank order, so every rank gets the same bits on every run.
+/// One rank of a [`ThreadGroup`]. A collective posts this rank's call and data, waits for
+/// every rank, reads what it needs, and waits again so no slot is overwritten while another
+/// rank reads it. Sums run in rank order, so every rank gets the same bits on every run.
+///
+/// Where NCCL would hang or mix up data, ranks that make different calls at the same point
+/// (another collective, other sizes, other bucket edges) all get an error naming both calls.
 pub struct ThreadComm {
     rank: usize,
     world: usize,
@@ -127,17 +201,47 @@ pub struct ThreadComm {
 }
 
 impl ThreadComm {
-    fn post(&self, data: &[f32]) {
-        let mut slot = self.shared.slots[self.rank].lock().expect("slot lock");
-        slot.clear();
-        slot.extend_from_slice(data);
+    /// Posts `call` and `data` and waits for every rank. `Ok` when every rank made the same
+    /// call: read the slots, then [`ThreadComm::done`] either way.
+    fn post(&self, call: Call, data: &[f32]) -> std::result::Result<(), (usize, Call)> {
+        {
+            let mut slot = self.shared.slots[self.rank].lock().expect("slot lock");
+            slot.0 = call;
+            slot.1.clear();
+            slot.1.extend_from_slice(data);
+        }
+        self.shared.barrier.wait();
+        match (0..self.world)
+            .map(|r| (r, self.shared.slots[r].lock().expect("slot lock").0))
+            .find(|(_, c)| *c != call)
+        {
+            None => Ok(()),
+            Some(other) => Err(other),
+        }
+    }
+
+    /// Waits until every rank has read, then names a mismatch `post` found.
+    fn done(&self, call: Call, posted: std::result::Result<(), (usize, Call)>) -> Result<()> {
+        self.shared.barrier.wait();
+        posted.map_err(|(r, c)| {
+            Error::Dist(format!(
+                "collectives out of step: rank {} called {call} while rank {r} called {c}",
+                self.rank
+            ))
+        })
+    }
+
+    /// Rank `r`'s posted data, `[off, off + len)`, copied into `out`.
+    fn read_slot(&self, r: usize, off: usize, out: &mut [f32]) {
+        let slot = self.shared.slots[r].lock().expect("slot lock");
+        out.copy_from_slice(&slot.1[off..off + out.len()]);
     }
 
     /// out[i] = Σ_r slot_r[off + i], summed from rank 0 up.
     fn sum_slots(&self, off: usize, out: &mut [f32]) {
         for (r, slot) in self.shared.slots.iter().enumerate() {
             let slot = slot.lock().expect("slot lock");
-            let src = &slot[off..off + out.len()];
+            let src = &slot.1[off..off + out.len()];
             if r == 0 {
                 out.copy_from_slice(src);
             } else {
@@ -145,6 +249,10 @@ impl ThreadComm {
             }
         }
     }
+}
+
+fn call(name: &'static str, sizes: [usize; 4]) -> Call {
+    Call { name, sizes }
 }
 
 fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
@@ -165,11 +273,12 @@ impl Collective for ThreadComm {
     }
 
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
-        self.post(buf);
-        self.shared.barrier.wait();
-        self.sum_slots(0, buf);
-        self.shared.barrier.wait();
-        Ok(())
+        let c = call("all_reduce_sum", [buf.len(), 0, 0, 0]);
+        let posted = self.post(c, buf);
+        if posted.is_ok() {
+            self.sum_slots(0, buf);
+        }
+        self.done(c, posted)
     }
 
     fn reduce_scatter_sum(&mut self, input: &[f32], out_shard: &mut [f32]) -> Result<()> {
@@ -178,27 +287,30 @@ impl Collective for ThreadComm {
             input.len(),
             self.world * out_shard.len(),
         )?;
-        self.post(input);
-        self.shared.barrier.wait();
-        self.sum_slots(self.rank * out_shard.len(), out_shard);
-        self.shared.barrier.wait();
-        Ok(())
+        let c = call("reduce_scatter_sum", [input.len(), 0, 0, 0]);
+        let posted = self.post(c, input);
+        if posted.is_ok() {
+            self.sum_slots(self.rank * out_shard.len(), out_shard);
+        }
+        self.done(c, posted)
     }
 
     fn all_gather(&mut self, shard: &[f32], out: &mut [f32]) -> Result<()> {
         check_len("all_gather output", out.len(), self.world * shard.len())?;
-        self.post(shard);
-        self.shared.barrier.wait();
-        for (r, dst) in out.chunks_mut(shard.len().max(1)).enumerate() {
-            dst.copy_from_slice(&self.shared.slots[r].lock().expect("slot lock")[..dst.len()]);
+        let c = call("all_gather", [shard.len(), 0, 0, 0]);
+        let posted = self.post(c, shard);
+        if posted.is_ok() {
+            for (r, dst) in out.chunks_mut(shard.len().max(1)).enumerate() {
+                self.read_slot(r, 0, dst);
+            }
         }
-        self.shared.barrier.wait();
-        Ok(())
+        self.done(c, posted)
     }
 
     fn barrier(&mut self) -> Result<()> {
-        self.shared.barrier.wait();
-        Ok(())
+        let c = call("barrier", [0; 4]);
+        let posted = self.post(c, &[]);
+        self.done(c, posted)
     }
 }
 
@@ -210,29 +322,51 @@ impl DeviceCollective<Cpu> for ThreadComm {
     fn reduce_scatter_v(&mut self, input: &[f32], out: &mut [f32], piece: usize) -> Result<()> {
         let (n, world, rank) = (input.len(), self.world, self.rank);
         check_cover("reduce_scatter_v", n, piece, world)?;
-        check_len(
-            "reduce_scatter_v output",
-            out.len(),
-            piece_of(n, piece, rank).1,
-        )?;
-        self.post(input);
-        self.shared.barrier.wait();
-        self.sum_slots(piece_of(n, piece, rank).0, out);
-        self.shared.barrier.wait();
+        let (off, len) = piece_of(n, piece, rank);
+        check_len("reduce_scatter_v output", out.len(), len)?;
+        let c = call("reduce_scatter_v", [n, piece, 0, 0]);
+        let posted = self.post(c, input);
+        if posted.is_ok() {
+            self.sum_slots(off, out);
+        }
+        self.done(c, posted)
+    }
+    fn reduce_scatter_part(
+        &mut self,
+        part: &[f32],
+        lo: usize,
+        n: usize,
+        out: &mut [f32],
+        piece: usize,
+    ) -> Result<()> {
+        let (world, rank) = (self.world, self.rank);
+        check_part(lo, part.len(), n, piece, world, rank, out.len())?;
+        let c = call("reduce_scatter_part", [lo, part.len(), n, piece]);
+        let (a, b) = bucket_in_piece(lo, lo + part.len(), n, piece, rank);
+        let off = piece_of(n, piece, rank).0;
+        // Summed in rank order, as the whole reduce-scatter: the same bits, bucket by bucket.
+        let posted = self.post(c, part);
+        if posted.is_ok() && a < b {
+            self.sum_slots(a - lo, &mut out[a - off..b - off]);
+        }
+        self.done(c, posted)
+    }
+    fn wait_reduced(&mut self) -> Result<()> {
         Ok(())
     }
     fn all_gather_v(&mut self, buf: &mut [f32], piece: usize) -> Result<()> {
         let (n, world, rank) = (buf.len(), self.world, self.rank);
         check_cover("all_gather_v", n, piece, world)?;
         let (off, len) = piece_of(n, piece, rank);
-        self.post(&buf[off..off + len]);
-        self.shared.barrier.wait();
-        for r in (0..world).filter(|&r| r != rank) {
-            let (o, l) = piece_of(n, piece, r);
-            buf[o..o + l].copy_from_slice(&self.shared.slots[r].lock().expect("slot lock")[..l]);
+        let c = call("all_gather_v", [n, piece, 0, 0]);
+        let posted = self.post(c, &buf[off..off + len]);
+        if posted.is_ok() {
+            for r in (0..world).filter(|&r| r != rank) {
+                let (o, l) = piece_of(n, piece, r);
+                self.read_slot(r, 0, &mut buf[o..o + l]);
+            }
         }
-        self.shared.barrier.wait();
-        Ok(())
+        self.done(c, posted)
     }
 }
 
@@ -322,6 +456,9 @@ pub struct ShardedAdamW<B: Backend> {
     groups: Vec<(Span, bool)>,
     /// This rank's summed gradient shard.
     gshard: B::Buf<f32>,
+    /// Gradients `[unreduced, n)` were reduced into `gshard` by an [`ShardedAdamW::overlap`]
+    /// during the backward; `n` when none were.
+    unreduced: usize,
 }
 
 impl<B: Backend> ShardedAdamW<B> {
@@ -353,8 +490,27 @@ impl<B: Backend> ShardedAdamW<B> {
             step: 0,
             groups: shard.local_groups(&decay_groups(&model.table, cfg.decay)),
             gshard: be.alloc(shard.len)?,
+            unreduced: n,
             be,
         })
+    }
+
+    /// A [`GradReady`] for the last backward before [`ShardedAdamW::step`] (with gradient
+    /// accumulation, the last micro-batch's only: earlier ones still change every gradient).
+    /// It reduce-scatters the gradients in buckets of at least `bucket` elements as the
+    /// backward finishes them, so on NCCL the communication overlaps the rest of the backward;
+    /// the step then reduces only what is left and waits. Bucket edges fall on layer edges and
+    /// are the same on every rank; the sums are the same as one reduce-scatter's.
+    pub fn overlap<'a, C: DeviceCollective<B> + ?Sized>(
+        &'a mut self,
+        comm: &'a mut C,
+        bucket: usize,
+    ) -> Overlap<'a, B, C> {
+        Overlap {
+            opt: self,
+            comm,
+            bucket,
+        }
     }
 
     /// One data-parallel step at learning rate `lr`: reduce-scatter of the gradients, global
@@ -371,11 +527,26 @@ impl<B: Backend> ShardedAdamW<B> {
         check_len("model parameters", model.num_params(), n)?;
         check_len("world", comm.world(), self.shard.world)?;
         let be = &self.be;
-        comm.reduce_scatter_v(
-            B::all(&model.grads),
-            B::slice_mut(&mut self.gshard, 0, valid),
-            self.shard.len,
-        )?;
+        // What the backward's buckets left (all of it without an `overlap`), then wait for them.
+        match std::mem::replace(&mut self.unreduced, n) {
+            rest if rest == n => comm.reduce_scatter_v(
+                B::all(&model.grads),
+                B::slice_mut(&mut self.gshard, 0, valid),
+                self.shard.len,
+            )?,
+            rest => {
+                if rest > 0 {
+                    comm.reduce_scatter_part(
+                        B::slice(&model.grads, 0, rest),
+                        0,
+                        n,
+                        B::slice_mut(&mut self.gshard, 0, valid),
+                        self.shard.len,
+                    )?;
+                }
+                comm.wait_reduced()?;
+            }
+        }
 
         // Each shard's Σg² in f64 (as AdamW), summed across ranks in f32: the norm agrees with
         // the single-process one to f32 rounding, and is the same bits on every rank.
@@ -452,6 +623,34 @@ impl<B: Backend> ShardedAdamW<B> {
         check_len("v", v.len(), valid)?;
         self.be.from_host(B::slice_mut(&mut self.m, 0, valid), m)?;
         self.be.from_host(B::slice_mut(&mut self.v, 0, valid), v)
+    }
+}
+
+/// Reduces a backward's gradients in buckets as they become final: see
+/// [`ShardedAdamW::overlap`].
+pub struct Overlap<'a, B: Backend, C: ?Sized> {
+    opt: &'a mut ShardedAdamW<B>,
+    comm: &'a mut C,
+    bucket: usize,
+}
+
+impl<B: Backend, C: DeviceCollective<B> + ?Sized> GradReady<B> for Overlap<'_, B, C> {
+    fn ready(&mut self, grads: B::Ref<'_, f32>, from: usize) -> Result<()> {
+        let opt = &mut *self.opt;
+        let (n, end) = (opt.shard.n, opt.unreduced);
+        if from >= end || (end - from < self.bucket && from > 0) {
+            return Ok(());
+        }
+        let valid = opt.shard.valid();
+        self.comm.reduce_scatter_part(
+            B::sub(grads, from, end - from),
+            from,
+            n,
+            B::slice_mut(&mut opt.gshard, 0, valid),
+            opt.shard.len,
+        )?;
+        opt.unreduced = from;
+        Ok(())
     }
 }
 
@@ -703,6 +902,200 @@ mod tests {
         for (buf, short) in out {
             assert_eq!(buf, want);
             assert!(short);
+        }
+    }
+
+    /// Buckets issued tail first, of any size (one element, across pieces, inside one), give
+    /// every rank the same bits as one reduce-scatter; a bucket past the end is refused on
+    /// every rank (before any rank waits for the others).
+    #[test]
+    fn buckets_reduce_to_the_same_bits_as_one_reduce_scatter() {
+        let n: usize = 37;
+        let cuts = [37, 36, 30, 29, 12, 11, 10, 0];
+        for world in 1..=4 {
+            let piece = n.div_ceil(world);
+            for (r, (whole, parts, past)) in on_ranks(world, |mut c| {
+                let r = c.rank();
+                let input: Vec<f32> = (0..n)
+                    .map(|i| ((i * 31 + r * 7) % 13) as f32 * 0.1 + 1e-3 * r as f32)
+                    .collect();
+                let len = piece_of(n, piece, r).1;
+                let mut whole = vec![0f32; len];
+                c.reduce_scatter_v(&input, &mut whole, piece).unwrap();
+                // NaN until written: a bucket that missed an element shows.
+                let mut parts = vec![f32::NAN; len];
+                for w in cuts.windows(2) {
+                    let (hi, lo) = (w[0], w[1]);
+                    c.reduce_scatter_part(&input[lo..hi], lo, n, &mut parts, piece)
+                        .unwrap();
+                }
+                c.wait_reduced().unwrap();
+                let past = c.reduce_scatter_part(&input[30..], 31, n, &mut parts, piece);
+                (whole, parts, past.is_err())
+            })
+            .into_iter()
+            .enumerate()
+            {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&parts), bits(&whole), "world {world}, rank {r}");
+                assert!(past, "world {world}: a bucket past the end was accepted");
+            }
+        }
+    }
+
+    /// The thread stand-in, recording the buckets a step's gradients were reduced in.
+    struct Recording {
+        inner: ThreadComm,
+        parts: Vec<(usize, usize)>,
+    }
+    impl Collective for Recording {
+        fn rank(&self) -> usize {
+            self.inner.rank()
+        }
+        fn world(&self) -> usize {
+            self.inner.world()
+        }
+        fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
+            self.inner.all_reduce_sum(buf)
+        }
+        fn reduce_scatter_sum(&mut self, input: &[f32], out: &mut [f32]) -> Result<()> {
+            self.inner.reduce_scatter_sum(input, out)
+        }
+        fn all_gather(&mut self, shard: &[f32], out: &mut [f32]) -> Result<()> {
+            self.inner.all_gather(shard, out)
+        }
+        fn barrier(&mut self) -> Result<()> {
+            self.inner.barrier()
+        }
+    }
+    impl DeviceCollective<Cpu> for Recording {
+        fn all_reduce_sum_buf(&mut self, buf: &mut [f32]) -> Result<()> {
+            self.inner.all_reduce_sum_buf(buf)
+        }
+        fn reduce_scatter_v(&mut self, input: &[f32], out: &mut [f32], piece: usize) -> Result<()> {
+            self.parts.push((0, input.len()));
+            self.inner.reduce_scatter_v(input, out, piece)
+        }
+        fn all_gather_v(&mut self, buf: &mut [f32], piece: usize) -> Result<()> {
+            self.inner.all_gather_v(buf, piece)
+        }
+        fn reduce_scatter_part(
+            &mut self,
+            part: &[f32],
+            lo: usize,
+            n: usize,
+            out: &mut [f32],
+            piece: usize,
+        ) -> Result<()> {
+            self.parts.push((lo, part.len()));
+            self.inner.reduce_scatter_part(part, lo, n, out, piece)
+        }
+        fn wait_reduced(&mut self) -> Result<()> {
+            self.inner.wait_reduced()
+        }
+    }
+
+    /// ZeRO-1 steps after overlapped backwards (gradients reduced in buckets as layers finish)
+    /// give every rank the same bits as one reduce-scatter after the backward, whatever the
+    /// bucket size, with the master as compute weights or released; the buckets are the
+    /// layer edges merged up to the bucket size, tail first.
+    #[test]
+    fn overlapped_buckets_step_to_the_same_bits() {
+        let cfg = AdamWConfig::default();
+        let tab = tiny_model().table;
+        let n = tab.total;
+        let (l0, l1, nf) = (tab.layers[0].ln1.off, tab.layers[1].ln1.off, tab.norm.off);
+        assert!(n - nf < 3000 && n - l1 >= 3000 && l1 - l0 >= 3000 && l0 < 3000);
+        let plans: [(Option<usize>, Vec<(usize, usize)>); 4] = [
+            (None, vec![(0, n)]),
+            (
+                Some(0),
+                vec![(nf, n - nf), (l1, nf - l1), (l0, l1 - l0), (0, l0)],
+            ),
+            // The head's tail is under 3000: it waits for layer 1's; the embedding is last.
+            (Some(3000), vec![(l1, n - l1), (l0, l1 - l0), (0, l0)]),
+            (Some(usize::MAX), vec![(0, n)]),
+        ];
+        for separate in [false, true] {
+            for world in [2, 3] {
+                let mut first: Option<Vec<Vec<f32>>> = None;
+                for (bucket, want) in &plans {
+                    let out = on_ranks(world, |c| {
+                        let r = c.rank();
+                        let mut c = Recording {
+                            inner: c,
+                            parts: Vec::new(),
+                        };
+                        let mut m = tiny_model();
+                        if separate {
+                            m.separate_compute_copy().unwrap();
+                        }
+                        let mut opt = ShardedAdamW::new(&mut m, cfg, r, world).unwrap();
+                        for step in 0..2 {
+                            let (b, t) = (2, 7);
+                            let ids: Vec<i32> = (0..b * t)
+                                .map(|i| ((i * 11 + r * 5 + step * 3) % 64) as i32)
+                                .collect();
+                            m.forward(&crate::Batch::new(&ids, b, t)).unwrap();
+                            let targets = crate::model::shift_labels(&ids, b, t);
+                            let (_, count) = m.lm_loss(&targets).unwrap();
+                            let scale = 1.0 / (world * count) as f32;
+                            c.parts.clear();
+                            match bucket {
+                                Some(k) => {
+                                    let mut sink = opt.overlap(&mut c, *k);
+                                    m.backward_lm_with(scale, Some(&mut sink)).unwrap();
+                                }
+                                None => m.backward_lm(scale).unwrap(),
+                            }
+                            opt.step(&mut m, &mut c, 1e-2).unwrap();
+                            m.zero_grads().unwrap();
+                        }
+                        let w = Cpu.compute_weights(&m.master, &m.shadow).to_vec();
+                        (w, c.parts)
+                    });
+                    let what = format!("world {world}, bucket {bucket:?}, separate {separate}");
+                    for (w, parts) in &out {
+                        assert_eq!(parts, want, "{what}: buckets");
+                        assert_eq!(w, &out[0].0, "{what}: ranks differ");
+                    }
+                    let ws: Vec<Vec<f32>> = out.into_iter().map(|(w, _)| w).collect();
+                    match &first {
+                        None => first = Some(ws),
+                        Some(f) => assert_eq!(&ws, f, "{what}: not the unbucketed bits"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ranks that make different calls at the same point (NCCL would hang or mix data) all
+    /// get an error naming both calls, and the group goes on working after it.
+    #[test]
+    fn calls_out_of_step_fail_on_every_rank() {
+        let out = on_ranks(2, |mut c| {
+            let input = [1f32; 10];
+            let mut mine = [0f32; 5];
+            let e = if c.rank() == 0 {
+                c.reduce_scatter_v(&input, &mut mine, 5)
+            } else {
+                c.reduce_scatter_part(&input[4..], 4, 10, &mut mine, 5)
+            };
+            let mut x = [c.rank() as f32 + 1.0];
+            c.all_reduce_sum(&mut x).unwrap();
+            (e.unwrap_err().to_string(), x[0])
+        });
+        for (r, (e, x)) in out.into_iter().enumerate() {
+            let other = if r == 0 {
+                "reduce_scatter_part[4, 6, 10, 5]"
+            } else {
+                "reduce_scatter_v[10, 5, 0, 0]"
+            };
+            assert!(
+                e.contains("out of step") && e.contains(other),
+                "rank {r}: {e}"
+            );
+            assert_eq!(x, 3.0);
         }
     }
 

@@ -15,6 +15,15 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
+/// Told during a backward as the tail of the flat gradient buffer becomes final:
+/// `grads[from..]` will not be written again by this backward. Parameters are laid out
+/// embedding, layers, final norm, head, so the backward finishes them from the end: `from`
+/// falls layer by layer and reaches 0 last. Data-parallel training reduces a finished bucket
+/// here while the backward goes on ([`crate::dist::ShardedAdamW::overlap`]).
+pub trait GradReady<B: Backend> {
+    fn ready(&mut self, grads: B::Ref<'_, f32>, from: usize) -> Result<()>;
+}
+
 /// One batch of token rows, [b, t] row-major.
 #[derive(Clone, Copy, Debug)]
 pub struct Batch<'a> {
@@ -967,6 +976,15 @@ impl<B: Backend> Llama<B> {
     /// Backward of `scale · Σ losses` from the last `lm_loss` (scale = 1/count gives the mean).
     /// Overwrites the logits with their gradient. Gradients accumulate into `grads`.
     pub fn backward_lm(&mut self, scale: f32) -> Result<()> {
+        self.backward_lm_with(scale, None)
+    }
+
+    /// [`Llama::backward_lm`], telling `sink` as gradients become final.
+    pub fn backward_lm_with(
+        &mut self,
+        scale: f32,
+        sink: Option<&mut dyn GradReady<B>>,
+    ) -> Result<()> {
         let n = self.shape.b * self.shape.t;
         if self.shape.n_targets != n || n == 0 {
             return Err(Error::Input(
@@ -979,7 +997,19 @@ impl<B: Backend> Llama<B> {
             let a = self.acts.as_mut().expect("acts");
             be.cross_entropy_bwd(m!(a.logits, n * v), r!(a.targets, n), v, scale)?;
         }
-        self.backward_from_dlogits()
+        self.backward_from_dlogits(sink)
+    }
+
+    /// Tells `sink` what a backward would, at the same points, without one: for a
+    /// data-parallel rank with nothing to backpropagate this step, so its bucket reductions
+    /// stay in step with the other ranks' (its gradients are reduced as they stand).
+    pub fn report_grads(&self, sink: &mut dyn GradReady<B>) -> Result<()> {
+        let g = B::all(&self.grads);
+        sink.ready(g, self.table.norm.off)?;
+        for l in self.table.layers.iter().rev() {
+            sink.ready(g, l.ln1.off)?;
+        }
+        sink.ready(g, self.table.embed.off)
     }
 
     /// Scores w·h[row] of the score head at the given global rows (b·t + position).
@@ -1022,6 +1052,15 @@ impl<B: Backend> Llama<B> {
 
     /// Backward from d(loss)/d(score) at the rows of the last `scores` call.
     pub fn backward_scores(&mut self, dscores: &[f32]) -> Result<()> {
+        self.backward_scores_with(dscores, None)
+    }
+
+    /// [`Llama::backward_scores`], telling `sink` as gradients become final.
+    pub fn backward_scores_with(
+        &mut self,
+        dscores: &[f32],
+        sink: Option<&mut dyn GradReady<B>>,
+    ) -> Result<()> {
         let k = self.shape.n_rows;
         if k == 0 || dscores.len() != k {
             return Err(Error::Shape(format!(
@@ -1048,11 +1087,11 @@ impl<B: Backend> Llama<B> {
                 h,
             )?;
         }
-        self.backward_from_dlnf()
+        self.backward_from_dlnf(sink)
     }
 
     /// The LM head's backward from d(logits), held in the logits buffer, then the trunk's.
-    fn backward_from_dlogits(&mut self) -> Result<()> {
+    fn backward_from_dlogits(&mut self, sink: Option<&mut dyn GradReady<B>>) -> Result<()> {
         let n = self.shape.b * self.shape.t;
         let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let lm = self.table.lm_head.expect("LM head");
@@ -1079,13 +1118,13 @@ impl<B: Backend> Llama<B> {
             )?;
         }
         self.shape.n_targets = 0; // the logits are gone
-        self.backward_from_dlnf()
+        self.backward_from_dlnf(sink)
     }
 
     /// The shared trunk of the backward: from d(final norm output) in `dln` to every parameter.
     /// Layer by layer in reverse; under `attn`/`full` a layer's recomputed half is rebuilt from
     /// its saved input just before its backward reads it.
-    fn backward_from_dlnf(&mut self) -> Result<()> {
+    fn backward_from_dlnf(&mut self, mut sink: Option<&mut dyn GradReady<B>>) -> Result<()> {
         let (b, t, has_doc) = (self.shape.b, self.shape.t, self.shape.has_doc);
         let d = Dims::new(&self.cfg, b, t);
         let (n, h, qd, kvd, im, nh) = (d.n, d.h, d.qd, d.kvd, d.im, d.nh);
@@ -1100,6 +1139,14 @@ impl<B: Backend> Llama<B> {
                 B::slice_mut(grads, $s.off, $s.len)
             };
         }
+        // grads[from..] are final: tell the sink (a data-parallel bucket may start reducing).
+        macro_rules! ready {
+            ($from:expr) => {
+                if let Some(s) = sink.as_deref_mut() {
+                    s.ready(B::all(&*grads), $from)?;
+                }
+            };
+        }
         let nl = tab.layers.len();
         be.zero(m!(a.dres, n * h))?;
         be.rmsnorm_bwd(
@@ -1111,6 +1158,7 @@ impl<B: Backend> Llama<B> {
             r!(a.rstdf, n),
             h,
         )?;
+        ready!(tab.norm.off);
         for l in (0..nl).rev() {
             let lw = &tab.layers[l];
             let doc = has_doc.then(|| r!(a.doc, n));
@@ -1244,6 +1292,7 @@ impl<B: Backend> Llama<B> {
                 r!(la.rstd1, n),
                 h,
             )?;
+            ready!(lw.ln1.off);
         }
         be.embedding_bwd(
             g!(tab.embed),
@@ -1252,6 +1301,7 @@ impl<B: Backend> Llama<B> {
             &a.ids_host,
             h,
         )?;
+        ready!(tab.embed.off);
         Ok(())
     }
 }
@@ -1324,6 +1374,15 @@ impl<B: Backend> Llama<B> {
     /// logits with their gradient; gradients accumulate into `grads`. With every counted weight
     /// −1/count this is `backward_lm(1/count)`.
     pub fn backward_logprobs(&mut self, weights: &[f32]) -> Result<()> {
+        self.backward_logprobs_with(weights, None)
+    }
+
+    /// [`Llama::backward_logprobs`], telling `sink` as gradients become final.
+    pub fn backward_logprobs_with(
+        &mut self,
+        weights: &[f32],
+        sink: Option<&mut dyn GradReady<B>>,
+    ) -> Result<()> {
         let n = self.shape.b * self.shape.t;
         if self.shape.n_targets != n || n == 0 {
             return Err(Error::Input(
@@ -1343,6 +1402,6 @@ impl<B: Backend> Llama<B> {
             be.from_host(m!(a.losses, n), weights)?;
             be.logprob_bwd(m!(a.logits, n * v), r!(a.targets, n), r!(a.losses, n), v)?;
         }
-        self.backward_from_dlogits()
+        self.backward_from_dlogits(sink)
     }
 }

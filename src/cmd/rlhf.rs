@@ -214,6 +214,11 @@ pub struct PpoArgs {
     /// optimizer states; --batch and --minibatch stay global (the run equals one process's).
     #[arg(long, conflicts_with = "device")]
     dist: bool,
+    /// With --dist: gradients are reduce-scattered in buckets of this many MiB while the
+    /// backward runs, overlapping it (0: all at once after the backward). Default 25, or the
+    /// resumed run's.
+    #[arg(long, requires = "dist")]
+    bucket_mb: Option<f64>,
     /// Where the ranks exchange the NCCL id: file:PATH (shared filesystem) or HOST:PORT
     /// (default MASTER_ADDR:MASTER_PORT, as torchrun sets them).
     #[arg(long, requires = "dist")]
@@ -237,6 +242,7 @@ pub fn ppo_cmd(a: PpoArgs) -> Result<()> {
         let mut c = resume_config(r, a.iterations)?;
         c.progress = !a.no_progress;
         c.recompute = a.recompute.unwrap_or(c.recompute);
+        c.bucket_mb = a.bucket_mb.unwrap_or(c.bucket_mb);
         c
     } else {
         let policy = a.policy.clone().context("--policy DIR is required")?;
@@ -271,6 +277,7 @@ pub fn ppo_cmd(a: PpoArgs) -> Result<()> {
         c.samples_per_prompt = a.samples_per_prompt;
         c.seed = a.seed;
         c.recompute = a.recompute.unwrap_or_default();
+        c.bucket_mb = a.bucket_mb.unwrap_or(c.bucket_mb);
         c.progress = !a.no_progress;
         c
     };

@@ -79,6 +79,11 @@ pub struct PretrainArgs {
     /// --batch-size is per rank.
     #[arg(long, conflicts_with = "device")]
     dist: bool,
+    /// With --dist: gradients are reduce-scattered in buckets of this many MiB while the
+    /// backward runs, overlapping it (0: all at once after the backward). Default 25, or the
+    /// resumed run's.
+    #[arg(long, requires = "dist")]
+    bucket_mb: Option<f64>,
     /// Where the ranks exchange the NCCL id: file:PATH (shared filesystem) or HOST:PORT
     /// (default MASTER_ADDR:MASTER_PORT, as torchrun sets them).
     #[arg(long, requires = "dist")]
@@ -124,6 +129,7 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
         let mut c = resume_config(r, a.steps)?;
         c.progress = !a.no_progress;
         c.recompute = a.recompute.unwrap_or(c.recompute);
+        c.bucket_mb = a.bucket_mb.unwrap_or(c.bucket_mb);
         c
     } else {
         let data = a
@@ -165,6 +171,7 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
         c.stop_after = a.stop_after;
         c.progress = !a.no_progress;
         c.recompute = a.recompute.unwrap_or_default();
+        c.bucket_mb = a.bucket_mb.unwrap_or(c.bucket_mb);
         c
     };
     let header = |place: &str, world: usize| {
@@ -269,6 +276,11 @@ pub struct SftArgs {
     /// --batch-size is per rank.
     #[arg(long, conflicts_with = "device")]
     dist: bool,
+    /// With --dist: gradients are reduce-scattered in buckets of this many MiB while the
+    /// backward runs, overlapping it (0: all at once after the backward). Default 25, or the
+    /// resumed run's.
+    #[arg(long, requires = "dist")]
+    bucket_mb: Option<f64>,
     /// Where the ranks exchange the NCCL id: file:PATH (shared filesystem) or HOST:PORT
     /// (default MASTER_ADDR:MASTER_PORT, as torchrun sets them).
     #[arg(long, requires = "dist")]
@@ -285,6 +297,7 @@ pub fn sft(a: SftArgs) -> Result<()> {
         let mut c = resume_config(r, a.steps)?;
         c.progress = !a.no_progress;
         c.recompute = a.recompute.unwrap_or(c.recompute);
+        c.bucket_mb = a.bucket_mb.unwrap_or(c.bucket_mb);
         c
     } else {
         let init = a.init.clone().context(
@@ -312,6 +325,7 @@ pub fn sft(a: SftArgs) -> Result<()> {
         c.seed = a.seed;
         c.progress = !a.no_progress;
         c.recompute = a.recompute.unwrap_or_default();
+        c.bucket_mb = a.bucket_mb.unwrap_or(c.bucket_mb);
         c
     };
     let (rep, lead) = train_loop(

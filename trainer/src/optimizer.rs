@@ -3,9 +3,9 @@
 
 use anyhow::Result;
 use engine::checkpoint::TensorFiles;
-use engine::dist::{read_shard_state, DeviceCollective, ShardedAdamW, MANIFEST};
+use engine::dist::{read_shard_state, DeviceCollective, Overlap, ShardedAdamW, MANIFEST};
 use engine::optim::{AdamW, AdamWConfig, StepStats};
-use engine::{Backend, Llama};
+use engine::{Backend, GradReady, Llama};
 use std::path::Path;
 
 pub(crate) enum Optim<B: Backend> {
@@ -96,6 +96,23 @@ impl<B: Backend> Optim<B> {
         }
     }
 
+    /// The gradient sink for the last backward before [`Optim::step`]: under ZeRO-1 with
+    /// `bucket_mb` > 0, the gradients are reduce-scattered in buckets of that many MiB while
+    /// the backward runs (on NCCL, overlapping it); otherwise none, and the step reduces them
+    /// all at once. Use it on the last micro-batch of an accumulated step only.
+    pub(crate) fn overlap<'a, 'c>(
+        &'a mut self,
+        comm: Option<&'a mut (dyn DeviceCollective<B> + 'c)>,
+        bucket_mb: f64,
+    ) -> Option<Overlap<'a, B, dyn DeviceCollective<B> + 'c>> {
+        match (self, comm) {
+            (Optim::Sharded(o), Some(c)) if bucket_mb > 0.0 => {
+                Some(o.overlap(c, bucket_elems(bucket_mb)))
+            }
+            _ => None,
+        }
+    }
+
     pub(crate) fn step(
         &mut self,
         model: &mut Llama<B>,
@@ -108,4 +125,25 @@ impl<B: Backend> Optim<B> {
             (Optim::Sharded(_), None) => unreachable!("a sharded optimizer has a communicator"),
         }
     }
+}
+
+/// A bucket size the loops accept: finite and ≥ 0 (0: no buckets).
+pub(crate) fn check_bucket_mb(mb: f64) -> Result<()> {
+    anyhow::ensure!(
+        mb.is_finite() && mb >= 0.0,
+        "bucket size (--bucket-mb) must be a finite number of MiB ≥ 0, got {mb}"
+    );
+    Ok(())
+}
+
+/// f32 gradients in a bucket of `mb` MiB (at least one).
+pub(crate) fn bucket_elems(mb: f64) -> usize {
+    ((mb * (1 << 20) as f64 / 4.0) as usize).max(1)
+}
+
+/// A backward's optional sink as the model's backward takes it.
+pub(crate) fn as_sink<'s, B: Backend, S: GradReady<B>>(
+    s: &'s mut Option<S>,
+) -> Option<&'s mut dyn GradReady<B>> {
+    s.as_mut().map(|s| s as &mut dyn GradReady<B>)
 }

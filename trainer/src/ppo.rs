@@ -35,7 +35,7 @@
 
 use crate::evaluate::chat_answers;
 use crate::metrics::{line_plot, read_series, MetricsWriter};
-use crate::optimizer::Optim;
+use crate::optimizer::{as_sink, Optim};
 use crate::pretrain::say;
 use crate::rm::{load_rm, score};
 use crate::world::{Annotator, World};
@@ -299,6 +299,10 @@ pub struct PpoConfig {
     /// Activation recomputation for the policy's and the critic's backward (`--recompute`).
     #[serde(default)]
     pub recompute: engine::Recompute,
+    /// Data-parallel gradient buckets, MiB of f32, reduce-scattered while each backward runs
+    /// (0: all at once after it).
+    #[serde(default = "crate::pretrain::default_bucket_mb")]
+    pub bucket_mb: f64,
 }
 
 impl PpoConfig {
@@ -354,6 +358,7 @@ impl PpoConfig {
             eval_samples: 0,
             samples_per_prompt: 1,
             recompute: engine::Recompute::None,
+            bucket_mb: crate::pretrain::default_bucket_mb(),
         }
     }
 }
@@ -1070,6 +1075,7 @@ pub fn train_dp<B: Backend>(
         "batch and minibatch must be > 0"
     );
     ensure!(cfg.ppo_epochs > 0, "ppo_epochs must be > 0");
+    crate::optimizer::check_bucket_mb(cfg.bucket_mb)?;
     ensure!(cfg.max_new_tokens > 0, "max_new_tokens must be > 0");
     ensure!(!cfg.prompts.is_empty(), "no prompt files given");
     ensure!(
@@ -1457,7 +1463,14 @@ pub fn train_dp<B: Backend>(
                             k += 1;
                         }
                     }
-                    policy.backward_logprobs(&w)?;
+                    let mut sink = opt_p.overlap(comm.as_deref_mut(), cfg.bucket_mb);
+                    policy.backward_logprobs_with(&w, as_sink(&mut sink))?;
+                } else if train_policy {
+                    // An empty part: the same buckets as the ranks that ran a backward.
+                    if let Some(s) = as_sink(&mut opt_p.overlap(comm.as_deref_mut(), cfg.bucket_mb))
+                    {
+                        policy.report_grads(s)?;
+                    }
                 }
                 if train_policy {
                     let st = opt_p
@@ -1482,7 +1495,12 @@ pub fn train_dp<B: Backend>(
                             k += 1;
                         }
                     }
-                    critic.backward_scores(&dv)?;
+                    let mut sink = opt_c.overlap(comm.as_deref_mut(), cfg.bucket_mb);
+                    critic.backward_scores_with(&dv, as_sink(&mut sink))?;
+                } else if let Some(s) =
+                    as_sink(&mut opt_c.overlap(comm.as_deref_mut(), cfg.bucket_mb))
+                {
+                    critic.report_grads(s)?;
                 }
                 let st = opt_c
                     .step(&mut critic, comm.as_deref_mut(), critic_lr)

@@ -12,7 +12,7 @@
 
 use crate::data::{val_windows, write_atomic, Loader, TokenData};
 use crate::metrics::{line_plot, read_series, MetricsWriter};
-use crate::optimizer::Optim;
+use crate::optimizer::{as_sink, Optim};
 use crate::schedule::Cosine;
 use crate::sft::{PackedSource, SftData};
 use anyhow::{bail, ensure, Context, Result};
@@ -94,10 +94,20 @@ pub struct TrainConfig {
     /// [`run_dp`]; a resume on another world size keeps the global batch `world × batch_size`.
     #[serde(default = "one")]
     pub world: usize,
+    /// Data-parallel gradient buckets, MiB of f32: reduce-scattered while the backward runs
+    /// (0: all at once after it).
+    #[serde(default = "default_bucket_mb")]
+    pub bucket_mb: f64,
 }
 
 fn one() -> usize {
     1
+}
+
+/// PyTorch DDP's default bucket size; any layer of a 1B-class model or larger is a bucket
+/// of its own.
+pub fn default_bucket_mb() -> f64 {
+    25.0
 }
 
 impl TrainConfig {
@@ -137,6 +147,7 @@ impl TrainConfig {
             progress: true,
             recompute: Recompute::None,
             world: 1,
+            bucket_mb: default_bucket_mb(),
         }
     }
 
@@ -572,6 +583,7 @@ pub fn run_dp<B: Backend>(
         cfg.batch_size > 0 && cfg.grad_accum > 0 && cfg.seq_len > 0,
         "batch size, accumulation and seq_len must be > 0"
     );
+    crate::optimizer::check_bucket_mb(cfg.bucket_mb)?;
     if resume.is_some() && cfg.world != world {
         // Same global batch on the new world size, so the run continues as it would have.
         let global = cfg.world.max(1) * cfg.batch_size;
@@ -777,7 +789,7 @@ pub fn run_dp<B: Backend>(
         let lr = sched.lr(step);
         let mut loss_sum = 0f64;
         let mut bad: Option<String> = None;
-        for _ in 0..cfg.grad_accum {
+        for micro in 0..cfg.grad_accum {
             source.next_for_rank(cfg.batch_size, rank, world, &mut rows);
             model.forward(&rows.batch(t))?;
             let (mut loss, mut count) = model.lm_loss(&rows.targets)?;
@@ -801,7 +813,14 @@ pub fn run_dp<B: Backend>(
                 break;
             }
             loss_sum += loss as f64;
-            model.backward_lm(1.0 / (count.max(1) * cfg.grad_accum) as f32)?;
+            // The last micro-batch's backward reduces finished buckets as it goes.
+            let mut sink = if micro + 1 == cfg.grad_accum {
+                opt.overlap(comm.as_deref_mut(), cfg.bucket_mb)
+            } else {
+                None
+            };
+            let scale = 1.0 / (count.max(1) * cfg.grad_accum) as f32;
+            model.backward_lm_with(scale, as_sink(&mut sink))?;
         }
         let loss = (loss_sum / cfg.grad_accum as f64) as f32;
         let stats = match bad {

@@ -88,6 +88,8 @@ fn cfg(out: &Path, world: usize) -> PretrainConfig {
     c.eval_windows = 4;
     c.ckpt_every = 0;
     c.progress = false;
+    // 1 KiB buckets: the last micro-batch's backward reduces at every layer edge.
+    c.bucket_mb = 1.0 / 1024.0;
     c
 }
 
@@ -184,7 +186,7 @@ fn assert_matches(what: &str, got: &PretrainReport, want: &PretrainReport) {
     println!("{what}: max rel Δloss {worst_loss:e}, max rel Δnorm {worst_norm:e}, max |Δw| {d:e}");
 }
 
-fn check_world(world: usize) {
+fn check_world(world: usize, bucket_mb: f64) {
     let want = reference();
     let n = weights(want).len();
     assert!(
@@ -192,7 +194,9 @@ fn check_world(world: usize) {
         "{n} parameters: the shards should not split evenly"
     );
     let out = setup().0.path().join(format!("dp{world}"));
-    let reps = on_ranks(world, &cfg(&out, world), None);
+    let mut c = cfg(&out, world);
+    c.bucket_mb = bucket_mb;
+    let reps = on_ranks(world, &c, None);
     // Every rank reports the same global losses; rank 0 alone evaluates.
     for r in &reps[1..] {
         assert_eq!(losses(r), losses(&reps[0]));
@@ -200,7 +204,7 @@ fn check_world(world: usize) {
     }
     assert!(reps[0].final_val_loss.is_some());
     assert_eq!(reps[0].logs.len(), STEPS);
-    assert_matches_reference(&format!("{world} ranks"), &reps[0]);
+    assert_matches_reference(&format!("{world} ranks, {bucket_mb} MiB buckets"), &reps[0]);
     let (a, b) = (
         reps[0].final_val_loss.unwrap(),
         want.final_val_loss.unwrap(),
@@ -233,12 +237,13 @@ fn check_world(world: usize) {
 
 #[test]
 fn two_ranks_train_like_one_process_with_twice_the_batch() {
-    check_world(2);
+    // No buckets: the whole reduce-scatter after the backward.
+    check_world(2, 0.0);
 }
 
 #[test]
 fn three_ranks_train_like_one_process_with_three_times_the_batch() {
-    check_world(3);
+    check_world(3, 1.0 / 1024.0);
 }
 
 /// Stopped after 2 of 4 steps on 2 ranks, resumed on 3 ranks and on 1: the remaining steps

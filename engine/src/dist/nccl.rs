@@ -12,13 +12,18 @@
 //! device buffers directly, no staging), and the host-slice [`Collective`] trait (staged
 //! through a device buffer; for checkpoint agreement and logged scalars only).
 
-use super::{check_cover, check_len, piece_of, Collective, DeviceCollective, DistEnv, Rendezvous};
+use super::{
+    bucket_in_piece, check_cover, check_len, check_part, piece_of, Collective, DeviceCollective,
+    DistEnv, Rendezvous,
+};
 use crate::backend::cuda::{probe_driver, Cuda, DBuf, DMut, DRef};
 use crate::backend::Backend;
 use crate::elem::Elem;
 use crate::error::{Error, Result};
+use cudarc::driver::{CudaEvent, CudaStream};
 use cudarc::nccl::{result, sys};
 use std::ffi::{c_char, c_int, CStr};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Bytes in an NCCL unique id (what the rendezvous carries).
@@ -87,10 +92,20 @@ fn nccl_error(what: &str, e: result::NcclError, comm: sys::ncclComm_t) -> Error 
     Error::Dist(format!("NCCL {what}: {:?} ({s}){last}", e.0))
 }
 
-/// One rank's NCCL communicator, bound to one GPU's [`Cuda`] backend and its stream.
+/// One rank's NCCL communicator, bound to one GPU's [`Cuda`] backend. Its calls run on a
+/// stream of their own, ordered against the backend's with two events: as if on the backend's
+/// stream, except bucket reductions, which the backend's stream waits for only at
+/// [`DeviceCollective::wait_reduced`], so they overlap the backward.
 pub struct NcclComm {
     cuda: Cuda,
     comm: sys::ncclComm_t,
+    /// Every NCCL call of this communicator, in issue order (one stream, so calls never race
+    /// each other across streams).
+    side: Arc<CudaStream>,
+    /// Recorded on the backend's stream before a call; the side stream waits on it.
+    inputs_ready: CudaEvent,
+    /// Recorded on the side stream after calls; the backend's stream waits on it.
+    outputs_ready: CudaEvent,
     rank: usize,
     world: usize,
     /// Device staging (send, receive) for the host-slice [`Collective`] methods; each grows to
@@ -133,6 +148,13 @@ impl NcclComm {
             .for_each(|(d, &s)| *d = s as c_char);
         // NCCL picks the GPU from the current CUDA context.
         cuda.bind()?;
+        let dev = |e: cudarc::driver::DriverError| {
+            Error::Dist(format!("NCCL's stream on cuda:{}: {e}", cuda.ordinal()))
+        };
+        let side = cuda.stream().fork().map_err(dev)?;
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING);
+        let inputs_ready = cuda.context().new_event(flags).map_err(dev)?;
+        let outputs_ready = cuda.context().new_event(flags).map_err(dev)?;
         let mut comm: sys::ncclComm_t = std::ptr::null_mut();
         // SAFETY: `comm` is a valid out-pointer; the id is rank 0's 128 bytes; rank < world
         // (checked) and both fit in c_int for any real job.
@@ -157,6 +179,9 @@ impl NcclComm {
         Ok(NcclComm {
             cuda: cuda.clone(),
             comm,
+            side,
+            inputs_ready,
+            outputs_ready,
             rank,
             world,
             stage: [None, None],
@@ -178,8 +203,138 @@ impl NcclComm {
         Self::new(cuda, env.rank, env.world, &blob)
     }
 
+    /// The stream every NCCL call is enqueued on: this communicator's own.
     fn stream(&self) -> sys::cudaStream_t {
-        self.cuda.stream().cu_stream() as sys::cudaStream_t
+        self.side.cu_stream() as sys::cudaStream_t
+    }
+
+    /// Makes the side stream wait for the backend's work so far (the kernels that wrote the
+    /// next call's input).
+    fn enter(&self) -> Result<()> {
+        self.cuda.bind()?;
+        self.inputs_ready
+            .record(self.cuda.stream())
+            .and_then(|()| self.side.wait(&self.inputs_ready))
+            .map_err(|e| Error::Dist(format!("ordering NCCL after the backend's stream: {e}")))
+    }
+
+    /// Makes the backend's later work wait for the side stream's so far (the calls that wrote
+    /// outputs it will read).
+    fn leave(&self) -> Result<()> {
+        self.outputs_ready
+            .record(&self.side)
+            .and_then(|()| self.cuda.stream().wait(&self.outputs_ready))
+            .map_err(|e| Error::Dist(format!("ordering the backend's stream after NCCL: {e}")))
+    }
+
+    /// Runs `f`'s NCCL calls on the side stream, between the backend's work before and after:
+    /// to the backend's stream it is as if they ran on it.
+    fn ordered(&mut self, f: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
+        self.enter()?;
+        let r = f(self);
+        self.leave().and(r)
+    }
+
+    /// `buf` ← Σ over ranks of `buf`, in place, ordered on the backend's stream.
+    pub fn all_reduce_sum_device<T: NcclElem>(&mut self, buf: DMut<'_, T>) -> Result<()> {
+        self.ordered(|me| me.all_reduce_raw(buf))
+    }
+
+    /// `out` ← Σ over ranks of `input[rank·s .. (rank+1)·s]` with `s = out.len()`.
+    pub fn reduce_scatter_sum_device<T: NcclElem>(
+        &mut self,
+        input: DRef<'_, T>,
+        out: DMut<'_, T>,
+    ) -> Result<()> {
+        self.ordered(|me| me.reduce_scatter_raw(input, out))
+    }
+
+    /// `out[r·s .. (r+1)·s]` ← rank r's `shard`, with `s = shard.len()`.
+    pub fn all_gather_device<T: NcclElem>(
+        &mut self,
+        shard: DRef<'_, T>,
+        out: DMut<'_, T>,
+    ) -> Result<()> {
+        self.ordered(|me| me.all_gather_raw(shard, out))
+    }
+
+    /// `out` ← Σ over ranks of this rank's piece of `input`: see [`Self::reduce_scatter_v_raw`].
+    pub fn reduce_scatter_v_device<T: NcclElem>(
+        &mut self,
+        input: DRef<'_, T>,
+        out: DMut<'_, T>,
+        piece: usize,
+    ) -> Result<()> {
+        self.ordered(|me| me.reduce_scatter_v_raw(input, out, piece))
+    }
+
+    /// In place over `buf`: see [`Self::all_gather_v_raw`].
+    pub fn all_gather_v_device<T: NcclElem>(
+        &mut self,
+        buf: DMut<'_, T>,
+        piece: usize,
+    ) -> Result<()> {
+        self.ordered(|me| me.all_gather_v_raw(buf, piece))
+    }
+
+    /// One bucket of a reduce-scatter (see [`DeviceCollective::reduce_scatter_part`]): one
+    /// ncclReduce onto each rank whose piece the bucket touches, grouped, on the side stream
+    /// after the backend's work so far. The backend's stream does not wait for it:
+    /// [`Self::wait_reduced_device`] orders it.
+    pub fn reduce_scatter_part_device<T: NcclElem>(
+        &mut self,
+        part: DRef<'_, T>,
+        lo: usize,
+        n: usize,
+        out: DMut<'_, T>,
+        piece: usize,
+    ) -> Result<()> {
+        let (world, rank) = (self.world, self.rank);
+        check_part(lo, part.len(), n, piece, world, rank, out.len())?;
+        if part.is_empty() {
+            return Ok(());
+        }
+        self.enter()?;
+        let size = std::mem::size_of::<T>() as u64;
+        self.grouped(|me| {
+            for r in 0..world {
+                let (a, b) = bucket_in_piece(lo, lo + part.len(), n, piece, r);
+                if a == b {
+                    continue;
+                }
+                let send = part.ptr() + (a - lo) as u64 * size;
+                let own = piece_of(n, piece, r).0;
+                let recv = if r == rank {
+                    out.ptr() + (a - own) as u64 * size
+                } else {
+                    send
+                };
+                // SAFETY: [a, b) lies inside the bucket, so the send range is inside the live
+                // buffer `part` borrows; on the root it also lies in its piece, so the receive
+                // range is inside `out` (its length checked against the piece); r < world
+                // fits in c_int.
+                unsafe {
+                    result::reduce(
+                        send as *const _,
+                        recv as *mut _,
+                        b - a,
+                        T::DTYPE,
+                        sys::ncclRedOp_t::ncclSum,
+                        r as c_int,
+                        me.comm,
+                        me.stream(),
+                    )
+                }
+                .map_err(|e| me.err("ncclReduce (bucket)", e))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Orders the backend's later work after every bucket reduced so far.
+    pub fn wait_reduced_device(&mut self) -> Result<()> {
+        self.cuda.bind()?;
+        self.leave()
     }
 
     fn err(&self, what: &str, e: result::NcclError) -> Error {
@@ -190,12 +345,10 @@ impl NcclComm {
         )
     }
 
-    /// `buf` ← Σ over ranks of `buf`, in place, enqueued on the backend's stream.
-    pub fn all_reduce_sum_device<T: NcclElem>(&mut self, buf: DMut<'_, T>) -> Result<()> {
+    fn all_reduce_raw<T: NcclElem>(&mut self, buf: DMut<'_, T>) -> Result<()> {
         if buf.is_empty() {
             return Ok(());
         }
-        self.cuda.bind()?;
         // SAFETY: `buf` borrows a live device buffer of `buf.len()` elements of T (the view
         // keeps it alive past this call; the op is ordered before any later free on the same
         // stream); in-place all-reduce is allowed.
@@ -214,8 +367,7 @@ impl NcclComm {
         .map_err(|e| self.err("ncclAllReduce", e))
     }
 
-    /// `out` ← Σ over ranks of `input[rank·s .. (rank+1)·s]` with `s = out.len()`.
-    pub fn reduce_scatter_sum_device<T: NcclElem>(
+    fn reduce_scatter_raw<T: NcclElem>(
         &mut self,
         input: DRef<'_, T>,
         out: DMut<'_, T>,
@@ -224,7 +376,6 @@ impl NcclComm {
         if out.is_empty() {
             return Ok(());
         }
-        self.cuda.bind()?;
         // SAFETY: both views borrow live device buffers; input holds world·s elements and out
         // s (checked); they are distinct borrows, so they do not overlap.
         unsafe {
@@ -242,17 +393,11 @@ impl NcclComm {
         .map_err(|e| self.err("ncclReduceScatter", e))
     }
 
-    /// `out[r·s .. (r+1)·s]` ← rank r's `shard`, with `s = shard.len()`.
-    pub fn all_gather_device<T: NcclElem>(
-        &mut self,
-        shard: DRef<'_, T>,
-        out: DMut<'_, T>,
-    ) -> Result<()> {
+    fn all_gather_raw<T: NcclElem>(&mut self, shard: DRef<'_, T>, out: DMut<'_, T>) -> Result<()> {
         check_len("all_gather output", out.len(), self.world * shard.len())?;
         if shard.is_empty() {
             return Ok(());
         }
-        self.cuda.bind()?;
         // SAFETY: both views borrow live device buffers; shard holds s elements and out
         // world·s (checked); distinct borrows, so no overlap.
         unsafe {
@@ -281,7 +426,7 @@ impl NcclComm {
     /// `out` ← Σ over ranks of this rank's piece of `input` (pieces of `piece` elements, the
     /// last ones short): one ncclReduceScatter when the pieces are equal, else one ncclReduce
     /// per rank onto its owner, grouped.
-    pub fn reduce_scatter_v_device<T: NcclElem>(
+    fn reduce_scatter_v_raw<T: NcclElem>(
         &mut self,
         input: DRef<'_, T>,
         out: DMut<'_, T>,
@@ -295,9 +440,8 @@ impl NcclComm {
             piece_of(n, piece, self.rank).1,
         )?;
         if n == self.world * piece {
-            return self.reduce_scatter_sum_device(input, out);
+            return self.reduce_scatter_raw(input, out);
         }
-        self.cuda.bind()?;
         let size = std::mem::size_of::<T>() as u64;
         self.grouped(|me| {
             for r in 0..me.world {
@@ -332,17 +476,12 @@ impl NcclComm {
     /// In place over `buf`: every rank's piece is copied to the others. One in-place
     /// ncclAllGather when the pieces are equal, else one ncclBroadcast per rank from its owner,
     /// grouped.
-    pub fn all_gather_v_device<T: NcclElem>(
-        &mut self,
-        buf: DMut<'_, T>,
-        piece: usize,
-    ) -> Result<()> {
+    fn all_gather_v_raw<T: NcclElem>(&mut self, buf: DMut<'_, T>, piece: usize) -> Result<()> {
         let (n, world, rank) = (buf.len(), self.world, self.rank);
         check_cover("all_gather_v", n, piece, world)?;
         if n == 0 {
             return Ok(());
         }
-        self.cuda.bind()?;
         let size = std::mem::size_of::<T>() as u64;
         if n == world * piece {
             let send = buf.ptr() + (rank * piece) as u64 * size;
@@ -469,6 +608,19 @@ impl DeviceCollective<Cuda> for NcclComm {
     fn all_gather_v(&mut self, buf: DMut<'_, half::bf16>, piece: usize) -> Result<()> {
         self.all_gather_v_device(buf, piece)
     }
+    fn reduce_scatter_part(
+        &mut self,
+        part: DRef<'_, f32>,
+        lo: usize,
+        n: usize,
+        out: DMut<'_, f32>,
+        piece: usize,
+    ) -> Result<()> {
+        self.reduce_scatter_part_device(part, lo, n, out, piece)
+    }
+    fn wait_reduced(&mut self) -> Result<()> {
+        self.wait_reduced_device()
+    }
 }
 
 impl Drop for NcclComm {
@@ -557,5 +709,18 @@ mod tests {
         let mut bb = vec![half::bf16::ZERO; 1000];
         cuda.to_host(&mut bb, db.view()).unwrap();
         assert_eq!(bb, xb);
+        // Buckets as an overlapped backward issues them (tail first), on the side stream, then
+        // the wait that orders the backend's stream after them.
+        let mut dp = cuda.alloc::<f32>(1000).unwrap();
+        for piece in [1000, 1024] {
+            cuda.zero(dp.view_mut()).unwrap();
+            c.reduce_scatter_part(dx.slice(600, 400), 600, 1000, dp.view_mut(), piece)
+                .unwrap();
+            c.reduce_scatter_part(dx.slice(0, 600), 0, 1000, dp.view_mut(), piece)
+                .unwrap();
+            c.wait_reduced().unwrap();
+            cuda.to_host(&mut back, dp.view()).unwrap();
+            assert_eq!(back, x, "piece {piece}");
+        }
     }
 }
