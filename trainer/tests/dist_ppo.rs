@@ -1,7 +1,8 @@
-//! Data-parallel PPO: the real PPO loop on 2 ranks (threads of this process, the CPU stand-in
-//! for NCCL) logs the same iterations and ends with the same policy and critic as one process
-//! with the same configuration, to float reassociation; a 2-rank ZeRO-1 checkpoint resumes on
-//! 2 ranks and on 1 process to the same result.
+//! Data-parallel PPO: the real PPO loop on 2 ranks, and on 3 ranks with 2 PPO epochs and an
+//! empty minibatch part on one rank (threads of this process, the CPU stand-in for NCCL), logs
+//! the same iterations and ends with the same policy and critic as one process with the same
+//! configuration, to float reassociation; a 2-rank ZeRO-1 checkpoint resumes on 2 ranks and on
+//! 1 process to the same result.
 
 mod common;
 use engine::checkpoint::load_model;
@@ -12,10 +13,11 @@ use std::thread;
 use trainer::ppo::{resume_config, train, train_dp, IterStats, PpoConfig, PpoReport};
 
 /// Relative bound (against max(1, |x|)) on each iteration's logged numbers against one
-/// process's (measured: ≤ 1.2e-7).
+/// process's (measured: ≤ 1.2e-7 on 2 ranks and on 3).
 const STAT_TOL: f32 = 2e-6;
 /// Bound on any policy or critic weight's difference from one process's after all iterations
-/// (measured: ≤ 1.2e-7 for the policy, ≤ 8.4e-8 for the critic; the policy moves by > 1e-3).
+/// (measured on 2 ranks: ≤ 1.2e-7 for the policy, ≤ 8.4e-8 for the critic; on 3 ranks with 2
+/// epochs: ≤ 2.6e-7 and ≤ 2.0e-7; the policy moves by > 1e-3).
 const WEIGHT_ATOL: f32 = 2e-6;
 
 /// 8 rollouts (4 prompts × 2 answers, RLOO baselines across the ranks' halves), generated in
@@ -37,9 +39,10 @@ fn cfg(d: &Path, lm: &Path, rm: &Path, prompts: &Path, out: &str) -> PpoConfig {
     cfg
 }
 
-fn on_2_ranks(cfg: &PpoConfig) -> Vec<PpoReport> {
+/// `train_dp` on `n` ranks (threads), every rank's report in rank order.
+fn on_ranks(n: usize, cfg: &PpoConfig) -> Vec<PpoReport> {
     thread::scope(|s| {
-        let hs: Vec<_> = ThreadGroup::new(2)
+        let hs: Vec<_> = ThreadGroup::new(n)
             .into_iter()
             .map(|mut comm| s.spawn(move || train_dp(Cpu, cfg, Some(&mut comm))))
             .collect();
@@ -120,7 +123,7 @@ fn two_ranks_match_one_process_and_resume_on_either() {
     let one = train(Cpu, &cfg(d, &lm, &rm, &prompts, "one")).unwrap();
     assert_eq!(one.history.len(), 3);
     assert!(one.history[1].policy_grad_norm > 0.0);
-    let two = on_2_ranks(&cfg(d, &lm, &rm, &prompts, "two"));
+    let two = on_ranks(2, &cfg(d, &lm, &rm, &prompts, "two"));
     for (r, rep) in two.iter().enumerate() {
         let s = stats_diff(&format!("rank {r}"), &rep.history, &one.history);
         let (p, c) = weights_diff(&format!("rank {r}"), rep, &one);
@@ -149,10 +152,10 @@ fn two_ranks_match_one_process_and_resume_on_either() {
     // A 2-rank run stopped after 2 iterations, resumed for the third on 2 ranks and on 1.
     let mut c2 = cfg(d, &lm, &rm, &prompts, "part");
     c2.iterations = 2;
-    on_2_ranks(&c2);
+    on_ranks(2, &c2);
     let mut again2 = resume_config(&d.join("part"), Some(3)).unwrap();
     again2.out = d.join("again2");
-    let r2 = on_2_ranks(&again2);
+    let r2 = on_ranks(2, &again2);
     let (p, c) = weights_diff("resumed on 2 ranks", &r2[0], &one);
     println!("resumed on 2 ranks: policy {p:e}, critic {c:e}");
     let mut again1 = resume_config(&d.join("part"), Some(3)).unwrap();
@@ -166,6 +169,39 @@ fn two_ranks_match_one_process_and_resume_on_either() {
     ] {
         stats_diff(what, &r.history, &one.history[2..]);
     }
+}
+
+/// 3 ranks, 2 PPO epochs: 12 rollouts (6 prompts × 2 answers, RLOO groups across the ranks'
+/// thirds) in 6 chunks of 2 (2 per rank), 3 minibatches of 4 per epoch, each cut into parts of
+/// 2, 2 and 0 rollouts, so rank 2 joins every step's collectives with no gradient of its
+/// own; every rank still logs what one process logs and ends with its policy and critic.
+#[test]
+fn three_ranks_with_an_empty_part_and_two_epochs_match_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (lm, rm, prompts) = common::tiny_ppo_setup(d);
+    let cfg3 = |out: &str| {
+        let mut c = cfg(d, &lm, &rm, &prompts, out);
+        c.batch = 12;
+        c.ppo_epochs = 2;
+        c
+    };
+    let one = train(Cpu, &cfg3("one")).unwrap();
+    assert_eq!(one.history.len(), 3);
+    assert!(one.history[1].policy_grad_norm > 0.0);
+    let w0 = load_model(Cpu, &lm, Head::Lm)
+        .unwrap()
+        .params_to_host()
+        .unwrap();
+    let moved = max_diff(&weights(&one).0, &w0);
+    assert!(moved > 1e-3, "the policy barely moved: {moved:e}");
+    let three = on_ranks(3, &cfg3("three"));
+    for (r, rep) in three.iter().enumerate() {
+        let s = stats_diff(&format!("rank {r} of 3"), &rep.history, &one.history);
+        let (p, c) = weights_diff(&format!("rank {r} of 3"), rep, &one);
+        println!("rank {r} of 3: stats rel diff {s:e}, policy {p:e}, critic {c:e}");
+    }
+    assert_eq!(three[0].evals.len(), 2);
 }
 
 #[test]
