@@ -36,6 +36,9 @@ fn cfg(d: &Path, lm: &Path, rm: &Path, prompts: &Path, out: &str) -> PpoConfig {
     cfg.ckpt_every = 1;
     cfg.critic_warmup = 1;
     cfg.progress = false;
+    // 1 KiB buckets: every backward reduces at each layer edge (and a rank with an empty
+    // part must issue the same buckets).
+    cfg.bucket_mb = 1.0 / 1024.0;
     cfg
 }
 
