@@ -1006,7 +1006,9 @@ mod tests {
         let n = tab.total;
         let (l0, l1, nf) = (tab.layers[0].ln1.off, tab.layers[1].ln1.off, tab.norm.off);
         assert!(n - nf < 3000 && n - l1 >= 3000 && l1 - l0 >= 3000 && l0 < 3000);
-        let plans: [(Option<usize>, Vec<(usize, usize)>); 4] = [
+        // (bucket size, the buckets (start, len) each step reduces in, in order)
+        type Plan = (Option<usize>, Vec<(usize, usize)>);
+        let plans: [Plan; 4] = [
             (None, vec![(0, n)]),
             (
                 Some(0),

@@ -142,8 +142,8 @@ pub(crate) fn bucket_elems(mb: f64) -> usize {
 }
 
 /// A backward's optional sink as the model's backward takes it.
-pub(crate) fn as_sink<'s, B: Backend, S: GradReady<B>>(
-    s: &'s mut Option<S>,
-) -> Option<&'s mut dyn GradReady<B>> {
+pub(crate) fn as_sink<B: Backend, S: GradReady<B>>(
+    s: &mut Option<S>,
+) -> Option<&mut dyn GradReady<B>> {
     s.as_mut().map(|s| s as &mut dyn GradReady<B>)
 }
