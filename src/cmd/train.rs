@@ -70,6 +70,13 @@ pub struct PretrainArgs {
     /// Stop with a checkpoint after this many steps, as an interruption would.
     #[arg(long)]
     stop_after: Option<usize>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Where and how the pretrain/SFT loop runs: the options `pretrain` and `sft` share.
+#[derive(clap::Args)]
+pub struct RunArgs {
     /// Activation recomputation: none, attn or full (less memory, more time, the same
     /// gradients). Default none, or the resumed run's setting.
     #[arg(long)]
@@ -94,42 +101,55 @@ pub struct PretrainArgs {
     no_progress: bool,
 }
 
-/// The pretrain/SFT loop on `--device`, or with `--dist` as this process's rank of a launched
-/// job. `header(place, world)` prints once, on rank 0. Returns the report and whether this
-/// process is rank 0 (the one that prints).
-fn train_loop(
-    dist: bool,
-    rendezvous: Option<&str>,
-    device: Device,
-    cfg: &trainer::pretrain::TrainConfig,
-    resume: Option<&std::path::Path>,
-    header: impl FnOnce(&str, usize),
-) -> Result<(trainer::pretrain::PretrainReport, bool)> {
-    use engine::dist::Collective;
-    use trainer::pretrain::{run, run_dp};
-    if !dist {
-        header(&device.to_string(), 1);
-        return Ok((on_device!(device, |be| run(be, cfg.clone(), resume)?), true));
+impl RunArgs {
+    /// Sets what these options decide in a run's configuration: on a resumed one only what
+    /// was given (the rest stays the checkpoint's), on a new one with the defaults.
+    fn apply(&self, c: &mut trainer::pretrain::TrainConfig, resumed: bool) {
+        c.progress = !self.no_progress;
+        c.recompute = match self.recompute {
+            Some(r) => r,
+            None if resumed => c.recompute,
+            None => Default::default(),
+        };
+        c.bucket_mb = self.bucket_mb.unwrap_or(c.bucket_mb);
     }
-    let (cuda, mut comm) = trainer::device::open_dist(rendezvous)?;
-    let lead = comm.rank() == 0;
-    if lead {
-        header(
-            &format!("{} ranks (cuda:LOCAL_RANK each, ZeRO-1)", comm.world()),
-            comm.world(),
-        );
+
+    /// The loop on `--device`, or with `--dist` as this process's rank of a launched job.
+    /// `header(place, world)` prints once, on rank 0. Returns the report and whether this
+    /// process is rank 0 (the one that prints).
+    fn train(
+        &self,
+        cfg: &trainer::pretrain::TrainConfig,
+        resume: Option<&std::path::Path>,
+        header: impl FnOnce(&str, usize),
+    ) -> Result<(trainer::pretrain::PretrainReport, bool)> {
+        use engine::dist::Collective;
+        use trainer::pretrain::{run, run_dp};
+        if !self.dist {
+            header(&self.device.to_string(), 1);
+            return Ok((
+                on_device!(self.device, |be| run(be, cfg.clone(), resume)?),
+                true,
+            ));
+        }
+        let (cuda, mut comm) = trainer::device::open_dist(self.rendezvous.as_deref())?;
+        let lead = comm.rank() == 0;
+        if lead {
+            header(
+                &format!("{} ranks (cuda:LOCAL_RANK each, ZeRO-1)", comm.world()),
+                comm.world(),
+            );
+        }
+        let rep = run_dp(cuda, cfg.clone(), resume, Some(&mut comm))?;
+        Ok((rep, lead))
     }
-    let rep = run_dp(cuda, cfg.clone(), resume, Some(&mut comm))?;
-    Ok((rep, lead))
 }
 
 pub fn pretrain(a: PretrainArgs) -> Result<()> {
     use trainer::pretrain::{resume_config, ModelSource, PretrainConfig};
     let cfg = if let Some(r) = &a.resume {
         let mut c = resume_config(r, a.steps)?;
-        c.progress = !a.no_progress;
-        c.recompute = a.recompute.unwrap_or(c.recompute);
-        c.bucket_mb = a.bucket_mb.unwrap_or(c.bucket_mb);
+        a.run.apply(&mut c, true);
         c
     } else {
         let data = a
@@ -169,9 +189,7 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
         c.seed = a.seed;
         c.skip_nonfinite = a.skip_nonfinite;
         c.stop_after = a.stop_after;
-        c.progress = !a.no_progress;
-        c.recompute = a.recompute.unwrap_or_default();
-        c.bucket_mb = a.bucket_mb.unwrap_or(c.bucket_mb);
+        a.run.apply(&mut c, false);
         c
     };
     let header = |place: &str, world: usize| {
@@ -187,14 +205,7 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
             cfg.recompute
         )
     };
-    let (rep, lead) = train_loop(
-        a.dist,
-        a.rendezvous.as_deref(),
-        a.device,
-        &cfg,
-        a.resume.as_deref(),
-        header,
-    )?;
+    let (rep, lead) = a.run.train(&cfg, a.resume.as_deref(), header)?;
     if !lead {
         return Ok(());
     }
@@ -267,37 +278,15 @@ pub struct SftArgs {
     seed: u64,
     #[arg(long)]
     skip_bad: bool,
-    /// Activation recomputation: none, attn or full (less memory, more time, the same
-    /// gradients). Default none, or the resumed run's setting.
-    #[arg(long)]
-    recompute: Option<engine::Recompute>,
-    /// Run as one rank of a data-parallel job launched by torchrun, mpirun or srun: each rank
-    /// drives cuda:LOCAL_RANK, NCCL sums the gradients and ZeRO-1 shards the optimizer state;
-    /// --batch-size is per rank.
-    #[arg(long, conflicts_with = "device")]
-    dist: bool,
-    /// With --dist: gradients are reduce-scattered in buckets of this many MiB while the
-    /// backward runs, overlapping it (0: all at once after the backward). Default 25, or the
-    /// resumed run's.
-    #[arg(long, requires = "dist")]
-    bucket_mb: Option<f64>,
-    /// Where the ranks exchange the NCCL id: file:PATH (shared filesystem) or HOST:PORT
-    /// (default MASTER_ADDR:MASTER_PORT, as torchrun sets them).
-    #[arg(long, requires = "dist")]
-    rendezvous: Option<String>,
-    #[arg(long, default_value = "cpu")]
-    device: Device,
-    #[arg(long)]
-    no_progress: bool,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 pub fn sft(a: SftArgs) -> Result<()> {
     use trainer::pretrain::{resume_config, DataSpec, TrainConfig};
     let cfg = if let Some(r) = &a.resume {
         let mut c = resume_config(r, a.steps)?;
-        c.progress = !a.no_progress;
-        c.recompute = a.recompute.unwrap_or(c.recompute);
-        c.bucket_mb = a.bucket_mb.unwrap_or(c.bucket_mb);
+        a.run.apply(&mut c, true);
         c
     } else {
         let init = a.init.clone().context(
@@ -323,19 +312,10 @@ pub fn sft(a: SftArgs) -> Result<()> {
         c.eval_every = a.eval_every;
         c.ckpt_every = a.ckpt_every;
         c.seed = a.seed;
-        c.progress = !a.no_progress;
-        c.recompute = a.recompute.unwrap_or_default();
-        c.bucket_mb = a.bucket_mb.unwrap_or(c.bucket_mb);
+        a.run.apply(&mut c, false);
         c
     };
-    let (rep, lead) = train_loop(
-        a.dist,
-        a.rendezvous.as_deref(),
-        a.device,
-        &cfg,
-        a.resume.as_deref(),
-        |_, _| {},
-    )?;
+    let (rep, lead) = a.run.train(&cfg, a.resume.as_deref(), |_, _| {})?;
     if !lead {
         return Ok(());
     }
