@@ -1,6 +1,7 @@
 //! The collectives over NCCL (cudarc's `nccl` module, libnccl loaded at run time): one process
-//! per GPU, one communicator per job, every operation enqueued on the CUDA backend's stream so
-//! it is ordered after the kernels that wrote its input without a host synchronisation.
+//! per GPU, one communicator per job. Every operation runs on the communicator's own stream,
+//! ordered after the kernels that wrote its input (and, except bucket reductions, before the
+//! kernels that read its output) by events, without a host synchronisation.
 //!
 //! NOT RUN YET: this was written and compiled on machines with neither a GPU nor libnccl (CI
 //! has neither). The sharding logic it serves is checked on the CPU with the thread stand-in
@@ -625,8 +626,9 @@ impl DeviceCollective<Cuda> for NcclComm {
 
 impl Drop for NcclComm {
     /// Abort, not destroy: it never waits on peers, so a rank leaving on an error does not hang
-    /// here. Work still queued on the stream is cut short, so drop the communicator after its
-    /// results were read back (any read-back synchronises the stream).
+    /// here. Work still queued is cut short, so drop the communicator after its results were
+    /// read back (a read-back synchronises the backend's stream, which waits for this one's
+    /// calls; bucket reductions after the step's `wait_reduced`).
     fn drop(&mut self) {
         let _ = self.cuda.bind();
         // SAFETY: `comm` came from ncclCommInitRank and is released exactly once, here.
