@@ -2,22 +2,25 @@
 //! empty minibatch part on one rank (threads of this process, the CPU stand-in for NCCL), logs
 //! the same iterations and ends with the same policy and critic as one process with the same
 //! configuration, to float reassociation; a 2-rank ZeRO-1 checkpoint resumes on 2 ranks and on
-//! 1 process to the same result.
+//! 1 process to the same result; with the world's gold annotator as the reward (the oracle),
+//! 2 ranks log the same iterations, gold numbers included, and end with the same models.
 
 mod common;
-use engine::checkpoint::load_model;
+use engine::checkpoint::{load_model, save_model, SaveOptions};
 use engine::dist::{ThreadGroup, MANIFEST};
-use engine::{Cpu, Head};
-use std::path::Path;
+use engine::tokenizer::Tokenizer;
+use engine::{Cpu, Head, Llama, LlamaConfig};
+use std::path::{Path, PathBuf};
 use std::thread;
 use trainer::ppo::{resume_config, train, train_dp, IterStats, PpoConfig, PpoReport};
 
 /// Relative bound (against max(1, |x|)) on each iteration's logged numbers against one
-/// process's (measured: ≤ 1.2e-7 on 2 ranks and on 3).
+/// process's (measured: ≤ 1.2e-7 on 2 ranks and on 3, and on 2 with the oracle).
 const STAT_TOL: f32 = 2e-6;
 /// Bound on any policy or critic weight's difference from one process's after all iterations
 /// (measured on 2 ranks: ≤ 1.2e-7 for the policy, ≤ 8.4e-8 for the critic; on 3 ranks with 2
-/// epochs: ≤ 2.6e-7 and ≤ 2.0e-7; the policy moves by > 1e-3).
+/// epochs: ≤ 2.6e-7 and ≤ 2.0e-7; on 2 with the oracle: ≤ 7.7e-8 and ≤ 1.2e-7; the policy
+/// moves by > 1e-3).
 const WEIGHT_ATOL: f32 = 2e-6;
 
 /// 8 rollouts (4 prompts × 2 answers, RLOO baselines across the ranks' halves), generated in
@@ -53,8 +56,14 @@ fn on_ranks(n: usize, cfg: &PpoConfig) -> Vec<PpoReport> {
     })
 }
 
-fn stats(h: &IterStats) -> [(&'static str, f32); 12] {
+/// Every logged number of an iteration (the gold ones 0 where no world was given).
+fn stats(h: &IterStats) -> [(&'static str, f32); 17] {
     [
+        ("gold_reward", h.gold_reward.unwrap_or(0.0)),
+        ("gold_helpfulness", h.gold_helpfulness.unwrap_or(0.0)),
+        ("gold_safety", h.gold_safety.unwrap_or(0.0)),
+        ("value_clip_frac", h.value_clip_frac),
+        ("stopped", h.stopped),
         ("reward", h.reward),
         ("score", h.score),
         ("kl", h.kl),
@@ -76,6 +85,14 @@ fn stats_diff(what: &str, got: &[IterStats], want: &[IterStats]) -> f32 {
     let mut worst = 0f32;
     for (g, w) in got.iter().zip(want) {
         assert_eq!(g.iteration, w.iteration);
+        let gold =
+            |h: &IterStats| [h.gold_reward, h.gold_helpfulness, h.gold_safety].map(|x| x.is_some());
+        assert_eq!(
+            gold(g),
+            gold(w),
+            "{what}: iteration {}: gold numbers logged",
+            g.iteration
+        );
         for ((name, a), (_, b)) in stats(g).into_iter().zip(stats(w)) {
             let d = (a - b).abs() / b.abs().max(1.0);
             assert!(
@@ -227,4 +244,88 @@ fn a_batch_that_does_not_split_into_whole_chunks_per_rank_is_refused() {
     for e in errs {
         assert!(e.contains("generation chunks"), "{e}");
     }
+}
+
+/// Under `d`: the small world of seed 1, a 512-token tokenizer trained on its corpus, a random
+/// tiny Llama with that vocabulary (`lm/`), a reward model initialised from it (`rm/`, the
+/// critic's start) and the world's first 48 RLHF prompts. Returns (world, policy, reward model,
+/// prompts).
+fn tiny_world_setup(d: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+    let w = d.join("world");
+    trainer::world::run(&trainer::world::WorldConfig {
+        out: w.clone(),
+        seed: 1,
+        size: trainer::world::kb::Size::Small,
+    })
+    .unwrap();
+    let tok = d.join("tok.json");
+    trainer::tokenizer_train::train_on(&w.join("corpus.txt"), 512, &tok).unwrap();
+    let mut c = LlamaConfig::preset("tiny").unwrap();
+    c.vocab_size = Tokenizer::from_file(&tok).unwrap().vocab_size();
+    c.hidden_size = 32;
+    c.intermediate_size = 64;
+    c.num_hidden_layers = 2;
+    c.max_position_embeddings = 128;
+    let mut m = Llama::new(Cpu, c, Head::Lm).unwrap();
+    m.init_random(3).unwrap();
+    let lm = d.join("lm");
+    save_model(&m, &lm, SaveOptions::default(), |tmp| {
+        std::fs::copy(&tok, tmp.join("tokenizer.json")).unwrap();
+        Ok(())
+    })
+    .unwrap();
+    let rm = trainer::rm::init_rm(Cpu, &lm, 4).unwrap();
+    trainer::rm::save_rm(&rm, &d.join("rm"), &tok).unwrap();
+    let prompts = d.join("prompts.jsonl");
+    let rows = std::fs::read_to_string(w.join("rlhf_prompts.jsonl")).unwrap();
+    let rows: String = rows.lines().take(48).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&prompts, rows).unwrap();
+    (w, lm, d.join("rm"), prompts)
+}
+
+/// The oracle: the world's gold annotator rewards the rollouts (its scores whitened as they are)
+/// and every rollout's gold numbers are logged. 8 prompts, one answer each (a random policy's
+/// answers to one prompt mostly tie in gold score, so leave-one-out baselines would leave most
+/// rewards 0), in 4 chunks of 2: the whitening spans both ranks' halves, whose mean gold scores
+/// differ (a per-rank whitening, or gold means over a rank's own half, were shown to fail
+/// here). 2 ranks log what one process logs, gold means included, and end with its policy and
+/// critic.
+#[test]
+fn two_ranks_with_the_oracle_reward_match_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (w, lm, rm, prompts) = tiny_world_setup(d);
+    let cfg_o = |out: &str| {
+        let mut c = cfg(d, &lm, &rm, &prompts, out);
+        c.world = Some(w.clone());
+        c.oracle = true;
+        c.eval_size = 4;
+        c.samples_per_prompt = 1;
+        c
+    };
+    let one = train(Cpu, &cfg_o("one")).unwrap();
+    assert_eq!(one.history.len(), 3);
+    assert!(one.history[1].policy_grad_norm > 0.0);
+    for h in &one.history {
+        println!(
+            "iteration {}: reward {} (gold {:?}, helpfulness {:?}, safety {:?}), score {}",
+            h.iteration, h.reward, h.gold_reward, h.gold_helpfulness, h.gold_safety, h.score
+        );
+        // The oracle's reward is the gold one.
+        assert_eq!(Some(h.reward), h.gold_reward);
+    }
+    let w0 = load_model(Cpu, &lm, Head::Lm)
+        .unwrap()
+        .params_to_host()
+        .unwrap();
+    let moved = max_diff(&weights(&one).0, &w0);
+    assert!(moved > 1e-3, "the policy barely moved: {moved:e}");
+    let two = on_ranks(2, &cfg_o("two"));
+    for (r, rep) in two.iter().enumerate() {
+        let s = stats_diff(&format!("oracle, rank {r}"), &rep.history, &one.history);
+        let (p, c) = weights_diff(&format!("oracle, rank {r}"), rep, &one);
+        println!("oracle, rank {r}: stats rel diff {s:e}, policy {p:e}, critic {c:e}");
+    }
+    assert_eq!(two[0].evals.len(), 2);
+    assert!(two[0].evals.iter().all(|e| e.gold_reward.is_some()));
 }
