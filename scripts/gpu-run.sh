@@ -36,6 +36,10 @@ for f in .gpu/fixtures/llama-tiny-*/; do
 done
 step nccl_world_of_one $B/engine_lib --test-threads 1 nccl
 step zero1 $B/zero1
+# The ZeRO-1 step on CUDA over NCCL (a world of one, not filtered to whole AdamW as the
+# trainers do), buckets overlapped with the backward, then without buckets: the same losses.
+step zero1_launch_cuda $B/zero1_launch --device cuda --steps 10
+step zero1_launch_cuda_nobucket $B/zero1_launch --device cuda --steps 10 --bucket 0
 
 # pretrain on CUDA, in one process and as rank 0 of 1 under --dist: the losses should agree.
 D=/tmp/gpu-data

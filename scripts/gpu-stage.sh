@@ -24,6 +24,8 @@ stage_test() {
 stage_test cuda_ops -p llama2-engine --test cuda_ops
 stage_test engine_lib -p llama2-engine --lib
 stage_test zero1 -p llama2-engine --test zero1
+cargo build --release --locked -p llama2-engine --example zero1_launch
+strip -o .gpu/bin/zero1_launch target/release/examples/zero1_launch
 cp -r "$shared"/fixtures/llama-tiny-* .gpu/fixtures/
 cp "$shared"/fixtures/README.md .gpu/fixtures/
 cp "$shared"/data/tinyshakespeare.txt .gpu/data/

@@ -34,10 +34,13 @@ struct Args {
     timeout: Duration,
     save: Option<PathBuf>,
     resume: Option<PathBuf>,
+    /// Gradient buckets in elements, reduced while the backward runs (0: after it).
+    bucket: usize,
 }
 
 const USAGE: &str = "zero1_launch [--device cuda|cpu] [--gpu N] [--steps N] [--batch N] [--seq N] \
-[--lr X] [--rendezvous file:PATH|HOST:PORT] [--timeout SECS] [--save DIR] [--resume DIR]";
+[--lr X] [--bucket ELEMS] [--rendezvous file:PATH|HOST:PORT] [--timeout SECS] [--save DIR] \
+[--resume DIR]";
 
 fn parse_args() -> Result<Args> {
     let mut a = Args {
@@ -51,6 +54,7 @@ fn parse_args() -> Result<Args> {
         timeout: rendezvous::DEFAULT_TIMEOUT,
         save: None,
         resume: None,
+        bucket: 1 << 16,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -73,6 +77,7 @@ fn parse_args() -> Result<Args> {
             "--timeout" => a.timeout = Duration::from_secs(num(&v)? as u64),
             "--save" => a.save = Some(v.into()),
             "--resume" => a.resume = Some(v.into()),
+            "--bucket" => a.bucket = num(&v)?,
             _ => bail!("unknown flag {flag}\n{USAGE}"),
         }
     }
@@ -127,8 +132,14 @@ fn run<B: Backend>(be: B, comm: &mut dyn DeviceCollective<B>, a: &Args) -> Resul
         model.zero_grads()?;
         model.forward(&Batch::new(&ids, b, t))?;
         let (loss, count) = model.lm_loss(&shift_labels(&ids, b, t))?;
-        // Gradients are summed across ranks: scale so the sum is the global mean.
-        model.backward_lm(1.0 / (world * count) as f32)?;
+        // Gradients are summed across ranks: scale so the sum is the global mean. Finished
+        // layers' gradients are reduced in buckets while the backward goes on.
+        let scale = 1.0 / (world * count) as f32;
+        if a.bucket > 0 {
+            model.backward_lm_with(scale, Some(&mut opt.overlap(&mut *comm, a.bucket)))?;
+        } else {
+            model.backward_lm(scale)?;
+        }
         let st = opt.step(&mut model, comm, a.lr)?;
         let mut mean = [loss / world as f32];
         comm.all_reduce_sum(&mut mean)?;
