@@ -6,10 +6,9 @@
 //! 2 ranks log the same iterations, gold numbers included, and end with the same models.
 
 mod common;
-use engine::checkpoint::{load_model, save_model, SaveOptions};
+use engine::checkpoint::load_model;
 use engine::dist::{ThreadGroup, MANIFEST};
-use engine::tokenizer::Tokenizer;
-use engine::{Cpu, Head, Llama, LlamaConfig};
+use engine::{Cpu, Head};
 use std::path::{Path, PathBuf};
 use std::thread;
 use trainer::ppo::{resume_config, train, train_dp, IterStats, PpoConfig, PpoReport};
@@ -258,29 +257,12 @@ fn tiny_world_setup(d: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
         size: trainer::world::kb::Size::Small,
     })
     .unwrap();
-    let tok = d.join("tok.json");
-    trainer::tokenizer_train::train_on(&w.join("corpus.txt"), 512, &tok).unwrap();
-    let mut c = LlamaConfig::preset("tiny").unwrap();
-    c.vocab_size = Tokenizer::from_file(&tok).unwrap().vocab_size();
-    c.hidden_size = 32;
-    c.intermediate_size = 64;
-    c.num_hidden_layers = 2;
-    c.max_position_embeddings = 128;
-    let mut m = Llama::new(Cpu, c, Head::Lm).unwrap();
-    m.init_random(3).unwrap();
-    let lm = d.join("lm");
-    save_model(&m, &lm, SaveOptions::default(), |tmp| {
-        std::fs::copy(&tok, tmp.join("tokenizer.json")).unwrap();
-        Ok(())
-    })
-    .unwrap();
-    let rm = trainer::rm::init_rm(Cpu, &lm, 4).unwrap();
-    trainer::rm::save_rm(&rm, &d.join("rm"), &tok).unwrap();
+    let (lm, rm) = common::tiny_lm_and_rm(d, &w.join("corpus.txt"), 512, 128);
     let prompts = d.join("prompts.jsonl");
     let rows = std::fs::read_to_string(w.join("rlhf_prompts.jsonl")).unwrap();
     let rows: String = rows.lines().take(48).map(|l| format!("{l}\n")).collect();
     std::fs::write(&prompts, rows).unwrap();
-    (w, lm, d.join("rm"), prompts)
+    (w, lm, rm, prompts)
 }
 
 /// The oracle: the world's gold annotator rewards the rollouts (its scores whitened as they are)

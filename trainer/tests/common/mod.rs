@@ -83,25 +83,7 @@ pub fn tiny_ppo_setup(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
         );
     }
     std::fs::write(d.join("corpus.txt"), &text).unwrap();
-    let tok = d.join("tok.json");
-    trainer::tokenizer_train::train_on(&d.join("corpus.txt"), 300, &tok).unwrap();
-    let vocab = Tokenizer::from_file(&tok).unwrap().vocab_size();
-    let mut c = LlamaConfig::preset("tiny").unwrap();
-    c.vocab_size = vocab;
-    c.hidden_size = 32;
-    c.intermediate_size = 64;
-    c.num_hidden_layers = 2;
-    c.max_position_embeddings = 64;
-    let mut m = Llama::new(Cpu, c, Head::Lm).unwrap();
-    m.init_random(3).unwrap();
-    let lm = d.join("lm");
-    save_model(&m, &lm, SaveOptions::default(), |tmp| {
-        std::fs::copy(&tok, tmp.join("tokenizer.json")).unwrap();
-        Ok(())
-    })
-    .unwrap();
-    let rm = trainer::rm::init_rm(Cpu, &lm, 4).unwrap();
-    trainer::rm::save_rm(&rm, &d.join("rm"), &tok).unwrap();
+    let (lm, rm) = tiny_lm_and_rm(d, &d.join("corpus.txt"), 300, 64);
     let prompts = d.join("prompts.jsonl");
     let rows: String = (0..24)
         .map(|i| {
@@ -113,5 +95,30 @@ pub fn tiny_ppo_setup(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
         })
         .collect();
     std::fs::write(&prompts, rows).unwrap();
-    (lm, d.join("rm"), prompts)
+    (lm, rm, prompts)
+}
+
+/// Under `d`: a `vocab`-token tokenizer trained on `corpus` (`tok.json`), a random tiny Llama
+/// with that vocabulary and `max_pos` positions (`lm/`, the tokenizer beside it) and a reward
+/// model initialised from it (`rm/`). Returns (policy, reward model).
+pub fn tiny_lm_and_rm(d: &Path, corpus: &Path, vocab: usize, max_pos: usize) -> (PathBuf, PathBuf) {
+    let tok = d.join("tok.json");
+    trainer::tokenizer_train::train_on(corpus, vocab, &tok).unwrap();
+    let mut c = LlamaConfig::preset("tiny").unwrap();
+    c.vocab_size = Tokenizer::from_file(&tok).unwrap().vocab_size();
+    c.hidden_size = 32;
+    c.intermediate_size = 64;
+    c.num_hidden_layers = 2;
+    c.max_position_embeddings = max_pos;
+    let mut m = Llama::new(Cpu, c, Head::Lm).unwrap();
+    m.init_random(3).unwrap();
+    let lm = d.join("lm");
+    save_model(&m, &lm, SaveOptions::default(), |tmp| {
+        std::fs::copy(&tok, tmp.join("tokenizer.json")).unwrap();
+        Ok(())
+    })
+    .unwrap();
+    let rm = trainer::rm::init_rm(Cpu, &lm, 4).unwrap();
+    trainer::rm::save_rm(&rm, &d.join("rm"), &tok).unwrap();
+    (lm, d.join("rm"))
 }
