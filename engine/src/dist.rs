@@ -231,10 +231,10 @@ impl ThreadComm {
         })
     }
 
-    /// Rank `r`'s posted data, `[off, off + len)`, copied into `out`.
-    fn read_slot(&self, r: usize, off: usize, out: &mut [f32]) {
+    /// The first `out.len()` values rank `r` posted, copied into `out`.
+    fn read_slot(&self, r: usize, out: &mut [f32]) {
         let slot = self.shared.slots[r].lock().expect("slot lock");
-        out.copy_from_slice(&slot.1[off..off + out.len()]);
+        out.copy_from_slice(&slot.1[..out.len()]);
     }
 
     /// out[i] = Σ_r slot_r[off + i], summed from rank 0 up.
@@ -301,7 +301,7 @@ impl Collective for ThreadComm {
         let posted = self.post(c, shard);
         if posted.is_ok() {
             for (r, dst) in out.chunks_mut(shard.len().max(1)).enumerate() {
-                self.read_slot(r, 0, dst);
+                self.read_slot(r, dst);
             }
         }
         self.done(c, posted)
@@ -363,7 +363,7 @@ impl DeviceCollective<Cpu> for ThreadComm {
         if posted.is_ok() {
             for r in (0..world).filter(|&r| r != rank) {
                 let (o, l) = piece_of(n, piece, r);
-                self.read_slot(r, 0, &mut buf[o..o + l]);
+                self.read_slot(r, &mut buf[o..o + l]);
             }
         }
         self.done(c, posted)
