@@ -133,6 +133,26 @@ fn weights_diff(what: &str, got: &PpoReport, want: &PpoReport) -> (f32, f32) {
     (dp, dc)
 }
 
+/// Every rank's logged numbers and final weights against one process's; prints the worst.
+fn assert_ranks_match(what: &str, ranks: &[PpoReport], one: &PpoReport) {
+    for (r, rep) in ranks.iter().enumerate() {
+        let what = format!("{what}, rank {r}");
+        let s = stats_diff(&what, &rep.history, &one.history);
+        let (p, c) = weights_diff(&what, rep, one);
+        println!("{what}: stats rel diff {s:e}, policy {p:e}, critic {c:e}");
+    }
+}
+
+/// The policy moved far more than the tolerances from its start at `lm`.
+fn assert_policy_moved(one: &PpoReport, lm: &Path) {
+    let w0 = load_model(Cpu, lm, Head::Lm)
+        .unwrap()
+        .params_to_host()
+        .unwrap();
+    let moved = max_diff(&weights(one).0, &w0);
+    assert!(moved > 1e-3, "the policy barely moved: {moved:e}");
+}
+
 #[test]
 fn two_ranks_match_one_process_and_resume_on_either() {
     let dir = tempfile::tempdir().unwrap();
@@ -143,18 +163,9 @@ fn two_ranks_match_one_process_and_resume_on_either() {
     assert_eq!(one.history.len(), 3);
     assert!(one.history[1].policy_grad_norm > 0.0);
     let two = on_ranks(2, &cfg(d, &lm, &rm, &prompts, "two"));
-    for (r, rep) in two.iter().enumerate() {
-        let s = stats_diff(&format!("rank {r}"), &rep.history, &one.history);
-        let (p, c) = weights_diff(&format!("rank {r}"), rep, &one);
-        println!("rank {r}: stats rel diff {s:e}, policy {p:e}, critic {c:e}");
-    }
+    assert_ranks_match("2 ranks", &two, &one);
     // The weights moved far more than the tolerance.
-    let w0 = load_model(Cpu, &lm, Head::Lm)
-        .unwrap()
-        .params_to_host()
-        .unwrap();
-    let moved = max_diff(&weights(&one).0, &w0);
-    assert!(moved > 1e-3, "the policy barely moved: {moved:e}");
+    assert_policy_moved(&one, &lm);
     // Rank 0 alone logged: one record per iteration and the evaluations at 0 and 2.
     let metrics = std::fs::read_to_string(d.join("two/metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().filter(|l| l.contains("\"kl\"")).count(), 3);
@@ -208,18 +219,9 @@ fn three_ranks_with_an_empty_part_and_two_epochs_match_one_process() {
     let one = train(Cpu, &cfg3("one")).unwrap();
     assert_eq!(one.history.len(), 3);
     assert!(one.history[1].policy_grad_norm > 0.0);
-    let w0 = load_model(Cpu, &lm, Head::Lm)
-        .unwrap()
-        .params_to_host()
-        .unwrap();
-    let moved = max_diff(&weights(&one).0, &w0);
-    assert!(moved > 1e-3, "the policy barely moved: {moved:e}");
+    assert_policy_moved(&one, &lm);
     let three = on_ranks(3, &cfg3("three"));
-    for (r, rep) in three.iter().enumerate() {
-        let s = stats_diff(&format!("rank {r} of 3"), &rep.history, &one.history);
-        let (p, c) = weights_diff(&format!("rank {r} of 3"), rep, &one);
-        println!("rank {r} of 3: stats rel diff {s:e}, policy {p:e}, critic {c:e}");
-    }
+    assert_ranks_match("3 ranks", &three, &one);
     assert_eq!(three[0].evals.len(), 2);
 }
 
@@ -296,18 +298,9 @@ fn two_ranks_with_the_oracle_reward_match_one_process() {
         // The oracle's reward is the gold one.
         assert_eq!(Some(h.reward), h.gold_reward);
     }
-    let w0 = load_model(Cpu, &lm, Head::Lm)
-        .unwrap()
-        .params_to_host()
-        .unwrap();
-    let moved = max_diff(&weights(&one).0, &w0);
-    assert!(moved > 1e-3, "the policy barely moved: {moved:e}");
+    assert_policy_moved(&one, &lm);
     let two = on_ranks(2, &cfg_o("two"));
-    for (r, rep) in two.iter().enumerate() {
-        let s = stats_diff(&format!("oracle, rank {r}"), &rep.history, &one.history);
-        let (p, c) = weights_diff(&format!("oracle, rank {r}"), rep, &one);
-        println!("oracle, rank {r}: stats rel diff {s:e}, policy {p:e}, critic {c:e}");
-    }
+    assert_ranks_match("oracle", &two, &one);
     assert_eq!(two[0].evals.len(), 2);
     assert!(two[0].evals.iter().all(|e| e.gold_reward.is_some()));
 }

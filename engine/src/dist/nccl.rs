@@ -657,25 +657,30 @@ mod tests {
         assert_eq!(version().unwrap_err().to_string(), m);
     }
 
+    /// GPU 0 and a communicator for a world of one, through the real launch path (rendezvous,
+    /// unique id, init); `None`, with a printed reason, where there is no GPU or no NCCL.
+    fn world_of_one() -> Option<(Cuda, NcclComm)> {
+        let cuda = match probe().and_then(|()| Cuda::new(0)) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                return None;
+            }
+        };
+        let env = DistEnv::single();
+        let rdv = env.rendezvous(None).unwrap();
+        let c = NcclComm::init(&cuda, &env, &rdv, Duration::from_secs(30)).unwrap();
+        Some((cuda, c))
+    }
+
     /// On a machine with a GPU and NCCL: a world of one runs the real code path (init through
     /// the rendezvous, each collective through device staging and on device buffers). Skipped
     /// elsewhere.
     #[test]
     fn nccl_world_of_one_runs_the_real_path() {
-        if let Err(e) = probe() {
-            eprintln!("skipped: {e}");
+        let Some((cuda, mut c)) = world_of_one() else {
             return;
-        }
-        let cuda = match Cuda::new(0) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("skipped: {e}");
-                return;
-            }
         };
-        let env = DistEnv::single();
-        let rdv = env.rendezvous(None).unwrap();
-        let mut c = NcclComm::init(&cuda, &env, &rdv, Duration::from_secs(30)).unwrap();
         let x: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.1).sin()).collect();
         let mut y = x.clone();
         c.all_reduce_sum(&mut y).unwrap();
@@ -735,20 +740,9 @@ mod tests {
         use crate::dist::ShardedAdamW;
         use crate::model::{shift_labels, Batch, Llama};
         use crate::optim::{AdamW, AdamWConfig};
-        if let Err(e) = probe() {
-            eprintln!("skipped: {e}");
+        let Some((cuda, mut c)) = world_of_one() else {
             return;
-        }
-        let cuda = match Cuda::new(0) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("skipped: {e}");
-                return;
-            }
         };
-        let env = DistEnv::single();
-        let rdv = env.rendezvous(None).unwrap();
-        let mut c = NcclComm::init(&cuda, &env, &rdv, Duration::from_secs(30)).unwrap();
         let config: crate::LlamaConfig = serde_json::from_value(serde_json::json!({
             "vocab_size": 96, "hidden_size": 64, "intermediate_size": 96,
             "num_hidden_layers": 3, "num_attention_heads": 8, "num_key_value_heads": 2,
