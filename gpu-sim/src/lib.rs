@@ -1,0 +1,11 @@
+//! gpu-sim: the engine's whole CUDA path on a CPU.
+//!
+//! One shared library exports the C symbols the engine reaches through cudarc (the driver API,
+//! cuBLAS, cuBLASLt and NCCL); `gpu-sim run` installs it under the four names cudarc opens and
+//! puts it first on `LD_LIBRARY_PATH`, so the production code path runs unmodified. Kernels are
+//! the module's real PTX, parsed and executed warp by warp ([`ptx`]), with compute-sanitizer's
+//! memcheck, synccheck and racecheck; device memory lives in host memory at addresses no host
+//! pointer has ([`mem`]).
+
+pub mod mem;
+pub mod ptx;
