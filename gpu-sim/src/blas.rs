@@ -753,24 +753,18 @@ impl Problem {
 }
 
 /// Why an operand cannot be used as the job meets it: a fault as a kernel would take it.
-fn operand(view: &MemView, p: &Problem, name: &str, m: &Mat, align: u32) -> Res<*mut u8> {
+fn operand(view: &MemView, name: &str, m: &Mat, align: u32) -> Res<*mut u8> {
     let align = (align as u64).max(m.ty.size());
     if !m.addr.is_multiple_of(align) {
         return Err(Failure::new(
             code::MISALIGNED_ADDRESS,
             format!(
-                "{}: operand {name} ({m}) is not aligned to the {align} bytes the algorithm \
-                 assumes",
-                p.api
+                "operand {name} ({m}) is not aligned to the {align} bytes the algorithm assumes"
             ),
         ));
     }
-    view.translate(m.addr, m.bytes()).map_err(|f| {
-        Failure::new(
-            code::ILLEGAL_ADDRESS,
-            format!("{}: operand {name} ({m}): {f}", p.api),
-        )
-    })
+    view.translate(m.addr, m.bytes())
+        .map_err(|f| Failure::new(code::ILLEGAL_ADDRESS, format!("operand {name} ({m}): {f}")))
 }
 
 /// The `n` elements at `p` widened to f32 (exactly: every bf16 and f16 is an f32).
@@ -803,8 +797,8 @@ fn execute(p: &Problem, dev: &Device) -> Res<()> {
             Failure::new(
                 code::ILLEGAL_ADDRESS,
                 format!(
-                    "{}: the workspace ({} bytes at {:#x}): {f}",
-                    p.api, p.workspace.1, p.workspace.0
+                    "the workspace ({} bytes at {:#x}): {f}",
+                    p.workspace.1, p.workspace.0
                 ),
             )
         })?;
@@ -815,8 +809,8 @@ fn execute(p: &Problem, dev: &Device) -> Res<()> {
     // A and B are read only when there is a product to form.
     let mut acc = vec![0f32; m * n];
     if k > 0 {
-        let pa = operand(&view, p, "A", &p.a, p.align[0])?;
-        let pb = operand(&view, p, "B", &p.b, p.align[1])?;
+        let pa = operand(&view, "A", &p.a, p.align[0])?;
+        let pb = operand(&view, "B", &p.b, p.align[1])?;
         // SAFETY: `operand` checked that each span is inside device memory.
         let (av, bv) = unsafe { (widen(pa, p.a.ty, p.a.span()), widen(pb, p.b.ty, p.b.span())) };
         // op(X)(i, j) = X(j, i) when transposed: swap the strides.
@@ -858,13 +852,13 @@ fn execute(p: &Problem, dev: &Device) -> Res<()> {
     }
     // beta = 0: C is not read at all (it may hold NaN, or be unwritten memory).
     let c = if p.beta != 0.0 {
-        let pc = operand(&view, p, "C", &p.c, p.align[2])?;
+        let pc = operand(&view, "C", &p.c, p.align[2])?;
         // SAFETY: checked by `operand`.
         Some(unsafe { widen(pc, p.c.ty, p.c.span()) })
     } else {
         None
     };
-    let pd = operand(&view, p, "D", &p.d, p.align[3])?;
+    let pd = operand(&view, "D", &p.d, p.align[3])?;
     let (crs, ccs) = p.c.strides();
     let (drs, dcs) = p.d.strides();
     for j in 0..n {
