@@ -818,6 +818,16 @@ fn execute(p: &Problem, dev: &Device) -> Res<()> {
         let (ars, acs) = if p.trans_a { (acs, ars) } else { (ars, acs) };
         let (brs, bcs) = p.b.strides();
         let (brs, bcs) = if p.trans_b { (bcs, brs) } else { (brs, bcs) };
+        // The last element of op(A) and op(B) must lie in what was read: a stride mistake here
+        // is a clean internal error, not a read past the buffers.
+        assert!(
+            (m - 1) * ars + (k - 1) * acs < av.len(),
+            "op(A) outside A's span"
+        );
+        assert!(
+            (k - 1) * brs + (n - 1) * bcs < bv.len(),
+            "op(B) outside B's span"
+        );
         let work = m as u64 * n as u64 * k as u64;
         let par = if work >= 1 << 18 {
             gemm::Parallelism::Rayon(rayon::current_num_threads().max(1))
@@ -861,6 +871,16 @@ fn execute(p: &Problem, dev: &Device) -> Res<()> {
     let pd = operand(&view, "D", &p.d, p.align[3])?;
     let (crs, ccs) = p.c.strides();
     let (drs, dcs) = p.d.strides();
+    assert!(
+        (m - 1) * drs + (n - 1) * dcs < p.d.span(),
+        "D outside its span"
+    );
+    if let Some(c) = &c {
+        assert!(
+            (m - 1) * crs + (n - 1) * ccs < c.len(),
+            "C outside its span"
+        );
+    }
     for j in 0..n {
         for i in 0..m {
             let mut v = p.alpha * acc[i + j * m];
@@ -891,8 +911,26 @@ fn enqueue(p: Problem, stream: u64) -> BRes<()> {
         // Nothing to write: BLAS returns at once.
         return Ok(());
     }
+    let label = p.label();
+    let job = move |dev: &Device| {
+        // A panic here is the simulator's bug: a launch failure naming it, not an unwinding
+        // device runner.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(&p, dev))).unwrap_or_else(
+            |e| {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                Err(Failure::new(
+                    code::LAUNCH_FAILED,
+                    format!("internal error in gpu-sim (please report): {msg}"),
+                ))
+            },
+        )
+    };
     sim()
-        .enqueue(stream, p.label(), Box::new(move |dev| execute(&p, dev)))
+        .enqueue(stream, label, Box::new(job))
         .map_err(launch_failure)
 }
 
