@@ -1683,8 +1683,12 @@ impl Algo {
             } else {
                 0
             },
-            // The kernels vectorise up to 16 bytes, and as far as the pointers allow.
-            align: align.map(|a| a.clamp(1, MAX_VECTOR)),
+            // The kernels vectorise up to 16 bytes, and as far as the pointers allow (a
+            // power of two: an odd preference rounds down).
+            align: align.map(|a| {
+                let a = a.clamp(1, MAX_VECTOR);
+                1 << (31 - a.leading_zeros())
+            }),
         }
     }
 
@@ -1897,6 +1901,7 @@ mod tests {
         assert_eq!((b.workspace, b.align), (a.workspace, a.align));
         assert!(Algo::decode(&[0; 8]).is_none());
         assert_eq!(Algo::choose(ALGO_WORKSPACE - 1, [256; 4]).workspace, 0);
+        assert_eq!(Algo::choose(0, [6, 12, 3, 1]).align, [4, 8, 2, 1]);
     }
 
     #[test]
