@@ -375,6 +375,37 @@ fn inconsistent_dimensions_are_invalid() {
         make_pref(32 << 20, 256),
     );
     assert_eq!(plan.heuristic(&lt).0, SUCCESS);
+    // In place (C and D one buffer) with two different layouts: refused; out of place, fine.
+    let d_layout = make_layout(R_32F, 4, 3, 5, ORDER_COL);
+    let d2 = alloc(4096);
+    let run = |d: u64| {
+        let (alpha, beta) = (1f32, 1f32);
+        // SAFETY: live descriptors, host scalars, buffers larger than the layouts.
+        unsafe {
+            cublasLtMatmul(
+                lt.0,
+                plan.desc,
+                &alpha as *const f32 as *const c_void,
+                a as *const c_void,
+                plan.a,
+                b as *const c_void,
+                plan.b,
+                &beta as *const f32 as *const c_void,
+                c as *const c_void,
+                plan.c,
+                d as *mut c_void,
+                d_layout,
+                std::ptr::null(),
+                ws as *mut c_void,
+                32 << 20,
+                null_mut(),
+            )
+        }
+    };
+    assert_eq!(run(c), INVALID_VALUE);
+    assert_eq!(run(d2), SUCCESS);
+    assert_eq!(cublasLtMatrixLayoutDestroy(d_layout), SUCCESS);
+    assert_eq!(cuCtxSynchronize(), 0);
 }
 
 #[test]
