@@ -772,18 +772,20 @@ fn operand(view: &MemView, name: &str, m: &Mat, align: u32) -> Res<*mut u8> {
 /// # Safety
 /// `p` has `n` elements of `ty`.
 unsafe fn widen(p: *const u8, ty: Ty, n: usize) -> Vec<f32> {
-    // SAFETY (all arms): caller contract; reads are unaligned-safe.
+    let half_at = |i: usize| {
+        // SAFETY: i < n and `p` has n 2-byte elements (caller contract); unaligned-safe read.
+        unsafe { (p as *const u16).add(i).read_unaligned() }
+    };
     match ty {
         Ty::F32 => (0..n)
+            // SAFETY: i < n and `p` has n f32 elements (caller contract); unaligned-safe read.
             .map(|i| unsafe { (p as *const f32).add(i).read_unaligned() })
             .collect(),
         Ty::Bf16 => (0..n)
-            .map(|i| half::bf16::from_bits(unsafe { (p as *const u16).add(i).read_unaligned() }))
-            .map(f32::from)
+            .map(|i| f32::from(half::bf16::from_bits(half_at(i))))
             .collect(),
         Ty::F16 => (0..n)
-            .map(|i| half::f16::from_bits(unsafe { (p as *const u16).add(i).read_unaligned() }))
-            .map(f32::from)
+            .map(|i| f32::from(half::f16::from_bits(half_at(i))))
             .collect(),
     }
 }
