@@ -7,6 +7,7 @@
 //! memcheck, synccheck and racecheck; device memory lives in host memory at addresses no host
 //! pointer has ([`mem`]).
 
+pub mod blas;
 pub mod driver;
 pub mod mem;
 pub mod ptx;
