@@ -89,7 +89,7 @@ impl fmt::Display for Fault {
             Fault::Unmapped { addr, len } => write!(
                 f,
                 "{len} bytes at {addr:#x} are in no device allocation{}",
-                if addr < BASE {
+                if !(BASE..BASE + 64 * DEVICE_SPAN).contains(&addr) {
                     " (a host pointer or a small integer, not a device address)"
                 } else {
                     ""
