@@ -376,12 +376,16 @@ pub struct PpoState {
     pub config: PpoConfig,
 }
 
-/// The configuration a resumed run continues with: the checkpoint's own, `resume` set to it and
-/// `iterations` optionally changed.
+/// The configuration a resumed run continues with: the checkpoint's own, `resume` set to it,
+/// writing into the run directory it is in, and `iterations` optionally changed.
 pub fn resume_config(path: &Path, iterations: Option<usize>) -> Result<PpoConfig> {
     let dir = resolve_checkpoint(path)?;
     let st = read_state(&dir)?;
     let mut cfg = st.config;
+    // The run continues where its checkpoint now is (a moved or copied run directory).
+    if let Some(run) = crate::pretrain::run_dir_of(&dir) {
+        cfg.out = run;
+    }
     cfg.resume = Some(dir);
     if let Some(i) = iterations {
         cfg.iterations = i;
@@ -441,15 +445,10 @@ pub struct Prompt {
 pub fn read_prompts(files: &[PathBuf]) -> Result<Vec<Prompt>> {
     let mut out = Vec::new();
     for f in files {
-        let text =
-            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
+        for (ln, line) in crate::data::jsonl_lines(f)? {
             let row = (|| -> Result<Prompt> {
                 let v: serde_json::Value =
-                    serde_json::from_str(line).map_err(|e| anyhow!("invalid JSON: {e}"))?;
+                    serde_json::from_str(&line?).map_err(|e| anyhow!("invalid JSON: {e}"))?;
                 let mut msgs = match (v.get("prompt").and_then(|p| p.as_str()), v.get("response")) {
                     (Some(p), None) if v.get("messages").is_none() => {
                         vec![Message::new("user", p)]
@@ -459,6 +458,7 @@ pub fn read_prompts(files: &[PathBuf]) -> Result<Vec<Prompt>> {
                 if msgs.last().is_some_and(|m| m.role == "assistant") {
                     msgs.pop();
                 }
+                engine::tokenizer::check_roles(&msgs)?;
                 ensure!(
                     msgs.last().is_some_and(|m| m.role == "user"),
                     "the prompt must end with a user turn"
@@ -469,7 +469,7 @@ pub fn read_prompts(files: &[PathBuf]) -> Result<Vec<Prompt>> {
                     safety,
                 })
             })()
-            .with_context(|| format!("{}:{}", f.display(), i + 1))?;
+            .with_context(|| format!("{}:{ln}", f.display()))?;
             out.push(row);
         }
     }
