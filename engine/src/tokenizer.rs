@@ -34,14 +34,27 @@ const E_SYS: &str = "\n<</SYS>>\n\n";
 
 impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+        let err = |msg: String| Error::Tokenizer {
             path: path.to_path_buf(),
-            msg: if path.exists() {
+            msg,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            err(if path.exists() {
                 format!("cannot load: {e}")
             } else {
                 "no such file".into()
-            },
+            })
         })?;
+        // The tokenizers crate panics on some malformed JSON (an `expect` in its decoder's
+        // deserializer): the file is checked as JSON first, and a panic that gets through
+        // anyway is an error about this file, not a crash.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text)
+            .map_err(|e| err(format!("cannot load: not JSON: {e}")))?;
+        let inner = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>())
+            .map_err(|_| {
+                err("cannot load: not a tokenizer.json the tokenizers crate reads".into())
+            })?
+            .map_err(|e| err(format!("cannot load: {e}")))?;
         let id = |t: &str, default: u32| inner.token_to_id(t).unwrap_or(default);
         let (bos, eos) = (id("<s>", 1), id("</s>", 2));
         let n = inner.get_vocab_size(true);
