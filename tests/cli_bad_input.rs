@@ -1943,3 +1943,44 @@ fn pretrain_reads_token_id_files_as_they_are() {
     let o = run(&ng, "r3", &["--tokenizer", p(&t.path("tok.json"))]);
     fails_naming(&o, "an id outside the vocabulary", &["train.bin", "60000"]);
 }
+
+/// The tokenizers crate panics (an `expect` in its decoder deserializer) on a tokenizer.json
+/// that is not valid JSON inside `decoder`: found by `trainer/tests/fuzz_parsers.rs`.
+#[test]
+fn a_tokenizer_json_that_is_not_json_is_an_error_not_a_panic() {
+    let t = Tiny::new();
+    let text = std::fs::read_to_string(t.path("tok.json")).unwrap();
+    assert!(text.contains("\"decoder\":{"));
+    let bad = t.path("bad.json");
+    std::fs::write(
+        &bad,
+        text.replacen("\"decoder\":{", "\"decoder\":{\"x\"},", 1),
+    )
+    .unwrap();
+    let o = llama2(&["tokenize", "--tokenizer", p(&bad)], b"Hello");
+    fails_naming(&o, "a malformed tokenizer.json", &["bad.json", "not JSON"]);
+}
+
+/// `sft --init` pointing nowhere says so, not that a tokenizer is missing.
+#[test]
+fn sft_from_a_missing_checkpoint_says_so() {
+    let t = Tiny::new();
+    std::fs::write(
+        t.path("d.jsonl"),
+        "{\"prompt\": \"Hi\", \"response\": \"Hello\"}\n",
+    )
+    .unwrap();
+    let o = llama2(
+        &[
+            "sft",
+            "--init",
+            p(&t.path("nowhere")),
+            "--data",
+            p(&t.path("d.jsonl")),
+            "--out",
+            p(&t.path("sft")),
+        ],
+        b"",
+    );
+    fails_naming(&o, "sft --init nowhere", &["nowhere", "no such checkpoint"]);
+}

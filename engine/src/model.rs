@@ -311,6 +311,10 @@ impl<B: Backend> KvCache<B> {
         }
         let len = slots * tmax * model.cfg.kv_dim();
         let l = model.cfg.num_hidden_layers;
+        let need = 2 * l as u128 * len as u128 * std::mem::size_of::<B::Act>() as u128;
+        check_fits(&model.be, need, || {
+            format!("a KV cache of {slots} sequences x {tmax} positions")
+        })?;
         Ok(KvCache {
             slots,
             tmax,

@@ -306,6 +306,31 @@ pub struct PpoConfig {
 }
 
 impl PpoConfig {
+    /// The configuration with every path absolute against the working directory.
+    pub fn absolutized(&self) -> Result<Self> {
+        use crate::pretrain::make_absolute as abs;
+        let mut c = self.clone();
+        abs(&mut c.policy)?;
+        abs(&mut c.reward_helpfulness)?;
+        abs(&mut c.out)?;
+        for p in [
+            &mut c.reference,
+            &mut c.reward_safety,
+            &mut c.critic,
+            &mut c.world,
+            &mut c.resume,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            abs(p)?;
+        }
+        for p in c.prompts.iter_mut().chain(c.eval_prompts.iter_mut()) {
+            abs(p)?;
+        }
+        Ok(c)
+    }
+
     /// The paper's settings: constant LR 1e-6, batch 512, minibatch 64 with one gradient step
     /// each, clip 0.2, γ 1, λ 0.95, β by model shape, AdamW as in pretraining (β 0.9/0.95, eps
     /// 1e-5, weight decay 0.1, gradient clipping 1.0), 200 iterations (the paper trains 200-400
@@ -1082,6 +1107,8 @@ pub fn train_dp<B: Backend>(
         !cfg.oracle || cfg.world.is_some(),
         "the oracle reward needs a world (its gold annotator)"
     );
+    // Absolute paths from here on: the checkpoints' configuration then resumes from anywhere.
+    let cfg = &cfg.absolutized()?;
     let t_start = Instant::now();
 
     // ---- models

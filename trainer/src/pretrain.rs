@@ -252,13 +252,7 @@ impl TrainConfig {
     /// Makes the run's paths absolute, so a checkpoint's configuration still finds its data
     /// when the run is resumed from another working directory.
     pub fn absolutize(&mut self) -> Result<()> {
-        let abs = |p: &mut PathBuf| -> Result<()> {
-            if !p.as_os_str().is_empty() {
-                *p = std::path::absolute(&*p)
-                    .with_context(|| format!("resolving {}", p.display()))?;
-            }
-            Ok(())
-        };
+        let abs = make_absolute;
         match &mut self.data {
             DataSpec::Shards(d) => abs(d)?,
             DataSpec::Tokens {
@@ -295,6 +289,15 @@ impl TrainConfig {
             final_ratio: self.final_lr_ratio,
         }
     }
+}
+
+/// Makes `p` absolute against the working directory (an empty path stays empty), so a path
+/// saved in a checkpoint's configuration works from any directory.
+pub(crate) fn make_absolute(p: &mut PathBuf) -> Result<()> {
+    if !p.as_os_str().is_empty() {
+        *p = std::path::absolute(&*p).with_context(|| format!("resolving {}", p.display()))?;
+    }
+    Ok(())
 }
 
 /// Training state saved beside the model in every checkpoint.

@@ -351,6 +351,11 @@ pub fn load(
 
 /// The tokenizer a fine-tuning run uses: the checkpoint's own unless one is given.
 pub fn tokenizer_for(model_dir: &Path, explicit: Option<&Path>) -> Result<PathBuf> {
+    ensure!(
+        model_dir.is_dir(),
+        "{}: no such checkpoint directory",
+        model_dir.display()
+    );
     let p = explicit
         .map(Path::to_path_buf)
         .unwrap_or_else(|| model_dir.join("tokenizer.json"));
