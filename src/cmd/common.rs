@@ -34,13 +34,20 @@ pub fn load_for_generation<B: engine::Backend>(
     model: &Path,
     tokenizer: Option<&Path>,
 ) -> Result<(engine::Llama<B>, Tokenizer)> {
-    if !model.is_dir() {
-        bail!("--model {}: no such checkpoint directory", model.display());
-    }
+    check_model_dir(model)?;
     let tok = load_tokenizer(model, tokenizer)?;
     let m = engine::checkpoint::load_model(be, model, engine::Head::Lm)?;
     check_vocab(&m, &tok)?;
     Ok((m, tok))
+}
+
+/// `--model` must be a directory: said first, so its absence is not reported as a missing
+/// tokenizer.json.
+pub fn check_model_dir(model: &Path) -> Result<()> {
+    if !model.is_dir() {
+        bail!("--model {}: no such checkpoint directory", model.display());
+    }
+    Ok(())
 }
 
 /// `--tokenizer`, or the checkpoint's own tokenizer.json.

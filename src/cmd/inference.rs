@@ -1,6 +1,6 @@
 //! Inference: `generate`, `chat`, `score`.
 
-use super::common::{check_vocab, load_for_generation, load_tokenizer, on_device};
+use super::common::{check_model_dir, check_vocab, load_for_generation, load_tokenizer, on_device};
 use anyhow::{bail, Result};
 use engine::tokenizer::Tokenizer;
 use std::path::PathBuf;
@@ -152,12 +152,7 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
 
 fn generate_on<B: engine::Backend>(be: B, a: GenerateArgs) -> Result<()> {
     use engine::tokenizer::Message;
-    if !a.model.is_dir() {
-        bail!(
-            "--model {}: no such checkpoint directory",
-            a.model.display()
-        );
-    }
+    check_model_dir(&a.model)?;
     // Ids in and ids out need no tokenizer (a model trained on token files may have none).
     let numeric_stops = a.stop.iter().all(|s| s.parse::<u32>().is_ok());
     let tok = if a.ids && a.print_ids && numeric_stops && a.tokenizer.is_none() {

@@ -1058,22 +1058,22 @@ pub fn run_dp<B: Backend>(
                             .unwrap_or_default(),
                         tok_s
                     ));
-                    // Without a bar (a log file, a pipe), a plain line per interval and evaluation,
-                    // so a run that is logged to a file does not look dead.
+                    // Without a bar (a log file, a pipe), a plain line per interval and
+                    // evaluation, so a run that is logged to a file does not look dead.
                     if bar.is_hidden()
                         && (val_loss.is_some()
                             || step == cfg.steps
                             || (cfg.log_every > 0 && step % cfg.log_every == 0))
                     {
-                        println!(
-                        "step {step}/{}: loss {loss:.4}{} | lr {lr:.2e} | grad norm {:.3} | {tok_s:.0} tok/s | {:.0} s",
-                        cfg.steps,
-                        val_loss
+                        let val = val_loss
                             .map(|v| format!(", val loss {v:.4}"))
-                            .unwrap_or_default(),
-                        stats.grad_norm,
-                        t_start.elapsed().as_secs_f64()
-                    );
+                            .unwrap_or_default();
+                        let (gn, secs) = (stats.grad_norm, t_start.elapsed().as_secs_f64());
+                        println!(
+                            "step {step}/{}: loss {loss:.4}{val} | lr {lr:.2e} | grad norm \
+                             {gn:.3} | {tok_s:.0} tok/s | {secs:.0} s",
+                            cfg.steps
+                        );
                     }
                     if cfg.sample_every > 0 && step % cfg.sample_every == 0 {
                         let tok = tok
