@@ -695,12 +695,17 @@ fn llama2_in(cwd: &Path, args: &[&str]) -> Out {
 }
 
 /// `llama2` with its address space capped at 8 GiB, for inputs that used to allocate without
-/// bound: a regression then fails fast (an abort) instead of exhausting the machine.
+/// bound: a regression then fails fast (an abort) instead of exhausting the machine. Two
+/// threads and two malloc arenas keep the reserved address space of a sound run far below the
+/// cap on machines with many cores.
 #[cfg(unix)]
 fn llama2_capped(args: &[&str]) -> Out {
     use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_llama2"));
-    cmd.args(args).stdin(Stdio::null());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .env("RAYON_NUM_THREADS", "2")
+        .env("MALLOC_ARENA_MAX", "2");
     // SAFETY: setrlimit is async-signal-safe; called in the child between fork and exec.
     unsafe {
         cmd.pre_exec(|| {

@@ -238,7 +238,28 @@ pub fn pretrain(a: PretrainArgs, given: &ArgMatches) -> Result<()> {
         let mut c = resume_config(r, explicit(given, "steps").then_some(a.steps))?;
         a.run.apply(&mut c, true, given);
         if explicit(given, "data") {
-            c.data = pretrain_data(&a)?;
+            use trainer::pretrain::DataSpec::Tokens;
+            let mut data = pretrain_data(&a)?;
+            // Token files moved: their dtype and tokenizer stay the run's unless given.
+            if let (
+                Tokens {
+                    dtype, tokenizer, ..
+                },
+                Tokens {
+                    dtype: d0,
+                    tokenizer: t0,
+                    ..
+                },
+            ) = (&mut data, &c.data)
+            {
+                if !explicit(given, "token_dtype") {
+                    *dtype = *d0;
+                }
+                if !explicit(given, "tokenizer") {
+                    *tokenizer = t0.clone();
+                }
+            }
+            c.data = data;
         }
         if explicit(given, "out") {
             c.out = std::path::absolute(&a.out)?;

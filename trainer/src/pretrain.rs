@@ -3,9 +3,10 @@
 //!
 //! AdamW (β 0.9/0.95, eps 1e-5, decay 0.1), clip 1.0, cosine schedule with warmup to 10 % of the
 //! peak, gradient accumulation to a token batch; validation loss, text samples, JSONL metrics,
-//! a progress bar; atomic checkpoints (HF model + optimizer + loader state) every N steps and on
-//! Ctrl-C; exact resume (on the CPU, the losses of a resumed run equal an uninterrupted run's bit
-//! for bit); non-finite losses or gradients stop the run naming the step and the tensor.
+//! a progress bar (plain lines without a terminal); atomic checkpoints (HF model + optimizer +
+//! loader state) every N steps and on Ctrl-C or SIGTERM; exact resume (on the CPU, the losses of
+//! a resumed run equal an uninterrupted run's bit for bit); non-finite losses or gradients stop
+//! the run naming the step and the tensor.
 //!
 //! [`run_dp`] runs the same loop as one rank of a data-parallel job (ZeRO-1, see
 //! [`engine::dist`]): N ranks together take exactly the steps of one process with N× the batch.
