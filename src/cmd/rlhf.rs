@@ -468,7 +468,7 @@ pub fn rlhf(a: RlhfArgs) -> Result<()> {
         seed,
         no_progress,
     } = a;
-    let sft = trainer::rlhf::checkpoint_of(&sft)?;
+    let sft = trainer::run_dir::model_dir(&sft)?;
     let mut cfg = trainer::rlhf::RlhfConfig::new(sft, world, out.clone(), rounds);
     cfg.ppo_from = ppo_from;
     cfg.label_prompts = label_prompts;

@@ -84,7 +84,7 @@ fn world_prefs_on<B: engine::Backend>(be: B, a: WorldPrefsArgs) -> Result<()> {
         ..Default::default()
     };
     let pairs = trainer::prefs::collect(&mut m, &tok, &ann, &ex, &cfg)?;
-    trainer::prefs::write_jsonl(&out, &pairs)?;
+    trainer::run_dir::write_jsonl(&out, &pairs)?;
     let mut by: std::collections::BTreeMap<&str, usize> = Default::default();
     for p in &pairs {
         *by.entry(p.rating).or_default() += 1;

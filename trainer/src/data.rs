@@ -6,12 +6,12 @@
 //! followed by the tokens. A directory holds `train-NNNNN.bin`, `val.bin`, `tokenizer.json` and
 //! `meta.json`.
 
+use crate::run_dir::write_atomic;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use engine::tokenizer::Tokenizer;
 use indicatif::{ProgressBar, ProgressStyle};
 use memmap2::Mmap;
 use rayon::prelude::*;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const MAGIC: &[u8; 8] = b"LL2TOKS\0";
@@ -43,19 +43,6 @@ pub fn write_shard(path: &Path, tokens: &[u32], vocab_size: usize) -> Result<()>
         }
     }
     write_atomic(path, &buf)
-}
-
-/// Writes a file atomically: a temporary sibling, fsync, rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.sync_all()
-        .with_context(|| format!("syncing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
 }
 
 /// A memory-mapped token shard, or a range of tokens of one file.
@@ -344,7 +331,6 @@ pub fn read_documents(
     skip_bad: bool,
     warn: &mut dyn FnMut(String),
 ) -> Result<Vec<Document>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let mut handle = |msg: String| -> Result<()> {
         if skip_bad {
             warn(msg);
@@ -354,6 +340,7 @@ pub fn read_documents(
         }
     };
     if !is_jsonl(path) {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         return match String::from_utf8(bytes) {
             Ok(text) => Ok(vec![Document {
                 source: path.display().to_string(),
@@ -371,7 +358,7 @@ pub fn read_documents(
         };
     }
     let mut docs = Vec::new();
-    for (ln, line) in split_jsonl(&bytes) {
+    for (ln, line) in crate::run_dir::jsonl_lines(path)? {
         let src = format!("{}:{ln}", path.display());
         let line = match line {
             Ok(l) => l,
@@ -380,7 +367,7 @@ pub fn read_documents(
                 continue;
             }
         };
-        let v: serde_json::Value = match serde_json::from_str(line) {
+        let v: serde_json::Value = match serde_json::from_str(&line) {
             Ok(v) => v,
             Err(e) => {
                 handle(format!("{src}: invalid JSON: {e}"))?;
@@ -868,40 +855,4 @@ pub fn unigram_entropy(data: &TokenData) -> f64 {
             -p * p.ln()
         })
         .sum()
-}
-
-/// The lines of a JSONL file that hold something, numbered from 1, for readers that report
-/// `file:line`: a UTF-8 byte-order mark at the start is dropped, and a line that is not UTF-8 is
-/// an `Err` of its own (naming the byte), so one bad line does not fail the whole file without
-/// a line number, and `--skip-bad` can skip it.
-pub fn jsonl_lines(path: &Path) -> Result<Vec<(usize, Result<String>)>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(split_jsonl(&bytes)
-        .map(|(n, l)| (n, l.map(str::to_string)))
-        .collect())
-}
-
-/// [`jsonl_lines`] over bytes in memory.
-fn split_jsonl(bytes: &[u8]) -> impl Iterator<Item = (usize, Result<&str>)> {
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-    bytes
-        .split(|&b| b == b'\n')
-        .enumerate()
-        .filter(|(_, l)| !l.iter().all(|b| b.is_ascii_whitespace()))
-        .map(|(i, l)| {
-            let text = std::str::from_utf8(l)
-                .map_err(|e| anyhow!("not valid UTF-8 (byte {} of the line)", e.valid_up_to() + 1));
-            (i + 1, text)
-        })
-}
-
-/// Every line of a JSONL file as a JSON value; a malformed line is an error naming file and line.
-pub fn read_jsonl_values(path: &Path) -> Result<Vec<serde_json::Value>> {
-    jsonl_lines(path)?
-        .into_iter()
-        .map(|(n, l)| {
-            l.and_then(|l| Ok(serde_json::from_str(&l)?))
-                .with_context(|| format!("{}:{n}: not a JSON object", path.display()))
-        })
-        .collect()
 }

@@ -306,13 +306,13 @@ pub fn run_distill<B: Backend>(
     )?;
     drop((model, rm));
     let data_path = out.join("distill.jsonl");
-    crate::gatt::write_jsonl(&data_path, &data.rows)?;
+    crate::run_dir::write_jsonl(&data_path, &data.rows)?;
     let cands: Vec<serde_json::Value> = data
         .candidates
         .iter()
         .map(serde_json::to_value)
         .collect::<Result<_, _>>()?;
-    crate::gatt::write_jsonl(&out.join("candidates.jsonl"), &cands)?;
+    crate::run_dir::write_jsonl(&out.join("candidates.jsonl"), &cands)?;
     lap("data");
     let (mut checkpoint, mut after, mut final_val_loss) = (None, None, None);
     if !data.rows.is_empty() {

@@ -32,7 +32,6 @@ use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Settings of `llama2 gatt`: the synthetic data, the evaluation and the fine-tune.
@@ -525,18 +524,6 @@ pub struct GattReport {
     pub seconds: std::collections::BTreeMap<String, f64>,
 }
 
-pub(crate) fn write_jsonl(path: &Path, rows: &[serde_json::Value]) -> Result<()> {
-    let mut f = std::io::BufWriter::new(
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-    );
-    for r in rows {
-        serde_json::to_writer(&mut f, r)?;
-        f.write_all(b"\n")?;
-    }
-    f.flush()?;
-    Ok(())
-}
-
 /// `llama2 gatt`: builds the synthetic data with the `init` model from the world's
 /// `rlhf_prompts.jsonl` (writing `out/gatt.jsonl`), fine-tunes on it (`out/sft/`, the paper's SFT
 /// loop), and measures adherence per turn before and after on the held-out `eval.jsonl`
@@ -582,7 +569,7 @@ pub fn run_gatt<B: Backend>(
         "no sampled answer followed its instruction: nothing to fine-tune on"
     );
     let data_path = out.join("gatt.jsonl");
-    write_jsonl(&data_path, &data.rows)?;
+    crate::run_dir::write_jsonl(&data_path, &data.rows)?;
     let mut files = vec![data_path.clone()];
     files.extend(cfg.replay.iter().cloned());
     let mut tc = TrainConfig::sft_defaults(files, out.join("sft"), init.to_path_buf());

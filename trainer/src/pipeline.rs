@@ -7,7 +7,7 @@
 
 use crate::data::{prepare, PrepareConfig};
 use crate::evaluate::{chat_answers, world_eval, WorldEval};
-use crate::metrics::{histogram_plot, line_plot, read_series};
+use crate::plot::{histogram_plot, line_plot, read_series};
 use crate::pretrain::{run as train_run, DataSpec, ModelSource, TrainConfig};
 use crate::rm::{score, EvalReport};
 use crate::rs::piecewise;
@@ -104,12 +104,6 @@ pub struct StageEval {
     /// Piecewise reward-model scores of the stage's greedy answers (for the distribution plot).
     #[serde(skip)]
     pub rewards: Vec<f64>,
-}
-
-fn latest(run_dir: &Path) -> Result<PathBuf> {
-    let l = run_dir.join("checkpoints/latest");
-    let name = std::fs::read_to_string(&l).with_context(|| format!("reading {}", l.display()))?;
-    Ok(run_dir.join("checkpoints").join(name.trim()))
 }
 
 /// Σ log π(answer | prompt) under `model` for each (prompt ids, answer ids).
@@ -269,7 +263,7 @@ pub fn run<B: Backend>(be: B, cfg: &PipelineConfig) -> Result<Value> {
     );
     let step = |msg: &str| {
         bar.set_message(msg.to_string());
-        crate::pretrain::say(
+        crate::run_dir::say(
             &bar,
             format!("[{:>6.1}s] {msg}", t0.elapsed().as_secs_f64()),
         );
@@ -339,7 +333,7 @@ pub fn run<B: Backend>(be: B, cfg: &PipelineConfig) -> Result<Value> {
     sc.seed = cfg.seed;
     sc.progress = false;
     train_run(be.clone(), sc, None)?;
-    let sft_ckpt = latest(&out.join("sft"))?;
+    let sft_ckpt = crate::run_dir::model_dir(&out.join("sft"))?;
     bar.inc(1);
 
     let mut evals: Vec<StageEval> = Vec::new();
@@ -389,10 +383,10 @@ pub fn run<B: Backend>(be: B, cfg: &PipelineConfig) -> Result<Value> {
         .join("rlhf/rs")
         .join(format!("round-{}", cfg.rounds))
         .join("pool.jsonl");
-    let all = crate::data::read_jsonl_values(&pool)?;
+    let all = crate::run_dir::read_jsonl_values(&pool)?;
     let stride = (all.len() / 300).max(1);
     let rows: Vec<Value> = all.into_iter().step_by(stride).take(300).collect();
-    crate::gatt::write_jsonl(&replay, &rows)?;
+    crate::run_dir::write_jsonl(&replay, &rows)?;
 
     step("ghost attention: synthetic multi-turn data, instruction kept in turn 1 only");
     let gc = crate::gatt::GattConfig {
@@ -507,7 +501,7 @@ fn rm_accuracy_plot(out: &Path, rm: &Value) -> Result<()> {
             (*k, v)
         })
         .collect();
-    crate::metrics::bar_plot(
+    crate::plot::bar_plot(
         &out.join("rm_accuracy_by_rating.svg"),
         "reward-model accuracy by rating (held-out pairs)",
         "accuracy",

@@ -34,19 +34,20 @@
 //! continues exactly as an uninterrupted one.
 
 use crate::evaluate::chat_answers;
-use crate::metrics::{line_plot, read_series, MetricsWriter};
 use crate::optimizer::{as_sink, Optim};
-use crate::pretrain::say;
+use crate::plot::{line_plot, read_series};
+pub use crate::prompts::{read_prompts, Prompt};
 use crate::rm::{load_rm, score};
+use crate::run_dir::{self, MetricsWriter};
 use crate::world::{Annotator, World};
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use engine::checkpoint::{load_model, save_model, write_tensors, SaveOptions};
+use engine::checkpoint::{load_model, save_model, SaveOptions};
 use engine::dist::{save_zero1, Collective, DeviceCollective, ShardedAdamW};
 use engine::generate::SamplingParams;
 use engine::optim::{AdamW, AdamWConfig};
 use engine::tokenizer::{Message, Tokenizer};
 use engine::{Backend, Batch, Head, Llama, LlamaConfig};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -308,7 +309,7 @@ pub struct PpoConfig {
 impl PpoConfig {
     /// The configuration with every path absolute against the working directory.
     pub fn absolutized(&self) -> Result<Self> {
-        use crate::pretrain::make_absolute as abs;
+        use crate::run_dir::make_absolute as abs;
         let mut c = self.clone();
         abs(&mut c.policy)?;
         abs(&mut c.reward_helpfulness)?;
@@ -408,7 +409,7 @@ pub fn resume_config(path: &Path, iterations: Option<usize>) -> Result<PpoConfig
     let st = read_state(&dir)?;
     let mut cfg = st.config;
     // The run continues where its checkpoint now is (a moved or copied run directory).
-    if let Some(run) = crate::pretrain::run_dir_of(&dir) {
+    if let Some(run) = run_dir::run_dir_of(&dir) {
         cfg.out = run;
     }
     cfg.resume = Some(dir);
@@ -419,10 +420,8 @@ pub fn resume_config(path: &Path, iterations: Option<usize>) -> Result<PpoConfig
 }
 
 fn read_state(dir: &Path) -> Result<PpoState> {
-    let p = dir.join("ppo_state.json");
-    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-    let st: PpoState =
-        serde_json::from_str(&text).with_context(|| format!("{}: malformed", p.display()))?;
+    let p = dir.join(STATE);
+    let st: PpoState = run_dir::read_json(&p)?;
     ensure!(
         st.kind == "ppo",
         "{}: a `{}` checkpoint, not a PPO one",
@@ -432,73 +431,12 @@ fn read_state(dir: &Path) -> Result<PpoState> {
     Ok(st)
 }
 
+/// The file that makes a directory a PPO checkpoint.
+pub const STATE: &str = "ppo_state.json";
+
 /// A PPO checkpoint itself, or a run directory whose `checkpoints/latest` names one.
 pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
-    if path.join("ppo_state.json").is_file() {
-        return Ok(path.to_path_buf());
-    }
-    let latest = path.join("checkpoints/latest");
-    if let Ok(name) = std::fs::read_to_string(&latest) {
-        let dir = path.join("checkpoints").join(name.trim());
-        ensure!(
-            dir.join("ppo_state.json").is_file(),
-            "{} names {}, which is not a PPO checkpoint",
-            latest.display(),
-            dir.display()
-        );
-        return Ok(dir);
-    }
-    bail!(
-        "{}: no PPO checkpoint here (expected ppo_state.json or checkpoints/latest)",
-        path.display()
-    )
-}
-
-// ---------------------------------------------------------------------------------------------
-// Prompts
-
-/// One prompt: the dialogue so far (ending with a user turn) and whether it is a safety prompt.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Prompt {
-    pub messages: Vec<Message>,
-    pub safety: bool,
-}
-
-/// Reads prompt JSONL: `{"messages": [...], "category"?}` (a trailing assistant turn is dropped,
-/// so SFT rows work too), `{"prompt": "..."}`, or an HH transcript; `"category": "safety"` tags a
-/// safety prompt. Errors name `file:line`.
-pub fn read_prompts(files: &[PathBuf]) -> Result<Vec<Prompt>> {
-    let mut out = Vec::new();
-    for f in files {
-        for (ln, line) in crate::data::jsonl_lines(f)? {
-            let row = (|| -> Result<Prompt> {
-                let v: serde_json::Value =
-                    serde_json::from_str(&line?).map_err(|e| anyhow!("invalid JSON: {e}"))?;
-                let mut msgs = match (v.get("prompt").and_then(|p| p.as_str()), v.get("response")) {
-                    (Some(p), None) if v.get("messages").is_none() => {
-                        vec![Message::new("user", p)]
-                    }
-                    _ => crate::sft::row_messages(&v)?,
-                };
-                if msgs.last().is_some_and(|m| m.role == "assistant") {
-                    msgs.pop();
-                }
-                engine::tokenizer::check_roles(&msgs)?;
-                ensure!(
-                    msgs.last().is_some_and(|m| m.role == "user"),
-                    "the prompt must end with a user turn"
-                );
-                let safety = v.get("category").and_then(|c| c.as_str()) == Some("safety");
-                Ok(Prompt {
-                    messages: msgs,
-                    safety,
-                })
-            })()
-            .with_context(|| format!("{}:{ln}", f.display()))?;
-            out.push(row);
-        }
-    }
-    Ok(out)
+    run_dir::resolve_checkpoint(path, STATE, "PPO")
 }
 
 /// Prompt `k` of the training stream: epoch `k / n` is a fresh permutation of (seed, epoch).
@@ -855,31 +793,17 @@ fn save_checkpoint<B: Backend>(
                 .map(|_| ())
                 .map_err(|e| engine::Error::io(critic_tokenizer, e))
         })?;
-        let sub = tmp.join(".optimizer.d");
-        std::fs::create_dir_all(&sub).map_err(|e| engine::Error::io(&sub, e))?;
-        let list: Vec<(String, Vec<usize>, &[f32])> = [
-            ("policy.adamw.m", &pm),
-            ("policy.adamw.v", &pv),
-            ("critic.adamw.m", &cm),
-            ("critic.adamw.v", &cv),
-        ]
-        .iter()
-        .map(|(n, d)| (n.to_string(), vec![d.len()], d.as_slice()))
-        .collect();
-        write_tensors(
-            &sub,
-            &list,
-            SaveOptions {
-                max_shard_bytes: usize::MAX,
-                ..Default::default()
-            },
+        run_dir::write_optimizer(
+            &tmp.join("optimizer.safetensors"),
+            &[
+                ("policy.adamw.m", &pm),
+                ("policy.adamw.v", &pv),
+                ("critic.adamw.m", &cm),
+                ("critic.adamw.v", &cv),
+            ],
         )?;
-        let file = tmp.join("optimizer.safetensors");
-        std::fs::rename(sub.join("model.safetensors"), &file)
-            .map_err(|e| engine::Error::io(&file, e))?;
-        std::fs::remove_dir(&sub).map_err(|e| engine::Error::io(&sub, e))?;
         let text = serde_json::to_string_pretty(state).expect("json");
-        std::fs::write(tmp.join("ppo_state.json"), text).map_err(|e| engine::Error::io(tmp, e))
+        std::fs::write(tmp.join(STATE), text).map_err(|e| engine::Error::io(tmp, e))
     })
     .with_context(|| format!("saving the checkpoint {}", dir.display()))
 }
@@ -918,41 +842,11 @@ fn save_zero1_checkpoint<B: Backend>(
     .with_context(|| format!("saving the critic of checkpoint {}", dir.display()))?;
     let mine = if comm.rank() == 0 {
         let text = serde_json::to_string_pretty(state).expect("json");
-        crate::data::write_atomic(&dir.join("ppo_state.json"), text.as_bytes())
+        run_dir::write_atomic(&dir.join(STATE), text.as_bytes())
     } else {
         Ok(())
     };
-    agree(comm, mine, &format!("writing {}", dir.display()))
-}
-
-/// Keeps the newest `keep` `iter-N` checkpoints with N <= `current` and removes the rest,
-/// including any beyond `current` (left by an earlier run in the same directory, or by the
-/// interrupted run a resume continues), so `latest` always names the newest one kept.
-fn prune(root: &Path, keep: usize, current: usize) {
-    let Ok(rd) = std::fs::read_dir(root) else {
-        return;
-    };
-    let mut all: Vec<(usize, PathBuf)> = rd
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .filter_map(|p| {
-            let n = p
-                .file_name()?
-                .to_str()?
-                .strip_prefix("iter-")?
-                .parse()
-                .ok()?;
-            Some((n, p))
-        })
-        .collect();
-    all.sort();
-    let (mut mine, later): (Vec<_>, Vec<_>) = all.into_iter().partition(|(n, _)| *n <= current);
-    for (_, p) in later {
-        let _ = std::fs::remove_dir_all(p);
-    }
-    while mine.len() > keep.max(1) {
-        let _ = std::fs::remove_dir_all(mine.remove(0).1);
-    }
+    run_dir::agree(comm, mine, &format!("writing {}", dir.display()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -973,19 +867,6 @@ fn gather_var<C: Collective + ?Sized>(comm: &mut C, local: &[f32]) -> Result<Vec
         out.extend_from_slice(&all[r * max..r * max + l as usize]);
     }
     Ok(out)
-}
-
-/// `Err` on every rank when any rank failed.
-fn agree<C: Collective + ?Sized>(comm: &mut C, mine: Result<()>, what: &str) -> Result<()> {
-    let mut failed = [if mine.is_err() { 1.0f32 } else { 0.0 }];
-    comm.all_reduce_sum(&mut failed)?;
-    mine?;
-    ensure!(
-        failed[0] == 0.0,
-        "{what}: {} other rank(s) failed (their own errors say why)",
-        failed[0]
-    );
-    Ok(())
 }
 
 impl Sample {
@@ -1083,7 +964,7 @@ pub fn train_dp<B: Backend>(
     let lead = rank == 0;
     let say = |bar: &ProgressBar, msg: String| {
         if lead {
-            say(bar, msg)
+            run_dir::say(bar, msg)
         }
     };
     ensure!(
@@ -1158,7 +1039,7 @@ pub fn train_dp<B: Backend>(
         critic.cfg.vocab_size,
         tok.vocab_size()
     );
-    let critic_tok = crate::rm::rm_model_dir(&critic_dir).join("tokenizer.json");
+    let critic_tok = run_dir::model_dir(&critic_dir)?.join("tokenizer.json");
     let mut rewards = Rewards {
         help: load_rm(be.clone(), &cfg.reward_helpfulness)?,
         safety: cfg
@@ -1239,17 +1120,7 @@ pub fn train_dp<B: Backend>(
     } else {
         None
     };
-    let bar = if cfg.progress && lead {
-        ProgressBar::new(cfg.iterations as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "ppo {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .expect("template"),
-    );
+    let bar = crate::run_dir::progress("ppo", cfg.iterations as u64, cfg.progress && lead);
     bar.set_position(start as u64);
     say(
         &bar,
@@ -1715,8 +1586,7 @@ pub fn train_dp<B: Backend>(
                 _ => unreachable!("both optimizers are sharded or neither"),
             }
             if lead {
-                crate::data::write_atomic(&ckpt_root.join("latest"), name.as_bytes())?;
-                prune(&ckpt_root, cfg.keep_checkpoints, it);
+                run_dir::publish(&ckpt_root, &name, cfg.keep_checkpoints)?;
             }
             last_ckpt = Some(dir);
         }

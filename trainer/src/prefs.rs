@@ -5,12 +5,10 @@
 
 use crate::evaluate::chat_answers;
 use crate::world::{Annotator, Category, Example, Level, Winner};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use engine::generate::SamplingParams;
 use engine::tokenizer::Tokenizer;
 use engine::{Backend, Llama};
-use std::io::Write;
-use std::path::Path;
 
 #[derive(Clone, Debug)]
 pub struct PrefsConfig {
@@ -150,15 +148,4 @@ pub fn level_label(l: Level) -> &'static str {
         Level::Slightly => "slightly better",
         Level::Negligibly => "negligibly better/unsure",
     }
-}
-
-pub fn write_jsonl(path: &Path, pairs: &[LabelledPair]) -> Result<()> {
-    let mut f = std::io::BufWriter::new(
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-    );
-    for p in pairs {
-        writeln!(f, "{}", serde_json::to_string(p)?)?;
-    }
-    f.flush()?;
-    Ok(())
 }

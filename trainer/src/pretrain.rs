@@ -11,21 +11,19 @@
 //! [`run_dp`] runs the same loop as one rank of a data-parallel job (ZeRO-1, see
 //! [`engine::dist`]): N ranks together take exactly the steps of one process with N× the batch.
 
-use crate::data::{val_windows, write_atomic, Loader, TokenData, TokenDtype};
-use crate::metrics::{line_plot, read_series, MetricsWriter};
+use crate::data::{val_windows, Loader, TokenData, TokenDtype};
 use crate::optimizer::{as_sink, nonfinite_grads, Optim};
+use crate::plot::{line_plot, read_series};
+use crate::run_dir::{self, say, MetricsWriter};
 use crate::schedule::Cosine;
 use crate::sft::{PackedSource, SftData};
 use anyhow::{bail, ensure, Context, Result};
-use engine::checkpoint::{
-    load_model, remove_stale_temporaries, save_model, write_tensors, SaveOptions,
-};
+use engine::checkpoint::{load_model, remove_stale_temporaries, save_model, SaveOptions};
 use engine::dist::{save_zero1, Collective, DeviceCollective, ShardedAdamW};
 use engine::generate::{generate, SamplingParams};
 use engine::optim::{AdamW, AdamWConfig};
 use engine::tokenizer::Tokenizer;
 use engine::{Backend, Batch, Head, Llama, LlamaConfig, Recompute};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -253,7 +251,7 @@ impl TrainConfig {
     /// Makes the run's paths absolute, so a checkpoint's configuration still finds its data
     /// when the run is resumed from another working directory.
     pub fn absolutize(&mut self) -> Result<()> {
-        let abs = make_absolute;
+        let abs = run_dir::make_absolute;
         match &mut self.data {
             DataSpec::Shards(d) => abs(d)?,
             DataSpec::Tokens {
@@ -292,14 +290,8 @@ impl TrainConfig {
     }
 }
 
-/// Makes `p` absolute against the working directory (an empty path stays empty), so a path
-/// saved in a checkpoint's configuration works from any directory.
-pub(crate) fn make_absolute(p: &mut PathBuf) -> Result<()> {
-    if !p.as_os_str().is_empty() {
-        *p = std::path::absolute(&*p).with_context(|| format!("resolving {}", p.display()))?;
-    }
-    Ok(())
-}
+/// The file that makes a directory a training checkpoint.
+pub const STATE: &str = "trainer_state.json";
 
 /// Training state saved beside the model in every checkpoint.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -387,30 +379,6 @@ pub fn build_model<B: Backend>(
     Ok(model)
 }
 
-/// Finds the checkpoint directory to resume from: a checkpoint itself, or a run directory whose
-/// `checkpoints/latest` names one.
-pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
-    if path.join("trainer_state.json").is_file() {
-        return Ok(path.to_path_buf());
-    }
-    for latest in [path.join("checkpoints/latest"), path.join("latest")] {
-        if let Ok(name) = std::fs::read_to_string(&latest) {
-            let dir = latest.parent().expect("parent").join(name.trim());
-            ensure!(
-                dir.join("trainer_state.json").is_file(),
-                "{} names {}, which is not a checkpoint",
-                latest.display(),
-                dir.display()
-            );
-            return Ok(dir);
-        }
-    }
-    bail!(
-        "{}: no checkpoint here (expected trainer_state.json or checkpoints/latest)",
-        path.display()
-    )
-}
-
 struct Ckpt<'a> {
     out: &'a Path,
     keep: usize,
@@ -431,7 +399,7 @@ impl Ckpt<'_> {
             std::fs::copy(t, tmp.join("tokenizer.json")).map_err(|e| engine::Error::io(t, e))?;
         }
         let text = serde_json::to_string_pretty(state).expect("json");
-        std::fs::write(tmp.join("trainer_state.json"), text).map_err(|e| engine::Error::io(tmp, e))
+        std::fs::write(tmp.join(STATE), text).map_err(|e| engine::Error::io(tmp, e))
     }
 
     fn save<B: Backend>(
@@ -446,9 +414,8 @@ impl Ckpt<'_> {
         model.be.to_host(&mut m, B::all(&opt.m))?;
         model.be.to_host(&mut v, B::all(&opt.v))?;
         save_model(model, &dir, SaveOptions::default(), |tmp| {
-            write_tensors_named(
-                tmp,
-                "optimizer.safetensors",
+            run_dir::write_optimizer(
+                &tmp.join("optimizer.safetensors"),
                 &[("adamw.m", &m), ("adamw.v", &v)],
             )?;
             self.write_extra(tmp, state)
@@ -476,66 +443,15 @@ impl Ckpt<'_> {
         } else {
             Ok(())
         };
-        agree(comm, mine, "publishing the checkpoint")?;
+        run_dir::agree(comm, mine, "publishing the checkpoint")?;
         Ok(dir)
     }
 
-    /// Points `checkpoints/latest` at `dir` and removes all but the newest `keep` checkpoints.
+    /// Points `checkpoints/latest` at `dir` and keeps the newest `keep` checkpoints.
     fn publish(&self, dir: &Path) -> Result<()> {
-        let root = self.out.join("checkpoints");
         let name = dir.file_name().expect("step-N").to_string_lossy();
-        write_atomic(&root.join("latest"), name.as_bytes())?;
-        // Keep the newest `keep` checkpoints.
-        let mut all: Vec<PathBuf> = std::fs::read_dir(&root)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.is_dir()
-                    && p.file_name()
-                        .is_some_and(|f| f.to_string_lossy().starts_with("step-"))
-            })
-            .collect();
-        all.sort();
-        while all.len() > self.keep.max(1) {
-            let old = all.remove(0);
-            let _ = std::fs::remove_dir_all(old);
-        }
-        Ok(())
+        run_dir::publish(&self.out.join("checkpoints"), &name, self.keep)
     }
-}
-
-/// Turns one rank's failure into an error on every rank (rank 0's own error where it is the
-/// one that failed), so none is left waiting in the next collective.
-fn agree(comm: &mut (dyn Collective + '_), mine: Result<()>, what: &str) -> Result<()> {
-    let mut failed = [if mine.is_err() { 1.0f32 } else { 0.0 }];
-    comm.all_reduce_sum(&mut failed)?;
-    mine?;
-    ensure!(
-        failed[0] == 0.0,
-        "{what}: {} other rank(s) failed (their own errors say why)",
-        failed[0]
-    );
-    Ok(())
-}
-
-/// Writes flat f32 arrays as a safetensors file named `file` inside `dir`.
-fn write_tensors_named(dir: &Path, file: &str, tensors: &[(&str, &[f32])]) -> engine::Result<()> {
-    let sub = dir.join(format!(".{file}.d"));
-    std::fs::create_dir_all(&sub).map_err(|e| engine::Error::io(&sub, e))?;
-    let list: Vec<(String, Vec<usize>, &[f32])> = tensors
-        .iter()
-        .map(|(n, d)| (n.to_string(), vec![d.len()], *d))
-        .collect();
-    write_tensors(
-        &sub,
-        &list,
-        SaveOptions {
-            max_shard_bytes: usize::MAX,
-            ..Default::default()
-        },
-    )?;
-    std::fs::rename(sub.join("model.safetensors"), dir.join(file))
-        .map_err(|e| engine::Error::io(dir.join(file), e))?;
-    std::fs::remove_dir(&sub).map_err(|e| engine::Error::io(&sub, e))
 }
 
 /// A batch of rows in host memory; `pos`/`doc` are empty for plain (unpacked) rows.
@@ -750,7 +666,9 @@ pub fn run_dp<B: Backend>(
             },
             _,
         ) => Some(p.clone()),
-        (DataSpec::Sft { .. }, Some(r)) => Some(resolve_checkpoint(r)?.join("tokenizer.json")),
+        (DataSpec::Sft { .. }, Some(r)) => {
+            Some(run_dir::resolve_checkpoint(r, STATE, "training")?.join("tokenizer.json"))
+        }
         (DataSpec::Sft { .. }, None) => match &cfg.model {
             ModelSource::Init(dir) => Some(crate::sft::tokenizer_for(dir, None)?),
             _ => bail!("fine-tuning starts from a checkpoint: pass --init DIR"),
@@ -796,10 +714,8 @@ pub fn run_dp<B: Backend>(
             (model, opt, 0usize, 0u64)
         }
         Some(p) => {
-            let dir = resolve_checkpoint(p)?;
-            let state_path = dir.join("trainer_state.json");
-            let st: TrainerState = serde_json::from_str(&std::fs::read_to_string(&state_path)?)
-                .with_context(|| format!("{}: malformed", state_path.display()))?;
+            let dir = run_dir::resolve_checkpoint(p, STATE, "training")?;
+            let st: TrainerState = run_dir::read_json(&dir.join(STATE))?;
             let mut model = load_model(be, &dir, Head::Lm)?;
             ensure!(
                 model.cfg.vocab_size >= data_vocab,
@@ -895,10 +811,7 @@ pub fn run_dp<B: Backend>(
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
     let opened = if lead {
         let open = || -> Result<MetricsWriter> {
-            std::fs::write(
-                cfg.out.join("config.json"),
-                serde_json::to_string_pretty(&cfg)?,
-            )?;
+            run_dir::write_config(&cfg.out, &cfg)?;
             MetricsWriter::open(
                 &cfg.out.join("metrics.jsonl"),
                 resume.map(|_| start_step as u64),
@@ -915,7 +828,7 @@ pub fn run_dp<B: Backend>(
                 Ok(m) => (Ok(()), m),
                 Err(e) => (Err(e), None),
             };
-            agree(c, ok, "opening the run directory")?;
+            run_dir::agree(c, ok, "opening the run directory")?;
             m
         }
         None => opened?,
@@ -937,17 +850,7 @@ pub fn run_dp<B: Backend>(
     install_ctrlc();
 
     let tokens_per_step = world * cfg.batch_size * cfg.grad_accum * t;
-    let bar = if cfg.progress && lead {
-        ProgressBar::new(cfg.steps as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "pretrain {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .expect("template"),
-    );
+    let bar = run_dir::progress(cfg.kind(), cfg.steps as u64, cfg.progress && lead);
     bar.set_position(start_step as u64);
     let mut rows = Rows::default();
     let mut logs = Vec::new();
@@ -1178,15 +1081,6 @@ pub fn run_dp<B: Backend>(
     })
 }
 
-/// Prints above the progress bar, or plainly when it is hidden.
-pub fn say(bar: &ProgressBar, msg: String) {
-    if bar.is_hidden() {
-        println!("{msg}");
-    } else {
-        bar.println(msg);
-    }
-}
-
 fn adamw_config(cfg: &PretrainConfig) -> AdamWConfig {
     AdamWConfig {
         beta1: cfg.beta1,
@@ -1198,27 +1092,15 @@ fn adamw_config(cfg: &PretrainConfig) -> AdamWConfig {
     }
 }
 
-/// The run directory a checkpoint belongs to: `RUN` for `RUN/checkpoints/step-N`.
-pub fn run_dir_of(checkpoint: &Path) -> Option<PathBuf> {
-    let dir = std::fs::canonicalize(checkpoint)
-        .or_else(|_| std::path::absolute(checkpoint))
-        .ok()?;
-    let parent = dir.parent()?;
-    (parent.file_name()? == "checkpoints").then(|| parent.parent().map(Path::to_path_buf))?
-}
-
 /// The configuration a resumed run continues with: the checkpoint's own, with `steps`
 /// optionally extended (a longer schedule changes the cosine, so the run is no longer
 /// identical), writing into the run directory the checkpoint is in (not the `out` it was
 /// started with: a run directory moved or copied continues where it now is); `out` is empty
 /// when the checkpoint is not in a run's `checkpoints/`.
 pub fn resume_config(path: &Path, steps: Option<usize>) -> Result<PretrainConfig> {
-    let dir = resolve_checkpoint(path)?;
-    let state_path = dir.join("trainer_state.json");
-    let text = std::fs::read_to_string(&state_path)
-        .with_context(|| format!("reading {}", state_path.display()))?;
-    let st: TrainerState = serde_json::from_str(&text)
-        .with_context(|| format!("{}: malformed", state_path.display()))?;
+    let dir = run_dir::resolve_checkpoint(path, STATE, "training")?;
+    let state_path = dir.join(STATE);
+    let st: TrainerState = run_dir::read_json(&state_path)?;
     ensure!(
         st.kind == "pretrain" || st.kind == "sft",
         "{}: a `{}` checkpoint, not a pretraining or SFT one",
@@ -1228,7 +1110,7 @@ pub fn resume_config(path: &Path, steps: Option<usize>) -> Result<PretrainConfig
     let mut cfg = st.config;
     cfg.stop_after = None;
     // Empty for a checkpoint outside a run directory: the caller must then say where.
-    cfg.out = run_dir_of(&dir).unwrap_or_default();
+    cfg.out = run_dir::run_dir_of(&dir).unwrap_or_default();
     if let Some(s) = steps {
         cfg.steps = s;
         cfg.warmup = cfg.warmup.min(s);

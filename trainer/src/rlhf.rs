@@ -9,9 +9,10 @@
 
 use crate::pipeline::{evaluate_stage, rm_json, StageEval};
 use crate::ppo::{train as ppo_train, PpoConfig, PpoReport};
-use crate::prefs::{collect, write_jsonl, PrefsConfig};
+use crate::prefs::{collect, PrefsConfig};
 use crate::rm::{evaluate as rm_evaluate, load_rm, read_pairs, RmConfig, RmKind};
 use crate::rs::{run_round, Pool, RoundStats, RsConfig, RsPrompt};
+use crate::run_dir::write_jsonl;
 use crate::world::{read_examples, Annotator, Category, Example, World};
 use anyhow::{ensure, Context, Result};
 use engine::checkpoint::load_model;
@@ -19,7 +20,7 @@ use engine::tokenizer::Tokenizer;
 use engine::{Backend, Head, Llama};
 use serde::Serialize;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Clone, Debug)]
@@ -376,16 +377,4 @@ pub fn run<B: Backend>(be: B, cfg: &RlhfConfig, say: &dyn Fn(&str)) -> Result<Rl
         serde_json::to_string_pretty(&report)?,
     )?;
     Ok(report)
-}
-
-/// The latest checkpoint of a training run directory (`checkpoints/latest`), or `dir` itself when
-/// it is a checkpoint.
-pub fn checkpoint_of(dir: &Path) -> Result<PathBuf> {
-    let l = dir.join("checkpoints/latest");
-    if l.is_file() {
-        let name =
-            std::fs::read_to_string(&l).with_context(|| format!("reading {}", l.display()))?;
-        return Ok(dir.join("checkpoints").join(name.trim()));
-    }
-    Ok(dir.to_path_buf())
 }

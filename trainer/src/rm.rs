@@ -11,8 +11,8 @@
 //! "chosen_safe"?, "rejected_safe"?, "category"?}` and Anthropic HH transcripts
 //! `{"chosen", "rejected"}` (two dialogues that differ only in the last assistant turn).
 
-use crate::metrics::{histogram_plot, line_plot, read_series, MetricsWriter};
-use crate::pretrain::say;
+use crate::plot::{histogram_plot, line_plot, read_series};
+use crate::run_dir::{say, MetricsWriter};
 use crate::schedule::Cosine;
 use crate::sft::parse_hh;
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -21,7 +21,6 @@ use engine::checkpoint::{load_model, load_weights, save_model, SaveOptions, Tens
 use engine::optim::{AdamW, AdamWConfig};
 use engine::tokenizer::{Message, Tokenizer};
 use engine::{Backend, Batch, Head, Llama, LlamaConfig};
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -312,31 +311,11 @@ pub fn parse_pair(v: &serde_json::Value) -> Result<Pair> {
 /// Reads pairs from JSONL files. A malformed line is an error naming `file:line`, or with
 /// `skip_bad` a warning (the count of skipped lines is returned).
 pub fn read_pairs(files: &[PathBuf], skip_bad: bool) -> Result<(Vec<Pair>, usize)> {
-    let mut out = Vec::new();
-    let mut skipped = 0;
-    for f in files {
-        for (ln, line) in crate::data::jsonl_lines(f)? {
-            let origin = format!("{}:{ln}", f.display());
-            let r = line
-                .and_then(|l| {
-                    serde_json::from_str::<serde_json::Value>(&l)
-                        .map_err(|e| anyhow!("invalid JSON: {e}"))
-                })
-                .and_then(|v| parse_pair(&v));
-            match r {
-                Ok(mut p) => {
-                    p.origin = origin;
-                    out.push(p);
-                }
-                Err(e) if skip_bad => {
-                    eprintln!("warning: skipped {origin}: {e:#}");
-                    skipped += 1;
-                }
-                Err(e) => bail!("{origin}: {e:#} (pass --skip-bad to skip such lines)"),
-            }
-        }
-    }
-    Ok((out, skipped))
+    crate::run_dir::read_jsonl(files, skip_bad, |v, origin| {
+        let mut p = parse_pair(&v)?;
+        p.origin = origin.to_string();
+        Ok(p)
+    })
 }
 
 /// The pairs one reward model trains on, and what was set aside.
@@ -647,28 +626,15 @@ pub fn score<B: Backend>(
 /// ending with the assistant turn to score, or an HH transcript in `chosen`/`text`. Errors name
 /// `file:line`.
 pub fn read_score_rows(files: &[PathBuf]) -> Result<Vec<(Vec<Message>, String)>> {
-    let mut out = Vec::new();
-    for f in files {
-        for (ln, line) in crate::data::jsonl_lines(f)? {
-            let row = line
-                .and_then(|l| {
-                    serde_json::from_str::<serde_json::Value>(&l)
-                        .map_err(|e| anyhow!("invalid JSON: {e}"))
-                })
-                .and_then(|v| crate::sft::row_messages(&v))
-                .and_then(|mut m| {
-                    let last = m.pop().filter(|x| x.role == "assistant");
-                    let last = last.ok_or_else(|| {
-                        anyhow!("the dialogue must end with the assistant response to score")
-                    })?;
-                    check_prompt(&m)?;
-                    Ok((m, last.content))
-                })
-                .with_context(|| format!("{}:{ln}", f.display()))?;
-            out.push(row);
-        }
-    }
-    Ok(out)
+    let parse = |v, _: &str| {
+        let mut m = crate::sft::row_messages(&v)?;
+        let last = m.pop().filter(|x| x.role == "assistant");
+        let last = last
+            .ok_or_else(|| anyhow!("the dialogue must end with the assistant response to score"))?;
+        check_prompt(&m)?;
+        Ok((m, last.content))
+    };
+    Ok(crate::run_dir::read_jsonl(files, false, parse)?.0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -722,20 +688,10 @@ pub fn save_rm<B: Backend>(model: &Llama<B>, dir: &Path, tokenizer: &Path) -> Re
     .with_context(|| format!("saving the reward model to {}", dir.display()))
 }
 
-/// Loads a reward model checkpoint (`score.weight`) and its tokenizer.
-/// The model directory of a reward model given as itself or as its `train-rm` run directory
-/// (which holds it in `model/`).
-pub fn rm_model_dir(dir: &Path) -> PathBuf {
-    let run_model = dir.join("model");
-    if run_model.join("config.json").is_file() {
-        run_model
-    } else {
-        dir.to_path_buf()
-    }
-}
-
+/// Loads a reward model checkpoint (`score.weight`), given as itself or as its `train-rm` run
+/// directory (which holds it in `model/`), and its tokenizer.
 pub fn load_rm<B: Backend>(be: B, dir: &Path) -> Result<(Llama<B>, Tokenizer)> {
-    let dir = &rm_model_dir(dir);
+    let dir = &crate::run_dir::model_dir(dir)?;
     let model = load_model(be, dir, Head::Score)
         .with_context(|| format!("loading reward model {}", dir.display()))?;
     let tp = dir.join("tokenizer.json");
@@ -964,11 +920,11 @@ pub fn evaluate<B: Backend>(
 /// into `dir`.
 pub fn write_eval(dir: &Path, rep: &EvalReport, title: &str) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    crate::data::write_atomic(
+    crate::run_dir::write_atomic(
         &dir.join("eval.json"),
         serde_json::to_string_pretty(rep)?.as_bytes(),
     )?;
-    crate::data::write_atomic(&dir.join("eval.md"), rep.to_markdown().as_bytes())?;
+    crate::run_dir::write_atomic(&dir.join("eval.md"), rep.to_markdown().as_bytes())?;
     let c: Vec<f64> = rep.chosen_scores.iter().map(|&x| x as f64).collect();
     let r: Vec<f64> = rep.rejected_scores.iter().map(|&x| x as f64).collect();
     histogram_plot(
@@ -1205,17 +1161,7 @@ pub fn train<B: Backend>(be: B, cfg: &RmConfig) -> Result<RmReport> {
         serde_json::to_string_pretty(cfg)?,
     )?;
     let mut metrics = MetricsWriter::open(&cfg.out.join("metrics.jsonl"), None)?;
-    let bar = if cfg.progress {
-        ProgressBar::new(steps as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "train-rm {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .expect("template"),
-    );
+    let bar = crate::run_dir::progress("train-rm", steps as u64, cfg.progress);
     say(
         &bar,
         format!(

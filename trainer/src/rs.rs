@@ -5,7 +5,7 @@
 //! samples: their gap is the paper's Figure 7 (the gain that rejection sampling can harvest).
 
 use crate::evaluate::chat_answers;
-use crate::metrics::line_plot;
+use crate::plot::line_plot;
 use crate::pretrain::{run as train_run, DataSpec, TrainConfig};
 use crate::rm::{load_rm, score};
 use anyhow::{ensure, Context, Result};
@@ -174,14 +174,16 @@ pub fn sample_round<B: Backend>(
 
 /// Writes the pool as SFT JSONL (`{"messages": [..., {"role": "assistant", ...}]}`).
 pub fn write_pool(path: &Path, pool: &Pool) -> Result<()> {
-    let mut text = String::new();
-    for (m, answer, reward) in pool.best.values() {
-        let mut msgs = m.clone();
-        msgs.push(Message::new("assistant", answer));
-        text += &serde_json::json!({"messages": msgs, "reward": reward}).to_string();
-        text.push('\n');
-    }
-    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+    let rows: Vec<serde_json::Value> = pool
+        .best
+        .values()
+        .map(|(m, answer, reward)| {
+            let mut msgs = m.clone();
+            msgs.push(Message::new("assistant", answer));
+            serde_json::json!({"messages": msgs, "reward": reward})
+        })
+        .collect();
+    crate::run_dir::write_jsonl(path, &rows)
 }
 
 /// One full round: sample with the model at `init`, pool, fine-tune on the pool from `init`.

@@ -92,46 +92,24 @@ pub fn row_messages(v: &serde_json::Value) -> Result<Vec<Message>> {
 /// Reads dialogues from JSONL files; a bad line is an error naming file and line (or, with
 /// `skip_bad`, a warning).
 pub fn read_dialogues(files: &[PathBuf], skip_bad: bool) -> Result<(Vec<Dialogue>, usize)> {
-    let mut out = Vec::new();
-    let mut skipped = 0;
-    for f in files {
-        for (ln, line) in crate::data::jsonl_lines(f)? {
-            let r = line
-                .and_then(|l| {
-                    serde_json::from_str::<serde_json::Value>(&l)
-                        .map_err(|e| anyhow!("invalid JSON: {e}"))
-                })
-                .and_then(|v| {
-                    let m = row_messages(&v)?;
-                    // The chat template's role order, checked here where the line is known.
-                    engine::tokenizer::check_roles(&m)?;
-                    ensure!(
-                        m.iter().any(|x| x.role == "assistant"),
-                        "no assistant turn to learn from"
-                    );
-                    let last_turn_only = match v.get("learn").and_then(|l| l.as_str()) {
-                        None | Some("all") => false,
-                        Some("last") => true,
-                        Some(o) => bail!("`learn` is `{o}`: expected \"all\" or \"last\""),
-                    };
-                    Ok(Dialogue {
-                        messages: m,
-                        last_turn_only,
-                    })
-                });
-            match r {
-                Ok(m) => out.push(m),
-                Err(e) if skip_bad => {
-                    eprintln!("warning: skipped {}:{ln}: {e:#}", f.display());
-                    skipped += 1;
-                }
-                Err(e) => bail!(
-                    "{}:{ln}: {e:#} (pass --skip-bad to skip such lines)",
-                    f.display()
-                ),
-            }
-        }
-    }
+    let (out, skipped) = crate::run_dir::read_jsonl(files, skip_bad, |v, _| {
+        let m = row_messages(&v)?;
+        // The chat template's role order, checked here where the line is known.
+        engine::tokenizer::check_roles(&m)?;
+        ensure!(
+            m.iter().any(|x| x.role == "assistant"),
+            "no assistant turn to learn from"
+        );
+        let last_turn_only = match v.get("learn").and_then(|l| l.as_str()) {
+            None | Some("all") => false,
+            Some("last") => true,
+            Some(o) => bail!("`learn` is `{o}`: expected \"all\" or \"last\""),
+        };
+        Ok(Dialogue {
+            messages: m,
+            last_turn_only,
+        })
+    })?;
     ensure!(
         !out.is_empty(),
         "no dialogues in {}",

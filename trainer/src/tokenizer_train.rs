@@ -133,7 +133,7 @@ pub fn train(cfg: &TrainTokenizerConfig) -> Result<usize> {
     if let Some(p) = cfg.out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
     }
-    crate::data::write_atomic(&cfg.out, text.as_bytes())?;
+    crate::run_dir::write_atomic(&cfg.out, text.as_bytes())?;
     Ok(size)
 }
 

@@ -618,7 +618,7 @@ fn no_parser_panics_on_hostile_files() {
             let _ = trainer::rm::read_score_rows(&files);
             let _ = trainer::ppo::read_prompts(&files);
             let _ = trainer::world::read_examples(&file);
-            let _ = trainer::data::read_jsonl_values(&file);
+            let _ = trainer::run_dir::read_jsonl_values(&file);
         });
     }
 

@@ -65,8 +65,9 @@ fn world_recipe_sft_then_reward_model() {
     assert!(a.helpfulness > b.helpfulness + 0.2);
 
     // Reward model on annotator-labelled samples of the SFT model.
-    use trainer::prefs::{collect, write_jsonl, PrefsConfig};
+    use trainer::prefs::{collect, PrefsConfig};
     use trainer::rm::{evaluate, read_pairs, Rating, RmConfig, RmKind};
+    use trainer::run_dir::write_jsonl;
     let prompts = read_examples(&w.join("rlhf_prompts.jsonl")).unwrap();
     let pc = PrefsConfig {
         pairs_per_prompt: 3,

@@ -34,6 +34,7 @@ pub use instructions::{Instruction, InstructionSet};
 pub use kb::{Entity, Persona, Size, SizeParams, World};
 pub use tasks::{Category, Gold, Spec, Task};
 
+use crate::run_dir::write_jsonl;
 use anyhow::{Context as _, Result};
 use engine::tokenizer::Message;
 use gen::{Generator, Mix, Split, RLHF_MIX, SFT_MIX};
@@ -74,13 +75,8 @@ pub struct Example {
 
 /// Reads a JSONL file of [`Example`]s.
 pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
-    crate::data::jsonl_lines(path)?
-        .into_iter()
-        .map(|(n, l)| {
-            l.and_then(|l| Ok(serde_json::from_str(&l)?))
-                .with_context(|| format!("{}:{n}", path.display()))
-        })
-        .collect()
+    let parse = |v, _: &str| Ok(serde_json::from_value(v)?);
+    Ok(crate::run_dir::read_jsonl(&[path.to_path_buf()], false, parse)?.0)
 }
 
 /// Counts of one data file.
@@ -268,15 +264,6 @@ impl World {
             eval,
         }
     }
-}
-
-fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
-    let mut buf = Vec::new();
-    for r in rows {
-        serde_json::to_writer(&mut buf, r)?;
-        buf.push(b'\n');
-    }
-    std::fs::write(path, buf).with_context(|| format!("writing {}", path.display()))
 }
 
 #[derive(Serialize)]

@@ -49,8 +49,7 @@ pub fn pretrained_world(d: &Path, steps: usize, eval_every: usize) -> (PathBuf, 
 
 /// The latest checkpoint of a training run directory.
 pub fn latest(run_dir: &Path) -> PathBuf {
-    let c = run_dir.join("checkpoints");
-    c.join(std::fs::read_to_string(c.join("latest")).unwrap().trim())
+    trainer::run_dir::model_dir(run_dir).unwrap()
 }
 
 /// The read-only shared material (`../shared`, or `$LLAMA2_SHARED`).

@@ -1,55 +1,8 @@
-//! Metrics as JSONL (one object per line, plottable with anything) and SVG line plots.
+//! SVG plots of a run's metrics: line plots of JSONL series, histograms, grouped bars.
 
 use anyhow::{Context, Result};
 use plotters::prelude::*;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-
-pub struct MetricsWriter {
-    path: PathBuf,
-    file: std::fs::File,
-}
-
-impl MetricsWriter {
-    /// Opens `path` for appending; `keep_until_step` first drops lines of later steps (a resumed
-    /// run rewrites what the interrupted one logged after its checkpoint).
-    pub fn open(path: &Path, keep_until_step: Option<u64>) -> Result<Self> {
-        if let Some(last) = keep_until_step {
-            if let Ok(text) = std::fs::read_to_string(path) {
-                let kept: Vec<&str> = text
-                    .lines()
-                    .filter(|l| {
-                        serde_json::from_str::<serde_json::Value>(l)
-                            .ok()
-                            .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                            .is_some_and(|s| s <= last)
-                    })
-                    .collect();
-                let mut body = kept.join("\n");
-                if !body.is_empty() {
-                    body.push('\n');
-                }
-                std::fs::write(path, body)
-                    .with_context(|| format!("rewriting {}", path.display()))?;
-            }
-        } else {
-            let _ = std::fs::remove_file(path);
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        Ok(MetricsWriter {
-            path: path.to_path_buf(),
-            file,
-        })
-    }
-
-    pub fn write(&mut self, v: &serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{v}").with_context(|| format!("writing {}", self.path.display()))
-    }
-}
+use std::path::Path;
 
 /// Reads `(x, y)` series from a JSONL file: for each key in `ys`, the points where it is present.
 pub fn read_series(path: &Path, x: &str, ys: &[&str]) -> Result<Vec<Vec<(f64, f64)>>> {
