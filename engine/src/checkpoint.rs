@@ -752,7 +752,7 @@ pub fn save_model<B: Backend>(
 pub fn write_hf_extras(dir: &Path, cfg: &LlamaConfig, head: Head) -> Result<()> {
     let pad = cfg.pad_token_id.unwrap_or(0);
     if head == Head::Lm {
-        let mut g = serde_json::json!({"pad_token_id": pad, "max_length": cfg.max_position_embeddings});
+        let mut g = serde_json::json!({"pad_token_id": pad});
         if let Some(b) = cfg.bos_token_id {
             g["bos_token_id"] = b.into();
         }

@@ -6,6 +6,7 @@ pub mod data;
 pub mod device;
 pub mod distill;
 pub mod evaluate;
+pub mod formats;
 pub mod gatt;
 pub mod kernel_bench;
 pub mod memory;

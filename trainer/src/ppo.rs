@@ -464,43 +464,6 @@ pub struct Prompt {
     pub safety: bool,
 }
 
-/// Reads prompt JSONL: `{"messages": [...], "category"?}` (a trailing assistant turn is dropped,
-/// so SFT rows work too), `{"prompt": "..."}`, or an HH transcript; `"category": "safety"` tags a
-/// safety prompt. Errors name `file:line`.
-pub fn read_prompts(files: &[PathBuf]) -> Result<Vec<Prompt>> {
-    let mut out = Vec::new();
-    for f in files {
-        for (ln, line) in crate::data::jsonl_lines(f)? {
-            let row = (|| -> Result<Prompt> {
-                let v: serde_json::Value =
-                    serde_json::from_str(&line?).map_err(|e| anyhow!("invalid JSON: {e}"))?;
-                let mut msgs = match (v.get("prompt").and_then(|p| p.as_str()), v.get("response")) {
-                    (Some(p), None) if v.get("messages").is_none() => {
-                        vec![Message::new("user", p)]
-                    }
-                    _ => crate::sft::row_messages(&v)?,
-                };
-                if msgs.last().is_some_and(|m| m.role == "assistant") {
-                    msgs.pop();
-                }
-                engine::tokenizer::check_roles(&msgs)?;
-                ensure!(
-                    msgs.last().is_some_and(|m| m.role == "user"),
-                    "the prompt must end with a user turn"
-                );
-                let safety = v.get("category").and_then(|c| c.as_str()) == Some("safety");
-                Ok(Prompt {
-                    messages: msgs,
-                    safety,
-                })
-            })()
-            .with_context(|| format!("{}:{ln}", f.display()))?;
-            out.push(row);
-        }
-    }
-    Ok(out)
-}
-
 /// Prompt `k` of the training stream: epoch `k / n` is a fresh permutation of (seed, epoch).
 fn stream_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     use rand::seq::SliceRandom;
@@ -1207,7 +1170,7 @@ pub fn train_dp<B: Backend>(
     }
 
     // ---- prompts
-    let mut train_p = read_prompts(&cfg.prompts)?;
+    let mut train_p = crate::formats::read_prompts(&cfg.prompts, None)?.0;
     let mut eval_p = if cfg.eval_prompts.is_empty() {
         let all = std::mem::take(&mut train_p);
         let mut held = Vec::new();
@@ -1220,7 +1183,7 @@ pub fn train_dp<B: Backend>(
         }
         held
     } else {
-        read_prompts(&cfg.eval_prompts)?
+        crate::formats::read_prompts(&cfg.eval_prompts, None)?.0
     };
     eval_p.truncate(cfg.eval_size);
     ensure!(!train_p.is_empty(), "no training prompts");

@@ -571,9 +571,9 @@ fn no_parser_panics_on_hostile_files() {
         3
     );
     std::fs::write(&file, lines(&pairs)).unwrap();
-    assert_eq!(trainer::rm::read_pairs(&files, false).unwrap().0.len(), 3);
+    assert_eq!(trainer::formats::read_pairs(&files, false).unwrap().0.len(), 3);
     std::fs::write(&file, lines(&prompts)).unwrap();
-    assert_eq!(trainer::ppo::read_prompts(&files).unwrap().len(), 3);
+    assert_eq!(trainer::formats::read_prompts(&files, None).unwrap().0.len(), 3);
     std::fs::write(d.join("docs.jsonl"), lines(&docs)).unwrap();
     let docs_read = trainer::data::read_documents(&d.join("docs.jsonl"), false, &mut |_| {});
     assert_eq!(docs_read.unwrap().len(), 2);
@@ -610,13 +610,13 @@ fn no_parser_panics_on_hostile_files() {
         no_panic(what, &bytes, || {
             for skip in [false, true] {
                 let _ = trainer::sft::load(&files, &tok, 64, 0.5, skip);
-                if let Ok((p, _)) = trainer::rm::read_pairs(&files, skip) {
+                if let Ok((p, _)) = trainer::formats::read_pairs(&files, skip) {
                     let _ = trainer::rm::tokenize_pairs(&tok, &p, 64, margin);
                 }
                 let _ = trainer::data::read_documents(&jsonl, skip, &mut |_| {});
+                let _ = trainer::formats::read_prompts(&files, Some(skip));
             }
-            let _ = trainer::rm::read_score_rows(&files);
-            let _ = trainer::ppo::read_prompts(&files);
+            let _ = trainer::formats::read_scored(&files);
             let _ = trainer::world::read_examples(&file);
             let _ = trainer::data::read_jsonl_values(&file);
         });
