@@ -156,7 +156,7 @@ def check_model(d, name, arch, llama2, tok):
     else:
         m = AutoModelForSequenceClassification.from_pretrained(d)
         # Two rows of different lengths, right-padded: the head reads each row's last non-pad token.
-        rows = [chat, chat[:2]]
+        rows = [chat, chat[:3]]
         seqs = [hf_chat(tok, r) for r in rows]
         n = max(len(s) for s in seqs)
         batch = torch.tensor([s + [tok.pad_token_id] * (n - len(s)) for s in seqs])

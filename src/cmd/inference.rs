@@ -293,7 +293,8 @@ fn chat_on<B: engine::Backend>(be: B, a: ChatArgs) -> Result<()> {
 pub struct ScoreArgs {
     #[arg(long)]
     rm: PathBuf,
-    /// JSONL rows: {prompt, response}, {messages} ending with the response, or HH transcripts.
+    /// JSONL rows: {prompt, completion|response} (text or messages), {messages} ending with the
+    /// response, or HH transcripts.
     #[arg(long, num_args = 1.., required = true)]
     input: Vec<PathBuf>,
     #[arg(long)]

@@ -153,7 +153,9 @@ pub struct PpoArgs {
     /// The critic's initialisation (default: the helpfulness reward model).
     #[arg(long)]
     critic: Option<PathBuf>,
-    /// Prompt JSONL (`messages` ending with a user turn; `category: "safety"` tags safety prompts).
+    /// Prompt JSONL in any shape (`prompt` as text or messages, `messages`, prompt/completion,
+    /// preference pairs, HH transcripts); `category: "safety"` or `is_safety: true` tags safety
+    /// prompts.
     #[arg(long, num_args = 1..)]
     prompts: Vec<PathBuf>,
     /// Held-out prompts for early stopping (default: every 20th prompt).

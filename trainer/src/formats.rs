@@ -740,7 +740,7 @@ mod tests {
         let bad = [
             (json!({"chosen": format!("{HH}a"), "rejected": "\n\nHuman: other\n\nAssistant: b"}), "differ before"),
             (json!({"chosen": conv("q", "a"), "rejected": conv("other", "b")}), "differ before"),
-            (json!({"chosen": conv("q", "a"), "rejected": "\n\nHuman: q\n\nAssistant: b"}), "both transcripts or both message lists"),
+            (json!({"chosen": conv("q", "a"), "rejected": "\n\nHuman: q\n\nAssistant: b"}), "both be transcripts or both message lists"),
             (json!({"chosen": "a", "rejected": "b"}), "HH transcript"),
             (json!({"prompt": "q", "chosen": "a"}), "missing `rejected`"),
             (json!({"prompt": "q", "messages": [], "chosen": "a", "rejected": "b"}), "which is the prompt"),
@@ -786,7 +786,7 @@ mod tests {
             {"role": "user", "content": "q"}]})).unwrap();
         assert_eq!(sys.messages.len(), 2);
         for (v, want) in [
-            (json!({"messages": [{"role": "assistant", "content": "x"}]}), "expected role `user`"),
+            (json!({"messages": [{"role": "assistant", "content": "x"}]}), "end with a user turn"),
             (json!({"prompt": [{"role": "system", "content": "s"}]}), "followed by a user"),
             (json!({"prompt": "q", "is_safety": 1}), "is_safety"),
         ] {
