@@ -349,12 +349,15 @@ impl Sim {
 
     /// Records `detail` for `code`, returned by cuGetErrorString, and prints it.
     pub fn note(&self, f: &Failure) {
-        if f.code != code::NOT_READY {
+        let Ok(c) = std::ffi::CString::new(f.message.replace('\0', " ")) else {
+            return;
+        };
+        let mut details = self.details.lock().unwrap();
+        // A sticky fault comes back from every later call: print it once.
+        if f.code != code::NOT_READY && details.get(&f.code) != Some(&c) {
             eprintln!("gpu-sim: {}", f.message);
         }
-        if let Ok(c) = std::ffi::CString::new(f.message.replace('\0', " ")) {
-            self.details.lock().unwrap().insert(f.code, c);
-        }
+        details.insert(f.code, c);
     }
 
     /// The latest detail recorded for `code`.
