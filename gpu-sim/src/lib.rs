@@ -9,5 +9,6 @@
 
 pub mod driver;
 pub mod mem;
+pub mod nccl;
 pub mod ptx;
 pub mod runtime;
