@@ -151,7 +151,9 @@ fn guard(f: impl FnOnce() -> NRes<()>) -> ncclResult_t {
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            note(&format!("internal error in gpu-sim's NCCL (please report): {msg}"));
+            note(&format!(
+                "internal error in gpu-sim's NCCL (please report): {msg}"
+            ));
             r::INTERNAL_ERROR
         }
     }
@@ -513,10 +515,7 @@ impl Segment {
     fn map(dir: &Path, token: &str, create: bool) -> NRes<Segment> {
         let path = ctl_path(dir, token);
         let sys = |what: &str, e: std::io::Error| {
-            fail(
-                r::SYSTEM_ERROR,
-                format!("{what} {}: {e}", path.display()),
-            )
+            fail(r::SYSTEM_ERROR, format!("{what} {}: {e}", path.display()))
         };
         let f = OpenOptions::new()
             .read(true)
@@ -527,7 +526,10 @@ impl Segment {
             .open(&path)
             .map_err(|e| sys("opening the NCCL rendezvous segment", e))?;
         if !create && f.metadata().map(|m| m.len()).ok() != Some(SEG_BYTES as u64) {
-            return Err(fail(r::SYSTEM_ERROR, format!("{} is not a segment", path.display())));
+            return Err(fail(
+                r::SYSTEM_ERROR,
+                format!("{} is not a segment", path.display()),
+            ));
         }
         // Every rank sets the same length; growing from 0 zero-fills, the same length is a
         // no-op.
@@ -724,9 +726,7 @@ fn wait_all(
                 if st != EMPTY && st != CLAIMED && !pid_alive(pid) {
                     return Err((
                         r::REMOTE_ERROR,
-                        format!(
-                            "rank {p} (pid {pid}) exited without destroying its communicator"
-                        ),
+                        format!("rank {p} (pid {pid}) exited without destroying its communicator"),
                     ));
                 }
             }
@@ -743,7 +743,8 @@ fn wait_all(
             return Err((
                 r::REMOTE_ERROR,
                 format!(
-                    "rank{} {} of {nranks} did not {} within {:.1} s (GPU_SIM_NCCL_TIMEOUT)",
+                    "rank{} {} of {nranks} did not {} within {:.1} s (GPU_SIM_NCCL_TIMEOUT; \
+                     raise it if a rank is only slow)",
                     if pending.len() > 1 { "s" } else { "" },
                     list(),
                     what(),
@@ -962,12 +963,11 @@ fn init_rank(nranks: c_int, id: &ncclUniqueId, rank: c_int) -> NRes<Arc<Comm>> {
         .ordinal;
     let mut seg = Segment::map(&seg_dir(), &token, true)?;
     let sh = seg.sh();
-    if let Err(n) = sh.header.nranks.compare_exchange(
-        0,
-        nranks as u64,
-        Ordering::AcqRel,
-        Ordering::Acquire,
-    ) {
+    if let Err(n) =
+        sh.header
+            .nranks
+            .compare_exchange(0, nranks as u64, Ordering::AcqRel, Ordering::Acquire)
+    {
         if n != nranks as u64 {
             return Err(fail(
                 r::INVALID_USAGE,
@@ -989,13 +989,23 @@ fn init_rank(nranks: c_int, id: &ncclUniqueId, rank: c_int) -> NRes<Arc<Comm>> {
             format!(
                 "{what}: rank {rank} of this unique id has joined already (pid {pid}{}, state \
                  {st}): each rank joins once, and an id serves one communicator",
-                if pid_alive(pid) { "" } else { ", no longer running" }
+                if pid_alive(pid) {
+                    ""
+                } else {
+                    ", no longer running"
+                }
             ),
         ));
     }
     slot.pid.store(std::process::id() as u64, Ordering::Relaxed);
     slot.device.store(device as u64, Ordering::Relaxed);
-    for a in [&slot.posted, &slot.consumed, &slot.bytes, &slot.done, &slot.msg_len] {
+    for a in [
+        &slot.posted,
+        &slot.consumed,
+        &slot.bytes,
+        &slot.done,
+        &slot.msg_len,
+    ] {
         a.store(0, Ordering::Relaxed);
     }
     let give_up = |seg: &Segment, code: ncclResult_t, msg: String| {
@@ -1003,7 +1013,10 @@ fn init_rank(nranks: c_int, id: &ncclUniqueId, rank: c_int) -> NRes<Arc<Comm>> {
         s.set_msg(&msg);
         s.state.store(ABORTED, Ordering::Release);
         seg.cleanup_if_last(nranks);
-        fail(code, format!("{what} (rank {rank} of {nranks}, cuda:{device}): {msg}"))
+        fail(
+            code,
+            format!("{what} (rank {rank} of {nranks}, cuda:{device}): {msg}"),
+        )
     };
     // The data file exists before the slot says JOINED, so peers can open it.
     let dp = data_path(&seg.dir, &seg.token, rank);
@@ -1115,22 +1128,38 @@ fn decode(ty: Ty, b: &[u8]) -> Acc {
                 .map(|c| half::bf16::from_le_bytes(arr(c)).to_f32())
                 .collect(),
         ),
-        Ty::F32 => Acc::F(b.chunks_exact(4).map(|c| f32::from_le_bytes(arr(c))).collect()),
-        Ty::F64 => Acc::D(b.chunks_exact(8).map(|c| f64::from_le_bytes(arr(c))).collect()),
+        Ty::F32 => Acc::F(
+            b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(arr(c)))
+                .collect(),
+        ),
+        Ty::F64 => Acc::D(
+            b.chunks_exact(8)
+                .map(|c| f64::from_le_bytes(arr(c)))
+                .collect(),
+        ),
         Ty::I8 => Acc::I(b.iter().map(|&x| x as i8 as i64).collect()),
         Ty::I32 => Acc::I(
             b.chunks_exact(4)
                 .map(|c| i32::from_le_bytes(arr(c)) as i64)
                 .collect(),
         ),
-        Ty::I64 => Acc::I(b.chunks_exact(8).map(|c| i64::from_le_bytes(arr(c))).collect()),
+        Ty::I64 => Acc::I(
+            b.chunks_exact(8)
+                .map(|c| i64::from_le_bytes(arr(c)))
+                .collect(),
+        ),
         Ty::U8 => Acc::U(b.iter().map(|&x| x as u64).collect()),
         Ty::U32 => Acc::U(
             b.chunks_exact(4)
                 .map(|c| u32::from_le_bytes(arr(c)) as u64)
                 .collect(),
         ),
-        Ty::U64 => Acc::U(b.chunks_exact(8).map(|c| u64::from_le_bytes(arr(c))).collect()),
+        Ty::U64 => Acc::U(
+            b.chunks_exact(8)
+                .map(|c| u64::from_le_bytes(arr(c)))
+                .collect(),
+        ),
     }
 }
 
@@ -1290,7 +1319,11 @@ impl Comm {
         let op = d.op.expect("reductions have an operation");
         let mut acc = decode(d.ty, &self.posted_bytes(0, mine, off, len)?);
         for p in 1..self.nranks {
-            combine(&mut acc, decode(d.ty, &self.posted_bytes(p, mine, off, len)?), op);
+            combine(
+                &mut acc,
+                decode(d.ty, &self.posted_bytes(p, mine, off, len)?),
+                op,
+            );
         }
         Ok(finish(acc, d.ty, op, self.nranks))
     }
@@ -1319,7 +1352,11 @@ impl Comm {
             })?;
         }
         let slot = self.slot();
-        let own = self.seg.own.as_ref().expect("own data file created at init");
+        let own = self
+            .seg
+            .own
+            .as_ref()
+            .expect("own data file created at init");
         own.write_all_at(&mine, 0).map_err(|e| {
             (
                 r::SYSTEM_ERROR,
@@ -1513,7 +1550,10 @@ fn check_call(
     let comm = comm_of(h, name)?;
     let ctx = |m: String| format!("{desc} ({}): {m}", comm.who());
     if let Some((code, m)) = comm.failure.lock().unwrap().clone() {
-        return Err(fail(code, ctx(format!("the communicator failed earlier: {m}"))));
+        return Err(fail(
+            code,
+            ctx(format!("the communicator failed earlier: {m}")),
+        ));
     }
     if let Some(root) = desc.root {
         if root as usize >= comm.nranks {
@@ -1524,9 +1564,12 @@ fn check_call(
         }
     }
     let s = sim();
-    let sdev = s
-        .stream_device(stream as u64)
-        .map_err(|f| fail(r::INVALID_ARGUMENT, ctx(format!("the stream: {}", f.message))))?;
+    let sdev = s.stream_device(stream as u64).map_err(|f| {
+        fail(
+            r::INVALID_ARGUMENT,
+            ctx(format!("the stream: {}", f.message)),
+        )
+    })?;
     if sdev.ordinal != comm.device {
         return Err(fail(
             r::INVALID_ARGUMENT,
@@ -1676,7 +1719,10 @@ fn submit(calls: Vec<Pending>) -> NRes<()> {
         if let Err(f) = queued {
             // Not queued: hand the numbers back so the next call keeps in step.
             comm.issued.fetch_sub(ps.len() as u64, Ordering::AcqRel);
-            return Err(cuda_fail(&format!("queueing NCCL calls ({})", comm.who()), f));
+            return Err(cuda_fail(
+                &format!("queueing NCCL calls ({})", comm.who()),
+                f,
+            ));
         }
     }
     Ok(())
@@ -1821,7 +1867,12 @@ pub unsafe extern "C" fn ncclCommGetAsyncError(
 ) -> ncclResult_t {
     guard(|| {
         let c = comm_of(comm, "ncclCommGetAsyncError")?;
-        let code = c.failure.lock().unwrap().as_ref().map_or(r::SUCCESS, |f| f.0);
+        let code = c
+            .failure
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map_or(r::SUCCESS, |f| f.0);
         // SAFETY: caller contract.
         unsafe { out(async_error, code, "ncclCommGetAsyncError") }
     })
@@ -2046,9 +2097,7 @@ fn error_text(code: ncclResult_t) -> &'static CStr {
         r::INTERNAL_ERROR => c"internal error (ncclGetLastError has the details)",
         r::INVALID_ARGUMENT => c"invalid argument (ncclGetLastError has the details)",
         r::INVALID_USAGE => c"invalid usage (ncclGetLastError has the details)",
-        r::REMOTE_ERROR => {
-            c"a peer rank failed, left or exited (ncclGetLastError has the details)"
-        }
+        r::REMOTE_ERROR => c"a peer rank failed, left or exited (ncclGetLastError has the details)",
         r::IN_PROGRESS => c"operation in progress",
         _ => c"unknown ncclResult_t",
     }

@@ -95,7 +95,10 @@ fn new_id() -> ncclUniqueId {
 }
 
 fn id_hex(id: &ncclUniqueId) -> String {
-    id.internal.iter().map(|&c| format!("{:02x}", c as u8)).collect()
+    id.internal
+        .iter()
+        .map(|&c| format!("{:02x}", c as u8))
+        .collect()
 }
 
 fn id_from_hex(s: &str) -> ncclUniqueId {
@@ -243,7 +246,11 @@ fn threads(n: usize, f: impl Fn(&Rank) + Sync) {
             }
         }
     });
-    assert_eq!(leftovers(&id), Vec::<String>::new(), "rendezvous files left");
+    assert_eq!(
+        leftovers(&id),
+        Vec::<String>::new(),
+        "rendezvous files left"
+    );
 }
 
 // ---------------------------------------------------------------- element types
@@ -272,7 +279,8 @@ fn from_bytes<T: El>(b: &[u8]) -> Vec<T> {
 }
 
 fn mix(rank: usize, i: usize) -> u64 {
-    (rank as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9)
+    (rank as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (i as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9)
 }
 
 macro_rules! int_el {
@@ -454,7 +462,10 @@ fn all_reduce<T: El>(rk: &Rank, n: usize) {
             rk.comm,
             "all-reduce",
         );
-        let what = format!("rank {r}: all-reduce {} op {op}", std::any::type_name::<T>());
+        let what = format!(
+            "rank {r}: all-reduce {} op {op}",
+            std::any::type_name::<T>()
+        );
         same(&from_bytes::<T>(&rk.read(recv, n * T::SIZE)), &want, &what);
         // In place.
         let buf = rk.upload(&to_bytes(&mine));
@@ -470,14 +481,23 @@ fn all_reduce<T: El>(rk: &Rank, n: usize) {
         );
     }
     // The input is left alone.
-    same(&from_bytes::<T>(&rk.read(send, n * T::SIZE)), &mine, "all-reduce input");
+    same(
+        &from_bytes::<T>(&rk.read(send, n * T::SIZE)),
+        &mine,
+        "all-reduce input",
+    );
 }
 
 fn reduce_scatter<T: El>(rk: &Rank, n: usize, op: i32) {
     let (r, w) = (rk.rank, rk.world);
     let input: Vec<T> = (0..n * w).map(|i| T::gen(r, i)).collect();
     let want: Vec<T> = (0..n)
-        .map(|i| T::reduce(op, &(0..w).map(|p| T::gen(p, r * n + i)).collect::<Vec<_>>()))
+        .map(|i| {
+            T::reduce(
+                op,
+                &(0..w).map(|p| T::gen(p, r * n + i)).collect::<Vec<_>>(),
+            )
+        })
         .collect();
     let send = rk.upload(&to_bytes(&input));
     let recv = rk.alloc(n * T::SIZE);
@@ -515,7 +535,11 @@ fn all_gather<T: El>(rk: &Rank, n: usize) {
         "all-gather",
     );
     let what = format!("rank {r}: all-gather {}", std::any::type_name::<T>());
-    same(&from_bytes::<T>(&rk.read(recv, w * n * T::SIZE)), &want, &what);
+    same(
+        &from_bytes::<T>(&rk.read(recv, w * n * T::SIZE)),
+        &want,
+        &what,
+    );
     // In place: the input is this rank's chunk of the output.
     let buf = rk.upload(&pattern(w * n * T::SIZE));
     let own = buf + (r * n * T::SIZE) as u64;
@@ -542,18 +566,39 @@ fn reduce<T: El>(rk: &Rank, n: usize, op: i32) {
     for root in 0..w {
         let recv = rk.upload(&pattern(n * T::SIZE));
         nk(
-            ncclReduce(send as _, recv as _, n, T::DT, op, root as i32, rk.comm, rk.stream),
+            ncclReduce(
+                send as _,
+                recv as _,
+                n,
+                T::DT,
+                op,
+                root as i32,
+                rk.comm,
+                rk.stream,
+            ),
             rk.comm,
             "reduce",
         );
         let got = rk.read(recv, n * T::SIZE);
         if r == root {
-            same(&from_bytes::<T>(&got), &want, &format!("rank {r}: reduce to {root}"));
+            same(
+                &from_bytes::<T>(&got),
+                &want,
+                &format!("rank {r}: reduce to {root}"),
+            );
         } else {
-            assert_eq!(got, pattern(n * T::SIZE), "rank {r}: reduce to {root} wrote a non-root's recvbuff");
+            assert_eq!(
+                got,
+                pattern(n * T::SIZE),
+                "rank {r}: reduce to {root} wrote a non-root's recvbuff"
+            );
         }
     }
-    same(&from_bytes::<T>(&rk.read(send, n * T::SIZE)), &mine, "reduce input");
+    same(
+        &from_bytes::<T>(&rk.read(send, n * T::SIZE)),
+        &mine,
+        "reduce input",
+    );
 }
 
 fn broadcast<T: El>(rk: &Rank, n: usize) {
@@ -562,10 +607,22 @@ fn broadcast<T: El>(rk: &Rank, n: usize) {
     for root in 0..w {
         let want: Vec<T> = (0..n).map(|i| T::gen(root, i)).collect();
         // Out of place; a non-root's sendbuff is not used (NULL here).
-        let send = if r == root { rk.upload(&to_bytes(&mine)) } else { 0 };
+        let send = if r == root {
+            rk.upload(&to_bytes(&mine))
+        } else {
+            0
+        };
         let recv = rk.upload(&pattern(n * T::SIZE));
         nk(
-            ncclBroadcast(send as _, recv as _, n, T::DT, root as i32, rk.comm, rk.stream),
+            ncclBroadcast(
+                send as _,
+                recv as _,
+                n,
+                T::DT,
+                root as i32,
+                rk.comm,
+                rk.stream,
+            ),
             rk.comm,
             "broadcast",
         );
@@ -574,14 +631,34 @@ fn broadcast<T: El>(rk: &Rank, n: usize) {
         // In place, and the old in-place entry point.
         let buf = rk.upload(&to_bytes(&mine));
         nk(
-            ncclBroadcast(buf as _, buf as _, n, T::DT, root as i32, rk.comm, rk.stream),
+            ncclBroadcast(
+                buf as _,
+                buf as _,
+                n,
+                T::DT,
+                root as i32,
+                rk.comm,
+                rk.stream,
+            ),
             rk.comm,
             "broadcast in place",
         );
-        same(&from_bytes::<T>(&rk.read(buf, n * T::SIZE)), &want, &format!("{what} in place"));
+        same(
+            &from_bytes::<T>(&rk.read(buf, n * T::SIZE)),
+            &want,
+            &format!("{what} in place"),
+        );
         let buf = rk.upload(&to_bytes(&mine));
-        nk(ncclBcast(buf as _, n, T::DT, root as i32, rk.comm, rk.stream), rk.comm, "bcast");
-        same(&from_bytes::<T>(&rk.read(buf, n * T::SIZE)), &want, &format!("{what} (ncclBcast)"));
+        nk(
+            ncclBcast(buf as _, n, T::DT, root as i32, rk.comm, rk.stream),
+            rk.comm,
+            "bcast",
+        );
+        same(
+            &from_bytes::<T>(&rk.read(buf, n * T::SIZE)),
+            &want,
+            &format!("{what} (ncclBcast)"),
+        );
     }
 }
 
@@ -617,18 +694,36 @@ fn grouped_uneven(rk: &Rank, n: usize, piece: usize) {
                     continue;
                 }
                 let s = send + (a * 4) as u64;
-                let d = if root == r { out + ((a - own) * 4) as u64 } else { s };
+                let d = if root == r {
+                    out + ((a - own) * 4) as u64
+                } else {
+                    s
+                };
                 nk(
-                    ncclReduce(s as _, d as _, b - a, F32, SUM, root as i32, rk.comm, rk.stream),
+                    ncclReduce(
+                        s as _,
+                        d as _,
+                        b - a,
+                        F32,
+                        SUM,
+                        root as i32,
+                        rk.comm,
+                        rk.stream,
+                    ),
                     rk.comm,
                     "grouped reduce",
                 );
             }
             nk(ncclGroupEnd(), rk.comm, "group end");
         }
-        let what = format!("rank {r}: uneven reduce-scatter n {n} piece {piece} buckets {buckets:?}");
+        let what =
+            format!("rank {r}: uneven reduce-scatter n {n} piece {piece} buckets {buckets:?}");
         same(&from_bytes::<f32>(&rk.read(out, len * 4)), &want, &what);
-        same(&from_bytes::<f32>(&rk.read(send, n * 4)), &input, &format!("{what}: input"));
+        same(
+            &from_bytes::<f32>(&rk.read(send, n * 4)),
+            &input,
+            &format!("{what}: input"),
+        );
     }
     // All-gather of bf16 pieces in place.
     let mut buf = pattern(n * 2);
@@ -664,7 +759,15 @@ fn rounding_rules(rk: &Rank) {
     let run = |dt: i32, bytes: Vec<u8>, op: i32| {
         let b = rk.upload(&bytes);
         nk(
-            ncclAllReduce(b as _, b as _, bytes.len() / if dt == F32 { 4 } else { 2 }, dt, op, rk.comm, rk.stream),
+            ncclAllReduce(
+                b as _,
+                b as _,
+                bytes.len() / if dt == F32 { 4 } else { 2 },
+                dt,
+                op,
+                rk.comm,
+                rk.stream,
+            ),
             rk.comm,
             "rounding",
         );
@@ -673,18 +776,32 @@ fn rounding_rules(rk: &Rank) {
     // 1 + 2^-8 + 2^-8: 1.0078125 rounded once; step by step in bf16 each add rounds back to 1.
     let v = [1.0f32, 2f32.powi(-8), 2f32.powi(-8)][r];
     let got = from_bytes::<half::bf16>(&run(BF16, to_bytes(&[half::bf16::from_f32(v)]), SUM));
-    assert_eq!(got[0].to_f32(), 1.0078125, "bf16 sum must accumulate in f32");
+    assert_eq!(
+        got[0].to_f32(),
+        1.0078125,
+        "bf16 sum must accumulate in f32"
+    );
     let v = [1.0f32, 2f32.powi(-11), 2f32.powi(-11)][r];
     let got = from_bytes::<half::f16>(&run(F16, to_bytes(&[half::f16::from_f32(v)]), SUM));
-    assert_eq!(got[0].to_f32(), 1.0 + 2f32.powi(-10), "f16 sum must accumulate in f32");
+    assert_eq!(
+        got[0].to_f32(),
+        1.0 + 2f32.powi(-10),
+        "f16 sum must accumulate in f32"
+    );
     // (1e8 + 1) - 1e8 = 0 in f32, in rank order; 1 in any other.
     let v = [1e8f32, 1.0, -1e8][r];
     let got = from_bytes::<f32>(&run(F32, to_bytes(&[v]), SUM));
     assert_eq!(got[0], 0.0, "f32 sum must be in rank order");
     // A NaN on one rank is not hidden by max or min.
     let v = [1.0f32, f32::NAN, 2.0][r];
-    assert!(from_bytes::<f32>(&run(F32, to_bytes(&[v]), MAX))[0].is_nan(), "max hid a NaN");
-    assert!(from_bytes::<f32>(&run(F32, to_bytes(&[v]), MIN))[0].is_nan(), "min hid a NaN");
+    assert!(
+        from_bytes::<f32>(&run(F32, to_bytes(&[v]), MAX))[0].is_nan(),
+        "max hid a NaN"
+    );
+    assert!(
+        from_bytes::<f32>(&run(F32, to_bytes(&[v]), MIN))[0].is_nan(),
+        "min hid a NaN"
+    );
 }
 
 /// Every collective, type and operation, from one rank.
@@ -719,7 +836,11 @@ fn suite(rk: &Rank) {
     broadcast::<half::bf16>(rk, 11);
     broadcast::<i32>(rk, 11);
     // A count of 0 is no call at all (the next call still pairs with the peers' next).
-    nk(ncclAllReduce(0 as _, 0 as _, 0, F32, SUM, rk.comm, rk.stream), rk.comm, "count 0");
+    nk(
+        ncclAllReduce(0 as _, 0 as _, 0, F32, SUM, rk.comm, rk.stream),
+        rk.comm,
+        "count 0",
+    );
     // Uneven pieces: the last one short, and (n < world·piece) the last one empty.
     let w = rk.world;
     grouped_uneven(rk, 10, 10usize.div_ceil(w));
@@ -748,8 +869,18 @@ fn threads_3_ranks_every_collective_and_type() {
 fn a_missing_event_wait_reads_the_old_data() {
     threads(2, |rk| {
         let n = 16;
-        let vals = |k: f32| to_bytes(&(0..n).map(|i| k * (rk.rank as f32 + 1.0) + i as f32).collect::<Vec<_>>());
-        let sum = |k: f32| (0..n).map(|i| k * 3.0 + 2.0 * i as f32).collect::<Vec<f32>>();
+        let vals = |k: f32| {
+            to_bytes(
+                &(0..n)
+                    .map(|i| k * (rk.rank as f32 + 1.0) + i as f32)
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let sum = |k: f32| {
+            (0..n)
+                .map(|i| k * 3.0 + 2.0 * i as f32)
+                .collect::<Vec<f32>>()
+        };
         let send = rk.upload(&vals(1.0));
         let recv = rk.alloc(n * 4);
         let new = vals(100.0);
@@ -758,24 +889,46 @@ fn a_missing_event_wait_reads_the_old_data() {
             unsafe { cuMemcpyHtoDAsync_v2(send, new.as_ptr() as _, n * 4, std::ptr::null_mut()) },
             "async upload",
         );
-        nk(ncclAllReduce(send as _, recv as _, n, F32, SUM, rk.comm, rk.stream), rk.comm, "all-reduce");
+        nk(
+            ncclAllReduce(send as _, recv as _, n, F32, SUM, rk.comm, rk.stream),
+            rk.comm,
+            "all-reduce",
+        );
         rk.sync();
         let mut got = vec![0u8; n * 4];
         // SAFETY: `got` has room for n·4 bytes. (This copy also runs the default stream.)
-        ck(unsafe { cuMemcpyDtoH_v2(got.as_mut_ptr() as _, recv, n * 4) }, "download");
-        same(&from_bytes::<f32>(&got), &sum(1.0), "without the event wait: the old data");
+        ck(
+            unsafe { cuMemcpyDtoH_v2(got.as_mut_ptr() as _, recv, n * 4) },
+            "download",
+        );
+        same(
+            &from_bytes::<f32>(&got),
+            &sum(1.0),
+            "without the event wait: the old data",
+        );
 
         let newer = vals(10000.0);
         let mut ev: Handle = std::ptr::null_mut();
         // SAFETY: `newer` outlives the call; `ev` is a valid out-pointer.
         unsafe {
-            ck(cuMemcpyHtoDAsync_v2(send, newer.as_ptr() as _, n * 4, std::ptr::null_mut()), "async upload");
+            ck(
+                cuMemcpyHtoDAsync_v2(send, newer.as_ptr() as _, n * 4, std::ptr::null_mut()),
+                "async upload",
+            );
             ck(cuEventCreate(&mut ev, 0), "event");
         }
         ck(cuEventRecord(ev, std::ptr::null_mut()), "record");
         ck(cuStreamWaitEvent(rk.stream, ev, 0), "wait");
-        nk(ncclAllReduce(send as _, recv as _, n, F32, SUM, rk.comm, rk.stream), rk.comm, "all-reduce");
-        same(&from_bytes::<f32>(&rk.read(recv, n * 4)), &sum(10000.0), "with the event wait: the new data");
+        nk(
+            ncclAllReduce(send as _, recv as _, n, F32, SUM, rk.comm, rk.stream),
+            rk.comm,
+            "all-reduce",
+        );
+        same(
+            &from_bytes::<f32>(&rk.read(recv, n * 4)),
+            &sum(10000.0),
+            "with the event wait: the new data",
+        );
     });
 }
 
@@ -794,7 +947,11 @@ fn failing_threads(n: usize, f: impl Fn(&Rank) -> String + Sync) -> Vec<String> 
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    assert_eq!(leftovers(&id), Vec::<String>::new(), "rendezvous files left");
+    assert_eq!(
+        leftovers(&id),
+        Vec::<String>::new(),
+        "rendezvous files left"
+    );
     out
 }
 
@@ -804,7 +961,11 @@ fn stream_error(rk: &Rank) -> String {
     assert_ne!(rc, 0, "rank {}: the stream ran without an error", rk.rank);
     let mut a = 0;
     // SAFETY: valid out-pointer.
-    nk(unsafe { ncclCommGetAsyncError(rk.comm, &mut a) }, rk.comm, "async error");
+    nk(
+        unsafe { ncclCommGetAsyncError(rk.comm, &mut a) },
+        rk.comm,
+        "async error",
+    );
     assert_ne!(a, 0, "rank {}: no async error recorded", rk.rank);
     let detail = cu_detail(rc);
     let last = last_error(rk.comm);
@@ -821,9 +982,17 @@ fn calls_out_of_step_fail_on_every_rank_naming_both() {
         let buf = rk.alloc(1000 * 4);
         let out = rk.alloc(1000 * 4);
         if rk.rank == 0 {
-            nk(ncclAllReduce(buf as _, out as _, 1000, F32, SUM, rk.comm, rk.stream), rk.comm, "ar");
+            nk(
+                ncclAllReduce(buf as _, out as _, 1000, F32, SUM, rk.comm, rk.stream),
+                rk.comm,
+                "ar",
+            );
         } else {
-            nk(ncclReduceScatter(buf as _, out as _, 500, F32, SUM, rk.comm, rk.stream), rk.comm, "rs");
+            nk(
+                ncclReduceScatter(buf as _, out as _, 500, F32, SUM, rk.comm, rk.stream),
+                rk.comm,
+                "rs",
+            );
         }
         let e = stream_error(rk);
         // Later calls on the communicator fail at once.
@@ -843,7 +1012,11 @@ fn calls_out_of_step_fail_on_every_rank_naming_both() {
         assert_eq!(ncclGroupStart(), 0);
         let roots: Vec<i32> = if rk.rank == 2 { vec![1, 0] } else { vec![0, 1] };
         for root in roots {
-            nk(ncclReduce(buf as _, buf as _, 4, F32, SUM, root, rk.comm, rk.stream), rk.comm, "reduce");
+            nk(
+                ncclReduce(buf as _, buf as _, 4, F32, SUM, root, rk.comm, rk.stream),
+                rk.comm,
+                "reduce",
+            );
         }
         nk(ncclGroupEnd(), rk.comm, "group end");
         stream_error(rk)
@@ -865,11 +1038,18 @@ fn a_rank_that_aborts_fails_its_peers() {
             return String::new();
         }
         let buf = rk.alloc(64);
-        nk(ncclAllReduce(buf as _, buf as _, 16, F32, SUM, rk.comm, rk.stream), rk.comm, "all-reduce");
+        nk(
+            ncclAllReduce(buf as _, buf as _, 16, F32, SUM, rk.comm, rk.stream),
+            rk.comm,
+            "all-reduce",
+        );
         stream_error(rk)
     });
     for e in &errs[..2] {
-        assert!(e.contains("rank 2 aborted its communicator after 0 calls"), "{e}");
+        assert!(
+            e.contains("rank 2 aborted its communicator after 0 calls"),
+            "{e}"
+        );
     }
 }
 
@@ -888,7 +1068,7 @@ fn bad_arguments_are_refused_at_the_call() {
     let rk = Rank::join(devs[0], 0, 1, new_id());
     let (c, s) = (rk.comm, rk.stream);
     let buf = rk.alloc(4096);
-    let host = vec![0f32; 16];
+    let host = [0f32; 16];
     let expect = |rc: i32, code: i32, text: &str| {
         assert_eq!(rc, code, "{}", last_error(c));
         let e = last_error(c);
@@ -904,18 +1084,46 @@ fn bad_arguments_are_refused_at_the_call() {
         4,
         &format!("is memory of cuda:{}", devs[1]),
     );
-    expect(ncclAllReduce(buf as _, buf as _, 2000, F32, SUM, c, s), 4, "past the end");
-    expect(ncclAllReduce(buf as _, (buf + 4) as _, 16, F32, SUM, c, s), 4, "in-place form");
-    expect(ncclAllReduce(buf as _, buf as _, 16, 42, SUM, c, s), 4, "not an ncclDataType_t");
-    expect(ncclAllReduce(buf as _, buf as _, 16, F32, 9, c, s), 4, "not a built-in operation");
-    expect(ncclReduce(buf as _, buf as _, 16, F32, SUM, 1, c, s), 4, "root 1 is not a rank");
-    expect(ncclAllReduce(buf as _, buf as _, 16, F32, SUM, 0x1234 as _, s), 4, "not a communicator");
+    expect(
+        ncclAllReduce(buf as _, buf as _, 2000, F32, SUM, c, s),
+        4,
+        "past the end",
+    );
+    expect(
+        ncclAllReduce(buf as _, (buf + 4) as _, 16, F32, SUM, c, s),
+        4,
+        "in-place form",
+    );
+    expect(
+        ncclAllReduce(buf as _, buf as _, 16, 42, SUM, c, s),
+        4,
+        "not an ncclDataType_t",
+    );
+    expect(
+        ncclAllReduce(buf as _, buf as _, 16, F32, 9, c, s),
+        4,
+        "not a built-in operation",
+    );
+    expect(
+        ncclReduce(buf as _, buf as _, 16, F32, SUM, 1, c, s),
+        4,
+        "root 1 is not a rank",
+    );
+    expect(
+        ncclAllReduce(buf as _, buf as _, 16, F32, SUM, 0x1234 as _, s),
+        4,
+        "not a communicator",
+    );
     expect(ncclGroupEnd(), 5, "without a matching ncclGroupStart");
     // A group with a bad call is not issued.
     assert_eq!(ncclGroupStart(), 0);
     assert_eq!(ncclAllReduce(buf as _, buf as _, 4, F32, SUM, c, s), 0);
     assert_ne!(ncclAllReduce(buf as _, buf as _, 4, 42, SUM, c, s), 0);
-    expect(ncclGroupEnd(), 4, "the group was not issued (1 calls dropped)");
+    expect(
+        ncclGroupEnd(),
+        4,
+        "the group was not issued (1 calls dropped)",
+    );
     // SAFETY: ncclGetErrorString returns a static string.
     let text = unsafe { CStr::from_ptr(ncclGetErrorString(4)) };
     assert!(text.to_string_lossy().contains("invalid argument"));
@@ -926,8 +1134,16 @@ fn bad_arguments_are_refused_at_the_call() {
     // Still a working communicator: a world of one copies.
     let x = rk.upload(&to_bytes(&[1.5f32, 2.5]));
     let y = rk.alloc(8);
-    nk(ncclAllReduce(x as _, y as _, 2, F32, SUM, c, s), c, "world of one");
-    same(&from_bytes::<f32>(&rk.read(y, 8)), &[1.5, 2.5], "world of one");
+    nk(
+        ncclAllReduce(x as _, y as _, 2, F32, SUM, c, s),
+        c,
+        "world of one",
+    );
+    same(
+        &from_bytes::<f32>(&rk.read(y, 8)),
+        &[1.5, 2.5],
+        "world of one",
+    );
     rk.destroy();
     // Destroyed: the handle is gone.
     assert_eq!(ncclCommDestroy(c), 4);
@@ -946,7 +1162,11 @@ fn child_rank() {
     };
     setup();
     let parts: Vec<&str> = spec.split(':').collect();
-    let (scenario, rank, world) = (parts[0], parts[1].parse().unwrap(), parts[2].parse().unwrap());
+    let (scenario, rank, world) = (
+        parts[0],
+        parts[1].parse().unwrap(),
+        parts[2].parse().unwrap(),
+    );
     let id = id_from_hex(parts[3]);
     let rk = match Rank::try_join(rank as u32, rank, world, id) {
         Ok(rk) => rk,
@@ -964,10 +1184,18 @@ fn child_rank() {
         "out-of-step" => {
             let buf = rk.alloc(1000 * 4);
             if rank == 0 {
-                nk(ncclAllReduce(buf as _, buf as _, 1000, F32, SUM, rk.comm, rk.stream), rk.comm, "ar");
+                nk(
+                    ncclAllReduce(buf as _, buf as _, 1000, F32, SUM, rk.comm, rk.stream),
+                    rk.comm,
+                    "ar",
+                );
             } else {
                 let own = buf + (rank * 500 * 4) as u64;
-                nk(ncclReduceScatter(buf as _, own as _, 500, F32, SUM, rk.comm, rk.stream), rk.comm, "rs");
+                nk(
+                    ncclReduceScatter(buf as _, own as _, 500, F32, SUM, rk.comm, rk.stream),
+                    rk.comm,
+                    "rs",
+                );
             }
             println!("RESULT {}", stream_error(&rk));
         }
@@ -986,7 +1214,11 @@ fn child_rank() {
         }
         "crash" | "hang" => {
             let buf = rk.alloc(16 * 8);
-            nk(ncclAllReduce(buf as _, buf as _, 16, I64, SUM, rk.comm, rk.stream), rk.comm, "ar");
+            nk(
+                ncclAllReduce(buf as _, buf as _, 16, I64, SUM, rk.comm, rk.stream),
+                rk.comm,
+                "ar",
+            );
             println!("RESULT {}", stream_error(&rk));
         }
         s => panic!("unknown scenario {s}"),
@@ -1008,14 +1240,20 @@ fn spawn(scenario: &str, world: usize, r: usize, id: &ncclUniqueId, env: &[(&str
 }
 
 fn spawn_all(scenario: &str, world: usize, id: &ncclUniqueId) -> Vec<Child> {
-    (0..world).map(|r| spawn(scenario, world, r, id, &[])).collect()
+    (0..world)
+        .map(|r| spawn(scenario, world, r, id, &[]))
+        .collect()
 }
 
 /// What the child printed after "RESULT ", checking it exited cleanly.
 fn result(out: Output, rank: usize) -> String {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "rank {rank}: {}\n{stdout}\n{stderr}", out.status);
+    assert!(
+        out.status.success(),
+        "rank {rank}: {}\n{stdout}\n{stderr}",
+        out.status
+    );
     stdout
         .lines()
         .find_map(|l| l.split_once("RESULT ").map(|(_, r)| r))
@@ -1029,7 +1267,11 @@ fn processes(world: usize) {
     for (r, k) in kids.into_iter().enumerate() {
         assert_eq!(result(k.wait_with_output().unwrap(), r), "ok");
     }
-    assert_eq!(leftovers(&id), Vec::<String>::new(), "rendezvous files left");
+    assert_eq!(
+        leftovers(&id),
+        Vec::<String>::new(),
+        "rendezvous files left"
+    );
 }
 
 #[test]
@@ -1053,7 +1295,11 @@ fn processes_out_of_step_fail_naming_both_calls() {
             "rank {r}: {e}"
         );
     }
-    assert_eq!(leftovers(&id), Vec::<String>::new(), "rendezvous files left");
+    assert_eq!(
+        leftovers(&id),
+        Vec::<String>::new(),
+        "rendezvous files left"
+    );
 }
 
 /// A peer process that dies is noticed, long before the timeout, even while it is a zombie
@@ -1065,8 +1311,15 @@ fn processes_a_dead_peer_fails_the_others() {
     let one = kids.pop().unwrap();
     let e = result(kids.pop().unwrap().wait_with_output().unwrap(), 0);
     assert_eq!(one.wait_with_output().unwrap().status.code(), Some(3));
-    assert!(e.contains("rank 1 (pid") && e.contains("exited without destroying its communicator"), "{e}");
-    assert_eq!(leftovers(&id), Vec::<String>::new(), "rendezvous files left");
+    assert!(
+        e.contains("rank 1 (pid") && e.contains("exited without destroying its communicator"),
+        "{e}"
+    );
+    assert_eq!(
+        leftovers(&id),
+        Vec::<String>::new(),
+        "rendezvous files left"
+    );
 }
 
 /// A peer that never makes the call, or never joins: the wait ends at GPU_SIM_NCCL_TIMEOUT,
@@ -1090,15 +1343,29 @@ fn processes_a_missing_peer_times_out_naming_it() {
     let e = result(zero.wait_with_output().unwrap(), 0);
     one.kill().unwrap();
     one.wait().unwrap();
-    assert!(e.contains("rank 1 of 2 did not reach call 1 (ncclAllReduce(16 int64 sum))"), "{e}");
+    assert!(
+        e.contains("rank 1 of 2 did not reach call 1 (ncclAllReduce(16 int64 sum))"),
+        "{e}"
+    );
     assert!(e.contains("GPU_SIM_NCCL_TIMEOUT"), "{e}");
     // A killed job cannot clean up; the next id made sweeps its files.
     new_id();
-    assert_eq!(leftovers(&id), Vec::<String>::new(), "stale rendezvous files not swept");
+    assert_eq!(
+        leftovers(&id),
+        Vec::<String>::new(),
+        "stale rendezvous files not swept"
+    );
 
     let id = new_id();
-    let e = result(spawn("suite", 3, 0, &id, &env).wait_with_output().unwrap(), 0);
+    let e = result(
+        spawn("suite", 3, 0, &id, &env).wait_with_output().unwrap(),
+        0,
+    );
     assert!(e.starts_with("init failed"), "{e}");
     assert!(e.contains("ranks 1, 2 of 3 did not join"), "{e}");
-    assert_eq!(leftovers(&id), Vec::<String>::new(), "rendezvous files left");
+    assert_eq!(
+        leftovers(&id),
+        Vec::<String>::new(),
+        "rendezvous files left"
+    );
 }
