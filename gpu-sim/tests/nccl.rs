@@ -1369,3 +1369,99 @@ fn processes_a_missing_peer_times_out_naming_it() {
         "rendezvous files left"
     );
 }
+
+// ---------------------------------------------------------------- the shared library
+
+/// The cdylib opened by path and its symbols looked up by name, as cudarc opens libnccl.so and
+/// libcuda.so, with the C signatures of cudarc's bindings (the 128-byte id passed by value): a
+/// world of one all-reduce through them. (The library has its own copy of the simulator.)
+#[test]
+fn the_shared_library_answers_to_nccls_names() {
+    use std::ffi::{c_char, c_int, c_uint, CString};
+    setup();
+    let exe = std::env::current_exe().unwrap();
+    let so = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("libgpu_sim.so");
+    let path = CString::new(so.to_str().unwrap()).unwrap();
+    // SAFETY: dlopen of the simulator's own library (its initialisers are Rust statics only).
+    let lib = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    assert!(!lib.is_null(), "dlopen {}", so.display());
+    macro_rules! sym {
+        ($name:literal: $t:ty) => {{
+            let n = CString::new($name).unwrap();
+            // SAFETY: looks up a symbol of the library opened above.
+            let p = unsafe { libc::dlsym(lib, n.as_ptr()) };
+            assert!(!p.is_null(), "{} is not exported", $name);
+            // SAFETY: the export has this C signature (the one cudarc's bindings declare).
+            unsafe { std::mem::transmute::<*mut c_void, $t>(p) }
+        }};
+    }
+    let version = sym!("ncclGetVersion": unsafe extern "C" fn(*mut c_int) -> c_int);
+    let get_id = sym!("ncclGetUniqueId": unsafe extern "C" fn(*mut ncclUniqueId) -> c_int);
+    let init = sym!("ncclCommInitRank": unsafe extern "C" fn(*mut ncclComm_t, c_int, ncclUniqueId, c_int) -> c_int);
+    let all_reduce = sym!("ncclAllReduce": unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, ncclComm_t, Handle) -> c_int);
+    let destroy = sym!("ncclCommDestroy": unsafe extern "C" fn(ncclComm_t) -> c_int);
+    let err_str = sym!("ncclGetErrorString": unsafe extern "C" fn(c_int) -> *const c_char);
+    let cu_init = sym!("cuInit": unsafe extern "C" fn(c_uint) -> c_int);
+    let retain =
+        sym!("cuDevicePrimaryCtxRetain": unsafe extern "C" fn(*mut Handle, c_int) -> c_int);
+    let set_ctx = sym!("cuCtxSetCurrent": unsafe extern "C" fn(Handle) -> c_int);
+    let alloc = sym!("cuMemAlloc_v2": unsafe extern "C" fn(*mut u64, usize) -> c_int);
+    let htod = sym!("cuMemcpyHtoD_v2": unsafe extern "C" fn(u64, *const c_void, usize) -> c_int);
+    let dtoh = sym!("cuMemcpyDtoH_v2": unsafe extern "C" fn(*mut c_void, u64, usize) -> c_int);
+    let stream_create = sym!("cuStreamCreate": unsafe extern "C" fn(*mut Handle, c_uint) -> c_int);
+    let stream_sync = sym!("cuStreamSynchronize": unsafe extern "C" fn(Handle) -> c_int);
+    for name in [
+        "ncclCommAbort",
+        "ncclReduceScatter",
+        "ncclAllGather",
+        "ncclReduce",
+        "ncclBroadcast",
+        "ncclGroupStart",
+        "ncclGroupEnd",
+        "ncclGetLastError",
+    ] {
+        let n = CString::new(name).unwrap();
+        // SAFETY: a symbol lookup only.
+        assert!(
+            !unsafe { libc::dlsym(lib, n.as_ptr()) }.is_null(),
+            "{name} is not exported"
+        );
+    }
+    let x = [1.0f32, -2.0, 3.5];
+    let mut y = [0f32; 3];
+    // SAFETY: every pointer below is valid for what the call writes or reads; the device
+    // addresses come from the library's own allocator.
+    unsafe {
+        let mut v = 0;
+        assert_eq!(version(&mut v), 0);
+        assert_eq!(v, VERSION);
+        assert!(!err_str(5).is_null());
+        let mut id = ncclUniqueId {
+            internal: [0; ID_BYTES],
+        };
+        assert_eq!(get_id(&mut id), 0);
+        assert_eq!(cu_init(0), 0);
+        let mut ctx: Handle = std::ptr::null_mut();
+        assert_eq!(retain(&mut ctx, 0), 0);
+        assert_eq!(set_ctx(ctx), 0);
+        let (mut a, mut b) = (0u64, 0u64);
+        assert_eq!(alloc(&mut a, 12), 0);
+        assert_eq!(alloc(&mut b, 12), 0);
+        assert_eq!(htod(a, x.as_ptr() as _, 12), 0);
+        let mut s: Handle = std::ptr::null_mut();
+        assert_eq!(stream_create(&mut s, 1), 0);
+        let mut comm: ncclComm_t = std::ptr::null_mut();
+        assert_eq!(init(&mut comm, 1, id, 0), 0);
+        assert_eq!(all_reduce(a as _, b as _, 3, F32, SUM, comm, s), 0);
+        assert_eq!(stream_sync(s), 0);
+        assert_eq!(dtoh(y.as_mut_ptr() as _, b, 12), 0);
+        assert_eq!(destroy(comm), 0);
+        assert_eq!(leftovers(&id), Vec::<String>::new());
+    }
+    assert_eq!(y, x);
+}
