@@ -1149,6 +1149,36 @@ fn bad_arguments_are_refused_at_the_call() {
     assert_eq!(ncclCommDestroy(c), 4);
 }
 
+/// Calls of one communicator on two streams that no event orders: when the second stream runs
+/// first, its call (number 2) would pair with the peers' call 1; it fails instead.
+#[test]
+fn calls_that_run_out_of_issue_order_fail() {
+    setup();
+    let rk = Rank::join(devices(1)[0], 0, 1, new_id());
+    let mut other: Handle = std::ptr::null_mut();
+    // SAFETY: valid out-pointer; flags 1 = non-blocking.
+    ck(unsafe { cuStreamCreate(&mut other, 1) }, "stream");
+    let buf = rk.alloc(64);
+    let (c, s) = (rk.comm, rk.stream);
+    nk(
+        ncclAllReduce(buf as _, buf as _, 4, F32, SUM, c, s),
+        c,
+        "first",
+    );
+    nk(
+        ncclAllGather(buf as _, buf as _, 4, F32, c, other),
+        c,
+        "second",
+    );
+    assert_ne!(
+        cuStreamSynchronize(other),
+        0,
+        "the second call ran first without an error"
+    );
+    let e = last_error(c);
+    assert!(e.contains("call 2 ran before call 1"), "{e}");
+}
+
 // ---------------------------------------------------------------- ranks as processes
 
 const CHILD: &str = "GPU_SIM_NCCL_TEST_CHILD";
