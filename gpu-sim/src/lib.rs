@@ -10,5 +10,6 @@
 pub mod blas;
 pub mod driver;
 pub mod mem;
+pub mod nccl;
 pub mod ptx;
 pub mod runtime;
