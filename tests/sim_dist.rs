@@ -58,7 +58,9 @@ fn corpus() -> String {
     s
 }
 
-fn pretrain(data: &Path, out: &Path, batch: usize) -> Command {
+/// A pretraining run on CUDA: `--device cuda` in one process, or `--dist` (each rank drives
+/// cuda:LOCAL_RANK).
+fn pretrain(data: &Path, out: &Path, batch: usize, dist: bool) -> Command {
     let mut c = llama2();
     c.arg("pretrain")
         .arg("--data")
@@ -68,8 +70,12 @@ fn pretrain(data: &Path, out: &Path, batch: usize) -> Command {
         .args(["--preset", "tiny", "--seq-len", "32", "--batch-size"])
         .arg(batch.to_string())
         .args(["--steps", &STEPS.to_string(), "--lr", "3e-3", "--warmup", "1"])
-        .args(["--eval-every", "1000", "--ckpt-every", "0", "--no-progress"])
-        .args(["--device", "cuda"]);
+        .args(["--eval-every", "1000", "--ckpt-every", "0", "--no-progress"]);
+    if dist {
+        c.arg("--dist");
+    } else {
+        c.args(["--device", "cuda"]);
+    }
     c
 }
 
@@ -102,7 +108,7 @@ fn pretrain_dist_on_two_and_three_simulated_gpus_matches_one_process() {
         .arg(d.join("c.txt")));
 
     let one = d.join("one");
-    ok(&mut pretrain(&d.join("data"), &one, GLOBAL_BATCH));
+    ok(&mut pretrain(&d.join("data"), &one, GLOBAL_BATCH, false));
     let want = trace(&one);
     assert_eq!(want.len(), STEPS);
 
@@ -115,9 +121,8 @@ fn pretrain_dist_on_two_and_three_simulated_gpus_matches_one_process() {
             .port();
         let ranks: Vec<Child> = (0..world)
             .map(|r| {
-                let mut c = pretrain(&d.join("data"), &run, GLOBAL_BATCH / world);
-                c.arg("--dist")
-                    .env("RANK", r.to_string())
+                let mut c = pretrain(&d.join("data"), &run, GLOBAL_BATCH / world, true);
+                c.env("RANK", r.to_string())
                     .env("LOCAL_RANK", r.to_string())
                     .env("WORLD_SIZE", world.to_string())
                     .env("MASTER_ADDR", "127.0.0.1")
