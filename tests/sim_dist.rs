@@ -67,10 +67,13 @@ fn pretrain(data: &Path, out: &Path, batch: usize, dist: bool) -> Command {
         .arg(data)
         .arg("--out")
         .arg(out)
-        .args(["--preset", "tiny", "--seq-len", "32", "--batch-size"])
+        .arg("--config")
+        .arg(out.parent().unwrap().join("config.json"))
+        .args(["--seq-len", "32", "--batch-size"])
         .arg(batch.to_string())
         .args(["--steps", &STEPS.to_string(), "--lr", "3e-3", "--warmup", "1"])
-        .args(["--eval-every", "1000", "--ckpt-every", "0", "--no-progress"]);
+        .args(["--eval-every", "1000", "--eval-windows", "2", "--ckpt-every", "0"])
+        .arg("--no-progress");
     if dist {
         c.arg("--dist");
     } else {
@@ -107,6 +110,13 @@ fn pretrain_dist_on_two_and_three_simulated_gpus_matches_one_process() {
         .arg(d.join("data"))
         .arg(d.join("c.txt")));
 
+    // head_dim 64: the attention's mma path (the naive fallback is slow to simulate).
+    let config = serde_json::json!({
+        "model_type": "llama", "vocab_size": 512, "hidden_size": 128,
+        "intermediate_size": 344, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+    });
+    std::fs::write(d.join("config.json"), config.to_string()).unwrap();
     let one = d.join("one");
     ok(&mut pretrain(&d.join("data"), &one, GLOBAL_BATCH, false));
     let want = trace(&one);
