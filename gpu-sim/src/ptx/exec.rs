@@ -606,6 +606,10 @@ impl Cta {
                         Some((p0, w0, l0)) if p0 != pc => {
                             let (a, b) = (&l.prog.code[p0 as usize], &l.prog.code[pc as usize]);
                             let tid = |w: usize, ln: usize| self.tid(l, w, ln);
+                            let id = |i: &Inst| match i.op {
+                                Op::Bar { id, .. } => id,
+                                _ => 0,
+                            };
                             return Err(fail(
                                 FaultKind::Synccheck,
                                 wi,
@@ -613,12 +617,14 @@ impl Cta {
                                 pc,
                                 None,
                                 format!(
-                                    "barrier divergence: thread {:?} waits at the barrier of PTX \
-                                     line {} while thread {:?} waits at the barrier of PTX line {}: \
-                                     a barrier not reached by every live thread of the CTA",
+                                    "barrier divergence: thread {:?} waits at barrier {} (PTX line \
+                                     {}) while thread {:?} waits at barrier {} (PTX line {}): a \
+                                     barrier not reached by every live thread of the CTA",
                                     tid(wi, lane),
+                                    id(b),
                                     b.line,
                                     tid(w0, l0),
+                                    id(a),
                                     a.line
                                 ),
                             ));
