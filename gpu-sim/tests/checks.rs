@@ -351,3 +351,36 @@ fn unsupported_instructions_and_directives_are_load_errors_with_their_line() {
     assert_eq!(err.line, 4);
     assert!(err.message.contains(".alias"), "{err}");
 }
+
+#[test]
+fn nothing_is_cached_across_launches_freed_memory_and_other_devices_alike() {
+    // one worker thread, so consecutive launches share its CTA state
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let m = module(
+        r#"
+.visible .entry k(.param .u64 out, .param .u32 v)
+{
+    .reg .b32 %r<2>;
+    .reg .b64 %rd<2>;
+    ld.param.u64 %rd1, [out];
+    ld.param.u32 %r1, [v];
+    st.global.u32 [%rd1], %r1;
+    ret;
+}
+"#,
+    );
+    let k = m.kernel("k").unwrap();
+    pool.install(|| {
+        let (a, b) = (Dev::new(), Dev::new());
+        let (pa, pb) = (a.zeros(4), b.zeros(4));
+        assert_eq!(pa, pb, "two devices' memories at the same addresses");
+        a.launch(&k, [1; 3], [1, 1, 1], 0, &[pa, 1], false).unwrap();
+        b.launch(&k, [1; 3], [1, 1, 1], 0, &[pb, 2], false).unwrap();
+        assert_eq!(read_u32(&a, pa, 1), vec![1]);
+        assert_eq!(read_u32(&b, pb, 1), vec![2], "the second launch wrote its own memory");
+        a.mem.free(pa).unwrap();
+        let e = a.launch(&k, [1; 3], [1, 1, 1], 0, &[pa, 3], false).unwrap_err();
+        assert_eq!(e.kind, FaultKind::Memcheck);
+        assert!(e.message.contains("freed"), "{}", e.message);
+    });
+}

@@ -515,6 +515,9 @@ impl Cta {
         while self.warps.len() < nw {
             self.warps.push(Warp::new());
         }
+        // The span cache belongs to the previous launch's view: another device's memory may
+        // use the same addresses, and the region may since have been freed.
+        self.span = (0, 0, std::ptr::null_mut());
         let smem_bytes = p.dyn_smem_off as usize + l.dyn_smem as usize;
         self.smem.data.clear();
         self.smem.data.resize(smem_bytes, crate::mem::FRESH);
