@@ -513,3 +513,40 @@ fn a_generic_local_address_is_no_global_address() {
     assert!(e.message.contains("no device allocation"), "{}", e.message);
     assert_eq!(e.address, Some(gpu_sim::ptx::LOCAL_WINDOW));
 }
+
+#[test]
+fn bar_warp_sync_waits_for_its_members() {
+    let body = r#"
+.visible .entry k(.param .u64 out, .param .u32 mask)
+{
+    .reg .pred %p<2>;
+    .reg .b32 %r<8>;
+    .reg .b64 %rd<4>;
+    ld.param.u32 %r6, [mask];
+    mov.u32 %r1, %tid.x;
+    setp.lt.u32 %p1, %r1, 8;
+    @%p1 bra DETOUR;
+JOIN:
+    bar.warp.sync %r6;
+    ld.param.u64 %rd1, [out];
+    mul.wide.u32 %rd2, %r1, 4;
+    add.s64 %rd3, %rd1, %rd2;
+    st.global.u32 [%rd3], %r1;
+    ret;
+DETOUR:
+    bra.uni JOIN;
+}
+"#;
+    let m = module(body);
+    let dev = Dev::new();
+    let out = dev.zeros(128);
+    dev.launch(&m.kernel("k").unwrap(), [1; 3], [32, 1, 1], 0, &[out, 0xffff_ffff], false)
+        .unwrap();
+    assert_eq!(read_u32(&dev, out, 32), (0..32).collect::<Vec<u32>>());
+    // a member mask naming a lane that exits first is a synccheck error
+    let m = module(&body.replace("@%p1 bra DETOUR;", "@%p1 bra DETOUR;\n    setp.eq.u32 %p1, %r1, 31;\n    @%p1 ret;"));
+    let e = dev
+        .launch(&m.kernel("k").unwrap(), [1; 3], [32, 1, 1], 0, &[out, 0xffff_ffff], false)
+        .unwrap_err();
+    assert_eq!(e.kind, gpu_sim::ptx::FaultKind::Synccheck, "{e}");
+}

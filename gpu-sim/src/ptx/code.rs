@@ -425,6 +425,10 @@ pub enum Op {
         c: Rg,
         mask: Rg,
     },
+    /// bar.warp.sync: waits until every lane of the member mask is here.
+    WarpSync {
+        mask: Rg,
+    },
     /// mma.sync m16n8k16 bf16: operands in `Program::mmas[i]` (d[4], a[4], b[2], c[4]).
     Mma {
         i: u32,

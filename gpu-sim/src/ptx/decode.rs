@@ -1627,7 +1627,16 @@ impl<'m> Dec<'m> {
                 Op::Trap
             }
             "bar" | "barrier" => {
-                // bar.sync a | barrier.sync a | bar.red.or.pred p, a, {!}c
+                // bar.sync a | barrier.sync a | bar.red.or.pred p, a, {!}c | bar.warp.sync m
+                if has("warp") {
+                    only(&["warp", "sync"])?;
+                    if base != "bar" || !has("sync") || !types.is_empty() {
+                        return unsupported();
+                    }
+                    let [m] = Self::ops::<1>(pi)?;
+                    let mask = self.src(m, Ty::B32, line)?;
+                    return Ok(Op::WarpSync { mask });
+                }
                 let is_red = has("red");
                 if is_red {
                     only(&["red", "or", "aligned"])?;

@@ -97,7 +97,7 @@ pub struct Regs {
 }
 
 impl Regs {
-    #[inline]
+    #[inline(always)]
     fn g32(&self, r: Rg) -> [u32; 32] {
         match r.cls {
             Cls::R32 => self.r32[r.idx as usize],
@@ -112,7 +112,7 @@ impl Regs {
             }
         }
     }
-    #[inline]
+    #[inline(always)]
     fn g64(&self, r: Rg) -> [u64; 32] {
         match r.cls {
             Cls::R64 => self.r64[r.idx as usize],
@@ -127,7 +127,7 @@ impl Regs {
             }
         }
     }
-    #[inline]
+    #[inline(always)]
     fn g16(&self, r: Rg) -> [u16; 32] {
         match r.cls {
             Cls::R16 => self.r16[r.idx as usize],
@@ -142,18 +142,18 @@ impl Regs {
             }
         }
     }
-    #[inline]
+    #[inline(always)]
     fn gf32(&self, r: Rg) -> [f32; 32] {
         let v = self.g32(r);
         v.map(f32::from_bits)
     }
-    #[inline]
+    #[inline(always)]
     fn gf64(&self, r: Rg) -> [f64; 32] {
         let v = self.g64(r);
         v.map(f64::from_bits)
     }
     /// Writes 32-bit values (zero-extended into a 64-bit register, truncated into a 16-bit).
-    #[inline]
+    #[inline(always)]
     fn s32(&mut self, r: Rg, v: &[u32; 32], m: u32) {
         match r.cls {
             Cls::R32 => blend(&mut self.r32[r.idx as usize], v, m),
@@ -173,7 +173,7 @@ impl Regs {
         }
     }
     /// Writes 64-bit values, truncated to the register's width.
-    #[inline]
+    #[inline(always)]
     fn s64(&mut self, r: Rg, v: &[u64; 32], m: u32) {
         match r.cls {
             Cls::R64 => blend(&mut self.r64[r.idx as usize], v, m),
@@ -192,7 +192,7 @@ impl Regs {
             Cls::K => {}
         }
     }
-    #[inline]
+    #[inline(always)]
     fn s16(&mut self, r: Rg, v: &[u16; 32], m: u32) {
         match r.cls {
             Cls::R16 => blend(&mut self.r16[r.idx as usize], v, m),
@@ -202,17 +202,17 @@ impl Regs {
             }
         }
     }
-    #[inline]
+    #[inline(always)]
     fn sf32(&mut self, r: Rg, v: &[f32; 32], m: u32) {
         let b = v.map(f32::to_bits);
         self.s32(r, &b, m)
     }
-    #[inline]
+    #[inline(always)]
     fn sf64(&mut self, r: Rg, v: &[f64; 32], m: u32) {
         let b = v.map(f64::to_bits);
         self.s64(r, &b, m)
     }
-    #[inline]
+    #[inline(always)]
     fn pv(&self, p: Pr) -> u32 {
         let v = self.p[p.idx as usize];
         if p.neg {
@@ -221,7 +221,7 @@ impl Regs {
             v
         }
     }
-    #[inline]
+    #[inline(always)]
     fn sp(&mut self, d: u16, v: u32, m: u32) {
         if d == NO_PRED {
             return;
@@ -1448,6 +1448,21 @@ impl Cta {
                         }
                         w.regs.s32(*d, &r, m);
                         w.regs.sp(*p, pv, m);
+                        w.advance(mask, 0, 0, pc);
+                    }
+                    Op::WarpSync { mask: mk } => {
+                        let mkv = w.regs.g32(*mk);
+                        let mut need = 0u32;
+                        for ln in Bits(m) {
+                            if mkv[ln] >> ln & 1 == 0 {
+                                return Err(fail(FaultKind::Synccheck, wi, ln, pc, None, format!(
+                                    "bar.warp.sync: lane {ln} is not in its own member mask {:#010x}", mkv[ln])));
+                            }
+                            need |= mkv[ln];
+                        }
+                        if !collective_ready(w, wi, pc, mask, m, need, code)? {
+                            continue;
+                        }
                         w.advance(mask, 0, 0, pc);
                     }
                     Op::Mma { i } => {

@@ -7,7 +7,7 @@
 //!   C, D (16×8 f32): 0 = C[g][2t], 1 = C[g][2t+1], 2 = C[g+8][2t], 3 = C[g+8][2t+1]
 //! The lower-index element of a pair is in the low 16 bits.
 
-/// D = A·B + C. The 16 products of a dot product are exact in f64 and summed there with C,
+/// D = A·B + C. C and the 16 products of a dot product (exact in f64) are summed in f64,
 /// then rounded once to f32 (tensor cores accumulate at least as precisely as f32; the ISA
 /// leaves the order unspecified).
 pub fn mma_m16n8k16_bf16(a: &[[u32; 32]; 4], b: &[[u32; 32]; 2], c: &[[u32; 32]; 4]) -> [[u32; 32]; 4] {
@@ -31,23 +31,65 @@ pub fn mma_m16n8k16_bf16(a: &[[u32; 32]; 4], b: &[[u32; 32]; 2], c: &[[u32; 32];
         bm[g][k0 + 8] = lo(b[1][l]);
         bm[g][k0 + 9] = hi(b[1][l]);
     }
+    let mut cm = [[0f32; 8]; 16];
+    for l in 0..32 {
+        let (g, t) = (l / 4, l % 4);
+        for r in 0..4 {
+            cm[g + if r >= 2 { 8 } else { 0 }][2 * t + (r & 1)] = f32::from_bits(c[r][l]);
+        }
+    }
+    let dm = products(&am, &bm, &cm);
     let mut d = [[0u32; 32]; 4];
     for l in 0..32 {
         let (g, t) = (l / 4, l % 4);
         for r in 0..4 {
-            let row = g + if r >= 2 { 8 } else { 0 };
-            let col = 2 * t + (r & 1);
-            let ar = &am[row];
-            let bc = &bm[col];
-            let mut acc = [0f64; 4];
-            for k in (0..16).step_by(4) {
-                for j in 0..4 {
-                    acc[j] += ar[k + j] as f64 * bc[k + j] as f64;
-                }
-            }
-            let s = (acc[0] + acc[1]) + (acc[2] + acc[3]) + f32::from_bits(c[r][l]) as f64;
-            d[r][l] = (s as f32).to_bits();
+            d[r][l] = dm[g + if r >= 2 { 8 } else { 0 }][2 * t + (r & 1)].to_bits();
         }
     }
     d
+}
+
+/// C + A·B with the products (exact: 8-bit by 8-bit significands) summed in f64 in k order,
+/// then rounded once; with AVX2 where the CPU has it.
+fn products(am: &[[f32; 16]; 16], bm: &[[f32; 16]; 8], cm: &[[f32; 8]; 16]) -> [[f32; 8]; 16] {
+    // B as [k][col], so the 8 columns of a row are contiguous
+    let mut bt = [[0f64; 8]; 16];
+    for (col, bc) in bm.iter().enumerate() {
+        for (k, &v) in bc.iter().enumerate() {
+            bt[k][col] = v as f64;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        return unsafe { products_avx2(am, &bt, cm) };
+    }
+    products_any(am, &bt, cm)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn products_avx2(am: &[[f32; 16]; 16], bt: &[[f64; 8]; 16], cm: &[[f32; 8]; 16]) -> [[f32; 8]; 16] {
+    products_any(am, bt, cm)
+}
+
+#[inline(always)]
+fn products_any(am: &[[f32; 16]; 16], bt: &[[f64; 8]; 16], cm: &[[f32; 8]; 16]) -> [[f32; 8]; 16] {
+    let mut out = [[0f32; 8]; 16];
+    for i in 0..16 {
+        let mut acc = [0f64; 8];
+        for j in 0..8 {
+            acc[j] = cm[i][j] as f64;
+        }
+        for k in 0..16 {
+            let a = am[i][k] as f64;
+            for j in 0..8 {
+                acc[j] += a * bt[k][j];
+            }
+        }
+        for j in 0..8 {
+            out[i][j] = acc[j] as f32;
+        }
+    }
+    out
 }
