@@ -57,6 +57,14 @@ fn fail(kind: FaultKind, warp: usize, lane: usize, pc: u32, addr: Option<u64>, m
     }
 }
 
+macro_rules! lanes {
+    ($r:ident, $i:ident => $e:expr) => {
+        for $i in 0..32 {
+            $r[$i] = $e;
+        }
+    };
+}
+
 /// Iterates the set bits of a lane mask.
 #[derive(Clone, Copy)]
 struct Bits(u32);
@@ -104,11 +112,15 @@ impl Regs {
             Cls::K => [self.k[r.idx as usize] as u32; 32],
             Cls::R64 => {
                 let s = &self.r64[r.idx as usize];
-                std::array::from_fn(|i| s[i] as u32)
+                let mut d = [0u32; 32];
+                lanes!(d, i => s[i] as u32);
+                d
             }
             Cls::R16 => {
                 let s = &self.r16[r.idx as usize];
-                std::array::from_fn(|i| s[i] as u32)
+                let mut d = [0u32; 32];
+                lanes!(d, i => s[i] as u32);
+                d
             }
         }
     }
@@ -119,11 +131,15 @@ impl Regs {
             Cls::K => [self.k[r.idx as usize]; 32],
             Cls::R32 => {
                 let s = &self.r32[r.idx as usize];
-                std::array::from_fn(|i| s[i] as u64)
+                let mut d = [0u64; 32];
+                lanes!(d, i => s[i] as u64);
+                d
             }
             Cls::R16 => {
                 let s = &self.r16[r.idx as usize];
-                std::array::from_fn(|i| s[i] as u64)
+                let mut d = [0u64; 32];
+                lanes!(d, i => s[i] as u64);
+                d
             }
         }
     }
@@ -134,23 +150,31 @@ impl Regs {
             Cls::K => [self.k[r.idx as usize] as u16; 32],
             Cls::R32 => {
                 let s = &self.r32[r.idx as usize];
-                std::array::from_fn(|i| s[i] as u16)
+                let mut d = [0u16; 32];
+                lanes!(d, i => s[i] as u16);
+                d
             }
             Cls::R64 => {
                 let s = &self.r64[r.idx as usize];
-                std::array::from_fn(|i| s[i] as u16)
+                let mut d = [0u16; 32];
+                lanes!(d, i => s[i] as u16);
+                d
             }
         }
     }
     #[inline(always)]
     fn gf32(&self, r: Rg) -> [f32; 32] {
         let v = self.g32(r);
-        v.map(f32::from_bits)
+        let mut d = [0f32; 32];
+        lanes!(d, i => f32::from_bits(v[i]));
+        d
     }
     #[inline(always)]
     fn gf64(&self, r: Rg) -> [f64; 32] {
         let v = self.g64(r);
-        v.map(f64::from_bits)
+        let mut d = [0f64; 32];
+        lanes!(d, i => f64::from_bits(v[i]));
+        d
     }
     /// Writes 32-bit values (zero-extended into a 64-bit register, truncated into a 16-bit).
     #[inline(always)]
@@ -197,19 +221,22 @@ impl Regs {
         match r.cls {
             Cls::R16 => blend(&mut self.r16[r.idx as usize], v, m),
             _ => {
-                let w: [u64; 32] = std::array::from_fn(|i| v[i] as u64);
+                let mut w = [0u64; 32];
+                lanes!(w, i => v[i] as u64);
                 self.s64(r, &w, m)
             }
         }
     }
     #[inline(always)]
     fn sf32(&mut self, r: Rg, v: &[f32; 32], m: u32) {
-        let b = v.map(f32::to_bits);
+        let mut b = [0u32; 32];
+        lanes!(b, i => v[i].to_bits());
         self.s32(r, &b, m)
     }
     #[inline(always)]
     fn sf64(&mut self, r: Rg, v: &[f64; 32], m: u32) {
-        let b = v.map(f64::to_bits);
+        let mut b = [0u64; 32];
+        lanes!(b, i => v[i].to_bits());
         self.s64(r, &b, m)
     }
     #[inline(always)]
@@ -486,13 +513,6 @@ fn int_op(op: IOp, t: IT, a: u64, b: u64) -> u64 {
     trunc(r as u64, bits)
 }
 
-macro_rules! lanes {
-    ($r:ident, $i:ident => $e:expr) => {
-        for $i in 0..32 {
-            $r[$i] = $e;
-        }
-    };
-}
 
 impl Cta {
     pub fn new() -> Cta {
@@ -956,7 +976,9 @@ impl Cta {
                         let y = w.regs.gf32(*b);
                         let z = w.regs.gf32(*c);
                         let mut r = [0f32; 32];
-                        if !*ftz && !*sat {
+                        if !*ftz && !*sat && *rnd == Rnd::Rn {
+                            fma_rn_lanes(&x, &y, &z, &mut r);
+                        } else if !*ftz && !*sat {
                             lanes!(r, i => fma32(x[i], y[i], z[i], *rnd));
                         } else {
                             lanes!(r, i => {
@@ -1581,13 +1603,20 @@ impl Cta {
                                         }
                                     }
                                     let dst = &mut smem.data[o..o + sz];
-                                    for (b, x) in dst.iter_mut().enumerate() {
-                                        *x = if b < ns {
-                                            // SAFETY: src..src+ns was checked live at issue; the view keeps it alive.
-                                            unsafe { (*(c.src.add(b) as *const AtomicU8)).load(Ordering::Relaxed) }
+                                    dst.fill(0);
+                                    let mut b = 0;
+                                    while b < ns {
+                                        if b + 4 <= ns {
+                                            // SAFETY: src..src+ns was checked live at issue (the view keeps it
+                                            // alive) and src is aligned to the copy size, so to 4.
+                                            let v = unsafe { (*(c.src.add(b) as *const AtomicU32)).load(Ordering::Relaxed) };
+                                            dst[b..b + 4].copy_from_slice(&v.to_le_bytes());
+                                            b += 4;
                                         } else {
-                                            0
-                                        };
+                                            // SAFETY: as above, one byte.
+                                            dst[b] = unsafe { (*(c.src.add(b) as *const AtomicU8)).load(Ordering::Relaxed) };
+                                            b += 1;
+                                        }
                                     }
                                 } else {
                                     w.cp[keep] = c;
@@ -1605,6 +1634,25 @@ impl Cta {
         self.span = span;
         res
     }
+}
+
+/// fma.rn.f32 over a warp: one hardware FMA per lane where the CPU has it (correctly rounded
+/// either way).
+#[inline]
+fn fma_rn_lanes(x: &[f32; 32], y: &[f32; 32], z: &[f32; 32], r: &mut [f32; 32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has FMA (checked just above).
+        unsafe { fma_rn_lanes_hw(x, y, z, r) };
+        return;
+    }
+    lanes!(r, i => fma32(x[i], y[i], z[i], Rnd::Rn));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma,avx2")]
+unsafe fn fma_rn_lanes_hw(x: &[f32; 32], y: &[f32; 32], z: &[f32; 32], r: &mut [f32; 32]) {
+    lanes!(r, i => x[i].mul_add(y[i], z[i]));
 }
 
 fn cmp_int(c: Cmp, o: std::cmp::Ordering) -> bool {
