@@ -281,3 +281,31 @@ fn adamw_matches_the_reference() {
     }
     assert_eq!(dev.read_bf16(psh, n), bf(&p), "the bf16 shadow is the rounded master");
 }
+
+#[test]
+fn a_fault_in_an_engine_kernel_names_its_cuda_source_line() {
+    let Some(k) = kernel("attention", "attention_fwd_bf16_hd64") else { return };
+    let dev = Dev::new();
+    let (b, t, nh, nkv, hd) = (1usize, 64usize, 2usize, 1usize, 64usize);
+    let q = dev.bf16(&rand_vec(b * t * nh * hd, 1));
+    let kv = dev.bf16(&rand_vec(b * t * nkv * hd, 2));
+    let out = dev.alloc(b * t * nh * hd * 2);
+    // lse one row short: the last row's store runs past the end
+    let lse = dev.alloc((b * t * nh - 1) * 4);
+    let e = dev
+        .launch(
+            &k,
+            [1, nh as u32, b as u32],
+            [128, 1, 1],
+            fwd_smem(hd),
+            &[out, lse, q, kv, kv, 0, b as u64, t as u64, nh as u64, nkv as u64, f(0.125)],
+            false,
+        )
+        .unwrap_err();
+    assert_eq!(e.kind, gpu_sim::ptx::FaultKind::Memcheck);
+    let (file, line) = e.source.clone().expect("the PTX has line info");
+    assert!(file.ends_with("attention.cu") && line > 0, "{file}:{line}");
+    assert!(e.message.contains(&format!("attention.cu:{line}")), "{}", e.message);
+    assert_eq!(e.address, Some(lse + ((b * t * nh - 1) * 4) as u64));
+    assert_eq!(e.block, [0, 1, 0], "the last row belongs to head 1");
+}

@@ -204,8 +204,8 @@ fn naive_attention_fwd_bwd_and_the_kv_cache_kernel() {
     let dqk = kernel("attention", "attention_bwd_naive_dq_bf16").unwrap();
     let dkv = kernel("attention", "attention_bwd_naive_dkdv_bf16").unwrap();
     let dev = Dev::new();
-    // hd 40: not a fast-path size; t 130: two key chunks of 128
-    let (b, t, nh, nkv, hd) = (2, 130, 4, 2, 40);
+    // hd 40: not a fast-path size; t 130: two key chunks of 128; GQA group 2
+    let (b, t, nh, nkv, hd) = (1, 130, 2, 1, 40);
     let d = ops::AttnDims { b, t, nh, nkv, hd };
     let q = bf(&rand_vec(b * t * nh * hd, 121));
     let k = bf(&rand_vec(b * t * nkv * hd, 122));
