@@ -909,7 +909,7 @@ impl<'m> Dec<'m> {
                 match (d, a) {
                     (POp::Vec(v), _) => {
                         let n = v.len();
-                        if !(n == 2 || n == 4) || bits as usize % n != 0 {
+                        if !(n == 2 || n == 4) || !(bits as usize).is_multiple_of(n) {
                             return err(line, format!("`{}` with {n} parts", pi.opcode));
                         }
                         let pb = bits as usize / n;
@@ -930,7 +930,7 @@ impl<'m> Dec<'m> {
                     }
                     (_, POp::Vec(v)) => {
                         let n = v.len();
-                        if !(n == 2 || n == 4) || bits as usize % n != 0 {
+                        if !(n == 2 || n == 4) || !(bits as usize).is_multiple_of(n) {
                             return err(line, format!("`{}` with {n} parts", pi.opcode));
                         }
                         let pb = bits as usize / n;

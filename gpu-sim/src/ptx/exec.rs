@@ -500,8 +500,7 @@ fn int_op(op: IOp, t: IT, a: u64, b: u64) -> u64 {
             if y == 0 {
                 return trunc(u64::MAX, bits);
             }
-            let q = x / y;
-            q
+            x / y
         }
         IOp::Rem => {
             if y == 0 {
@@ -781,8 +780,8 @@ impl Cta {
                     }
                     Op::Pack { d, parts, n, bits } => {
                         let mut r = [0u64; 32];
-                        for k in 0..*n as usize {
-                            let v = w.regs.g64(parts[k]);
+                        for (k, part) in parts.iter().enumerate().take(*n as usize) {
+                            let v = w.regs.g64(*part);
                             let sh = k as u32 * *bits as u32;
                             lanes!(r, i => r[i] | (trunc(v[i], *bits as u32) << sh));
                         }
@@ -791,11 +790,11 @@ impl Cta {
                     }
                     Op::Unpack { s, parts, n, bits } => {
                         let v = w.regs.g64(*s);
-                        for k in 0..*n as usize {
+                        for (k, part) in parts.iter().enumerate().take(*n as usize) {
                             let sh = k as u32 * *bits as u32;
                             let mut r = [0u64; 32];
                             lanes!(r, i => trunc(v[i] >> sh, *bits as u32));
-                            w.regs.s64(parts[k], &r, m);
+                            w.regs.s64(*part, &r, m);
                         }
                         w.advance(mask, 0, 0, pc);
                     }

@@ -7,7 +7,8 @@
 //!   C, D (16×8 f32): 0 = C[g][2t], 1 = C[g][2t+1], 2 = C[g+8][2t], 3 = C[g+8][2t+1]
 //! The lower-index element of a pair is in the low 16 bits.
 
-/// D = A·B + C. C and the 16 products of a dot product (exact in f64) are summed in f64,
+/// D = A·B + C.
+#[allow(clippy::needless_range_loop)] // lane-indexed fragment arrays read clearest by lane C and the 16 products of a dot product (exact in f64) are summed in f64,
 /// then rounded once to f32 (tensor cores accumulate at least as precisely as f32; the ISA
 /// leaves the order unspecified).
 pub fn mma_m16n8k16_bf16(a: &[[u32; 32]; 4], b: &[[u32; 32]; 2], c: &[[u32; 32]; 4]) -> [[u32; 32]; 4] {

@@ -103,6 +103,7 @@ impl Dev {
             .collect()
     }
 
+    #[allow(clippy::result_large_err)]
     /// Launches with each argument's bits written in the parameter's size at its offset.
     pub fn launch(
         &self,
