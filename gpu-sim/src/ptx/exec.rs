@@ -557,15 +557,15 @@ impl Cta {
             w.uniform = true;
             w.pc = 0;
             w.lpc = [0; 32];
+            // Registers keep whatever the previous CTA left (as on a GPU, unwritten registers
+            // are undefined): zeroing a 1024-thread CTA's files would cost more than small CTAs
+            // run.
             let r = &mut w.regs;
-            r.r16.clear();
-            r.r16.resize(p.n16, [0; 32]);
-            r.r32.clear();
-            r.r32.resize(p.n32, [0; 32]);
-            r.r64.clear();
-            r.r64.resize(p.n64, [0; 32]);
-            r.p.clear();
-            r.p.resize(p.npred, 0);
+            r.r16.resize(p.n16.max(r.r16.len()), [0; 32]);
+            r.r32.resize(p.n32.max(r.r32.len()), [0; 32]);
+            r.r64.resize(p.n64.max(r.r64.len()), [0; 32]);
+            r.p.resize(p.npred.max(r.p.len()), 0);
+            r.p[0] = 0;
             r.p[1] = FULL;
             r.k.clear();
             r.k.extend_from_slice(l.consts);
