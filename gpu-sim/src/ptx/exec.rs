@@ -1640,14 +1640,16 @@ impl Cta {
 #[inline]
 fn fma_rn_lanes(x: &[f32; 32], y: &[f32; 32], z: &[f32; 32], r: &mut [f32; 32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has FMA (checked just above).
+    if std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has FMA and AVX2 (checked just above).
         unsafe { fma_rn_lanes_hw(x, y, z, r) };
         return;
     }
     lanes!(r, i => fma32(x[i], y[i], z[i], Rnd::Rn));
 }
 
+/// # Safety
+/// The CPU must have FMA and AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "fma,avx2")]
 unsafe fn fma_rn_lanes_hw(x: &[f32; 32], y: &[f32; 32], z: &[f32; 32], r: &mut [f32; 32]) {

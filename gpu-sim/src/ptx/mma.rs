@@ -68,6 +68,8 @@ fn products(am: &[[f32; 16]; 16], bm: &[[f32; 16]; 8], cm: &[[f32; 8]; 16]) -> [
     products_any(am, &bt, cm)
 }
 
+/// # Safety
+/// The CPU must have AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn products_avx2(am: &[[f32; 16]; 16], bt: &[[f64; 8]; 16], cm: &[[f32; 8]; 16]) -> [[f32; 8]; 16] {

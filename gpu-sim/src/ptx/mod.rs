@@ -4,6 +4,13 @@
 //! ([`decode`]) into instructions whose operands are register indices, constants and offsets
 //! ([`code`]); [`launch`] runs the CTAs of a grid in parallel ([`exec`]) with memcheck and
 //! synccheck always on and racecheck on request.
+//!
+//! Where the ISA leaves a result open, gpu-sim picks one and keeps it: `.approx` functions
+//! (ex2, rcp, sqrt, rsqrt, lg2, sin, cos) are computed in f64 and rounded (within the ISA's
+//! error bounds; `.ftz` flushes inputs and results); mma sums C and the exact products in f64
+//! and rounds once; integer `div` by zero gives all ones and `rem` by zero the dividend; NaN
+//! converted to bf16/f16 is the canonical 0x7fff. Fresh shared and local memory is 0xff bytes
+//! (NaN as floats); registers are undefined until written, as on a GPU.
 
 mod code;
 mod decode;
