@@ -212,6 +212,47 @@ END:
 }
 
 #[test]
+fn lanes_at_two_different_shuffles_are_a_synccheck_error() {
+    let body = r#"
+.visible .entry k(.param .u64 out)
+{
+    .reg .pred %p<2>;
+    .reg .b32 %r<4>;
+    mov.u32 %r1, %tid.x;
+    setp.lt.u32 %p1, %r1, 16;
+    @%p1 bra LOW;
+    shfl.sync.bfly.b32 %r2, %r1, 1, 31, -1;
+    bra.uni END;
+LOW:
+    shfl.sync.bfly.b32 %r2, %r1, 2, 31, -1;
+END:
+    ret;
+}
+"#;
+    let e = synccheck_fault(body, 32);
+    let other = line_of(body, "bfly.b32 %r2, %r1, 1,");
+    assert!(e.message.contains(&format!("another collective (PTX line {other})")), "{}", e.message);
+    // a lane waiting at a barrier instead
+    let body = r#"
+.visible .entry k(.param .u64 out)
+{
+    .reg .pred %p<2>;
+    .reg .b32 %r<4>;
+    mov.u32 %r1, %tid.x;
+    setp.eq.u32 %p1, %r1, 5;
+    @%p1 bra BAR;
+    shfl.sync.bfly.b32 %r2, %r1, 1, 31, -1;
+    ret;
+BAR:
+    bar.sync 0;
+    ret;
+}
+"#;
+    let e = synccheck_fault(body, 32);
+    assert!(e.message.contains("lanes 0x00000020 wait at a CTA barrier"), "{}", e.message);
+}
+
+#[test]
 fn an_out_of_bounds_store_names_block_thread_line_source_and_address() {
     let body = r#"
 .file 1 "/src/kernels-cu/oob.cu"

@@ -701,28 +701,7 @@ impl Cta {
                 let cand = run & !w.waiting;
                 if cand == 0 {
                     if w.waiting != 0 {
-                        let lane = w.waiting.trailing_zeros() as usize;
-                        let pc = w.lpc[lane];
-                        let missing = w.exists & !w.waiting;
-                        let why = if missing & w.blocked != 0 {
-                            "are waiting at a CTA barrier"
-                        } else if missing & !w.live != 0 {
-                            "have exited"
-                        } else {
-                            "cannot reach it"
-                        };
-                        return Err(fail(
-                            FaultKind::Synccheck,
-                            wi,
-                            lane,
-                            pc,
-                            None,
-                            format!(
-                                "warp collective at PTX line {} waits for lanes {missing:#010x} \
-                                 of warp {wi}, which {why}",
-                                code[pc as usize].line
-                            ),
-                        ));
+                        return Err(stuck_collective(w, wi, code));
                     }
                     return Ok(());
                 }
@@ -1684,6 +1663,49 @@ fn race(wi: usize, lane: usize, pc: u32, a: u64, (what, other): (&str, u32)) -> 
         format!(
             "shared memory hazard ({what}) at shared address {a:#x}: warp {wi} and {who} \
              access it with no barrier between them"
+        ),
+    )
+}
+
+/// The synccheck error of a warp whose runnable lanes all wait at collectives: where the
+/// lanes they wait for are instead.
+fn stuck_collective(w: &Warp, wi: usize, code: &[Inst]) -> Fail {
+    let lane = w.waiting.trailing_zeros() as usize;
+    let pc = w.lpc[lane];
+    let here = Bits(w.waiting).filter(|&l| w.lpc[l] == pc).fold(0u32, |m, l| m | 1 << l);
+    let mut whys = Vec::new();
+    let gone = w.exists & !w.live;
+    if gone != 0 {
+        whys.push(format!("lanes {gone:#010x} have exited"));
+    }
+    let barrier = w.live & w.blocked;
+    if barrier != 0 {
+        whys.push(format!("lanes {barrier:#010x} wait at a CTA barrier"));
+    }
+    let mut elsewhere: Vec<(u32, u32)> = Vec::new();
+    for l in Bits(w.waiting & !here) {
+        match elsewhere.iter_mut().find(|(p, _)| *p == w.lpc[l]) {
+            Some(e) => e.1 |= 1 << l,
+            None => elsewhere.push((w.lpc[l], 1 << l)),
+        }
+    }
+    for (p, m) in elsewhere {
+        whys.push(format!(
+            "lanes {m:#010x} wait at another collective (PTX line {})",
+            code[p as usize].line
+        ));
+    }
+    fail(
+        FaultKind::Synccheck,
+        wi,
+        lane,
+        pc,
+        None,
+        format!(
+            "warp collective at PTX line {}: lanes {here:#010x} of warp {wi} wait for the rest \
+             of their member mask, but {}",
+            code[pc as usize].line,
+            whys.join(", ")
         ),
     )
 }
