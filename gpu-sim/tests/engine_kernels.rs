@@ -309,3 +309,10 @@ fn a_fault_in_an_engine_kernel_names_its_cuda_source_line() {
     assert_eq!(e.address, Some(lse + ((b * t * nh - 1) * 4) as u64));
     assert_eq!(e.block, [0, 1, 0], "the last row belongs to head 1");
 }
+
+#[test]
+fn attention_fwd_hd64_skips_key_tiles_before_the_document() {
+    // t = 260: the block of rows 192..255 starts in the document 185..221, so key tiles 0 and 1
+    // are skipped; the last block has 4 rows
+    attention_fwd_case(64, 260, true, true);
+}
