@@ -21,8 +21,12 @@ fn cpu_seconds() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
-/// The best of three runs (the machine may be busy with other work).
+/// The best of three runs (the machine may be busy with other work). `PTX_BENCH=name` runs
+/// only the kernels whose name contains it.
 fn report(name: &str, threads: usize, f: impl Fn() -> gpu_sim::ptx::LaunchStats) {
+    if std::env::var("PTX_BENCH").is_ok_and(|f| !name.contains(f.as_str())) {
+        return;
+    }
     let (mut s, mut c) = (f64::MAX, f64::MAX);
     let mut st = f();
     for _ in 0..3 {

@@ -139,8 +139,13 @@ fn frag_c(lane: usize, i: usize) -> (usize, usize) {
 
 #[test]
 fn mma_m16n8k16_bf16_fragment_layout() {
-    let m = module(
-        r#"
+    mma_case(false);
+    mma_case(true);
+}
+
+/// `imm_c`: C given as immediates (the constant path of the operand reads).
+fn mma_case(imm_c: bool) {
+    let text = r#"
 .visible .entry k(.param .u64 out, .param .u64 pa, .param .u64 pb, .param .u64 pc)
 {
     .reg .b32 %r<16>;
@@ -166,19 +171,24 @@ fn mma_m16n8k16_bf16_fragment_layout() {
     ld.global.f32 %f2, [%rd3+128];
     ld.global.f32 %f3, [%rd3+256];
     ld.global.f32 %f4, [%rd3+384];
-    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f5, %f6, %f7, %f8}, {%r1, %r2, %r3, %r4}, {%r5, %r6}, {%f1, %f2, %f3, %f4};
+    MMA
     st.global.f32 [%rd4], %f5;
     st.global.f32 [%rd4+128], %f6;
     st.global.f32 [%rd4+256], %f7;
     st.global.f32 [%rd4+384], %f8;
     ret;
 }
-"#,
-    );
+"#;
+    let mma = if imm_c {
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f5, %f6, %f7, %f8}, {%r1, %r2, %r3, %r4}, {%r5, %r6}, {0f3F800000, 0f3F800000, 0f3F800000, 0f3F800000};"
+    } else {
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f5, %f6, %f7, %f8}, {%r1, %r2, %r3, %r4}, {%r5, %r6}, {%f1, %f2, %f3, %f4};"
+    };
+    let m = module(&text.replace("MMA", mma));
     // distinct values, all exact in bf16 (integers up to 256), sums exact in f32
     let a = |r: usize, c: usize| (r * 16 + c) as f32;
     let b = |r: usize, c: usize| (r * 8 + c + 1) as f32;
-    let c = |r: usize, col: usize| 1000.0 + (r * 8 + col) as f32;
+    let c = |r: usize, col: usize| if imm_c { 1.0 } else { 1000.0 + (r * 8 + col) as f32 };
     let bf = |x: f32| half::bf16::from_f32(x).to_bits() as u32;
     let mut fa = vec![0u32; 128];
     let mut fb = vec![0u32; 64];

@@ -1470,10 +1470,14 @@ impl Cta {
                             continue;
                         }
                         let ops = &prog.mmas[*i as usize];
-                        let av: [[u32; 32]; 4] = std::array::from_fn(|k| w.regs.g32(ops[4 + k]));
-                        let bv: [[u32; 32]; 2] = std::array::from_fn(|k| w.regs.g32(ops[8 + k]));
-                        let cv: [[u32; 32]; 4] = std::array::from_fn(|k| w.regs.g32(ops[10 + k]));
-                        let dv = mma_m16n8k16_bf16(&av, &bv, &cv);
+                        let dv = if ops[4..].iter().all(|r| r.cls == Cls::R32) {
+                            let f = &w.regs.r32;
+                            let g = |k: usize| &f[ops[k].idx as usize];
+                            mma_m16n8k16_bf16([g(4), g(5), g(6), g(7)], [g(8), g(9)], [g(10), g(11), g(12), g(13)])
+                        } else {
+                            let v: [[u32; 32]; 10] = [4, 5, 6, 7, 8, 9, 10, 11, 12, 13].map(|k| w.regs.g32(ops[k]));
+                            mma_m16n8k16_bf16([&v[0], &v[1], &v[2], &v[3]], [&v[4], &v[5]], [&v[6], &v[7], &v[8], &v[9]])
+                        };
                         for k in 0..4 {
                             w.regs.s32(ops[k], &dv[k], FULL);
                         }

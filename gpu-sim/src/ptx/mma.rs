@@ -11,7 +11,7 @@
 #[allow(clippy::needless_range_loop)] // lane-indexed fragment arrays read clearest by lane C and the 16 products of a dot product (exact in f64) are summed in f64,
 /// then rounded once to f32 (tensor cores accumulate at least as precisely as f32; the ISA
 /// leaves the order unspecified).
-pub fn mma_m16n8k16_bf16(a: &[[u32; 32]; 4], b: &[[u32; 32]; 2], c: &[[u32; 32]; 4]) -> [[u32; 32]; 4] {
+pub fn mma_m16n8k16_bf16(a: [&[u32; 32]; 4], b: [&[u32; 32]; 2], c: [&[u32; 32]; 4]) -> [[u32; 32]; 4] {
     let mut am = [[0f32; 16]; 16]; // [row][k]
     let mut bm = [[0f32; 16]; 8]; // [col][k]
     let lo = |w: u32| f32::from_bits(w << 16);
