@@ -374,6 +374,11 @@ fn setp_ordered_and_unordered_comparisons() {
     let y = u32s(&[1, 0xffff_ffff]);
     assert_eq!(eval("setp.lt.s32 {d}, {0}, {1}", "pred", &["s32"; 2], &[x.clone(), y.clone()]), vec![1, 0]);
     assert_eq!(eval("setp.lt.u32 {d}, {0}, {1}", "pred", &["u32"; 2], &[x, y]), vec![0, 1]);
+    // .ftz: a subnormal equals zero
+    let sub = u32s(&[1, 0x8000_0001]);
+    let zero = f32s(&[0.0, 0.0]);
+    assert_eq!(eval("setp.eq.ftz.f32 {d}, {0}, {1}", "pred", &["f32"; 2], &[sub.clone(), zero.clone()]), vec![1, 1]);
+    assert_eq!(eval("setp.eq.f32 {d}, {0}, {1}", "pred", &["f32"; 2], &[sub, zero]), vec![0, 0]);
 }
 
 #[test]
@@ -407,6 +412,14 @@ fn integer_shifts_division_and_wide_multiplies() {
     assert_eq!(
         as_u32(&eval("div.u32 {d}, {0}, {1}", "u32", &["u32"; 2], &[n, d])),
         vec![3, 0x7fff_fffc, 0xffff_ffff, 0xffff_ffff, 0]
+    );
+    // mul.hi: the upper half of the full product
+    let big = vec![u64::MAX, 1 << 63];
+    assert_eq!(eval("mul.hi.u64 {d}, {0}, {1}", "u64", &["u64"; 2], &[big.clone(), vec![u64::MAX, 4]]), vec![u64::MAX - 1, 2]);
+    assert_eq!(eval("mul.hi.s64 {d}, {0}, {1}", "s64", &["s64"; 2], &[big, vec![2, 4]]), vec![u64::MAX, u64::MAX - 1]);
+    assert_eq!(
+        as_u32(&eval("mul.hi.s32 {d}, {0}, {1}", "s32", &["s32"; 2], &[u32s(&[(-3i32) as u32, 0x8000_0000]), u32s(&[0x4000_0000, 0x8000_0000])])),
+        vec![0xffff_ffff, 0x4000_0000]
     );
     // mul.wide.s32 sign-extends, .u32 does not
     let a = u32s(&[(-2i32) as u32, 0xffff_ffff]);

@@ -331,6 +331,8 @@ pub enum Op {
     Setp {
         cmp: Cmp,
         ty: CT,
+        /// Subnormal f32 operands compare as zero.
+        ftz: bool,
         bop: BoolOp,
         d: u16,
         dq: u16,

@@ -1390,6 +1390,7 @@ impl<'m> Dec<'m> {
                 Op::Setp {
                     cmp,
                     ty: ct,
+                    ftz: has("ftz"),
                     bop,
                     d: dd,
                     dq,

@@ -476,6 +476,7 @@ fn int_op(op: IOp, t: IT, a: u64, b: u64) -> u64 {
         IOp::Add => x + y,
         IOp::Sub => x - y,
         IOp::MulLo => x.wrapping_mul(y),
+        IOp::MulHi if !t.signed() => return ((a as u128 * b as u128) >> bits) as u64 & trunc(u64::MAX, bits),
         IOp::MulHi => (x * y) >> bits,
         IOp::And => return trunc(a & b, bits),
         IOp::Or => return trunc(a | b, bits),
@@ -1054,13 +1055,17 @@ impl Cta {
                         w.regs.sf64(*d, &r, m);
                         w.advance(mask, 0, 0, pc);
                     }
-                    Op::Setp { cmp, ty, bop, d, dq, a, b, c } => {
+                    Op::Setp { cmp, ty, ftz, bop, d, dq, a, b, c } => {
                         let mut t = 0u32;
                         match ty {
                             CT::F32 | CT::F64 => {
                                 let (x, y): ([f64; 32], [f64; 32]) = if *ty == CT::F32 {
                                     let (x, y) = (w.regs.gf32(*a), w.regs.gf32(*b));
-                                    (x.map(|v| v as f64), y.map(|v| v as f64))
+                                    let fl = |v: f32| if *ftz { ftz32(v) as f64 } else { v as f64 };
+                                    let (mut p, mut q) = ([0f64; 32], [0f64; 32]);
+                                    lanes!(p, i => fl(x[i]));
+                                    lanes!(q, i => fl(y[i]));
+                                    (p, q)
                                 } else {
                                     (w.regs.gf64(*a), w.regs.gf64(*b))
                                 };
