@@ -445,9 +445,9 @@ pub enum Op {
     CpAsync {
         size: u8,
         dbase: Rg,
-        doff: i32,
+        doff: i64,
         sbase: Rg,
-        soff: i32,
+        soff: i64,
         src_size: Rg,
     },
     CpCommit,

@@ -1828,9 +1828,9 @@ impl<'m> Dec<'m> {
                         Op::CpAsync {
                             size,
                             dbase,
-                            doff: doff as i32,
+                            doff,
                             sbase,
-                            soff: soff as i32,
+                            soff,
                             src_size,
                         }
                     }

@@ -1535,8 +1535,8 @@ impl Cta {
                         let ss = w.regs.g32(*src_size);
                         let sz = *size as u64;
                         for lane in Bits(m) {
-                            let da = db[lane].wrapping_add(*doff as i64 as u64);
-                            let sa = sb[lane].wrapping_add(*soff as i64 as u64);
+                            let da = db[lane].wrapping_add(*doff as u64);
+                            let sa = sb[lane].wrapping_add(*soff as u64);
                             let n = ss[lane] as u64;
                             if n > sz {
                                 memfail!(lane, sa, "cp.async: src-size {n} exceeds cp-size {sz}");
