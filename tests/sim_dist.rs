@@ -42,9 +42,9 @@ fn simulated_gpus() -> Option<usize> {
 /// A deterministic made-up corpus (no shared data needed): sentences over a small vocabulary.
 fn corpus() -> String {
     const WORDS: [&str; 24] = [
-        "the", "king", "speaks", "to", "a", "river", "and", "night", "falls", "on", "old",
-        "stone", "while", "birds", "sing", "of", "gold", "in", "green", "fields", "where",
-        "children", "play", "quietly",
+        "the", "king", "speaks", "to", "a", "river", "and", "night", "falls", "on", "old", "stone",
+        "while", "birds", "sing", "of", "gold", "in", "green", "fields", "where", "children",
+        "play", "quietly",
     ];
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
     let mut s = String::new();
@@ -71,8 +71,22 @@ fn pretrain(data: &Path, out: &Path, batch: usize, dist: bool) -> Command {
         .arg(out.parent().unwrap().join("config.json"))
         .args(["--seq-len", "32", "--batch-size"])
         .arg(batch.to_string())
-        .args(["--steps", &STEPS.to_string(), "--lr", "3e-3", "--warmup", "1"])
-        .args(["--eval-every", "1000", "--eval-windows", "2", "--ckpt-every", "0"])
+        .args([
+            "--steps",
+            &STEPS.to_string(),
+            "--lr",
+            "3e-3",
+            "--warmup",
+            "1",
+        ])
+        .args([
+            "--eval-every",
+            "1000",
+            "--eval-windows",
+            "2",
+            "--ckpt-every",
+            "0",
+        ])
         .arg("--no-progress");
     if dist {
         c.arg("--dist");
@@ -88,14 +102,22 @@ fn trace(run: &Path) -> Vec<(f64, f64)> {
     text.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v.get("loss").is_some())
-        .map(|v| (v["loss"].as_f64().unwrap(), v["grad_norm"].as_f64().unwrap()))
+        .map(|v| {
+            (
+                v["loss"].as_f64().unwrap(),
+                v["grad_norm"].as_f64().unwrap(),
+            )
+        })
         .collect()
 }
 
 #[test]
 fn pretrain_dist_on_two_and_three_simulated_gpus_matches_one_process() {
     let Some(gpus) = simulated_gpus() else { return };
-    assert!(gpus >= 3, "run with gpu-sim run --gpus 3 (GPU_SIM_GPUS={gpus})");
+    assert!(
+        gpus >= 3,
+        "run with gpu-sim run --gpus 3 (GPU_SIM_GPUS={gpus})"
+    );
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::write(d.join("c.txt"), corpus()).unwrap();
@@ -141,7 +163,10 @@ fn pretrain_dist_on_two_and_three_simulated_gpus_matches_one_process() {
             })
             .collect();
         for (r, mut ch) in ranks.into_iter().enumerate() {
-            assert!(ch.wait().unwrap().success(), "{world} ranks: rank {r} failed");
+            assert!(
+                ch.wait().unwrap().success(),
+                "{world} ranks: rank {r} failed"
+            );
         }
         let got = trace(&run);
         assert_eq!(got.len(), STEPS, "{world} ranks: steps logged");

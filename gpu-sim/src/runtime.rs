@@ -648,7 +648,11 @@ impl Device {
                             "gpu-sim: cuda:{} stream {stream:#x}: {label}: {:.3} ms{}",
                             self.ordinal,
                             t0.elapsed().as_secs_f64() * 1e3,
-                            if w > 0 { format!(", {w} warp-instructions") } else { String::new() }
+                            if w > 0 {
+                                format!(", {w} warp-instructions")
+                            } else {
+                                String::new()
+                            }
                         );
                     }
                     if let Err(f) = r {

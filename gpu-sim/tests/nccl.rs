@@ -1410,16 +1410,12 @@ fn the_shared_library_answers_to_nccls_names() {
     use std::ffi::{c_char, c_int, c_uint, CString};
     setup();
     let exe = std::env::current_exe().unwrap();
-    let so = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("libgpu_sim.so");
+    let so = gpu_sim::shared_library_near(exe.parent().unwrap())
+        .unwrap_or_else(|| panic!("libgpu_sim.so not found near {}", exe.display()));
     let path = CString::new(so.to_str().unwrap()).unwrap();
     // SAFETY: dlopen of the simulator's own library (its initialisers are Rust statics only).
     let lib = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-    assert!(!lib.is_null(), "dlopen {}", so.display());
+    assert!(!lib.is_null(), "dlopen {}: {}", so.display(), dlerror());
     macro_rules! sym {
         ($name:literal: $t:ty) => {{
             let n = CString::new($name).unwrap();
@@ -1494,4 +1490,18 @@ fn the_shared_library_answers_to_nccls_names() {
         assert_eq!(leftovers(&id), Vec::<String>::new());
     }
     assert_eq!(y, x);
+}
+
+/// The dynamic loader's last error, for a failed dlopen's message.
+fn dlerror() -> String {
+    // SAFETY: dlerror returns null or a NUL-terminated string owned by the loader.
+    let e = unsafe { libc::dlerror() };
+    if e.is_null() {
+        String::new()
+    } else {
+        // SAFETY: non-null, NUL-terminated (above).
+        unsafe { std::ffi::CStr::from_ptr(e) }
+            .to_string_lossy()
+            .into_owned()
+    }
 }
