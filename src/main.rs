@@ -22,8 +22,12 @@ enum Cmd {
     /// Compare the engine with a Hugging Face reference dump (logits, loss, every gradient,
     /// reward-model case, AdamW case); ends with `N passed, M failed`.
     Check(check::CheckArgs),
-    /// Tokenize stdin and print the ids as a JSON array (or decode a JSON array with --decode).
+    /// Tokenize stdin and print the ids as a JSON array (or decode a JSON array with --decode,
+    /// or render a JSON list of chat messages with --chat).
     Tokenize(data::TokenizeArgs),
+    /// Rewrite dialogues, preference pairs or prompts (any accepted shape) in TRL's
+    /// conversational form.
+    Convert(data::ConvertArgs),
     /// Tokenize text files, directories and JSONL (`text` field) into memory-mapped shards.
     PrepareData(data::PrepareDataArgs),
     /// Train a byte-fallback BPE tokenizer (Llama 2's layout) on text files or JSONL.
@@ -101,6 +105,7 @@ fn run() -> Result<()> {
     match cli.cmd {
         Cmd::Check(a) => check::check(a),
         Cmd::Tokenize(a) => data::tokenize(a),
+        Cmd::Convert(a) => data::convert(a),
         Cmd::PrepareData(a) => data::prepare_data(a),
         Cmd::TrainTokenizer(a) => data::train_tokenizer(a),
         Cmd::Pretrain(a) => train::pretrain(a, given),

@@ -42,9 +42,9 @@ fn simulated_gpus() -> Option<usize> {
 /// A deterministic made-up corpus (no shared data needed): sentences over a small vocabulary.
 fn corpus() -> String {
     const WORDS: [&str; 24] = [
-        "the", "king", "speaks", "to", "a", "river", "and", "night", "falls", "on", "old",
-        "stone", "while", "birds", "sing", "of", "gold", "in", "green", "fields", "where",
-        "children", "play", "quietly",
+        "the", "king", "speaks", "to", "a", "river", "and", "night", "falls", "on", "old", "stone",
+        "while", "birds", "sing", "of", "gold", "in", "green", "fields", "where", "children",
+        "play", "quietly",
     ];
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
     let mut s = String::new();
@@ -58,18 +58,41 @@ fn corpus() -> String {
     s
 }
 
-fn pretrain(data: &Path, out: &Path, batch: usize) -> Command {
+/// A pretraining run on CUDA: `--device cuda` in one process, or `--dist` (each rank drives
+/// cuda:LOCAL_RANK).
+fn pretrain(data: &Path, out: &Path, batch: usize, dist: bool) -> Command {
     let mut c = llama2();
     c.arg("pretrain")
         .arg("--data")
         .arg(data)
         .arg("--out")
         .arg(out)
-        .args(["--preset", "tiny", "--seq-len", "32", "--batch-size"])
+        .arg("--config")
+        .arg(out.parent().unwrap().join("config.json"))
+        .args(["--seq-len", "32", "--batch-size"])
         .arg(batch.to_string())
-        .args(["--steps", &STEPS.to_string(), "--lr", "3e-3", "--warmup", "1"])
-        .args(["--eval-every", "1000", "--ckpt-every", "0", "--no-progress"])
-        .args(["--device", "cuda"]);
+        .args([
+            "--steps",
+            &STEPS.to_string(),
+            "--lr",
+            "3e-3",
+            "--warmup",
+            "1",
+        ])
+        .args([
+            "--eval-every",
+            "1000",
+            "--eval-windows",
+            "2",
+            "--ckpt-every",
+            "0",
+        ])
+        .arg("--no-progress");
+    if dist {
+        c.arg("--dist");
+    } else {
+        c.args(["--device", "cuda"]);
+    }
     c
 }
 
@@ -79,14 +102,22 @@ fn trace(run: &Path) -> Vec<(f64, f64)> {
     text.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v.get("loss").is_some())
-        .map(|v| (v["loss"].as_f64().unwrap(), v["grad_norm"].as_f64().unwrap()))
+        .map(|v| {
+            (
+                v["loss"].as_f64().unwrap(),
+                v["grad_norm"].as_f64().unwrap(),
+            )
+        })
         .collect()
 }
 
 #[test]
 fn pretrain_dist_on_two_and_three_simulated_gpus_matches_one_process() {
     let Some(gpus) = simulated_gpus() else { return };
-    assert!(gpus >= 3, "run with gpu-sim run --gpus 3 (GPU_SIM_GPUS={gpus})");
+    assert!(
+        gpus >= 3,
+        "run with gpu-sim run --gpus 3 (GPU_SIM_GPUS={gpus})"
+    );
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::write(d.join("c.txt"), corpus()).unwrap();
@@ -101,8 +132,15 @@ fn pretrain_dist_on_two_and_three_simulated_gpus_matches_one_process() {
         .arg(d.join("data"))
         .arg(d.join("c.txt")));
 
+    // head_dim 64: the attention's mma path (the naive fallback is slow to simulate).
+    let config = serde_json::json!({
+        "model_type": "llama", "vocab_size": 512, "hidden_size": 128,
+        "intermediate_size": 344, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+    });
+    std::fs::write(d.join("config.json"), config.to_string()).unwrap();
     let one = d.join("one");
-    ok(&mut pretrain(&d.join("data"), &one, GLOBAL_BATCH));
+    ok(&mut pretrain(&d.join("data"), &one, GLOBAL_BATCH, false));
     let want = trace(&one);
     assert_eq!(want.len(), STEPS);
 
@@ -115,9 +153,8 @@ fn pretrain_dist_on_two_and_three_simulated_gpus_matches_one_process() {
             .port();
         let ranks: Vec<Child> = (0..world)
             .map(|r| {
-                let mut c = pretrain(&d.join("data"), &run, GLOBAL_BATCH / world);
-                c.arg("--dist")
-                    .env("RANK", r.to_string())
+                let mut c = pretrain(&d.join("data"), &run, GLOBAL_BATCH / world, true);
+                c.env("RANK", r.to_string())
                     .env("LOCAL_RANK", r.to_string())
                     .env("WORLD_SIZE", world.to_string())
                     .env("MASTER_ADDR", "127.0.0.1")
@@ -126,7 +163,10 @@ fn pretrain_dist_on_two_and_three_simulated_gpus_matches_one_process() {
             })
             .collect();
         for (r, mut ch) in ranks.into_iter().enumerate() {
-            assert!(ch.wait().unwrap().success(), "{world} ranks: rank {r} failed");
+            assert!(
+                ch.wait().unwrap().success(),
+                "{world} ranks: rank {r} failed"
+            );
         }
         let got = trace(&run);
         assert_eq!(got.len(), STEPS, "{world} ranks: steps logged");
@@ -136,7 +176,7 @@ fn pretrain_dist_on_two_and_three_simulated_gpus_matches_one_process() {
             worst = (worst.0.max(el), worst.1.max(eg));
             // bf16 compute: the ranks sum their gradients in another order than one backward.
             assert!(
-                el < 2e-3 && eg < 2e-2,
+                el < 1e-3 && eg < 1e-3,
                 "{world} ranks: step {s}: loss {l} vs {wl}, grad norm {g} vs {wg}"
             );
         }

@@ -737,6 +737,73 @@ pub fn save_model<B: Backend>(
         let text = serde_json::to_string_pretty(&cfg_json).expect("json");
         write_synced(&tmp.join("config.json"), text.as_bytes())?;
         write_tensors(tmp, &tensors, opts)?;
-        extra(tmp)
+        extra(tmp)?;
+        write_hf_extras(tmp, &model.cfg, model.head)
     })
+}
+
+/// What transformers reads beside the weights, so that a checkpoint works there as it is: for a
+/// causal LM `generation_config.json`, and wherever `extra` put a `tokenizer.json`,
+/// `tokenizer_config.json` (BOS/EOS/UNK/pad and Llama 2's chat template, which renders what
+/// [`crate::tokenizer::Tokenizer::chat`] tokenizes) and `special_tokens_map.json`. Pad is the
+/// config's `pad_token_id` or 0 (`<unk>`, as Meta's release pads), never EOS: a
+/// sequence-classification head reads the last non-pad token, which must be the EOS that closes
+/// the scored answer.
+pub fn write_hf_extras(dir: &Path, cfg: &LlamaConfig, head: Head) -> Result<()> {
+    let pad = cfg.pad_token_id.unwrap_or(0);
+    if head == Head::Lm {
+        let mut g = serde_json::json!({"pad_token_id": pad});
+        if let Some(b) = cfg.bos_token_id {
+            g["bos_token_id"] = b.into();
+        }
+        if let Some(e) = cfg.eos_token_id {
+            g["eos_token_id"] = e.into();
+        }
+        let text = serde_json::to_string_pretty(&g).expect("json");
+        write_synced(&dir.join("generation_config.json"), text.as_bytes())?;
+    }
+    let tok_path = dir.join("tokenizer.json");
+    if !tok_path.is_file() {
+        return Ok(());
+    }
+    let tok = crate::tokenizer::Tokenizer::from_file(&tok_path)?;
+    let name = |id: u32| {
+        tok.id_to_token(id).ok_or_else(|| {
+            Error::file(&tok_path, format!("no token with id {id} (needed as a special token)"))
+        })
+    };
+    let (bos, eos, pad_tok) = (name(tok.bos)?, name(tok.eos)?, name(pad)?);
+    let unk = tok.token_id("<unk>").map(|_| "<unk>".to_string());
+    let mut specials = serde_json::json!({"bos_token": bos, "eos_token": eos, "pad_token": pad_tok});
+    if let Some(u) = &unk {
+        specials["unk_token"] = u.as_str().into();
+    }
+    // Declared as special tokens here too, so transformers splits `<s>`/`</s>` out of the
+    // rendered chat text even for a tokenizer.json that does not list them as added tokens.
+    let mut decoder = serde_json::Map::new();
+    let mut ids: Vec<u32> = vec![tok.bos, tok.eos, pad];
+    ids.extend(unk.as_deref().and_then(|u| tok.token_id(u)));
+    ids.sort_unstable();
+    ids.dedup();
+    for id in ids {
+        decoder.insert(
+            id.to_string(),
+            serde_json::json!({"content": name(id)?, "lstrip": false, "normalized": false,
+                "rstrip": false, "single_word": false, "special": true}),
+        );
+    }
+    let mut tc = specials.clone();
+    let o = tc.as_object_mut().expect("object");
+    o.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
+    o.insert("model_max_length".into(), cfg.max_position_embeddings.into());
+    o.insert("clean_up_tokenization_spaces".into(), false.into());
+    o.insert("add_bos_token".into(), true.into());
+    o.insert("add_eos_token".into(), false.into());
+    o.insert("added_tokens_decoder".into(), decoder.into());
+    o.insert("chat_template".into(), crate::tokenizer::chat_template().into());
+    for (file, v) in [("tokenizer_config.json", &tc), ("special_tokens_map.json", &specials)] {
+        let text = serde_json::to_string_pretty(v).expect("json");
+        write_synced(&dir.join(file), text.as_bytes())?;
+    }
+    Ok(())
 }

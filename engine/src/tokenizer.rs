@@ -101,6 +101,11 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The token string of an id (e.g. `<unk>` for 0 in Llama 2's layout).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(|e| self.err(e))
     }
@@ -121,7 +126,7 @@ impl Tokenizer {
                 .ok_or_else(|| {
                     Error::Input("a system message must be followed by a user message".into())
                 })?;
-            first.content = format!("{B_SYS}{}{E_SYS}{}", sys.content.trim(), first.content);
+            first.content = format!("{B_SYS}{}{E_SYS}{}", strip(&sys.content), first.content);
         }
         let mut ids = Vec::new();
         let mut mask = Vec::new();
@@ -134,7 +139,7 @@ impl Tokenizer {
                     u.role
                 )));
             }
-            let prompt = self.encode(&format!("{B_INST} {} {E_INST}", u.content.trim()), true)?;
+            let prompt = self.encode(&format!("{B_INST} {} {E_INST}", strip(&u.content)), true)?;
             match msgs.get(i + 1) {
                 None => {
                     mask.extend(std::iter::repeat_n(false, prompt.len()));
@@ -145,8 +150,8 @@ impl Tokenizer {
                     // what follows the longest prefix shared with the prompt's encoding.
                     let text = format!(
                         "{B_INST} {} {E_INST} {} ",
-                        u.content.trim(),
-                        a.content.trim()
+                        strip(&u.content),
+                        strip(&a.content)
                     );
                     let mut full = self.encode(&text, true)?;
                     full.push(self.eos);
@@ -166,6 +171,46 @@ impl Tokenizer {
         }
         Ok((ids, mask))
     }
+}
+
+/// Whitespace as Python's `str.strip()` (and so Jinja's `trim` filter in transformers) sees it:
+/// Unicode whitespace plus the ASCII separators U+001C..U+001F, which Rust's `trim` keeps. The
+/// chat template must cut exactly what [`chat_template`] cuts.
+fn strip(s: &str) -> &str {
+    s.trim_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
+}
+
+/// Llama 2's chat format as a Jinja template for `tokenizer_config.json`, built from the same
+/// pieces as [`Tokenizer::chat`]: transformers' `apply_chat_template` renders text whose ids
+/// (`<s>`/`</s>` as special tokens, nothing added) are `chat`'s, and rejects the role orders
+/// `chat` rejects. One line, with whitespace control on every tag, so no layout option of the
+/// Jinja environment (`trim_blocks`, `lstrip_blocks`) changes the output.
+pub fn chat_template() -> String {
+    // Jinja string literals: the newlines of the system block as `\n` escapes.
+    let lit = |s: &str| format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'").replace('\n', "\\n"));
+    let roles = "roles must alternate user/assistant after an optional system";
+    [
+        "{%- set system = (messages[0]['content'] | trim) if (messages and messages[0]['role'] == 'system') else none -%}".to_string(),
+        "{%- set loop_messages = messages[1:] if system is not none else messages -%}".to_string(),
+        "{%- if system is not none and not loop_messages -%}{{ raise_exception('a system message must be followed by a user message') }}{%- endif -%}".to_string(),
+        "{%- for message in loop_messages -%}".to_string(),
+        "{%- set expected = 'user' if loop.index0 % 2 == 0 else 'assistant' -%}".to_string(),
+        format!(
+            "{{%- if message['role'] != expected -%}}{{{{ raise_exception('message ' ~ (loop.index0 + (1 if system is not none else 0)) ~ ': expected role `' ~ expected ~ '`, got `' ~ message['role'] ~ '` ({roles})') }}}}{{%- endif -%}}"
+        ),
+        "{%- if message['role'] == 'user' -%}".to_string(),
+        format!(
+            "{{%- set content = ({} ~ system ~ {} ~ message['content']) if (loop.first and system is not none) else message['content'] -%}}",
+            lit(B_SYS),
+            lit(E_SYS)
+        ),
+        format!("{{{{- bos_token ~ {} ~ (content | trim) ~ {} -}}}}", lit(&format!("{B_INST} ")), lit(&format!(" {E_INST}"))),
+        "{%- else -%}".to_string(),
+        "{{- ' ' ~ (message['content'] | trim) ~ ' ' ~ eos_token -}}".to_string(),
+        "{%- endif -%}".to_string(),
+        "{%- endfor -%}".to_string(),
+    ]
+    .concat()
 }
 
 /// The order of roles [`Tokenizer::chat`] renders: an optional system message, then user and

@@ -884,9 +884,19 @@ fn attention_fwd_bwd_cached() {
     let mut rep = Report::default();
     let mut r = rng(9);
     let shapes: &[(usize, usize, usize, usize)] = if on_simulator() {
-        &[(97, 64, 8, 2), (97, 128, 8, 2), (260, 64, 8, 2), (260, 128, 8, 2)]
+        &[
+            (97, 64, 8, 2),
+            (97, 128, 8, 2),
+            (260, 64, 8, 2),
+            (260, 128, 8, 2),
+        ]
     } else {
-        &[(97, 64, 8, 2), (97, 128, 32, 8), (1000, 64, 8, 2), (1000, 128, 32, 8)]
+        &[
+            (97, 64, 8, 2),
+            (97, 128, 32, 8),
+            (1000, 64, 8, 2),
+            (1000, 128, 32, 8),
+        ]
     };
     for &(t, hd, nh, nkv) in shapes {
         let b = if on_simulator() { 2 } else { 3 };

@@ -82,15 +82,12 @@ struct Model {
 fn lib_dir() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| format!("locating gpu-sim: {e}"))?;
     let dir = exe.parent().ok_or("gpu-sim has no parent directory")?;
-    let so = [dir.join("libgpu_sim.so"), dir.join("../libgpu_sim.so")]
-        .into_iter()
-        .find(|p| p.exists())
-        .ok_or_else(|| {
-            format!(
-                "libgpu_sim.so not found next to {} (build it: cargo build --release -p gpu-sim)",
-                exe.display()
-            )
-        })?;
+    let so = gpu_sim::shared_library_near(dir).ok_or_else(|| {
+        format!(
+            "libgpu_sim.so not found next to {} (build it: cargo build --release -p gpu-sim)",
+            exe.display()
+        )
+    })?;
     let so = so
         .canonicalize()
         .map_err(|e| format!("{}: {e}", so.display()))?;

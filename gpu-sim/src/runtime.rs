@@ -349,12 +349,15 @@ impl Sim {
 
     /// Records `detail` for `code`, returned by cuGetErrorString, and prints it.
     pub fn note(&self, f: &Failure) {
-        if f.code != code::NOT_READY {
+        let Ok(c) = std::ffi::CString::new(f.message.replace('\0', " ")) else {
+            return;
+        };
+        let mut details = self.details.lock().unwrap();
+        // A sticky fault comes back from every later call: print it once.
+        if f.code != code::NOT_READY && details.get(&f.code) != Some(&c) {
             eprintln!("gpu-sim: {}", f.message);
         }
-        if let Ok(c) = std::ffi::CString::new(f.message.replace('\0', " ")) {
-            self.details.lock().unwrap().insert(f.code, c);
-        }
+        details.insert(f.code, c);
     }
 
     /// The latest detail recorded for `code`.
@@ -637,10 +640,22 @@ impl Device {
                 Op::Wait { stream: s, seq: w } => self.run_until(s, w)?,
                 Op::Record(ev) => sim().executed_record(ev, seq),
                 Op::Job(label, job) => {
-                    if sim().cfg.trace {
-                        eprintln!("gpu-sim: cuda:{} stream {stream:#x}: {label}", self.ordinal);
+                    let trace = sim().cfg.trace.then(|| (Instant::now(), self.stats().1));
+                    let r = job(self);
+                    if let Some((t0, w0)) = trace {
+                        let w = self.stats().1 - w0;
+                        eprintln!(
+                            "gpu-sim: cuda:{} stream {stream:#x}: {label}: {:.3} ms{}",
+                            self.ordinal,
+                            t0.elapsed().as_secs_f64() * 1e3,
+                            if w > 0 {
+                                format!(", {w} warp-instructions")
+                            } else {
+                                String::new()
+                            }
+                        );
                     }
-                    if let Err(f) = job(self) {
+                    if let Err(f) = r {
                         let f = Failure::new(
                             f.code,
                             format!("cuda:{}: {label}: {}", self.ordinal, f.message),

@@ -714,9 +714,7 @@ fn new_stream(s: &mut Handle) -> i32 {
 fn the_shared_library_exports_every_symbol_the_engine_resolves() {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap();
-    let so = [dir.join("libgpu_sim.so"), dir.join("../libgpu_sim.so")]
-        .into_iter()
-        .find(|p| p.exists())
+    let so = gpu_sim::shared_library_near(dir)
         .unwrap_or_else(|| panic!("libgpu_sim.so not found near {}", exe.display()));
     let path = std::ffi::CString::new(so.to_str().unwrap()).unwrap();
     // SAFETY: dlopen of a library this package builds; only symbol addresses are looked up,

@@ -25,9 +25,7 @@ fn the_engine_sequence_through_cudarc_bindings() {
     }
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap();
-    let so = [dir.join("libgpu_sim.so"), dir.join("../libgpu_sim.so")]
-        .into_iter()
-        .find(|p| p.exists())
+    let so = gpu_sim::shared_library_near(dir)
         .unwrap_or_else(|| panic!("libgpu_sim.so not found near {}", exe.display()));
     let lib = std::env::temp_dir().join(format!("gpu-sim-blas-cudarc-{}", std::process::id()));
     std::fs::create_dir_all(&lib).unwrap();

@@ -13,8 +13,17 @@ pub struct TokenizeArgs {
     #[arg(long)]
     bos: bool,
     /// Read a JSON array of ids from stdin and print the text.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "chat")]
     decode: bool,
+    /// Read a JSON list of `{"role", "content"}` messages from stdin and print the ids of its
+    /// Llama 2 chat rendering, exactly what SFT trains on (BOS included; `--bos` is implied).
+    /// `--mask` also prints which ids carry the loss.
+    #[arg(long, conflicts_with = "bos")]
+    chat: bool,
+    /// With --chat: print `{"ids": [...], "mask": [...]}`, the mask true on learned (assistant)
+    /// tokens.
+    #[arg(long, requires = "chat")]
+    mask: bool,
 }
 
 pub fn tokenize(a: TokenizeArgs) -> Result<()> {
@@ -22,13 +31,28 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
         tokenizer,
         bos,
         decode,
+        chat,
+        mask,
     } = a;
     let tok = Tokenizer::from_file(&tokenizer)?;
     let mut input = Vec::new();
     std::io::stdin()
         .read_to_end(&mut input)
         .context("reading stdin")?;
-    if decode {
+    if chat {
+        let text = String::from_utf8(input).context("stdin is not UTF-8")?;
+        let v: serde_json::Value = serde_json::from_str(text.trim())
+            .context("--chat expects a JSON list of {\"role\", \"content\"} messages on stdin")?;
+        // The same message reader as the data files, so roles and fields are checked alike.
+        let msgs = trainer::formats::messages(&serde_json::json!({ "messages": v }), "messages")
+            .context("--chat expects a JSON list of {\"role\", \"content\"} messages on stdin")?;
+        let (ids, learn) = tok.chat(&msgs)?;
+        if mask {
+            println!("{}", serde_json::json!({"ids": ids, "mask": learn}));
+        } else {
+            println!("{}", serde_json::to_string(&ids)?);
+        }
+    } else if decode {
         let text = String::from_utf8(input).context("stdin is not UTF-8")?;
         let ids: Vec<u32> = serde_json::from_str(text.trim())
             .context("--decode expects a JSON array of token ids on stdin")?;
@@ -50,6 +74,31 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
         let ids = tok.encode(&text, bos)?;
         println!("{}", serde_json::to_string(&ids)?);
     }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct ConvertArgs {
+    /// What the input holds: dialogues (SFT), pairs (reward models) or prompts (RS, PPO).
+    #[arg(long)]
+    kind: trainer::formats::Kind,
+    /// The JSONL file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// JSONL files in any shape `sft`, `train-rm` or `ppo` read.
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// Skip (and report) bad lines instead of stopping at the first.
+    #[arg(long)]
+    skip_bad: bool,
+}
+
+pub fn convert(a: ConvertArgs) -> Result<()> {
+    let (n, skipped) = trainer::formats::convert(a.kind, &a.inputs, &a.out, a.skip_bad)?;
+    println!(
+        "{}: {n} records in TRL's conversational form ({skipped} bad lines skipped)",
+        a.out.display()
+    );
     Ok(())
 }
 

@@ -293,7 +293,8 @@ fn chat_on<B: engine::Backend>(be: B, a: ChatArgs) -> Result<()> {
 pub struct ScoreArgs {
     #[arg(long)]
     rm: PathBuf,
-    /// JSONL rows: {prompt, response}, {messages} ending with the response, or HH transcripts.
+    /// JSONL rows: {prompt, completion|response} (text or messages), {messages} ending with the
+    /// response, or HH transcripts.
     #[arg(long, num_args = 1.., required = true)]
     input: Vec<PathBuf>,
     #[arg(long)]
@@ -310,9 +311,9 @@ pub fn score_cmd(a: ScoreArgs) -> Result<()> {
 }
 
 fn score_on<B: engine::Backend>(be: B, a: ScoreArgs) -> Result<()> {
-    use trainer::rm::{load_rm, read_score_rows, score};
+    use trainer::rm::{load_rm, score};
     let (mut model, tok) = load_rm(be, &a.rm)?;
-    let rows = read_score_rows(&a.input)?;
+    let rows = trainer::formats::read_scored(&a.input)?;
     let seq_len = a.seq_len.unwrap_or(model.cfg.max_position_embeddings);
     let scores = score(&mut model, &tok, &rows, seq_len, a.batch_size)?;
     for ((p, r), s) in rows.iter().zip(scores) {

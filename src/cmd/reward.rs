@@ -10,8 +10,9 @@ pub struct TrainRmArgs {
     /// The checkpoint to start from: an SFT/chat model (as the paper does), or a reward model.
     #[arg(long)]
     init: PathBuf,
-    /// Preference JSONL: {prompt|messages, chosen, rejected, rating?, chosen_safe?, rejected_safe?,
-    /// category?} or HH transcripts {chosen, rejected}.
+    /// Preference JSONL in any accepted shape (TRL's `chosen`/`rejected` with or without
+    /// `prompt`, as text or messages; HH transcripts), with optional `rating`, `chosen_safe`,
+    /// `rejected_safe`, `is_safety`/`category`.
     #[arg(long = "data", num_args = 1.., required = true)]
     data: Vec<PathBuf>,
     #[arg(long, default_value = "runs/rm")]
@@ -130,11 +131,11 @@ pub fn eval_rm(a: EvalRmArgs) -> Result<()> {
 
 fn eval_rm_on<B: engine::Backend>(be: B, a: EvalRmArgs) -> Result<()> {
     use trainer::rm::{
-        evaluate, load_rm, read_pairs, select_pairs, split_pairs, write_eval, RmKind,
+        evaluate, load_rm, select_pairs, split_pairs, write_eval, RmKind,
     };
     let kind: RmKind = a.kind.parse().map_err(anyhow::Error::msg)?;
     let (mut model, tok) = load_rm(be, &a.rm)?;
-    let (pairs, _) = read_pairs(&a.data, false)?;
+    let (pairs, _) = trainer::formats::read_pairs(&a.data, false)?;
     let sel = select_pairs(pairs, kind);
     let pairs = if a.val_fraction > 0.0 {
         split_pairs(sel.pairs, a.val_fraction).1

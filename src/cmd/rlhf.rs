@@ -3,7 +3,6 @@
 
 use super::common::on_device;
 use anyhow::{bail, Context, Result};
-use engine::Cpu;
 use std::path::PathBuf;
 use trainer::device::Device;
 
@@ -16,10 +15,14 @@ pub struct RejectionSampleArgs {
     rm_helpfulness: PathBuf,
     #[arg(long)]
     rm_safety: PathBuf,
-    /// Prompt JSONL: rows with `messages` ending in a user turn; `category: "safety"` tags
-    /// safety prompts.
+    /// Prompt JSONL in any shape (`prompt` as text or messages, `messages`, prompt/completion,
+    /// preference pairs, HH transcripts; a trailing answer is dropped); `category: "safety"` or
+    /// `is_safety: true` tags safety prompts.
     #[arg(long)]
     prompts: PathBuf,
+    /// Skip (and report) bad prompt lines instead of stopping at the first.
+    #[arg(long)]
+    skip_bad: bool,
     #[arg(long, default_value = "runs/rs")]
     out: PathBuf,
     #[arg(long, default_value_t = 1)]
@@ -39,6 +42,15 @@ pub struct RejectionSampleArgs {
     seq_len: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The longest answer sampled, in tokens.
+    #[arg(long, default_value_t = 48)]
+    max_new_tokens: usize,
+    /// Samples generated and scored per forward.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Where the policy, the reward models and the fine-tuning run: cpu, cuda[:N] or auto.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
 }
 
 pub fn rejection_sample(a: RejectionSampleArgs) -> Result<()> {
@@ -56,10 +68,24 @@ pub fn rejection_sample(a: RejectionSampleArgs) -> Result<()> {
         epochs,
         seq_len,
         seed,
+        skip_bad,
+        max_new_tokens,
+        batch,
+        device,
     } = a;
     use trainer::rs::{run_round, write_report, Pool, RsConfig, RsPrompt};
+    if max_new_tokens == 0 || batch == 0 {
+        bail!("--max-new-tokens and --batch must be at least 1");
+    }
     // The prompt reader PPO uses: file:line errors, roles checked, a trailing answer dropped.
-    let mut ps: Vec<RsPrompt> = trainer::ppo::read_prompts(std::slice::from_ref(&prompts))?
+    let (ps, skipped) = trainer::formats::read_prompts(std::slice::from_ref(&prompts), Some(skip_bad))?;
+    if ps.is_empty() {
+        bail!("{}: no prompts", prompts.display());
+    }
+    if skipped > 0 {
+        println!("{skipped} bad prompt line(s) skipped");
+    }
+    let mut ps: Vec<RsPrompt> = ps
         .into_iter()
         .map(|p| RsPrompt {
             messages: p.messages,
@@ -76,14 +102,16 @@ pub fn rejection_sample(a: RejectionSampleArgs) -> Result<()> {
         epochs,
         seq_len,
         seed,
+        max_new_tokens,
+        batch,
         ..Default::default()
     };
     let mut pool = Pool::default();
     let mut current = model;
     let mut stats = Vec::new();
     for r in 1..=rounds {
-        let st = run_round(
-            Cpu,
+        let st = on_device!(device, |be| run_round(
+            be,
             &current,
             &rm_helpfulness,
             &rm_safety,
@@ -92,7 +120,7 @@ pub fn rejection_sample(a: RejectionSampleArgs) -> Result<()> {
             r,
             &mut pool,
             &out,
-        )?;
+        ))?;
         println!(
             "round {r}: {} prompts x {k}: mean max reward {:.4}, mean median {:.4} (delta {:.4}); pool {}",
             st.prompts, st.mean_max, st.mean_median, st.mean_max - st.mean_median, st.pool
@@ -125,7 +153,9 @@ pub struct PpoArgs {
     /// The critic's initialisation (default: the helpfulness reward model).
     #[arg(long)]
     critic: Option<PathBuf>,
-    /// Prompt JSONL (`messages` ending with a user turn; `category: "safety"` tags safety prompts).
+    /// Prompt JSONL in any shape (`prompt` as text or messages, `messages`, prompt/completion,
+    /// preference pairs, HH transcripts); `category: "safety"` or `is_safety: true` tags safety
+    /// prompts.
     #[arg(long, num_args = 1..)]
     prompts: Vec<PathBuf>,
     /// Held-out prompts for early stopping (default: every 20th prompt).

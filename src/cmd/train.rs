@@ -180,6 +180,18 @@ impl RunArgs {
     }
 }
 
+/// Micro-batches per step for `--batch-tokens` (1 without it).
+fn grad_accum(batch_tokens: Option<usize>, batch_size: usize, seq_len: usize) -> Result<usize> {
+    let Some(bt) = batch_tokens else {
+        return Ok(1);
+    };
+    let micro = batch_size.saturating_mul(seq_len);
+    if micro == 0 || bt % micro != 0 || bt == 0 {
+        bail!("--batch-tokens {bt} is not a multiple of batch-size x seq-len = {micro}");
+    }
+    Ok(bt / micro)
+}
+
 /// Whether `id` was given on the command line (not a default).
 fn explicit(given: &ArgMatches, id: &str) -> bool {
     matches!(given.value_source(id), Some(ValueSource::CommandLine))
@@ -297,13 +309,7 @@ pub fn pretrain(a: PretrainArgs, given: &ArgMatches) -> Result<()> {
         c.data = data;
         c.seq_len = a.seq_len;
         c.batch_size = a.batch_size;
-        if let Some(bt) = a.batch_tokens {
-            let micro = a.batch_size.saturating_mul(a.seq_len);
-            if micro == 0 || bt % micro != 0 || bt == 0 {
-                bail!("--batch-tokens {bt} is not a multiple of batch-size x seq-len = {micro}");
-            }
-            c.grad_accum = bt / micro;
-        }
+        c.grad_accum = grad_accum(a.batch_tokens, a.batch_size, a.seq_len)?;
         if let Some(lr) = a.lr {
             c.lr = lr;
         }
@@ -398,8 +404,13 @@ pub struct SftArgs {
     weight_decay: f32,
     #[arg(long, default_value_t = 256)]
     seq_len: usize,
+    /// Rows of --seq-len tokens per micro-batch.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
+    /// Tokens per optimizer step (a multiple of batch-size x seq-len; the rest is gradient
+    /// accumulation, which gives the gradient of one batch that large).
+    #[arg(long)]
+    batch_tokens: Option<usize>,
     #[arg(long, default_value_t = 0.05)]
     val_fraction: f64,
     #[arg(long, default_value_t = 50)]
@@ -459,13 +470,24 @@ pub fn sft(a: SftArgs, given: &ArgMatches) -> Result<()> {
         c.weight_decay = a.weight_decay;
         c.seq_len = a.seq_len;
         c.batch_size = a.batch_size;
+        c.grad_accum = grad_accum(a.batch_tokens, a.batch_size, a.seq_len)?;
         c.eval_every = a.eval_every;
         c.ckpt_every = a.ckpt_every;
         c.seed = a.seed;
         a.run.apply(&mut c, false, given);
         c
     };
-    let (rep, lead) = a.run.train(&cfg, a.resume.as_deref(), |_, _| {})?;
+    let header = |place: &str, world: usize| {
+        println!(
+            "sft on {place}: rows of {} tokens, {} per step ({world} x batch {} x accum {}), peak lr {:.2e}",
+            cfg.seq_len,
+            world * cfg.batch_size * cfg.grad_accum,
+            cfg.batch_size,
+            cfg.grad_accum,
+            cfg.lr
+        )
+    };
+    let (rep, lead) = a.run.train(&cfg, a.resume.as_deref(), header)?;
     if !lead {
         return Ok(());
     }

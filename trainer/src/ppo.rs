@@ -36,7 +36,7 @@
 use crate::evaluate::chat_answers;
 use crate::optimizer::{as_sink, Optim};
 use crate::plot::{line_plot, read_series};
-pub use crate::prompts::{read_prompts, Prompt};
+use crate::formats::Prompt;
 use crate::rm::{load_rm, score};
 use crate::run_dir::{self, MetricsWriter};
 use crate::world::{Annotator, World};
@@ -1088,7 +1088,7 @@ pub fn train_dp<B: Backend>(
     }
 
     // ---- prompts
-    let mut train_p = read_prompts(&cfg.prompts)?;
+    let mut train_p = crate::formats::read_prompts(&cfg.prompts, None)?.0;
     let mut eval_p = if cfg.eval_prompts.is_empty() {
         let all = std::mem::take(&mut train_p);
         let mut held = Vec::new();
@@ -1101,7 +1101,7 @@ pub fn train_dp<B: Backend>(
         }
         held
     } else {
-        read_prompts(&cfg.eval_prompts)?
+        crate::formats::read_prompts(&cfg.eval_prompts, None)?.0
     };
     eval_p.truncate(cfg.eval_size);
     ensure!(!train_p.is_empty(), "no training prompts");

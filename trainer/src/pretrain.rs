@@ -852,7 +852,7 @@ pub fn run_dp<B: Backend>(
     let tokens_per_step = world * cfg.batch_size * cfg.grad_accum * t;
     let bar = run_dir::progress(cfg.kind(), cfg.steps as u64, cfg.progress && lead);
     bar.set_position(start_step as u64);
-    let mut rows = Rows::default();
+    let mut micro_rows: Vec<Rows> = (0..cfg.grad_accum).map(|_| Rows::default()).collect();
     let mut logs = Vec::new();
     let mut last_ckpt = None;
     let mut interrupted = false;
@@ -867,12 +867,27 @@ pub fn run_dp<B: Backend>(
         let lr = sched.lr(step);
         let mut loss_sum = 0f64;
         let mut bad: Option<String> = None;
-        for micro in 0..cfg.grad_accum {
-            source.next_for_rank(cfg.batch_size, rank, world, &mut rows);
+        // The step's rows come first: every micro-batch's gradient is scaled by the whole step's
+        // target count (all ranks'), so accumulation gives the gradient of one batch of all the
+        // rows. SFT rows carry different numbers of learned tokens: a mean of micro-batch means
+        // would weigh each token by its micro-batch's count.
+        for rows in micro_rows.iter_mut() {
+            source.next_for_rank(cfg.batch_size, rank, world, rows);
+        }
+        let mut step_count: usize = micro_rows
+            .iter()
+            .map(|r| r.targets.iter().filter(|&&x| x >= 0).count())
+            .sum();
+        if let Some(c) = comm.as_deref_mut() {
+            let mut s = [step_count as f32];
+            c.all_reduce_sum(&mut s)?;
+            step_count = s[0] as usize;
+        }
+        for (micro, rows) in micro_rows.iter().enumerate() {
             model.forward(&rows.batch(t))?;
             let (mut loss, mut count) = model.lm_loss(&rows.targets)?;
             if let Some(c) = comm.as_deref_mut() {
-                // The global mean and count: every rank then scales by the same 1/count, and a
+                // The global mean and count: the logged loss is the global one, and a
                 // non-finite loss anywhere is seen (and handled) on every rank.
                 let mut s = [(loss as f64 * count as f64) as f32, count as f32];
                 c.all_reduce_sum(&mut s)?;
@@ -890,17 +905,17 @@ pub fn run_dp<B: Backend>(
                 });
                 break;
             }
-            loss_sum += loss as f64;
+            loss_sum += loss as f64 * count as f64;
             // The last micro-batch's backward reduces finished buckets as it goes.
             let mut sink = if micro + 1 == cfg.grad_accum {
                 opt.overlap(comm.as_deref_mut(), cfg.bucket_mb)
             } else {
                 None
             };
-            let scale = 1.0 / (count.max(1) * cfg.grad_accum) as f32;
+            let scale = 1.0 / step_count.max(1) as f32;
             model.backward_lm_with(scale, as_sink(&mut sink))?;
         }
-        let loss = (loss_sum / cfg.grad_accum as f64) as f32;
+        let loss = (loss_sum / step_count.max(1) as f64) as f32;
         let stats = match bad {
             Some(b) => Err(b),
             None => match opt.step(&mut model, comm.as_deref_mut(), lr) {

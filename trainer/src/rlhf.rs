@@ -10,7 +10,8 @@
 use crate::pipeline::{evaluate_stage, rm_json, StageEval};
 use crate::ppo::{train as ppo_train, PpoConfig, PpoReport};
 use crate::prefs::{collect, PrefsConfig};
-use crate::rm::{evaluate as rm_evaluate, load_rm, read_pairs, RmConfig, RmKind};
+use crate::formats::read_pairs;
+use crate::rm::{evaluate as rm_evaluate, load_rm, RmConfig, RmKind};
 use crate::rs::{run_round, Pool, RoundStats, RsConfig, RsPrompt};
 use crate::run_dir::write_jsonl;
 use crate::world::{read_examples, Annotator, Category, Example, World};

@@ -7,15 +7,15 @@
 //! Checkpoints are Hugging Face's `LlamaForSequenceClassification` (`num_labels` 1,
 //! `score.weight` [1, H]), so `transformers` loads what we write and we load what it writes.
 //!
-//! Accepted JSONL pairs: `{"prompt" | "messages", "chosen", "rejected", "rating"?,
-//! "chosen_safe"?, "rejected_safe"?, "category"?}` and Anthropic HH transcripts
-//! `{"chosen", "rejected"}` (two dialogues that differ only in the last assistant turn).
+//! Pairs are read by [`crate::formats::read_pairs`]: TRL's preference shapes (explicit or implicit
+//! prompt, text or messages), HH transcripts, with the paper's `rating`, `chosen_safe`,
+//! `rejected_safe` and `is_safety`/`category`.
 
 use crate::plot::{histogram_plot, line_plot, read_series};
 use crate::run_dir::{say, MetricsWriter};
 use crate::schedule::Cosine;
-use crate::sft::parse_hh;
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use crate::formats::check_prompt;
+use anyhow::{bail, ensure, Context, Result};
 use engine::check::ranking_loss;
 use engine::checkpoint::{load_model, load_weights, save_model, SaveOptions, TensorFiles};
 use engine::optim::{AdamW, AdamWConfig};
@@ -200,122 +200,6 @@ impl Pair {
             origin: String::new(),
         }
     }
-}
-
-/// The prompt must be something a response answers: optional system, then user/assistant
-/// alternating, ending with a user turn (the chat template rejects anything else later, where
-/// the line number is no longer known).
-fn check_prompt(msgs: &[Message]) -> Result<()> {
-    ensure!(!msgs.is_empty(), "the prompt is empty");
-    engine::tokenizer::check_roles(msgs).context("the prompt")?;
-    ensure!(
-        msgs.last().is_some_and(|m| m.role == "user"),
-        "the prompt must end with a user turn (the responses answer it)"
-    );
-    Ok(())
-}
-
-fn opt_field<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
-    v.get(key).filter(|x| !x.is_null())
-}
-
-fn str_field<'a>(v: &'a serde_json::Value, key: &str) -> Result<&'a str> {
-    opt_field(v, key)
-        .ok_or_else(|| anyhow!("missing `{key}`"))?
-        .as_str()
-        .ok_or_else(|| anyhow!("`{key}` is not a string"))
-}
-
-fn bool_field(v: &serde_json::Value, key: &str) -> Result<Option<bool>> {
-    opt_field(v, key)
-        .map(|x| {
-            x.as_bool()
-                .ok_or_else(|| anyhow!("`{key}` is not true/false"))
-        })
-        .transpose()
-}
-
-/// One JSONL row as a pair (without its origin).
-pub fn parse_pair(v: &serde_json::Value) -> Result<Pair> {
-    ensure!(v.is_object(), "expected a JSON object");
-    let chosen = str_field(v, "chosen")?;
-    let rejected = str_field(v, "rejected")?;
-    let (prompt, chosen, rejected) = if let Some(m) = opt_field(v, "messages") {
-        let msgs: Vec<Message> = serde_json::from_value(m.clone())
-            .map_err(|e| anyhow!("`messages` must be a list of {{role, content}}: {e}"))?;
-        (msgs, chosen.to_string(), rejected.to_string())
-    } else if opt_field(v, "prompt").is_some() {
-        let p = str_field(v, "prompt")?;
-        (
-            vec![Message::new("user", p)],
-            chosen.to_string(),
-            rejected.to_string(),
-        )
-    } else {
-        // HH: two transcripts sharing everything before their last assistant turn.
-        let c = parse_hh(chosen).context("`chosen` (an HH transcript, as there is no `prompt`)")?;
-        let r = parse_hh(rejected).context("`rejected` (an HH transcript)")?;
-        let last_is_assistant = |m: &[Message]| m.last().is_some_and(|x| x.role == "assistant");
-        ensure!(
-            last_is_assistant(&c) && last_is_assistant(&r),
-            "HH transcripts must end with an `Assistant:` turn"
-        );
-        ensure!(
-            c[..c.len() - 1] == r[..r.len() - 1],
-            "`chosen` and `rejected` differ before their last assistant turn (a pair compares two answers to one dialogue)"
-        );
-        let (rc, rr) = (
-            c[c.len() - 1].content.clone(),
-            r[r.len() - 1].content.clone(),
-        );
-        let mut prompt = c;
-        prompt.pop();
-        (prompt, rc, rr)
-    };
-    check_prompt(&prompt)?;
-    ensure!(
-        chosen.trim() != rejected.trim(),
-        "`chosen` and `rejected` are the same answer: the pair ranks nothing"
-    );
-    let rating = match opt_field(v, "rating") {
-        None => None,
-        Some(x) => Some(
-            x.as_str()
-                .ok_or_else(|| anyhow!("`rating` is not a string"))?
-                .parse()?,
-        ),
-    };
-    let category = match opt_field(v, "category") {
-        None => None,
-        Some(x) => Some(
-            x.as_str()
-                .ok_or_else(|| anyhow!("`category` is not a string"))?
-                .parse()
-                .map_err(|_| {
-                    anyhow!("`category` must be \"helpfulness\" or \"safety\", got {x}")
-                })?,
-        ),
-    };
-    Ok(Pair {
-        prompt,
-        chosen,
-        rejected,
-        rating,
-        chosen_safe: bool_field(v, "chosen_safe")?,
-        rejected_safe: bool_field(v, "rejected_safe")?,
-        category,
-        origin: String::new(),
-    })
-}
-
-/// Reads pairs from JSONL files. A malformed line is an error naming `file:line`, or with
-/// `skip_bad` a warning (the count of skipped lines is returned).
-pub fn read_pairs(files: &[PathBuf], skip_bad: bool) -> Result<(Vec<Pair>, usize)> {
-    crate::run_dir::read_jsonl(files, skip_bad, |v, origin| {
-        let mut p = parse_pair(&v)?;
-        p.origin = origin.to_string();
-        Ok(p)
-    })
 }
 
 /// The pairs one reward model trains on, and what was set aside.
@@ -620,21 +504,6 @@ pub fn score<B: Backend>(
         .collect::<Result<_>>()?;
     let refs: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
     score_sequences(model, &refs, batch, tok.eos)
-}
-
-/// (prompt, response) rows for `score` from JSONL: `{"prompt", "response"}`, `{"messages"}`
-/// ending with the assistant turn to score, or an HH transcript in `chosen`/`text`. Errors name
-/// `file:line`.
-pub fn read_score_rows(files: &[PathBuf]) -> Result<Vec<(Vec<Message>, String)>> {
-    let parse = |v, _: &str| {
-        let mut m = crate::sft::row_messages(&v)?;
-        let last = m.pop().filter(|x| x.role == "assistant");
-        let last = last
-            .ok_or_else(|| anyhow!("the dialogue must end with the assistant response to score"))?;
-        check_prompt(&m)?;
-        Ok((m, last.content))
-    };
-    Ok(crate::run_dir::read_jsonl(files, false, parse)?.0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1099,7 +968,7 @@ pub fn train<B: Backend>(be: B, cfg: &RmConfig) -> Result<RmReport> {
         "--seq-len {seq_len} must be in 2..={max_pos} (the model's max_position_embeddings)"
     );
 
-    let (pairs, skipped_lines) = read_pairs(&cfg.data, cfg.skip_bad)?;
+    let (pairs, skipped_lines) = crate::formats::read_pairs(&cfg.data, cfg.skip_bad)?;
     let read = pairs.len();
     let sel = select_pairs(pairs, cfg.kind);
     ensure!(

@@ -85,11 +85,12 @@ fn split_jsonl(bytes: &[u8]) -> impl Iterator<Item = (usize, Result<&str>)> {
 
 /// Every row of JSONL `files` through `parse` (the line's JSON value and its `file:line`). A
 /// line that is not UTF-8, not JSON, or that `parse` rejects is an error naming `file:line`, or
-/// with `skip_bad` a warning; returns the rows and how many lines were skipped. The record
-/// readers (dialogues, pairs, prompts, score rows) are `parse` functions over this.
+/// with `skip_bad: Some(true)` a warning; `Some(false)` is a command with `--skip-bad` (the error
+/// says so), `None` one without. Returns the rows and how many lines were skipped. The record
+/// readers of `formats` (dialogues, pairs, prompts, score rows) are `parse` functions over this.
 pub fn read_jsonl<T>(
     files: &[PathBuf],
-    skip_bad: bool,
+    skip_bad: Option<bool>,
     mut parse: impl FnMut(serde_json::Value, &str) -> Result<T>,
 ) -> Result<(Vec<T>, usize)> {
     let mut out = Vec::new();
@@ -105,11 +106,14 @@ pub fn read_jsonl<T>(
                 .and_then(|v| parse(v, &origin));
             match row {
                 Ok(r) => out.push(r),
-                Err(e) if skip_bad => {
+                Err(e) if skip_bad == Some(true) => {
                     eprintln!("warning: skipped {origin}: {e:#}");
                     skipped += 1;
                 }
-                Err(e) => bail!("{origin}: {e:#} (pass --skip-bad to skip such lines)"),
+                Err(e) if skip_bad.is_some() => {
+                    bail!("{origin}: {e:#} (pass --skip-bad to skip such lines)")
+                }
+                Err(e) => bail!("{origin}: {e:#}"),
             }
         }
     }
@@ -372,12 +376,12 @@ mod tests {
                 .as_i64()
                 .ok_or_else(|| anyhow!("`a` is not a number"))
         };
-        let e = read_jsonl(std::slice::from_ref(&f), false, parse).unwrap_err();
+        let e = read_jsonl(std::slice::from_ref(&f), Some(false), parse).unwrap_err();
         assert!(
             format!("{e:#}").contains("x.jsonl:3: `a` is not a number"),
             "{e:#}"
         );
-        let (rows, skipped) = read_jsonl(std::slice::from_ref(&f), true, parse).unwrap();
+        let (rows, skipped) = read_jsonl(std::slice::from_ref(&f), Some(true), parse).unwrap();
         assert_eq!((rows, skipped), (vec![1], 2));
     }
 }

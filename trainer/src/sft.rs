@@ -2,10 +2,10 @@
 //! template, packed back to back to fill the sequence length, the loss only on assistant tokens,
 //! and no attention across the documents of a pack (per-document positions and masks).
 //!
-//! Accepted JSONL rows: `{"messages": [{"role", "content"}, ...]}`, `{"prompt", "response"}`, and
-//! Anthropic HH transcripts `{"chosen": "\n\nHuman: ...\n\nAssistant: ..."}` (or `"text"`).
+//! Rows are read by [`crate::formats`] (messages, prompt/completion, pairs' chosen answers, HH
+//! transcripts).
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{ensure, Result};
 use engine::tokenizer::{Message, Tokenizer};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
@@ -23,103 +23,6 @@ pub struct Dialogue {
 pub struct Doc {
     pub ids: Vec<u32>,
     pub learn: Vec<bool>,
-}
-
-/// Parses an HH transcript (`\n\nHuman: ...\n\nAssistant: ...`) into alternating messages.
-pub fn parse_hh(text: &str) -> Result<Vec<Message>> {
-    let mut msgs = Vec::new();
-    let mut rest = text;
-    let tags = [("\n\nHuman:", "user"), ("\n\nAssistant:", "assistant")];
-    let next_tag = |s: &str| {
-        tags.iter()
-            .filter_map(|(t, r)| s.find(t).map(|i| (i, *t, *r)))
-            .min_by_key(|x| x.0)
-    };
-    let Some((first, _, _)) = next_tag(rest) else {
-        bail!("no `\\n\\nHuman:` / `\\n\\nAssistant:` turns");
-    };
-    rest = &rest[first..];
-    while let Some((i, tag, role)) = next_tag(rest) {
-        debug_assert_eq!(i, 0);
-        let body = &rest[tag.len()..];
-        let end = next_tag(body).map(|x| x.0).unwrap_or(body.len());
-        msgs.push(Message::new(role, body[..end].trim()));
-        rest = &body[end..];
-    }
-    // Merge consecutive turns of one role (some transcripts repeat a speaker).
-    let mut merged: Vec<Message> = Vec::new();
-    for m in msgs {
-        match merged.last_mut() {
-            Some(l) if l.role == m.role => {
-                l.content.push('\n');
-                l.content.push_str(&m.content);
-            }
-            _ => merged.push(m),
-        }
-    }
-    Ok(merged)
-}
-
-/// The dialogue of one JSONL row in any accepted format.
-pub fn row_messages(v: &serde_json::Value) -> Result<Vec<Message>> {
-    if let Some(m) = v.get("messages") {
-        let msgs: Vec<Message> = serde_json::from_value(m.clone())
-            .map_err(|e| anyhow!("`messages` must be a list of {{role, content}}: {e}"))?;
-        for (i, m) in msgs.iter().enumerate() {
-            ensure!(
-                matches!(m.role.as_str(), "system" | "user" | "assistant"),
-                "messages[{i}]: unknown role `{}` (system, user or assistant)",
-                m.role
-            );
-        }
-        return Ok(msgs);
-    }
-    if let (Some(p), Some(r)) = (v.get("prompt"), v.get("response")) {
-        let (p, r) = (
-            p.as_str().context("`prompt` is not a string")?,
-            r.as_str().context("`response` is not a string")?,
-        );
-        return Ok(vec![Message::new("user", p), Message::new("assistant", r)]);
-    }
-    for key in ["chosen", "text"] {
-        if let Some(t) = v.get(key).and_then(|t| t.as_str()) {
-            return parse_hh(t).with_context(|| format!("field `{key}`"));
-        }
-    }
-    bail!("expected `messages`, `prompt`+`response`, or an HH transcript in `chosen`")
-}
-
-/// Reads dialogues from JSONL files; a bad line is an error naming file and line (or, with
-/// `skip_bad`, a warning).
-pub fn read_dialogues(files: &[PathBuf], skip_bad: bool) -> Result<(Vec<Dialogue>, usize)> {
-    let (out, skipped) = crate::run_dir::read_jsonl(files, skip_bad, |v, _| {
-        let m = row_messages(&v)?;
-        // The chat template's role order, checked here where the line is known.
-        engine::tokenizer::check_roles(&m)?;
-        ensure!(
-            m.iter().any(|x| x.role == "assistant"),
-            "no assistant turn to learn from"
-        );
-        let last_turn_only = match v.get("learn").and_then(|l| l.as_str()) {
-            None | Some("all") => false,
-            Some("last") => true,
-            Some(o) => bail!("`learn` is `{o}`: expected \"all\" or \"last\""),
-        };
-        Ok(Dialogue {
-            messages: m,
-            last_turn_only,
-        })
-    })?;
-    ensure!(
-        !out.is_empty(),
-        "no dialogues in {}",
-        files
-            .iter()
-            .map(|f| f.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    Ok((out, skipped))
 }
 
 /// Tokenizes dialogues with the chat template; dialogues longer than `max_len` are cut (their
@@ -296,7 +199,7 @@ pub fn load(
     val_fraction: f64,
     skip_bad: bool,
 ) -> Result<SftData> {
-    let (dialogues, skipped) = read_dialogues(files, skip_bad)?;
+    let (dialogues, skipped) = crate::formats::read_dialogues(files, skip_bad)?;
     let (docs, truncated) = tokenize(tok, &dialogues, seq_len)?;
     ensure!(
         !docs.is_empty(),

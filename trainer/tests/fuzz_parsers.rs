@@ -277,8 +277,11 @@ fn mutate(rng: &mut ChaCha8Rng, seed: &[u8], keys: &[&str]) -> Vec<u8> {
 }
 
 /// The fields of the JSONL shapes the readers know.
-const JSONL_KEYS: [&str; 16] = [
+const JSONL_KEYS: [&str; 19] = [
     "messages",
+    "completion",
+    "is_safety",
+    "label",
     "role",
     "content",
     "prompt",
@@ -541,17 +544,25 @@ fn no_parser_panics_on_hostile_files() {
             {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}),
         json!({"prompt": "Hi", "response": "Hello", "learn": "last"}),
         json!({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello"}),
+        json!({"prompt": [{"role": "user", "content": "Hi"}],
+            "completion": [{"role": "assistant", "content": "Hello"}]}),
     ];
     let pairs = [
         json!({"prompt": "Hi", "chosen": "Hello", "rejected": "Go", "rating": "better",
             "chosen_safe": true, "rejected_safe": false, "category": "safety"}),
         json!({"messages": [{"role": "user", "content": "Hi"}], "chosen": "A", "rejected": "B"}),
         json!({"chosen": "\n\nHuman: Hi\n\nAssistant: A", "rejected": "\n\nHuman: Hi\n\nAssistant: B"}),
+        json!({"prompt": [{"role": "user", "content": "Hi"}], "is_safety": true,
+            "chosen": [{"role": "assistant", "content": "A"}],
+            "rejected": [{"role": "assistant", "content": "B"}]}),
+        json!({"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A"}],
+            "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "B"}]}),
     ];
     let prompts = [
         json!({"messages": [{"role": "user", "content": "Hi"}], "category": "safety"}),
         json!({"prompt": "Hi"}),
         json!({"prompt": "Hi", "response": "Hello"}),
+        json!({"prompt": [{"role": "user", "content": "Hi"}], "is_safety": true}),
     ];
     let examples = [json!({"id": "x", "category": "helpfulness", "kind": "fact",
         "messages": [{"role": "user", "content": "Hi"}], "answer": "A"})];
@@ -568,12 +579,12 @@ fn no_parser_panics_on_hostile_files() {
         trainer::sft::load(&files, &tok, 64, 0.5, false)
             .unwrap()
             .dialogues,
-        3
+        4
     );
     std::fs::write(&file, lines(&pairs)).unwrap();
-    assert_eq!(trainer::rm::read_pairs(&files, false).unwrap().0.len(), 3);
+    assert_eq!(trainer::formats::read_pairs(&files, false).unwrap().0.len(), 5);
     std::fs::write(&file, lines(&prompts)).unwrap();
-    assert_eq!(trainer::ppo::read_prompts(&files).unwrap().len(), 3);
+    assert_eq!(trainer::formats::read_prompts(&files, None).unwrap().0.len(), 4);
     std::fs::write(d.join("docs.jsonl"), lines(&docs)).unwrap();
     let docs_read = trainer::data::read_documents(&d.join("docs.jsonl"), false, &mut |_| {});
     assert_eq!(docs_read.unwrap().len(), 2);
@@ -610,13 +621,13 @@ fn no_parser_panics_on_hostile_files() {
         no_panic(what, &bytes, || {
             for skip in [false, true] {
                 let _ = trainer::sft::load(&files, &tok, 64, 0.5, skip);
-                if let Ok((p, _)) = trainer::rm::read_pairs(&files, skip) {
+                if let Ok((p, _)) = trainer::formats::read_pairs(&files, skip) {
                     let _ = trainer::rm::tokenize_pairs(&tok, &p, 64, margin);
                 }
                 let _ = trainer::data::read_documents(&jsonl, skip, &mut |_| {});
+                let _ = trainer::formats::read_prompts(&files, Some(skip));
             }
-            let _ = trainer::rm::read_score_rows(&files);
-            let _ = trainer::ppo::read_prompts(&files);
+            let _ = trainer::formats::read_scored(&files);
             let _ = trainer::world::read_examples(&file);
             let _ = trainer::run_dir::read_jsonl_values(&file);
         });

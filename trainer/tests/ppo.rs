@@ -203,7 +203,7 @@ fn prompts_parse_and_sample_every_prompt_once_per_epoch() {
         ),
     )
     .unwrap();
-    let p = read_prompts(std::slice::from_ref(&f)).unwrap();
+    let p = trainer::formats::read_prompts(std::slice::from_ref(&f), None).unwrap().0;
     assert_eq!(p.len(), 3);
     assert!(p[0].safety && !p[1].safety && !p[2].safety);
     assert_eq!(p[1].messages[0].content, "What is 2 + 2?");
@@ -215,7 +215,7 @@ fn prompts_parse_and_sample_every_prompt_once_per_epoch() {
         "{\"messages\": [{\"role\": \"assistant\", \"content\": \"x\"}]}\n",
     )
     .unwrap();
-    let e = format!("{:#}", read_prompts(&[f]).unwrap_err());
+    let e = format!("{:#}", trainer::formats::read_prompts(&[f], None).unwrap_err());
     assert!(e.contains("p.jsonl:1"), "{e}");
 
     // Batches of 4 from 10 prompts: each 10 consecutive draws are a permutation.

@@ -10,6 +10,7 @@ use engine::tokenizer::{Message, Tokenizer};
 use engine::{Cpu, Head, Llama, LlamaConfig};
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
+use trainer::formats::{parse_pair, read_pairs, read_scored as read_score_rows};
 use trainer::rm::*;
 
 fn llama_tok_path() -> PathBuf {

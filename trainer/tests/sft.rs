@@ -6,7 +6,12 @@ use common::shared;
 use engine::model::Batch;
 use engine::tokenizer::{Message, Tokenizer};
 use engine::{Cpu, Head, Llama, LlamaConfig};
-use trainer::sft::{pack, parse_hh, read_dialogues, row_messages, tokenize, Dialogue, Doc};
+use trainer::formats::{parse_dialogue, parse_hh, read_dialogues};
+use trainer::sft::{pack, tokenize, Dialogue, Doc};
+
+fn row_messages(v: &serde_json::Value) -> anyhow::Result<Vec<Message>> {
+    parse_dialogue(v).map(|d| d.messages)
+}
 
 fn llama_tok() -> Tokenizer {
     Tokenizer::from_file(&shared().join("tokenizer/llama2/tokenizer.json")).unwrap()

@@ -66,8 +66,9 @@ fn world_recipe_sft_then_reward_model() {
 
     // Reward model on annotator-labelled samples of the SFT model.
     use trainer::prefs::{collect, PrefsConfig};
-    use trainer::rm::{evaluate, read_pairs, Rating, RmConfig, RmKind};
     use trainer::run_dir::write_jsonl;
+    use trainer::formats::read_pairs;
+    use trainer::rm::{evaluate, Rating, RmConfig, RmKind};
     let prompts = read_examples(&w.join("rlhf_prompts.jsonl")).unwrap();
     let pc = PrefsConfig {
         pairs_per_prompt: 3,

@@ -76,7 +76,7 @@ pub struct Example {
 /// Reads a JSONL file of [`Example`]s.
 pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
     let parse = |v, _: &str| Ok(serde_json::from_value(v)?);
-    Ok(crate::run_dir::read_jsonl(&[path.to_path_buf()], false, parse)?.0)
+    Ok(crate::run_dir::read_jsonl(&[path.to_path_buf()], None, parse)?.0)
 }
 
 /// Counts of one data file.
