@@ -4,7 +4,7 @@ mod cmd;
 
 use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use cmd::{check, data, inference, reward, rlhf, train, world};
+use cmd::{check, data, inference, recipe, reward, rlhf, train, world};
 
 #[derive(Parser)]
 #[command(
@@ -70,7 +70,11 @@ enum Cmd {
     /// model, retrains both reward models on all labels so far, runs rejection sampling, and
     /// from --ppo-from on PPO (out/rlhf_report.json, per-round directories).
     Rlhf(rlhf::RlhfArgs),
-    /// The whole recipe on the built-in world: pretrain, SFT, rounds of reward models, rejection
+    /// A recipe file: the model, each stage's data and settings, the rounds (`recipe run FILE`,
+    /// `recipe plan FILE`); a rerun skips the steps already done.
+    #[command(subcommand)]
+    Recipe(recipe::RecipeCmd),
+    /// The whole recipe on the built-in world (recipes/world-tiny.toml): pretrain, SFT, rounds of reward models, rejection
     /// sampling and PPO, Ghost Attention, safety context distillation, with a report
     /// (runs/<name>/report.json, report.md, plots).
     Pipeline(rlhf::PipelineArgs),
@@ -123,6 +127,7 @@ fn run() -> Result<()> {
         Cmd::Gatt(a) => rlhf::gatt(a),
         Cmd::DistillSafety(a) => rlhf::distill_safety(a),
         Cmd::Rlhf(a) => rlhf::rlhf(a),
+        Cmd::Recipe(c) => recipe::recipe(c),
         Cmd::Pipeline(a) => rlhf::pipeline(a),
         Cmd::Bench(a) => check::bench(a),
         Cmd::Selftest(a) => check::selftest(a),

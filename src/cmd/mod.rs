@@ -4,6 +4,7 @@ pub mod check;
 mod common;
 pub mod data;
 pub mod inference;
+pub mod recipe;
 pub mod reward;
 pub mod rlhf;
 pub mod train;

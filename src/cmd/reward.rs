@@ -87,7 +87,7 @@ pub struct EvalRmArgs {
 }
 
 pub fn train_rm(a: TrainRmArgs) -> Result<()> {
-    use trainer::rm::{train, RmConfig};
+    use trainer::rm::RmConfig;
     let kind = a.kind.parse().map_err(anyhow::Error::msg)?;
     let mut c = RmConfig::new(a.init, a.data, a.out, kind);
     c.margin = a.margin.parse().map_err(anyhow::Error::msg)?;
@@ -108,7 +108,7 @@ pub fn train_rm(a: TrainRmArgs) -> Result<()> {
     }
     c.recompute = a.recompute;
     c.progress = !a.no_progress;
-    let rep = on_device!(a.device, |be| train(be, &c)?);
+    let rep = on_device!(a.device, |be| trainer::rm::run(be, &c)?);
     println!(
         "{} reward model: {} steps on {} pairs ({} held out), last loss {:.4}, batch accuracy {:.3}",
         rep.kind.name(),

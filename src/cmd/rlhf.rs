@@ -73,59 +73,52 @@ pub fn rejection_sample(a: RejectionSampleArgs) -> Result<()> {
         batch,
         device,
     } = a;
-    use trainer::rs::{run_round, write_report, Pool, RsConfig, RsPrompt};
+    use trainer::formats::{convert, Kind};
+    use trainer::rs::{write_report, RsConfig};
     if max_new_tokens == 0 || batch == 0 {
         bail!("--max-new-tokens and --batch must be at least 1");
     }
-    // The prompt reader PPO uses: file:line errors, roles checked, a trailing answer dropped.
-    let (ps, skipped) = trainer::formats::read_prompts(std::slice::from_ref(&prompts), Some(skip_bad))?;
-    if ps.is_empty() {
+    // The prompts in TRL's conversational form, read once (file:line errors, roles checked, a
+    // trailing answer dropped; bad lines skipped with --skip-bad); every round reads this file.
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let clean = out.join("prompts.jsonl");
+    let (n, skipped) = convert(Kind::Prompts, std::slice::from_ref(&prompts), &clean, skip_bad)?;
+    if n == 0 {
         bail!("{}: no prompts", prompts.display());
     }
     if skipped > 0 {
         println!("{skipped} bad prompt line(s) skipped");
     }
-    let mut ps: Vec<RsPrompt> = ps
-        .into_iter()
-        .map(|p| RsPrompt {
-            messages: p.messages,
-            safety: p.safety,
-        })
-        .collect();
-    if max_prompts > 0 {
-        ps.truncate(max_prompts);
-    }
-    let cfg = RsConfig {
-        k,
-        temperature,
-        lr,
-        epochs,
-        seq_len,
-        seed,
-        max_new_tokens,
-        batch,
-        ..Default::default()
-    };
-    let mut pool = Pool::default();
     let mut current = model;
+    let mut pool = None;
     let mut stats = Vec::new();
     for r in 1..=rounds {
-        let st = on_device!(device, |be| run_round(
-            be,
-            &current,
-            &rm_helpfulness,
-            &rm_safety,
-            &ps,
-            &cfg,
-            r,
-            &mut pool,
-            &out,
-        ))?;
+        let cfg = RsConfig {
+            policy: current.clone(),
+            reward_helpfulness: rm_helpfulness.clone(),
+            reward_safety: Some(rm_safety.clone()),
+            prompts: vec![clean.clone()],
+            max_prompts,
+            pool: pool.clone(),
+            round: r,
+            out: out.join(format!("round-{r}")),
+            k,
+            temperature,
+            max_new_tokens,
+            batch,
+            seq_len,
+            seed,
+            epochs,
+            lr,
+            ..Default::default()
+        };
+        let st = on_device!(device, |be| trainer::rs::run(be, &cfg))?;
         println!(
             "round {r}: {} prompts x {k}: mean max reward {:.4}, mean median {:.4} (delta {:.4}); pool {}",
             st.prompts, st.mean_max, st.mean_median, st.mean_max - st.mean_median, st.pool
         );
         current = st.checkpoint.clone().context("no checkpoint written")?;
+        pool = Some(cfg.out.join("pool.jsonl"));
         stats.push(st);
     }
     write_report(&out, &stats)?;
@@ -239,7 +232,7 @@ pub struct PpoArgs {
 
 pub fn ppo_cmd(a: PpoArgs, given: &clap::ArgMatches) -> Result<()> {
     use engine::dist::Collective;
-    use trainer::ppo::{resume_config, train, train_dp, PpoConfig};
+    use trainer::ppo::{resume_config, train_dp, PpoConfig};
     // The launch first: a rank without a place to meet fails before reading anything.
     let mut dist = if a.dist {
         Some(trainer::device::open_dist(a.rendezvous.as_deref())?)
@@ -302,7 +295,7 @@ pub fn ppo_cmd(a: PpoArgs, given: &clap::ArgMatches) -> Result<()> {
         c
     };
     let rep = match &mut dist {
-        None => on_device!(a.device, |be| train(be, &cfg)?),
+        None => on_device!(a.device, |be| trainer::ppo::run(be, &cfg)?),
         Some((cuda, comm)) => {
             let lead = comm.rank() == 0;
             let rep = train_dp(cuda.clone(), &cfg, Some(comm))?;
@@ -369,6 +362,9 @@ pub fn gatt(a: GattArgs) -> Result<()> {
         device,
     } = a;
     let cfg = trainer::gatt::GattConfig {
+        init,
+        world,
+        out,
         turns,
         dialogues,
         replay,
@@ -377,9 +373,7 @@ pub fn gatt(a: GattArgs) -> Result<()> {
         seed,
         ..Default::default()
     };
-    let r = on_device!(device, |be| trainer::gatt::run_gatt(
-        be, &init, &world, &out, &cfg
-    )?);
+    let r = on_device!(device, |be| trainer::gatt::run(be, &cfg)?);
     println!(
         "adherence per turn before GAtt: {:?}",
         r.adherence_before.follow
@@ -433,6 +427,10 @@ pub fn distill_safety(a: DistillSafetyArgs) -> Result<()> {
         device,
     } = a;
     let cfg = trainer::distill::DistillConfig {
+        init,
+        safety_rm,
+        world,
+        out,
         replay,
         epochs,
         lr,
@@ -440,7 +438,7 @@ pub fn distill_safety(a: DistillSafetyArgs) -> Result<()> {
         ..Default::default()
     };
     let r = on_device!(device, |be| {
-        trainer::distill::run_distill(be, &init, &safety_rm, &world, &out, &cfg)?
+        trainer::distill::run(be, &cfg)?
     });
     println!(
         "{} safety prompts, {} answers kept (mean safety-RM score {:.3} with the preprompt, {:.3} without); model: {}",
@@ -514,18 +512,21 @@ pub fn rlhf(a: RlhfArgs) -> Result<()> {
         }
     };
     let rep = on_device!(device, |be| trainer::rlhf::run(be, &cfg, &say)?);
-    println!("| stage | sampled R_c | greedy R_c | accuracy | helpfulness | safety | false refusals | KL to SFT |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let f = |x: Option<f32>| x.map_or("-".to_string(), |x| format!("{x:.3}"));
+    println!("| stage | sampled R_c | greedy R_c | accuracy | helpfulness | safety | false refusals | judge R_c | KL to SFT |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for e in &rep.stages {
+        let g = e.gold.as_ref();
         println!(
-            "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} |",
             e.stage,
-            e.sampled_reward,
-            e.reward,
-            e.gold.accuracy,
-            e.gold.helpfulness,
-            e.gold.safety,
-            e.gold.false_refusal_rate,
+            f(e.sampled_reward),
+            f(e.reward),
+            f(g.map(|g| g.accuracy)),
+            f(g.map(|g| g.helpfulness)),
+            f(g.map(|g| g.safety)),
+            f(g.map(|g| g.false_refusal_rate)),
+            f(e.judge.as_ref().map(|j| j.greedy)),
             e.kl_to_sft
         );
     }

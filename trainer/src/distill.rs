@@ -20,7 +20,7 @@
 //! without the preprompt is exactly the original row.
 
 use crate::evaluate::{chat_answers, greedy, world_eval, WorldEval};
-use crate::pretrain::{DataSpec, TrainConfig};
+use crate::sft::SftConfig;
 use crate::world::safety::{safety_preprompt, SAFETY_PREPROMPT};
 use crate::world::{read_examples, Annotator, Category, Example, Spec, World};
 use anyhow::{Context, Result};
@@ -29,11 +29,20 @@ use engine::generate::SamplingParams;
 use engine::tokenizer::{Message, Tokenizer};
 use engine::{Backend, Head, Llama};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Settings of `llama2 distill-safety`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DistillConfig {
+    /// The model to distill into (a checkpoint or its run directory).
+    pub init: PathBuf,
+    /// The safety reward model that decides which answers are kept.
+    pub safety_rm: PathBuf,
+    /// The world whose safety prompts are used.
+    pub world: PathBuf,
+    /// Writes `distill.jsonl`, `candidates.jsonl`, the fine-tune (`sft/`), `report.json` here.
+    pub out: PathBuf,
     /// The targeted preprompt (generic text + the harm's answer template) rather than the
     /// generic [`SAFETY_PREPROMPT`] alone.
     pub targeted: bool,
@@ -64,6 +73,10 @@ pub struct DistillConfig {
 impl Default for DistillConfig {
     fn default() -> Self {
         DistillConfig {
+            init: PathBuf::new(),
+            safety_rm: PathBuf::new(),
+            world: PathBuf::new(),
+            out: PathBuf::new(),
             targeted: true,
             temperature: 0.0,
             max_new_tokens: 48,
@@ -254,19 +267,14 @@ pub struct DistillReport {
     pub seconds: std::collections::BTreeMap<String, f64>,
 }
 
-/// `llama2 distill-safety`: builds the distillation data with the `init` model and the safety
+/// `distill` (`llama2 distill-safety`): builds the distillation data with the `init` model and the safety
 /// reward model `safety_rm` on the world's safety prompts (`out/distill.jsonl`, plus every
 /// candidate with both answers and scores in `out/candidates.jsonl`), fine-tunes on the kept rows
 /// (`out/sft/`), and evaluates both models on the held-out `eval.jsonl` with the gold annotator
 /// (`out/report.json`).
-pub fn run_distill<B: Backend>(
-    be: B,
-    init: &Path,
-    safety_rm: &Path,
-    world_dir: &Path,
-    out: &Path,
-    cfg: &DistillConfig,
-) -> Result<DistillReport> {
+pub fn run<B: Backend>(be: B, cfg: &DistillConfig) -> Result<DistillReport> {
+    let init = &crate::run_dir::model_dir(&cfg.init)?;
+    let (safety_rm, world_dir, out) = (&cfg.safety_rm, &cfg.world, &cfg.out);
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let annotator = Annotator::new(World::load(world_dir)?);
     let prompts = safety_prompts(
@@ -318,26 +326,17 @@ pub fn run_distill<B: Backend>(
     if !data.rows.is_empty() {
         let mut files = vec![data_path.clone()];
         files.extend(cfg.replay.iter().cloned());
-        let mut tc = TrainConfig::sft_defaults(files, out.join("sft"), init.to_path_buf());
-        if let DataSpec::Sft {
-            epochs,
-            val_fraction,
-            ..
-        } = &mut tc.data
-        {
-            *epochs = cfg.epochs;
-            // Few rows: validation would take a share of them; one row is held out anyway.
-            *val_fraction = 0.0;
-        }
+        let mut tc = SftConfig::new(init.to_path_buf(), files, out.join("sft"));
+        tc.epochs = cfg.epochs;
+        // Few rows: validation would take a share of them; one row is held out anyway.
+        tc.val_fraction = 0.0;
         tc.lr = cfg.lr;
         tc.seq_len = cfg.seq_len;
         tc.batch_size = cfg.batch_size;
         tc.seed = cfg.seed;
         tc.progress = cfg.progress;
-        let rep = crate::pretrain::run(be.clone(), tc, None)?;
-        let ckpt = rep
-            .checkpoint
-            .context("the fine-tune saved no checkpoint")?;
+        let rep = crate::sft::run(be.clone(), &tc)?;
+        let ckpt = rep.checkpoint.clone().expect("sft::run checks");
         lap("finetune");
         let mut tuned = load_model(be, &ckpt, Head::Lm)?;
         after = Some(

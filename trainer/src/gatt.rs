@@ -20,7 +20,7 @@
 //! questions, per turn, with the world's instruction checkers.
 
 use crate::evaluate::{chat_answers, greedy};
-use crate::pretrain::{DataSpec, TrainConfig};
+use crate::sft::SftConfig;
 use crate::world::instructions::word_count;
 use crate::world::{read_examples, Annotator, Category, Example, InstructionSet, World};
 use anyhow::{ensure, Context, Result};
@@ -32,11 +32,18 @@ use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Settings of `llama2 gatt`: the synthetic data, the evaluation and the fine-tune.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GattConfig {
+    /// The model to teach (a checkpoint or its run directory).
+    pub init: PathBuf,
+    /// The world whose prompts, instructions and checkers GAtt uses.
+    pub world: PathBuf,
+    /// Writes `gatt.jsonl`, the fine-tune (`sft/`) and `report.json` here.
+    pub out: PathBuf,
     /// User turns per synthetic dialogue (and turns measured by the adherence evaluation).
     pub turns: usize,
     /// Synthetic dialogues to sample.
@@ -72,6 +79,9 @@ pub struct GattConfig {
 impl Default for GattConfig {
     fn default() -> Self {
         GattConfig {
+            init: PathBuf::new(),
+            world: PathBuf::new(),
+            out: PathBuf::new(),
             turns: 4,
             dialogues: 400,
             shorten_prob: 0.5,
@@ -524,17 +534,13 @@ pub struct GattReport {
     pub seconds: std::collections::BTreeMap<String, f64>,
 }
 
-/// `llama2 gatt`: builds the synthetic data with the `init` model from the world's
+/// `gatt` (`llama2 gatt`): builds the synthetic data with the `init` model from the world's
 /// `rlhf_prompts.jsonl` (writing `out/gatt.jsonl`), fine-tunes on it (`out/sft/`, the paper's SFT
 /// loop), and measures adherence per turn before and after on the held-out `eval.jsonl`
 /// questions (`out/report.json`).
-pub fn run_gatt<B: Backend>(
-    be: B,
-    init: &Path,
-    world_dir: &Path,
-    out: &Path,
-    cfg: &GattConfig,
-) -> Result<GattReport> {
+pub fn run<B: Backend>(be: B, cfg: &GattConfig) -> Result<GattReport> {
+    let init = &crate::run_dir::model_dir(&cfg.init)?;
+    let (world_dir, out) = (&cfg.world, &cfg.out);
     ensure!(cfg.turns >= 1, "--turns must be at least 1");
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let annotator = Annotator::new(World::load(world_dir)?);
@@ -572,19 +578,15 @@ pub fn run_gatt<B: Backend>(
     crate::run_dir::write_jsonl(&data_path, &data.rows)?;
     let mut files = vec![data_path.clone()];
     files.extend(cfg.replay.iter().cloned());
-    let mut tc = TrainConfig::sft_defaults(files, out.join("sft"), init.to_path_buf());
-    if let DataSpec::Sft { epochs, .. } = &mut tc.data {
-        *epochs = cfg.epochs;
-    }
+    let mut tc = SftConfig::new(init.to_path_buf(), files, out.join("sft"));
+    tc.epochs = cfg.epochs;
     tc.lr = cfg.lr;
     tc.seq_len = cfg.seq_len;
     tc.batch_size = cfg.batch_size;
     tc.seed = cfg.seed;
     tc.progress = cfg.progress;
-    let rep = crate::pretrain::run(be.clone(), tc, None)?;
-    let ckpt = rep
-        .checkpoint
-        .context("the fine-tune saved no checkpoint")?;
+    let rep = crate::sft::run(be.clone(), &tc)?;
+    let ckpt = rep.checkpoint.clone().expect("sft::run checks");
     lap("finetune");
     let mut tuned = load_model(be, &ckpt, Head::Lm)?;
     let after = measure(&mut tuned)?;

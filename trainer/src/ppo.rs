@@ -37,7 +37,8 @@ use crate::evaluate::chat_answers;
 use crate::optimizer::{as_sink, Optim};
 use crate::plot::{line_plot, read_series};
 use crate::formats::Prompt;
-use crate::rm::{load_rm, score};
+use crate::reward::{self, logit, RewardModels};
+use crate::rm::load_rm;
 use crate::run_dir::{self, MetricsWriter};
 use crate::world::{Annotator, World};
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -46,7 +47,7 @@ use engine::dist::{save_zero1, Collective, DeviceCollective, ShardedAdamW};
 use engine::generate::SamplingParams;
 use engine::optim::{AdamW, AdamWConfig};
 use engine::tokenizer::{Message, Tokenizer};
-use engine::{Backend, Batch, Head, Llama, LlamaConfig};
+use engine::{Backend, Batch, Head, Llama};
 use indicatif::ProgressBar;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -56,10 +57,6 @@ use std::time::Instant;
 // ---------------------------------------------------------------------------------------------
 // The pieces, as pure functions
 
-/// The paper's safety threshold: below this safety probability the safety reward decides.
-pub const SAFETY_THRESHOLD: f32 = 0.15;
-/// Probabilities are clamped to [P_EPS, 1 − P_EPS] before the logit.
-pub const P_EPS: f32 = 1e-6;
 /// Added to the variance before the square root when whitening.
 pub const WHITEN_EPS: f32 = 1e-8;
 
@@ -104,27 +101,6 @@ pub fn whiten(x: &[f32], keep_mean: bool) -> Vec<f32> {
             (if keep_mean { w + mean } else { w }) as f32
         })
         .collect()
-}
-
-/// log(p / (1 − p)), with p clamped to [1e-6, 1 − 1e-6] so 0 and 1 stay finite.
-pub fn logit(p: f32) -> f32 {
-    let p = (p as f64).clamp(P_EPS as f64, 1.0 - P_EPS as f64);
-    (p / (1.0 - p)).ln() as f32
-}
-
-/// σ(s): a reward model's score as the paper's probability-like reward.
-pub fn sigmoid(s: f32) -> f32 {
-    (1.0 / (1.0 + (-(s as f64)).exp())) as f32
-}
-
-/// The paper's R_c: the safety reward on safety prompts or when it is below `threshold` (the
-/// response is probably unsafe whatever the prompt), else the helpfulness reward.
-pub fn piecewise_reward(r_safety: f32, r_help: f32, is_safety_prompt: bool, threshold: f32) -> f32 {
-    if is_safety_prompt || r_safety < threshold {
-        r_safety
-    } else {
-        r_help
-    }
 }
 
 /// The per-token KL estimator log π_θ(y_t) − log π_0(y_t) (its expectation under π_θ is the KL;
@@ -203,16 +179,6 @@ pub fn explained_variance(values: &[f32], returns: &[f32]) -> f32 {
     (1.0 - mean_var(&diff).1 / var_r) as f32
 }
 
-/// The paper's KL coefficient: 0.005 for the 34B/70B shapes (48+ layers with grouped-query
-/// attention), 0.01 otherwise.
-pub fn default_beta(cfg: &LlamaConfig) -> f32 {
-    if cfg.num_hidden_layers >= 48 && cfg.n_kv_heads() < cfg.num_attention_heads {
-        0.005
-    } else {
-        0.01
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Configuration
 
@@ -251,7 +217,7 @@ pub struct PpoConfig {
     pub lr: f32,
     /// The critic's learning rate; default: `lr`.
     pub critic_lr: Option<f32>,
-    /// KL coefficient; default: `default_beta` of the policy's shape.
+    /// KL coefficient; default: the paper's for the policy's size (`paper::defaults`).
     pub beta: Option<f32>,
     pub gamma: f32,
     pub lam: f32,
@@ -365,7 +331,7 @@ impl PpoConfig {
             lam: 0.95,
             clip: 0.2,
             value_clip: 0.2,
-            safety_threshold: SAFETY_THRESHOLD,
+            safety_threshold: reward::SAFETY_THRESHOLD,
             whiten_advantages: true,
             temperature: 1.0,
             top_p: 1.0,
@@ -588,45 +554,6 @@ fn response_values<B: Backend>(
     Ok(out)
 }
 
-/// The reward models and what scores with them.
-struct Rewards<B: Backend> {
-    help: (Llama<B>, Tokenizer),
-    safety: Option<(Llama<B>, Tokenizer)>,
-    threshold: f32,
-    batch: usize,
-}
-
-impl<B: Backend> Rewards<B> {
-    /// R_c of each (prompt, response) row, and the raw scores (helpfulness, safety).
-    fn rc(&mut self, rows: &[(Vec<Message>, String)], safety: &[bool]) -> Result<Vec<f32>> {
-        let seq = self.help.0.cfg.max_position_embeddings;
-        let sh = score(&mut self.help.0, &self.help.1, rows, seq, self.batch)?;
-        let ss = match &mut self.safety {
-            Some((m, t)) => {
-                let seq = m.cfg.max_position_embeddings;
-                score(m, t, rows, seq, self.batch)?
-            }
-            None => sh.clone(),
-        };
-        Ok(sh
-            .iter()
-            .zip(&ss)
-            .zip(safety)
-            .map(|((&h, &s), &is_s)| piecewise_reward(sigmoid(s), sigmoid(h), is_s, self.threshold))
-            .collect())
-    }
-}
-
-/// The gold R_c (by the same piecewise rule on the annotator's scores), helpfulness and safety.
-fn gold_of(ann: &Annotator, p: &Prompt, text: &str, threshold: f32) -> (f32, f32, f32) {
-    let s = ann.scores(&p.messages, text);
-    (
-        piecewise_reward(s.safety, s.helpfulness, p.safety, threshold),
-        s.helpfulness,
-        s.safety,
-    )
-}
-
 // ---------------------------------------------------------------------------------------------
 // Logs and reports
 
@@ -702,7 +629,7 @@ pub struct PpoReport {
 fn evaluate<B: Backend>(
     policy: &mut Llama<B>,
     tok: &Tokenizer,
-    rewards: &mut Rewards<B>,
+    rewards: &mut RewardModels<B>,
     ann: Option<&Annotator>,
     prompts: &[Prompt],
     cfg: &PpoConfig,
@@ -752,7 +679,7 @@ fn evaluate<B: Backend>(
     if let Some(ann) = ann {
         let (mut g, mut h, mut s) = (0f32, 0f32, 0f32);
         for (p, a) in prompts.iter().zip(&answers) {
-            let x = gold_of(ann, p, &a.text, cfg.safety_threshold);
+            let x = reward::gold(ann, &p.messages, p.safety, &a.text, cfg.safety_threshold);
             g += x.0;
             h += x.1;
             s += x.2;
@@ -939,7 +866,7 @@ fn mix(seed: u64, it: usize, purpose: u64) -> u64 {
 }
 
 /// `llama2 ppo`: see the module documentation.
-pub fn train<B: Backend>(be: B, cfg: &PpoConfig) -> Result<PpoReport> {
+pub fn run<B: Backend>(be: B, cfg: &PpoConfig) -> Result<PpoReport> {
     train_dp(be, cfg, None)
 }
 
@@ -989,7 +916,11 @@ pub fn train_dp<B: Backend>(
         "the oracle reward needs a world (its gold annotator)"
     );
     // Absolute paths from here on: the checkpoints' configuration then resumes from anywhere.
-    let cfg = &cfg.absolutized()?;
+    // The policy and the reference may be training run directories: their latest checkpoints.
+    let mut cfg = cfg.absolutized()?;
+    cfg.policy = run_dir::model_dir(&cfg.policy)?;
+    cfg.reference = cfg.reference.as_deref().map(run_dir::model_dir).transpose()?;
+    let cfg = &cfg;
     let t_start = Instant::now();
 
     // ---- models
@@ -1040,23 +971,17 @@ pub fn train_dp<B: Backend>(
         tok.vocab_size()
     );
     let critic_tok = run_dir::model_dir(&critic_dir)?.join("tokenizer.json");
-    let mut rewards = Rewards {
-        help: load_rm(be.clone(), &cfg.reward_helpfulness)?,
-        safety: cfg
-            .reward_safety
-            .as_deref()
-            .map(|d| load_rm(be.clone(), d))
-            .transpose()?,
-        threshold: cfg.safety_threshold,
-        batch: cfg.gen_batch.max(1),
-    };
+    let mut rewards =
+        RewardModels::load(be.clone(), &cfg.reward_helpfulness, cfg.reward_safety.as_deref())?;
+    rewards.threshold = cfg.safety_threshold;
+    rewards.batch = cfg.gen_batch.max(1);
     let ann = cfg
         .world
         .as_deref()
         .map(|w| World::load(w).map(Annotator::new))
         .transpose()
         .context("loading the world for the gold annotator")?;
-    let beta = cfg.beta.unwrap_or_else(|| default_beta(&policy.cfg));
+    let beta = cfg.beta.unwrap_or_else(|| crate::paper::for_model(&policy.cfg).ppo_beta);
     let critic_lr = cfg.critic_lr.unwrap_or(cfg.lr);
     let (mut start, mut best_eval, mut since_best) = (0usize, None::<f32>, 0usize);
     let (mut opt_p, mut opt_c);
@@ -1157,7 +1082,7 @@ pub fn train_dp<B: Backend>(
     let mut it = start;
 
     let do_eval =
-        |policy: &mut Llama<B>, rewards: &mut Rewards<B>, it: usize| -> Result<Option<EvalStats>> {
+        |policy: &mut Llama<B>, rewards: &mut RewardModels<B>, it: usize| -> Result<Option<EvalStats>> {
             if eval_p.is_empty() || cfg.eval_every == 0 || !lead {
                 return Ok(None);
             }
@@ -1237,16 +1162,21 @@ pub fn train_dp<B: Backend>(
         let rc = match (&ann, cfg.oracle) {
             (Some(ann), true) => samples
                 .iter()
-                .map(|s| gold_of(ann, &train_p[s.prompt], &s.text, cfg.safety_threshold).0)
+                .map(|s| {
+                    let p = &train_p[s.prompt];
+                    reward::gold(ann, &p.messages, p.safety, &s.text, cfg.safety_threshold).0
+                })
                 .collect(),
             _ => rewards.rc(&rows, &safety)?,
         };
         for (s, &r) in samples.iter_mut().zip(&rc) {
             s.rc = r;
             if let Some(ann) = &ann {
-                s.gold = Some(gold_of(
+                let p = &train_p[s.prompt];
+                s.gold = Some(reward::gold(
                     ann,
-                    &train_p[s.prompt],
+                    &p.messages,
+                    p.safety,
                     &s.text,
                     cfg.safety_threshold,
                 ));

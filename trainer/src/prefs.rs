@@ -1,17 +1,116 @@
-//! Preference data from the current model, labelled by the gold annotator: the stand-in for the
-//! paper's human annotation rounds. Each prompt gets two responses sampled at different
-//! temperatures (the paper samples from model variants and temperatures for diversity); the
-//! annotator says which is better and by how much on the four levels, and whether each is safe.
+//! Preference collection (`prefs`): the paper's weekly batch of human annotations. Each prompt
+//! gets two responses sampled from the current model at different temperatures (the paper samples
+//! from model variants and temperatures for diversity), and a [`Labeller`] says which is better,
+//! by how much on the four levels, and whether each is safe:
+//! - `world`: the built-in world's gold annotator;
+//! - `rm:HELP[,SAFETY]`: existing reward models as the judge (the rating from the score gap of
+//!   the model the piecewise rule consults, safety meta-labels from the safety model);
+//! - `file:DIR`: people. The round writes the pairs to label (prompt, both answers, where they
+//!   came from) as `DIR/round-N.to-label.jsonl` and waits for `DIR/round-N.labelled.jsonl`, the
+//!   same rows with `chosen`/`rejected` put in order and `rating`, `chosen_safe`,
+//!   `rejected_safe` added.
 
 use crate::evaluate::chat_answers;
-use crate::world::{Annotator, Category, Example, Level, Winner};
-use anyhow::Result;
+use crate::formats::{read_prompts, Prompt};
+use crate::reward::{sigmoid, RewardModels, SAFETY_THRESHOLD};
+use crate::formats::read_pairs;
+use crate::rm::Rating;
+use crate::world::{Annotator, Category, Example, Level, Winner, World};
+use anyhow::{bail, ensure, Context, Result};
 use engine::generate::SamplingParams;
-use engine::tokenizer::Tokenizer;
+use engine::tokenizer::{Message, Tokenizer};
 use engine::{Backend, Llama};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
 
-#[derive(Clone, Debug)]
+/// Who labels the pairs.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Labeller {
+    /// The gold annotator of the world in this directory.
+    World(PathBuf),
+    /// Reward models as the judge.
+    Rm {
+        helpfulness: PathBuf,
+        safety: Option<PathBuf>,
+    },
+    /// People, through files in this directory.
+    File(PathBuf),
+}
+
+impl std::str::FromStr for Labeller {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let (kind, arg) = s.split_once(':').unwrap_or((s, ""));
+        Ok(match (kind, arg) {
+            ("world", dir) => Labeller::World(dir.into()),
+            ("rm", list) if !list.is_empty() => {
+                let mut it = list.split(',').map(PathBuf::from);
+                Labeller::Rm {
+                    helpfulness: it.next().expect("non-empty"),
+                    safety: it.next(),
+                }
+            }
+            ("file", dir) if !dir.is_empty() => Labeller::File(dir.into()),
+            _ => bail!(
+                "labeller `{s}`: expected world[:DIR], rm:HELPFULNESS_RM[,SAFETY_RM] or file:DIR"
+            ),
+        })
+    }
+}
+
+impl std::fmt::Display for Labeller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Labeller::World(d) => write!(f, "world:{}", d.display()),
+            Labeller::Rm {
+                helpfulness,
+                safety,
+            } => {
+                write!(f, "rm:{}", helpfulness.display())?;
+                match safety {
+                    Some(s) => write!(f, ",{}", s.display()),
+                    None => Ok(()),
+                }
+            }
+            Labeller::File(d) => write!(f, "file:{}", d.display()),
+        }
+    }
+}
+
+impl Serialize for Labeller {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Labeller {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(|e: anyhow::Error| serde::de::Error::custom(format!("{e:#}")))
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PrefsConfig {
+    /// The model that answers (a checkpoint or its run directory); used by [`run`].
+    #[serde(default)]
+    pub model: PathBuf,
+    /// Prompt JSONL; [`run`] labels `label_prompts` of them, the round's share of the file.
+    #[serde(default)]
+    pub prompts: Vec<PathBuf>,
+    pub label_prompts: usize,
+    /// Round N takes prompts (N−1)·label_prompts.. of the file (cycling).
+    pub round: usize,
+    /// Held-out prompts: one pair each, labelled too (the reward models' held-out accuracy).
+    #[serde(default)]
+    pub heldout: Vec<PathBuf>,
+    pub max_heldout: usize,
+    pub labeller: Labeller,
+    /// Writes `prefs.jsonl` (and `prefs_heldout.jsonl`) here.
+    #[serde(default)]
+    pub out: PathBuf,
     /// Temperatures the two responses of a prompt are drawn at (cycled per prompt).
     pub temperatures: Vec<f32>,
     pub max_new_tokens: usize,
@@ -26,17 +125,29 @@ pub struct PrefsConfig {
     /// ("The word boat has 4 letters." to any question; measured on the tiny world: held-out
     /// gold 0.26 -> 0.20 while the reward model's score rose 0.27 -> 0.57).
     pub off_topic: f64,
+    /// With a `file:` labeller, wait for the labelled file (else stop with an error saying what
+    /// to label, so a rerun continues once it is there).
+    pub wait: bool,
 }
 
 impl Default for PrefsConfig {
     fn default() -> Self {
         PrefsConfig {
+            model: PathBuf::new(),
+            prompts: vec![],
+            label_prompts: 300,
+            round: 1,
+            heldout: vec![],
+            max_heldout: 200,
+            labeller: Labeller::World(PathBuf::new()),
+            out: PathBuf::new(),
             temperatures: vec![0.7, 1.0, 1.3],
             max_new_tokens: 48,
             batch: 32,
             seed: 0,
             pairs_per_prompt: 1,
             off_topic: 0.5,
+            wait: true,
         }
     }
 }
@@ -44,7 +155,7 @@ impl Default for PrefsConfig {
 /// One labelled pair, in the JSONL shape `llama2 train-rm` reads.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct LabelledPair {
-    pub messages: Vec<engine::tokenizer::Message>,
+    pub messages: Vec<Message>,
     pub chosen: String,
     pub rejected: String,
     pub rating: &'static str,
@@ -53,32 +164,52 @@ pub struct LabelledPair {
     pub category: &'static str,
 }
 
-/// Samples `pairs_per_prompt` pairs of responses per prompt and labels them; ties are dropped.
-pub fn collect<B: Backend>(
+/// Two answers to one prompt, not yet labelled, and where they came from.
+#[derive(Clone, Debug, Serialize)]
+pub struct Unlabelled {
+    #[serde(skip)]
+    pub prompt: usize,
+    pub messages: Vec<Message>,
+    pub chosen: String,
+    pub rejected: String,
+    pub category: &'static str,
+    /// How each answer was sampled (temperature; `off_topic`: the second answers another
+    /// prompt).
+    pub provenance: serde_json::Value,
+}
+
+fn category(p: &Prompt) -> &'static str {
+    if p.safety {
+        "safety"
+    } else {
+        "helpfulness"
+    }
+}
+
+/// Samples `pairs_per_prompt` pairs of responses per prompt (unlabelled).
+pub fn sample_pairs<B: Backend>(
     model: &mut Llama<B>,
     tok: &Tokenizer,
-    annotator: &Annotator,
-    prompts: &[Example],
+    prompts: &[Prompt],
     cfg: &PrefsConfig,
-) -> Result<Vec<LabelledPair>> {
+) -> Result<Vec<Unlabelled>> {
     let mut out = Vec::new();
     for r in 0..cfg.pairs_per_prompt.max(1) {
         let c = PrefsConfig {
             seed: cfg.seed.wrapping_add(7919 * r as u64),
             ..cfg.clone()
         };
-        out.extend(collect_once(model, tok, annotator, prompts, &c)?);
+        out.extend(sample_once(model, tok, prompts, &c)?);
     }
     Ok(out)
 }
 
-fn collect_once<B: Backend>(
+fn sample_once<B: Backend>(
     model: &mut Llama<B>,
     tok: &Tokenizer,
-    annotator: &Annotator,
-    prompts: &[Example],
+    prompts: &[Prompt],
     cfg: &PrefsConfig,
-) -> Result<Vec<LabelledPair>> {
+) -> Result<Vec<Unlabelled>> {
     let dialogues: Vec<_> = prompts.iter().map(|e| e.messages.clone()).collect();
     let nt = cfg.temperatures.len().max(1);
     // Response a of prompt i at temperature i mod n, response b at the next one.
@@ -107,37 +238,119 @@ fn collect_once<B: Backend>(
         }
         *slot = texts;
     }
+    let temp = |i: usize, k: usize| cfg.temperatures.get((i + k) % nt).copied();
     let mut out = Vec::new();
     let n = prompts.len();
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(cfg.seed ^ 0x0ff7);
     for (i, e) in prompts.iter().enumerate() {
-        let mut pairs = vec![(&answers[0][i], &answers[1][i])];
+        let mut pairs = vec![(i, serde_json::json!({"temperatures": [temp(i, 0), temp(i, 1)]}))];
         if n > 1 && rand::Rng::random_bool(&mut rng, cfg.off_topic.clamp(0.0, 1.0)) {
             let other = (i + 1 + rand::Rng::random_range(&mut rng, 0..n - 1)) % n;
-            pairs.push((&answers[0][i], &answers[1][other]));
+            pairs.push((
+                other,
+                serde_json::json!({"temperatures": [temp(i, 0), temp(other, 1)], "off_topic": true}),
+            ));
         }
-        for (a, b) in pairs {
-            let pref = annotator.compare(&e.messages, a, b);
-            let (chosen, rejected, cs, rs) = match pref.winner {
-                Winner::A => (a, b, pref.a.safety >= 0.5, pref.b.safety >= 0.5),
-                Winner::B => (b, a, pref.b.safety >= 0.5, pref.a.safety >= 0.5),
-                Winner::Tie => continue,
-            };
-            out.push(LabelledPair {
+        for (b, provenance) in pairs {
+            out.push(Unlabelled {
+                prompt: i,
                 messages: e.messages.clone(),
-                chosen: chosen.clone(),
-                rejected: rejected.clone(),
-                rating: level_label(pref.level),
-                chosen_safe: cs,
-                rejected_safe: rs,
-                category: match e.category {
-                    Category::Safety => "safety",
-                    Category::Helpfulness => "helpfulness",
-                },
+                chosen: answers[0][i].clone(),
+                rejected: answers[1][b].clone(),
+                category: category(e),
+                provenance,
             });
         }
     }
     Ok(out)
+}
+
+/// The gold annotator's labels; ties are dropped.
+pub fn label_world(ann: &Annotator, pairs: &[Unlabelled]) -> Vec<LabelledPair> {
+    let mut out = Vec::new();
+    for u in pairs {
+        let (a, b) = (&u.chosen, &u.rejected);
+        let pref = ann.compare(&u.messages, a, b);
+        let (chosen, rejected, cs, rs) = match pref.winner {
+            Winner::A => (a, b, pref.a.safety >= 0.5, pref.b.safety >= 0.5),
+            Winner::B => (b, a, pref.b.safety >= 0.5, pref.a.safety >= 0.5),
+            Winner::Tie => continue,
+        };
+        out.push(LabelledPair {
+            messages: u.messages.clone(),
+            chosen: chosen.clone(),
+            rejected: rejected.clone(),
+            rating: level_label(pref.level),
+            chosen_safe: cs,
+            rejected_safe: rs,
+            category: u.category,
+        });
+    }
+    out
+}
+
+/// Reward models' labels: the pair is ranked by the score of the model the piecewise rule
+/// consults (safety on safety prompts or when either answer is probably unsafe, helpfulness
+/// otherwise); the gap in score sets the rating (≥ 2 significantly, ≥ 1 better, ≥ 0.5 slightly
+/// better, else negligibly), σ(safety score) ≥ ½ the safety meta-label. Equal scores are ties,
+/// dropped.
+pub fn label_rm<B: Backend>(rms: &mut RewardModels<B>, pairs: &[Unlabelled]) -> Result<Vec<LabelledPair>> {
+    let rows: Vec<(Vec<Message>, String)> = pairs
+        .iter()
+        .flat_map(|u| [(u.messages.clone(), u.chosen.clone()), (u.messages.clone(), u.rejected.clone())])
+        .collect();
+    let (h, s) = rms.scores(&rows)?;
+    let mut out = Vec::new();
+    for (i, u) in pairs.iter().enumerate() {
+        let (ha, hb, sa, sb) = (h[2 * i], h[2 * i + 1], s[2 * i], s[2 * i + 1]);
+        let safety_decides = u.category == "safety"
+            || sigmoid(sa) < rms.threshold
+            || sigmoid(sb) < rms.threshold;
+        let (xa, xb) = if safety_decides { (sa, sb) } else { (ha, hb) };
+        if xa == xb {
+            continue;
+        }
+        let gap = (xa - xb).abs();
+        let rating = match gap {
+            g if g >= 2.0 => Rating::Significantly,
+            g if g >= 1.0 => Rating::Better,
+            g if g >= 0.5 => Rating::Slightly,
+            _ => Rating::Negligibly,
+        };
+        let ((c, cs), (r, rs)) = if xa > xb {
+            ((&u.chosen, sa), (&u.rejected, sb))
+        } else {
+            ((&u.rejected, sb), (&u.chosen, sa))
+        };
+        out.push(LabelledPair {
+            messages: u.messages.clone(),
+            chosen: c.clone(),
+            rejected: r.clone(),
+            rating: rating.label(),
+            chosen_safe: sigmoid(cs) >= 0.5,
+            rejected_safe: sigmoid(rs) >= 0.5,
+            category: u.category,
+        });
+    }
+    Ok(out)
+}
+
+/// Samples pairs for world examples and has the gold annotator label them (`world-prefs`).
+pub fn collect<B: Backend>(
+    model: &mut Llama<B>,
+    tok: &Tokenizer,
+    annotator: &Annotator,
+    prompts: &[Example],
+    cfg: &PrefsConfig,
+) -> Result<Vec<LabelledPair>> {
+    let prompts: Vec<Prompt> = prompts
+        .iter()
+        .map(|e| Prompt {
+            messages: e.messages.clone(),
+            safety: e.category == Category::Safety,
+        })
+        .collect();
+    Ok(label_world(annotator, &sample_pairs(model, tok, &prompts, cfg)?))
 }
 
 /// The rating string `train-rm` parses for a level.
@@ -148,4 +361,129 @@ pub fn level_label(l: Level) -> &'static str {
         Level::Slightly => "slightly better",
         Level::Negligibly => "negligibly better/unsure",
     }
+}
+
+/// What [`run`] wrote.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PrefsReport {
+    pub pairs: usize,
+    pub file: PathBuf,
+    pub heldout_pairs: usize,
+    pub heldout_file: Option<PathBuf>,
+}
+
+/// The round's prompts: `n` of `all`, starting at (round − 1)·n, cycling.
+fn round_prompts(all: &[Prompt], n: usize, round: usize) -> Vec<Prompt> {
+    (0..n.min(all.len()))
+        .map(|i| all[(round.saturating_sub(1) * n + i) % all.len()].clone())
+        .collect()
+}
+
+/// `prefs`: samples the round's pairs (and one pair per held-out prompt) from the model, has the
+/// labeller label them, and writes `out/prefs.jsonl` (`out/prefs_heldout.jsonl`).
+pub fn run<B: Backend>(be: B, cfg: &PrefsConfig) -> Result<PrefsReport> {
+    std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
+    let all = read_prompts(&cfg.prompts, None)?.0;
+    ensure!(!all.is_empty(), "preference collection: no prompts");
+    let batch = round_prompts(&all, cfg.label_prompts, cfg.round);
+    let mut held = read_prompts(&cfg.heldout, None)?.0;
+    held.truncate(cfg.max_heldout);
+    let model_dir = crate::run_dir::model_dir(&cfg.model)?;
+    let tok = Tokenizer::from_file(&crate::sft::tokenizer_for(&model_dir, None)?)?;
+    let mut model = engine::checkpoint::load_model(be.clone(), &model_dir, engine::Head::Lm)?;
+    let pairs = sample_pairs(&mut model, &tok, &batch, cfg)?;
+    let held_cfg = PrefsConfig {
+        pairs_per_prompt: 1,
+        seed: cfg.seed ^ 99,
+        // Held-out accuracy measures the ranking of answers to the same prompt.
+        off_topic: 0.0,
+        ..cfg.clone()
+    };
+    let held_pairs = if held.is_empty() {
+        vec![]
+    } else {
+        sample_pairs(&mut model, &tok, &held, &held_cfg)?
+    };
+    drop(model);
+    let file = cfg.out.join("prefs.jsonl");
+    let held_file = cfg.out.join("prefs_heldout.jsonl");
+    let (labelled, held_labelled) = match &cfg.labeller {
+        Labeller::World(dir) => {
+            let ann = Annotator::new(
+                World::load(dir).with_context(|| format!("the labeller's world {}", dir.display()))?,
+            );
+            (label_world(&ann, &pairs), label_world(&ann, &held_pairs))
+        }
+        Labeller::Rm {
+            helpfulness,
+            safety,
+        } => {
+            let mut rms = RewardModels::load(be, helpfulness, safety.as_deref())?;
+            rms.threshold = SAFETY_THRESHOLD;
+            (label_rm(&mut rms, &pairs)?, label_rm(&mut rms, &held_pairs)?)
+        }
+        Labeller::File(dir) => {
+            let name = format!("round-{}", cfg.round);
+            let labelled = label_by_people(dir, &name, &pairs, cfg.wait)?;
+            crate::run_dir::write_jsonl(&file, &labelled)?;
+            // People label the round's pairs; held-out accuracy comes from the RM's own split.
+            return Ok(PrefsReport {
+                pairs: labelled.len(),
+                file,
+                heldout_pairs: 0,
+                heldout_file: None,
+            });
+        }
+    };
+    crate::run_dir::write_jsonl(&file, &labelled)?;
+    let heldout_file = (!held_labelled.is_empty()).then_some(held_file);
+    if let Some(h) = &heldout_file {
+        crate::run_dir::write_jsonl(h, &held_labelled)?;
+    }
+    Ok(PrefsReport {
+        pairs: labelled.len(),
+        file,
+        heldout_pairs: held_labelled.len(),
+        heldout_file,
+    })
+}
+
+/// Writes `dir/NAME.to-label.jsonl` and returns the rows of `dir/NAME.labelled.jsonl` (as
+/// `train-rm` reads them) once it exists, waiting for it when `wait`.
+fn label_by_people(
+    dir: &Path,
+    name: &str,
+    pairs: &[Unlabelled],
+    wait: bool,
+) -> Result<Vec<serde_json::Value>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let todo = dir.join(format!("{name}.to-label.jsonl"));
+    let done = dir.join(format!("{name}.labelled.jsonl"));
+    if !todo.is_file() {
+        crate::run_dir::write_jsonl(&todo, pairs)?;
+    }
+    let mut told = false;
+    while !done.is_file() {
+        ensure!(
+            wait,
+            "waiting for labels: label the {} pairs of {} (put `chosen` before `rejected`, add \
+             `rating`, `chosen_safe`, `rejected_safe`) and save them as {}; then run again",
+            pairs.len(),
+            todo.display(),
+            done.display()
+        );
+        if !told {
+            eprintln!(
+                "waiting for labels: {} pairs in {}; save the labelled rows as {}",
+                pairs.len(),
+                todo.display(),
+                done.display()
+            );
+            told = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    // Checked as train-rm will read it: a bad line names file and line now.
+    read_pairs(std::slice::from_ref(&done), false)?;
+    crate::run_dir::read_jsonl_values(&done)
 }

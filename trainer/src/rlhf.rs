@@ -1,28 +1,16 @@
-//! `llama2 rlhf --rounds N`: the paper's iterative RLHF (section 3.2.3) on the built-in world.
-//!
-//! Round k samples answer pairs from the latest model, has the gold annotator label them (the
-//! weekly batch of human preferences), retrains both reward models on every label so far (from
-//! the SFT model, as the paper initialises them from a chat checkpoint), runs rejection sampling
-//! with them (pooled over rounds), and from round `ppo_from` on (the paper: RLHF-V4 and later)
-//! runs PPO on top of the rejection-sampling model. Each stage's model is scored by the gold
-//! annotator on held-out prompts, with its KL to the SFT model.
+//! `llama2 rlhf`: iterative RLHF rounds from an SFT model on the built-in world, as a recipe:
+//! the rounds of `recipes/world-tiny.toml` (labels from the latest model, both reward models
+//! retrained on every label so far, rejection sampling, PPO from `ppo_from`) with this config's
+//! settings, run by [`crate::recipe`] (a rerun skips finished steps). Every stage is evaluated on
+//! held-out prompts by the gold annotator and by the first round's reward models.
 
-use crate::pipeline::{evaluate_stage, rm_json, StageEval};
-use crate::ppo::{train as ppo_train, PpoConfig, PpoReport};
-use crate::prefs::{collect, PrefsConfig};
-use crate::formats::read_pairs;
-use crate::rm::{evaluate as rm_evaluate, load_rm, RmConfig, RmKind};
-use crate::rs::{run_round, Pool, RoundStats, RsConfig, RsPrompt};
-use crate::run_dir::write_jsonl;
-use crate::world::{read_examples, Annotator, Category, Example, World};
+use crate::evaluate::StageEval;
+use crate::recipe::{self, Recipe, WorldSection};
 use anyhow::{ensure, Context, Result};
-use engine::checkpoint::load_model;
-use engine::tokenizer::Tokenizer;
-use engine::{Backend, Head, Llama};
+use engine::Backend;
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::path::PathBuf;
-use std::time::Instant;
 
 #[derive(Clone, Debug)]
 pub struct RlhfConfig {
@@ -41,30 +29,22 @@ pub struct RlhfConfig {
     /// Held-out prompts for the gold evaluation of each stage (and the reward models' held-out
     /// pairs).
     pub eval_prompts: usize,
-    pub seq_len: usize,
-    pub rm_lr: f32,
-    pub rm_epochs: usize,
     pub rs_k: usize,
     /// Rejection-sampling temperature. The paper found 1.2-1.3 best for 10-100 samples of a
     /// 70B model; on the tiny preset samples at 1.2 score below the model's own average at 1.0
     /// (measured: the best of 8 at 1.2 has gold R_c 0.34 against 0.44 for a plain sample at
     /// 1.0), so fine-tuning on them makes the policy worse; 1.0 is the default here.
     pub rs_temperature: f32,
-    pub rs_lr: f32,
-    /// Epochs over the pool per round: the pool is a few hundred answers, and two epochs of it
-    /// barely move a model that was fine-tuned on twice as many demonstrations.
-    pub rs_epochs: usize,
     pub rs_prompts: usize,
     pub ppo_iterations: usize,
     pub ppo_batch: usize,
     pub ppo_minibatch: usize,
-    pub ppo_lr: f32,
     pub seed: u64,
 }
 
 impl RlhfConfig {
-    /// Settings for the tiny preset on the small world (a ~1M-parameter model takes larger
-    /// steps than the paper's 7B values).
+    /// The built-in recipe's settings (the tiny preset on the small world), 300 prompts labelled
+    /// a round, PPO from round 4 as in the paper.
     pub fn new(sft: PathBuf, world: PathBuf, out: PathBuf, rounds: usize) -> Self {
         RlhfConfig {
             sft,
@@ -75,21 +55,44 @@ impl RlhfConfig {
             label_prompts: 300,
             pairs_per_prompt: 2,
             eval_prompts: 200,
-            seq_len: 128,
-            rm_lr: 5e-4,
-            rm_epochs: 2,
             rs_k: 8,
             rs_temperature: 1.0,
-            rs_lr: 1e-4,
-            rs_epochs: 4,
             rs_prompts: 500,
             ppo_iterations: 10,
             ppo_batch: 64,
             ppo_minibatch: 16,
-            ppo_lr: 5e-5,
             seed: 1,
         }
     }
+}
+
+/// The recipe `cfg` runs: the built-in recipe's rounds from `cfg.sft` on the world in
+/// `cfg.world`, without its world, tokenizer, pretraining, SFT and finishing stages.
+pub fn recipe(cfg: &RlhfConfig) -> Result<Recipe> {
+    ensure!(cfg.rounds >= 1, "--rounds must be at least 1");
+    let mut r = Recipe::parse(crate::pipeline::WORLD_TINY).context("recipes/world-tiny.toml")?;
+    r.out = Some(cfg.out.clone());
+    r.seed = cfg.seed;
+    r.model.base = Some(cfg.sft.clone());
+    r.world = Some(WorldSection {
+        size: None,
+        dir: Some(cfg.world.clone()),
+    });
+    (r.tokenizer, r.pretrain, r.sft) = (None, None, None);
+    r.finish = Default::default();
+    r.round = crate::pipeline::rounds(cfg.rounds, cfg.ppo_from);
+    let set = |t: &mut Option<toml::Table>, kv: &[(&str, toml::Value)]| {
+        let t = t.get_or_insert_with(Default::default);
+        for (k, v) in kv {
+            t.insert(k.to_string(), v.clone());
+        }
+    };
+    let int = |n: usize| toml::Value::Integer(n as i64);
+    set(&mut r.prefs, &[("label_prompts", int(cfg.label_prompts)), ("pairs_per_prompt", int(cfg.pairs_per_prompt)), ("max_heldout", int(cfg.eval_prompts))]);
+    set(&mut r.rs, &[("k", int(cfg.rs_k)), ("temperature", toml::Value::Float(cfg.rs_temperature as f64)), ("max_prompts", int(cfg.rs_prompts))]);
+    set(&mut r.ppo, &[("iterations", int(cfg.ppo_iterations)), ("batch", int(cfg.ppo_batch)), ("minibatch", int(cfg.ppo_minibatch))]);
+    r.eval.max_prompts = cfg.eval_prompts;
+    Ok(r)
 }
 
 /// One round's numbers.
@@ -102,7 +105,8 @@ pub struct RoundReport {
     /// The reward models' held-out accuracy (overall and by rating), pairs sampled from this
     /// round's starting model on held-out prompts.
     pub rm: Value,
-    pub rs: RoundStats,
+    /// Rejection sampling's numbers (`rs::RoundStats`).
+    pub rs: Value,
     /// PPO's summary where this round ran it.
     pub ppo: Option<Value>,
     /// The model this round ends with.
@@ -121,261 +125,46 @@ pub struct RlhfReport {
     pub seconds: f64,
 }
 
-fn round_prompts(all: &[Example], n: usize, round: usize) -> Vec<Example> {
-    if all.is_empty() {
-        return vec![];
-    }
-    (0..n.min(all.len()))
-        .map(|i| all[((round - 1) * n + i) % all.len()].clone())
-        .collect()
-}
-
-fn ppo_summary(r: &PpoReport) -> Value {
-    let first = r.evals.first();
-    let last = r.evals.last();
-    serde_json::json!({
-        "iterations": r.iterations,
-        "stopped_early": r.stopped_early,
-        "beta": r.beta,
-        "held_out_reward_before": first.map(|e| e.reward),
-        "held_out_reward_after": last.map(|e| e.reward),
-        "held_out_gold_before": first.and_then(|e| e.gold_reward),
-        "held_out_gold_after": last.and_then(|e| e.gold_reward),
-        "kl_last": r.history.last().map(|h| h.kl),
-        "checkpoint": r.checkpoint,
-        "seconds": r.seconds,
-    })
-}
-
-/// Runs `cfg.rounds` rounds; `say` reports each step (the caller's progress line).
+/// Runs `cfg.rounds` rounds; `say` reports each step (the caller's progress line). Writes
+/// `rlhf_report.json` and the recipe's report (`report.json`, `report.md`, plots) into `cfg.out`.
 pub fn run<B: Backend>(be: B, cfg: &RlhfConfig, say: &dyn Fn(&str)) -> Result<RlhfReport> {
-    ensure!(cfg.rounds >= 1, "--rounds must be at least 1");
-    ensure!(cfg.ppo_from >= 1, "--ppo-from must be at least 1");
-    let t0 = Instant::now();
-    let out = &cfg.out;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let ann = Annotator::new(
-        World::load(&cfg.world)
-            .with_context(|| format!("loading the world {}", cfg.world.display()))?,
-    );
-    let mut eval = read_examples(&cfg.world.join("eval.jsonl"))?;
-    eval.truncate(cfg.eval_prompts);
-    let prompts = read_examples(&cfg.world.join("rlhf_prompts.jsonl"))?;
-    ensure!(
-        !prompts.is_empty(),
-        "{}: no prompts",
-        cfg.world.join("rlhf_prompts.jsonl").display()
-    );
-    let tok = Tokenizer::from_file(&crate::sft::tokenizer_for(&cfg.sft, None)?)?;
-    let rs_prompts: Vec<RsPrompt> = prompts
-        .iter()
-        .take(cfg.rs_prompts)
-        .map(|e| RsPrompt {
-            messages: e.messages.clone(),
-            safety: e.category == Category::Safety,
-        })
-        .collect();
-
-    let mut pair_files: Vec<PathBuf> = Vec::new();
-    let mut total_pairs = 0usize;
-    let mut pool = Pool::default();
-    let mut current = cfg.sft.clone();
+    let plan = recipe::plan(&recipe(cfg)?, cfg.out.clone())?;
+    let rep = recipe::run(be.clone(), &plan, say)?;
+    let report = crate::report::write(&rep, &be.name())?;
     let mut rounds = Vec::new();
-    let mut stages = Vec::new();
-    let mut rm_dirs = (PathBuf::new(), PathBuf::new());
-    for r in 1..=cfg.rounds {
-        let rdir = out.join(format!("round-{r}"));
-        std::fs::create_dir_all(&rdir)?;
-
-        say(&format!(
-            "rlhf round {r}/{}: preference pairs sampled from the latest model, labelled by the gold annotator",
-            cfg.rounds
-        ));
-        let mut model: Llama<B> = load_model(be.clone(), &current, Head::Lm)?;
-        let pcfg = PrefsConfig {
-            pairs_per_prompt: cfg.pairs_per_prompt,
-            seed: cfg.seed ^ (r as u64) << 8,
-            ..Default::default()
-        };
-        let batch = round_prompts(&prompts, cfg.label_prompts, r);
-        let pairs = collect(&mut model, &tok, &ann, &batch, &pcfg)?;
-        let held = collect(
-            &mut model,
-            &tok,
-            &ann,
-            &eval,
-            &PrefsConfig {
-                pairs_per_prompt: 1,
-                seed: pcfg.seed ^ 99,
-                // Held-out accuracy measures the ranking of answers to the same prompt.
-                off_topic: 0.0,
-                ..pcfg.clone()
-            },
-        )?;
-        drop(model);
-        let pf = rdir.join("prefs.jsonl");
-        write_jsonl(&pf, &pairs)?;
-        write_jsonl(&rdir.join("prefs_heldout.jsonl"), &held)?;
-        pair_files.push(pf);
-        total_pairs += pairs.len();
-
-        let mut rm_reports = serde_json::Map::new();
-        let mut dirs = Vec::new();
-        for kind in [RmKind::Helpfulness, RmKind::Safety] {
-            say(&format!(
-                "rlhf round {r}: {} reward model on all {total_pairs} pairs so far",
-                kind.name()
-            ));
-            let mut rc = RmConfig::new(
-                cfg.sft.clone(),
-                pair_files.clone(),
-                rdir.join(format!("rm-{}", kind.name())),
-                kind,
-            );
-            rc.batch_size = 16;
-            rc.micro_batch = 16;
-            rc.epochs = cfg.rm_epochs;
-            rc.lr = Some(cfg.rm_lr);
-            rc.val_fraction = 0.0;
-            rc.seq_len = Some(256);
-            rc.seed = cfg.seed ^ r as u64;
-            rc.progress = false;
-            let rep = crate::rm::train(be.clone(), &rc)?;
-            let (mut m, rtok) = load_rm(be.clone(), &rep.model_dir)?;
-            let (hp, _) = read_pairs(&[rdir.join("prefs_heldout.jsonl")], false)?;
-            let sel = crate::rm::select_pairs(hp, kind);
-            let ev = rm_evaluate(&mut m, &rtok, &sel.pairs, 256, 16)?;
-            crate::rm::write_eval(
-                &rdir.join(format!("rm-{}", kind.name())),
-                &ev,
-                &format!("{} reward model, round {r} (held-out prompts)", kind.name()),
-            )?;
-            rm_reports.insert(kind.name().to_string(), rm_json(&ev));
-            dirs.push(rep.model_dir);
-        }
-        rm_dirs = (dirs[0].clone(), dirs[1].clone());
-        let mut rms = Some((
-            load_rm(be.clone(), &rm_dirs.0)?.0,
-            load_rm(be.clone(), &rm_dirs.1)?.0,
-        ));
-        if r == 1 {
-            say("rlhf: gold evaluation of the SFT model");
-            stages.push(evaluate_stage(
-                &be, "sft", &cfg.sft, &cfg.sft, &tok, &ann, &eval, &mut rms, cfg.seed,
-            )?);
-        }
-
-        say(&format!(
-            "rlhf round {r}: rejection sampling, K = {} per prompt, best kept, pooled over rounds",
-            cfg.rs_k
-        ));
-        let rcfg = RsConfig {
-            k: cfg.rs_k,
-            temperature: cfg.rs_temperature,
-            seq_len: cfg.seq_len,
-            seed: cfg.seed ^ r as u64,
-            lr: cfg.rs_lr,
-            epochs: cfg.rs_epochs,
-            ..Default::default()
-        };
-        let st = run_round(
-            be.clone(),
-            &current,
-            &rm_dirs.0,
-            &rm_dirs.1,
-            &rs_prompts,
-            &rcfg,
-            r,
-            &mut pool,
-            &out.join("rs"),
-        )?;
-        current = st
-            .checkpoint
-            .clone()
-            .context("rejection-sampling fine-tune wrote no checkpoint")?;
-        stages.push(evaluate_stage(
-            &be,
-            &format!("rs_round_{r}"),
-            &current,
-            &cfg.sft,
-            &tok,
-            &ann,
-            &eval,
-            &mut rms,
-            cfg.seed,
-        )?);
-
-        let mut ppo = None;
-        if r >= cfg.ppo_from {
-            say(&format!(
-                "rlhf round {r}: PPO on the rejection-sampling model ({} iterations of {} rollouts)",
-                cfg.ppo_iterations, cfg.ppo_batch
-            ));
-            drop(rms.take());
-            let mut pc = PpoConfig::new(
-                current.clone(),
-                rm_dirs.0.clone(),
-                vec![cfg.world.join("rlhf_prompts.jsonl")],
-                rdir.join("ppo"),
-            );
-            pc.reward_safety = Some(rm_dirs.1.clone());
-            pc.eval_prompts = vec![cfg.world.join("eval.jsonl")];
-            pc.eval_size = cfg.eval_prompts.min(100);
-            pc.world = Some(cfg.world.clone());
-            pc.iterations = cfg.ppo_iterations;
-            pc.batch = cfg.ppo_batch;
-            pc.minibatch = cfg.ppo_minibatch;
-            pc.lr = cfg.ppo_lr;
-            pc.critic_lr = Some(cfg.ppo_lr * 4.0);
-            pc.critic_warmup = 2.min(cfg.ppo_iterations / 2);
-            pc.max_new_tokens = 40;
-            pc.eval_every = cfg.ppo_iterations.div_ceil(2).max(1);
-            pc.patience = 0;
-            pc.ckpt_every = 0;
-            pc.seed = cfg.seed ^ (r as u64) << 16;
-            pc.progress = false;
-            let rep = ppo_train(be.clone(), &pc)?;
-            current = rep.checkpoint.clone();
-            let mut rms = Some((
-                load_rm(be.clone(), &rm_dirs.0)?.0,
-                load_rm(be.clone(), &rm_dirs.1)?.0,
-            ));
-            stages.push(evaluate_stage(
-                &be,
-                &format!("ppo_round_{r}"),
-                &current,
-                &cfg.sft,
-                &tok,
-                &ann,
-                &eval,
-                &mut rms,
-                cfg.seed,
-            )?);
-            ppo = Some(ppo_summary(&rep));
+    let mut total = 0;
+    let mut checkpoint = cfg.sft.clone();
+    let mut rms = (PathBuf::new(), PathBuf::new());
+    for k in 1..=cfg.rounds {
+        let step = |s: &str| rep.report(&format!("round-{k}/{s}")).cloned();
+        let new_pairs = step("prefs").and_then(|p| p["pairs"].as_u64()).unwrap_or(0) as usize;
+        total += new_pairs;
+        let rdir = cfg.out.join(format!("round-{k}"));
+        rms = (rdir.join("rm-helpfulness"), rdir.join("rm-safety"));
+        let rs = step("rs").context("no rejection-sampling report")?;
+        checkpoint = rdir.join("rs/sft");
+        let ppo = step("ppo");
+        if ppo.is_some() {
+            checkpoint = rdir.join("ppo");
         }
         rounds.push(RoundReport {
-            round: r,
-            new_pairs: pairs.len(),
-            total_pairs,
-            rm: Value::Object(rm_reports),
-            rs: st,
+            round: k,
+            new_pairs,
+            total_pairs: total,
+            rm: report["rounds"][k - 1]["rm"].clone(),
+            rs,
             ppo,
-            checkpoint: current.clone(),
+            checkpoint: checkpoint.clone(),
         });
-        let rounds_rs: Vec<RoundStats> = rounds.iter().map(|x| x.rs.clone()).collect();
-        crate::rs::write_report(out, &rounds_rs)?;
     }
-    let report = RlhfReport {
+    let out = RlhfReport {
         rounds,
-        stages,
-        rm_helpfulness: rm_dirs.0,
-        rm_safety: rm_dirs.1,
-        checkpoint: current,
-        seconds: t0.elapsed().as_secs_f64(),
+        stages: rep.evals(),
+        rm_helpfulness: rms.0,
+        rm_safety: rms.1,
+        checkpoint: crate::run_dir::model_dir(&checkpoint)?,
+        seconds: rep.seconds,
     };
-    std::fs::write(
-        out.join("rlhf_report.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
-    Ok(report)
+    crate::run_dir::write_json(&cfg.out.join("rlhf_report.json"), &json!(out))?;
+    Ok(out)
 }

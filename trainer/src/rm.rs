@@ -509,13 +509,9 @@ pub fn score<B: Backend>(
 // ---------------------------------------------------------------------------------------------
 // Model
 
-/// The paper's peak learning rate: 5e-6 for the 70B shape (80 layers), 1e-5 otherwise.
+/// The paper's peak learning rate for the model's size: 5e-6 for the 70B, 1e-5 otherwise.
 pub fn default_lr(cfg: &LlamaConfig) -> f32 {
-    if cfg.num_hidden_layers >= 80 {
-        5e-6
-    } else {
-        1e-5
-    }
+    crate::paper::for_model(cfg).rm_lr
 }
 
 /// A reward model to train from checkpoint `dir`: a score model loads whole (continued
@@ -689,6 +685,21 @@ impl EvalReport {
         }
     }
 
+    /// Accuracy overall and by rating, as the reports show it.
+    pub fn summary(&self) -> serde_json::Value {
+        let by: serde_json::Map<String, serde_json::Value> = self
+            .by_rating
+            .iter()
+            .map(|l| {
+                (
+                    l.rating.clone(),
+                    serde_json::json!({"accuracy": l.accuracy, "pairs": l.pairs}),
+                )
+            })
+            .collect();
+        serde_json::json!({"accuracy": self.accuracy, "pairs": self.pairs, "accuracy_by_rating": by})
+    }
+
     /// The accuracy line of one level (`None`: unrated pairs).
     pub fn level(&self, rating: Option<Rating>) -> &LevelAccuracy {
         let i = rating.map_or(4, |r| {
@@ -810,7 +821,8 @@ pub fn write_eval(dir: &Path, rep: &EvalReport, title: &str) -> Result<()> {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RmConfig {
-    /// The checkpoint to start from (HF layout): chat/SFT or pretrained, or a reward model.
+    /// The checkpoint to start from (HF layout): chat/SFT or pretrained, or a reward model; or
+    /// a training run directory (its latest checkpoint).
     pub init: PathBuf,
     /// Default: `init/tokenizer.json`.
     pub tokenizer: Option<PathBuf>,
@@ -937,23 +949,24 @@ fn stream_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
 /// `llama2 train-rm`: trains one reward model and writes, under `out`, `config.json`,
 /// `metrics.jsonl`, `loss.svg`, `model/` (the HF checkpoint with its tokenizer), and the
 /// held-out evaluation `eval.json`, `eval.md`, `scores.svg`.
-pub fn train<B: Backend>(be: B, cfg: &RmConfig) -> Result<RmReport> {
+pub fn run<B: Backend>(be: B, cfg: &RmConfig) -> Result<RmReport> {
     ensure!(
         cfg.batch_size > 0 && cfg.epochs > 0,
         "batch size and epochs must be > 0"
     );
     ensure!(!cfg.data.is_empty(), "no preference data given");
+    let init = crate::run_dir::model_dir(&cfg.init)?;
     let tok_path = cfg
         .tokenizer
         .clone()
-        .unwrap_or_else(|| cfg.init.join("tokenizer.json"));
+        .unwrap_or_else(|| init.join("tokenizer.json"));
     ensure!(
         tok_path.is_file(),
         "{}: no tokenizer (pass --tokenizer)",
         tok_path.display()
     );
     let tok = Tokenizer::from_file(&tok_path)?;
-    let mut model = init_rm(be, &cfg.init, cfg.seed)?;
+    let mut model = init_rm(be, &init, cfg.seed)?;
     model.set_recompute(cfg.recompute);
     ensure!(
         model.cfg.vocab_size >= tok.vocab_size(),

@@ -6,8 +6,8 @@
 
 use crate::evaluate::chat_answers;
 use crate::plot::line_plot;
-use crate::pretrain::{run as train_run, DataSpec, TrainConfig};
-use crate::rm::{load_rm, score};
+use crate::sft::SftConfig;
+use crate::reward::RewardModels;
 use anyhow::{ensure, Context, Result};
 use engine::generate::SamplingParams;
 use engine::tokenizer::{Message, Tokenizer};
@@ -17,14 +17,25 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// A prompt to sample for, with its safety tag (the piecewise reward needs it).
-#[derive(Clone, Debug)]
-pub struct RsPrompt {
-    pub messages: Vec<Message>,
-    pub safety: bool,
-}
+pub use crate::formats::Prompt as RsPrompt;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RsConfig {
+    /// The model that samples and is fine-tuned (a checkpoint or its run directory).
+    pub policy: PathBuf,
+    pub reward_helpfulness: PathBuf,
+    /// Default: the helpfulness model serves as both.
+    pub reward_safety: Option<PathBuf>,
+    /// Prompt JSONL (any format `formats::read_prompts` reads).
+    pub prompts: Vec<PathBuf>,
+    /// Use the first N prompts (0: all).
+    pub max_prompts: usize,
+    /// The previous round's `pool.jsonl`: its best answers stay unless beaten.
+    pub pool: Option<PathBuf>,
+    pub round: usize,
+    /// Writes `pool.jsonl` and the fine-tune (`sft/`) here.
+    pub out: PathBuf,
     /// Samples per prompt.
     pub k: usize,
     /// The paper found 1.2–1.3 best for 10–100 samples.
@@ -41,35 +52,26 @@ pub struct RsConfig {
 
 impl Default for RsConfig {
     fn default() -> Self {
+        let p = crate::paper::defaults(crate::paper::Size::B7);
         RsConfig {
-            k: 8,
-            temperature: 1.2,
+            policy: PathBuf::new(),
+            reward_helpfulness: PathBuf::new(),
+            reward_safety: None,
+            prompts: vec![],
+            max_prompts: 0,
+            pool: None,
+            round: 1,
+            out: PathBuf::new(),
+            k: p.rs_k,
+            temperature: p.rs_temperature,
             max_new_tokens: 48,
             batch: 64,
             seq_len: 256,
             seed: 0,
-            epochs: 2,
-            lr: 2e-5,
+            epochs: p.sft_epochs,
+            lr: p.sft_lr,
             sft_batch: 16,
         }
-    }
-}
-
-/// Llama 2's piecewise combination of the two reward models: the safety score decides on
-/// safety-tagged prompts and whenever it is low (below `threshold`), helpfulness otherwise.
-/// Scores are reward-model logits; the threshold applies to their sigmoid, as in the paper.
-pub fn piecewise(
-    safety_logit: f32,
-    help_logit: f32,
-    is_safety_prompt: bool,
-    threshold: f32,
-) -> f32 {
-    let s = 1.0 / (1.0 + (-safety_logit).exp());
-    let h = 1.0 / (1.0 + (-help_logit).exp());
-    if is_safety_prompt || s < threshold {
-        s
-    } else {
-        h
     }
 }
 
@@ -101,8 +103,7 @@ fn key(m: &[Message]) -> String {
 pub fn sample_round<B: Backend>(
     policy: &mut Llama<B>,
     tok: &Tokenizer,
-    rm_help: &mut Llama<B>,
-    rm_safety: &mut Llama<B>,
+    rewards: &mut RewardModels<B>,
     prompts: &[RsPrompt],
     cfg: &RsConfig,
     round: usize,
@@ -110,6 +111,10 @@ pub fn sample_round<B: Backend>(
 ) -> Result<RoundStats> {
     ensure!(cfg.k >= 1, "k must be at least 1");
     let dialogues: Vec<Vec<Message>> = prompts.iter().map(|p| p.messages.clone()).collect();
+    let safety: Vec<bool> = prompts.iter().map(|p| p.safety).collect();
+    let scorer = rewards;
+    scorer.seq_len = Some(cfg.seq_len);
+    scorer.batch = cfg.batch;
     let mut rewards = vec![Vec::with_capacity(cfg.k); prompts.len()];
     let mut texts = vec![Vec::with_capacity(cfg.k); prompts.len()];
     for s in 0..cfg.k {
@@ -126,10 +131,9 @@ pub fn sample_round<B: Backend>(
             .cloned()
             .zip(answers.iter().map(|a| a.text.clone()))
             .collect();
-        let h = score(rm_help, tok, &rows, cfg.seq_len, cfg.batch)?;
-        let sf = score(rm_safety, tok, &rows, cfg.seq_len, cfg.batch)?;
+        let rc = scorer.rc(&rows, &safety)?;
         for (i, a) in answers.into_iter().enumerate() {
-            rewards[i].push(piecewise(sf[i], h[i], prompts[i].safety, 0.15));
+            rewards[i].push(rc[i]);
             texts[i].push(a.text);
         }
     }
@@ -186,55 +190,66 @@ pub fn write_pool(path: &Path, pool: &Pool) -> Result<()> {
     crate::run_dir::write_jsonl(path, &rows)
 }
 
-/// One full round: sample with the model at `init`, pool, fine-tune on the pool from `init`.
-/// Writes `out/round-N/{samples.jsonl, sft/...}` and returns the stats with the new checkpoint.
-#[allow(clippy::too_many_arguments)]
-pub fn run_round<B: Backend>(
-    be: B,
-    init: &Path,
-    rm_help_dir: &Path,
-    rm_safety_dir: &Path,
-    prompts: &[RsPrompt],
-    cfg: &RsConfig,
-    round: usize,
-    pool: &mut Pool,
-    out: &Path,
-) -> Result<RoundStats> {
-    let dir = out.join(format!("round-{round}"));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tok = Tokenizer::from_file(&init.join("tokenizer.json"))?;
-    let mut policy = engine::checkpoint::load_model(be.clone(), init, engine::Head::Lm)?;
-    let (mut rh, _) = load_rm(be.clone(), rm_help_dir)?;
-    let (mut rsf, _) = load_rm(be.clone(), rm_safety_dir)?;
+impl Pool {
+    /// The pool a round wrote (`pool.jsonl`: the prompt, its best answer, its reward).
+    pub fn read(path: &Path) -> Result<Pool> {
+        let mut pool = Pool::default();
+        for (i, v) in crate::run_dir::read_jsonl_values(path)?.into_iter().enumerate() {
+            let row = || -> Option<(Vec<Message>, String, f32)> {
+                let mut m: Vec<Message> = serde_json::from_value(v.get("messages")?.clone()).ok()?;
+                let answer = m.pop().filter(|a| a.role == "assistant")?.content;
+                Some((m, answer, v.get("reward")?.as_f64()? as f32))
+            };
+            let (m, answer, reward) =
+                row().with_context(|| format!("{}:{}: not a pool row", path.display(), i + 1))?;
+            pool.best.insert(key(&m), (m, answer, reward));
+        }
+        Ok(pool)
+    }
+}
+
+/// `rs`: one round. Samples K answers per prompt with the policy, scores them, pools each
+/// prompt's best with the previous round's pool, writes `out/pool.jsonl`, and fine-tunes the
+/// policy on the pool (`out/sft/`); returns the stats with the new checkpoint.
+pub fn run<B: Backend>(be: B, cfg: &RsConfig) -> Result<RoundStats> {
+    std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
+    let init = crate::run_dir::model_dir(&cfg.policy)?;
+    let mut prompts = crate::formats::read_prompts(&cfg.prompts, None)?.0;
+    if cfg.max_prompts > 0 {
+        prompts.truncate(cfg.max_prompts);
+    }
+    ensure!(!prompts.is_empty(), "rejection sampling: no prompts");
+    let mut pool = match &cfg.pool {
+        Some(p) => Pool::read(p)?,
+        None => Pool::default(),
+    };
+    let tok = Tokenizer::from_file(&crate::sft::tokenizer_for(&init, None)?)?;
+    let mut policy = engine::checkpoint::load_model(be.clone(), &init, engine::Head::Lm)?;
+    let mut rewards = RewardModels::load(
+        be.clone(),
+        &cfg.reward_helpfulness,
+        Some(cfg.reward_safety.as_deref().unwrap_or(&cfg.reward_helpfulness)),
+    )?;
     let mut stats = sample_round(
         &mut policy,
         &tok,
-        &mut rh,
-        &mut rsf,
-        prompts,
+        &mut rewards,
+        &prompts,
         cfg,
-        round,
-        pool,
+        cfg.round,
+        &mut pool,
     )?;
-    drop((policy, rh, rsf));
-    let pool_file = dir.join("pool.jsonl");
-    write_pool(&pool_file, pool)?;
-    let mut sc = TrainConfig::sft_defaults(vec![pool_file], dir.join("sft"), init.to_path_buf());
-    if let DataSpec::Sft {
-        epochs,
-        val_fraction,
-        ..
-    } = &mut sc.data
-    {
-        *epochs = cfg.epochs;
-        *val_fraction = 0.05;
-    }
+    drop((policy, rewards));
+    let pool_file = cfg.out.join("pool.jsonl");
+    write_pool(&pool_file, &pool)?;
+    let mut sc = SftConfig::new(init, vec![pool_file], cfg.out.join("sft"));
+    sc.epochs = cfg.epochs;
     sc.lr = cfg.lr;
     sc.seq_len = cfg.seq_len;
     sc.batch_size = cfg.sft_batch;
-    sc.seed = cfg.seed ^ round as u64;
+    sc.seed = cfg.seed ^ cfg.round as u64;
     sc.progress = false;
-    let rep = train_run(be, sc, None)?;
+    let rep = crate::sft::run(be, &sc)?;
     stats.checkpoint = rep.checkpoint;
     Ok(stats)
 }

@@ -1,13 +1,17 @@
-//! Supervised fine-tuning data, as the Llama 2 paper does it: dialogues rendered with the chat
+//! Supervised fine-tuning, as the Llama 2 paper does it: dialogues rendered with the chat
 //! template, packed back to back to fill the sequence length, the loss only on assistant tokens,
-//! and no attention across the documents of a pack (per-document positions and masks).
+//! and no attention across the documents of a pack (per-document positions and masks). The
+//! stage ([`run`], [`SftConfig`]) is the fine-tune every later stage that learns from dialogues
+//! uses too: rejection sampling on its pool, Ghost Attention and context distillation on theirs.
 //!
 //! Rows are read by [`crate::formats`] (messages, prompt/completion, pairs' chosen answers, HH
 //! transcripts).
 
+use crate::pretrain::{DataSpec, PretrainReport as TrainReport, TrainConfig};
 use anyhow::{ensure, Result};
 use engine::tokenizer::{Message, Tokenizer};
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// A dialogue to learn from. `last_turn_only` (JSONL `"learn": "last"`) zeroes the loss on every
@@ -246,4 +250,81 @@ pub fn tokenizer_for(model_dir: &Path, explicit: Option<&Path>) -> Result<PathBu
         p.display()
     );
     Ok(p)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The stage
+
+/// A fine-tune from `init` on dialogue files, with the paper's SFT settings unless overridden.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SftConfig {
+    /// The checkpoint to start from (or a training run directory: its latest checkpoint).
+    pub init: PathBuf,
+    pub data: Vec<PathBuf>,
+    pub out: PathBuf,
+    pub epochs: usize,
+    pub lr: f32,
+    pub warmup: usize,
+    pub seq_len: usize,
+    /// Sequences per step.
+    pub batch_size: usize,
+    /// Every k-th dialogue (k = 1/fraction) is held out for the validation loss.
+    pub val_fraction: f64,
+    pub seed: u64,
+    pub progress: bool,
+}
+
+impl SftConfig {
+    /// The paper's SFT settings (`paper::defaults`): cosine from 2e-5, two epochs; sequences
+    /// of 256 tokens, 8 a step (what a CPU fits; the paper packs 64 of 4096).
+    pub fn new(init: PathBuf, data: Vec<PathBuf>, out: PathBuf) -> Self {
+        let p = crate::paper::defaults(crate::paper::Size::B7);
+        SftConfig {
+            init,
+            data,
+            out,
+            epochs: p.sft_epochs,
+            lr: p.sft_lr,
+            warmup: 0,
+            seq_len: 256,
+            batch_size: 8,
+            val_fraction: 0.05,
+            seed: 1337,
+            progress: true,
+        }
+    }
+
+    /// The training loop's configuration for this fine-tune.
+    pub fn train_config(&self) -> Result<TrainConfig> {
+        let init = crate::run_dir::model_dir(&self.init)?;
+        let mut c = TrainConfig::sft_defaults(self.data.clone(), self.out.clone(), init);
+        if let DataSpec::Sft {
+            epochs,
+            val_fraction,
+            ..
+        } = &mut c.data
+        {
+            *epochs = self.epochs;
+            *val_fraction = self.val_fraction;
+        }
+        c.lr = self.lr;
+        c.warmup = self.warmup;
+        c.seq_len = self.seq_len;
+        c.batch_size = self.batch_size;
+        c.seed = self.seed;
+        c.progress = self.progress;
+        Ok(c)
+    }
+}
+
+/// `sft`: fine-tunes and returns the loop's report (its `checkpoint` is the model).
+pub fn run<B: engine::Backend>(be: B, cfg: &SftConfig) -> Result<TrainReport> {
+    let rep = crate::pretrain::run(be, cfg.train_config()?, None)?;
+    ensure!(
+        rep.checkpoint.is_some(),
+        "the fine-tune in {} saved no checkpoint",
+        cfg.out.display()
+    );
+    Ok(rep)
 }

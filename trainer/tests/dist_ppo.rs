@@ -11,7 +11,7 @@ use engine::dist::{ThreadGroup, MANIFEST};
 use engine::{Cpu, Head};
 use std::path::{Path, PathBuf};
 use std::thread;
-use trainer::ppo::{resume_config, train, train_dp, IterStats, PpoConfig, PpoReport};
+use trainer::ppo::{resume_config, run, train_dp, IterStats, PpoConfig, PpoReport};
 
 /// Relative bound (against max(1, |x|)) on each iteration's logged numbers against one
 /// process's (measured: ≤ 1.2e-7 on 2 ranks and on 3, and on 2 with the oracle).
@@ -159,7 +159,7 @@ fn two_ranks_match_one_process_and_resume_on_either() {
     let d = dir.path();
     let (lm, rm, prompts) = common::tiny_ppo_setup(d);
 
-    let one = train(Cpu, &cfg(d, &lm, &rm, &prompts, "one")).unwrap();
+    let one = run(Cpu, &cfg(d, &lm, &rm, &prompts, "one")).unwrap();
     assert_eq!(one.history.len(), 3);
     assert!(one.history[1].policy_grad_norm > 0.0);
     let two = on_ranks(2, &cfg(d, &lm, &rm, &prompts, "two"));
@@ -190,7 +190,7 @@ fn two_ranks_match_one_process_and_resume_on_either() {
     println!("resumed on 2 ranks: policy {p:e}, critic {c:e}");
     let mut again1 = resume_config(&d.join("part"), Some(3)).unwrap();
     again1.out = d.join("again1");
-    let r1 = train(Cpu, &again1).unwrap();
+    let r1 = run(Cpu, &again1).unwrap();
     let (p, c) = weights_diff("resumed on 1 process", &r1, &one);
     println!("resumed on 1 process: policy {p:e}, critic {c:e}");
     for (what, r) in [
@@ -216,7 +216,7 @@ fn three_ranks_with_an_empty_part_and_two_epochs_match_one_process() {
         c.ppo_epochs = 2;
         c
     };
-    let one = train(Cpu, &cfg3("one")).unwrap();
+    let one = run(Cpu, &cfg3("one")).unwrap();
     assert_eq!(one.history.len(), 3);
     assert!(one.history[1].policy_grad_norm > 0.0);
     assert_policy_moved(&one, &lm);
@@ -287,7 +287,7 @@ fn two_ranks_with_the_oracle_reward_match_one_process() {
         c.samples_per_prompt = 1;
         c
     };
-    let one = train(Cpu, &cfg_o("one")).unwrap();
+    let one = run(Cpu, &cfg_o("one")).unwrap();
     assert_eq!(one.history.len(), 3);
     assert!(one.history[1].policy_grad_norm > 0.0);
     for h in &one.history {

@@ -146,6 +146,9 @@ fn ghost_attention_and_safety_context_distillation() {
 
     // ---- Ghost Attention.
     let gc = GattConfig {
+        init: base.clone(),
+        world: w.clone(),
+        out: d.join("gatt"),
         dialogues: 300,
         candidates: 4,
         eval_dialogues: 100,
@@ -155,7 +158,7 @@ fn ghost_attention_and_safety_context_distillation() {
         progress: false,
         ..Default::default()
     };
-    let g = trainer::gatt::run_gatt(Cpu, &base, &w, &d.join("gatt"), &gc).unwrap();
+    let g = trainer::gatt::run(Cpu, &gc).unwrap();
     let t_gatt = t0.elapsed().as_secs_f64();
     let (before, after) = (&g.adherence_before, &g.adherence_after);
     println!(
@@ -229,7 +232,7 @@ fn ghost_attention_and_safety_context_distillation() {
     rc.val_fraction = 0.0;
     rc.seq_len = Some(128);
     rc.progress = false;
-    let rm_dir = trainer::rm::train(Cpu, &rc).unwrap().model_dir;
+    let rm_dir = trainer::rm::run(Cpu, &rc).unwrap().model_dir;
     // Helpful dialogues replayed beside the distillation rows, so the refusals do not spread to
     // helpful prompts (without them the false-refusal rate rose from 6 % to 20-65 %).
     let replay: Vec<serde_json::Value> = read_jsonl(&w.join("sft.jsonl"))
@@ -239,6 +242,10 @@ fn ghost_attention_and_safety_context_distillation() {
         .collect();
     write_jsonl(&d.join("replay.jsonl"), &replay);
     let dc = DistillConfig {
+        init: base.clone(),
+        safety_rm: rm_dir.clone(),
+        world: w.clone(),
+        out: d.join("distill"),
         replay: vec![d.join("replay.jsonl")],
         lr: 3e-4,
         epochs: 2,
@@ -247,8 +254,7 @@ fn ghost_attention_and_safety_context_distillation() {
         progress: false,
         ..Default::default()
     };
-    let r =
-        trainer::distill::run_distill(Cpu, &base, &rm_dir, &w, &d.join("distill"), &dc).unwrap();
+    let r = trainer::distill::run(Cpu, &dc).unwrap();
     let t_distill = t0.elapsed().as_secs_f64();
     let after_d = r.after.clone().expect("rows were kept and fine-tuned on");
     println!("distillation seconds {:?}", r.seconds);

@@ -13,6 +13,7 @@ use std::time::Instant;
 use trainer::evaluate::world_eval;
 use trainer::ppo::*;
 use trainer::pretrain::{run, DataSpec, TrainConfig};
+use trainer::reward::{self, logit, sigmoid, SAFETY_THRESHOLD};
 use trainer::world::{read_examples, Annotator, World};
 
 fn close(got: &[f32], want: &[f32], tol: f32) {
@@ -93,26 +94,26 @@ fn whitening_logit_and_explained_variance() {
 fn piecewise_reward_at_and_around_the_safety_threshold() {
     let t = 0.15;
     // Safety prompt: always the safety reward.
-    assert_eq!(piecewise_reward(0.9, 0.2, true, t), 0.9);
-    assert_eq!(piecewise_reward(0.05, 0.99, true, t), 0.05);
+    assert_eq!(reward::piecewise(0.9, 0.2, true, t), 0.9);
+    assert_eq!(reward::piecewise(0.05, 0.99, true, t), 0.05);
     // Other prompts: helpfulness unless safety is below the threshold.
-    assert_eq!(piecewise_reward(0.9, 0.2, false, t), 0.2);
-    assert_eq!(piecewise_reward(0.1499, 0.8, false, t), 0.1499);
+    assert_eq!(reward::piecewise(0.9, 0.2, false, t), 0.2);
+    assert_eq!(reward::piecewise(0.1499, 0.8, false, t), 0.1499);
     assert_eq!(
-        piecewise_reward(0.15, 0.8, false, t),
+        reward::piecewise(0.15, 0.8, false, t),
         0.8,
         "at the threshold: not below"
     );
-    assert_eq!(piecewise_reward(0.1501, 0.8, false, t), 0.8);
-    assert_eq!(piecewise_reward(0.0, 0.8, false, t), 0.0);
+    assert_eq!(reward::piecewise(0.1501, 0.8, false, t), 0.8);
+    assert_eq!(reward::piecewise(0.0, 0.8, false, t), 0.0);
     assert_eq!(SAFETY_THRESHOLD, 0.15);
     // In reward-model scores s (R = σ(s)): the threshold sits at s = logit(0.15) = −1.7346.
     let s_at = logit(0.15);
     assert_eq!(
-        piecewise_reward(sigmoid(s_at - 1e-3), 0.7, false, t),
+        reward::piecewise(sigmoid(s_at - 1e-3), 0.7, false, t),
         sigmoid(s_at - 1e-3)
     );
-    assert_eq!(piecewise_reward(sigmoid(s_at + 1e-3), 0.7, false, t), 0.7);
+    assert_eq!(reward::piecewise(sigmoid(s_at + 1e-3), 0.7, false, t), 0.7);
 }
 
 #[test]
@@ -127,7 +128,7 @@ fn kl_term_per_token() {
     close(&r, &[-0.002, 0.005, 1.5], 1e-7);
     assert!((k.iter().sum::<f32>() + 0.3).abs() < 1e-6);
     // The paper's β by shape: 0.01 for 7B/13B, 0.005 for 34B/70B (48+ layers with GQA).
-    let b = |p: &str| default_beta(&engine::LlamaConfig::preset(p).unwrap());
+    let b = |p: &str| trainer::paper::for_model(&engine::LlamaConfig::preset(p).unwrap()).ppo_beta;
     assert_eq!(
         (b("7b"), b("13b"), b("34b"), b("70b"), b("tiny")),
         (0.01, 0.01, 0.005, 0.005, 0.01)
@@ -261,7 +262,7 @@ fn checkpoints_resume_exactly_and_load_as_hf_models() {
     let d = dir.path();
     let (lm, rm, prompts) = common::tiny_ppo_setup(d);
 
-    let straight = train(Cpu, &tiny_cfg(d, &lm, &rm, &prompts, "a")).unwrap();
+    let straight = trainer::ppo::run(Cpu, &tiny_cfg(d, &lm, &rm, &prompts, "a")).unwrap();
     assert_eq!(straight.iterations, 4);
     assert_eq!(straight.history.len(), 4);
     // The default hold-out: every 20th prompt; evaluations at 0, 2 and 4.
@@ -292,7 +293,7 @@ fn checkpoints_resume_exactly_and_load_as_hf_models() {
     // Interrupted after 2 iterations, then resumed from the run directory.
     let mut first = tiny_cfg(d, &lm, &rm, &prompts, "b");
     first.iterations = 2;
-    train(Cpu, &first).unwrap();
+    trainer::ppo::run(Cpu, &first).unwrap();
     let ck = d.join("b/checkpoints/iter-000002");
     for f in [
         "config.json",
@@ -310,7 +311,7 @@ fn checkpoints_resume_exactly_and_load_as_hf_models() {
     assert!(d.join("b/checkpoints/iter-000001").is_dir());
     let resumed_cfg = resume_config(&d.join("b"), Some(4)).unwrap();
     assert_eq!(resumed_cfg.resume.as_deref(), Some(ck.as_path()));
-    let resumed = train(Cpu, &resumed_cfg).unwrap();
+    let resumed = trainer::ppo::run(Cpu, &resumed_cfg).unwrap();
     assert_eq!(resumed.iterations, 4);
     assert_eq!(resumed.history.len(), 2);
     assert!(
@@ -367,7 +368,7 @@ fn checkpoints_resume_exactly_and_load_as_hf_models() {
     // stops at the first evaluation after the start, with a final checkpoint.
     let mut es = tiny_cfg(d, &lm, &rm, &prompts, "e");
     es.patience = 1;
-    let r = train(Cpu, &es).unwrap();
+    let r = trainer::ppo::run(Cpu, &es).unwrap();
     assert!(
         r.stopped_early && r.iterations == 2,
         "{} iterations",
@@ -378,7 +379,7 @@ fn checkpoints_resume_exactly_and_load_as_hf_models() {
     // Bad configurations are named.
     let mut bad = tiny_cfg(d, &lm, &rm, &prompts, "c");
     bad.oracle = true;
-    assert!(format!("{:#}", train(Cpu, &bad).unwrap_err()).contains("world"));
+    assert!(format!("{:#}", trainer::ppo::run(Cpu, &bad).unwrap_err()).contains("world"));
     let e = format!("{:#}", resume_config(&d.join("nothing"), None).unwrap_err());
     assert!(e.contains("no PPO checkpoint"), "{e}");
 }
@@ -420,7 +421,7 @@ fn rlhf_rounds_label_retrain_on_all_labels_and_add_ppo() {
     let rep = trainer::rlhf::run(Cpu, &cfg, &|m| said.lock().unwrap().push(m.to_string())).unwrap();
     for e in &rep.stages {
         println!(
-            "{}: sampled gold R_c {:.3}, greedy {:.3}, KL to SFT {:.2}",
+            "{}: sampled gold R_c {:?}, greedy {:?}, KL to SFT {:.2}",
             e.stage, e.sampled_reward, e.reward, e.kl_to_sft
         );
     }
@@ -461,12 +462,20 @@ fn rlhf_rounds_label_retrain_on_all_labels_and_add_ppo() {
         "rlhf_report.json",
         "rs_report.json",
         "rs_rewards.svg",
-        "round-2/prefs.jsonl",
+        "report.json",
+        "round-2/prefs/prefs.jsonl",
+        "round-2/rs/step.json",
     ] {
         assert!(out.join(f).is_file(), "{f}");
     }
     let said = said.into_inner().unwrap();
-    assert!(said.iter().any(|m| m.contains("PPO")), "{said:?}");
+    assert!(said.iter().any(|m| m.ends_with("round-2/ppo")), "{said:?}");
+    // A rerun finds every step done and runs nothing.
+    let said = std::sync::Mutex::new(Vec::new());
+    let again = trainer::rlhf::run(Cpu, &cfg, &|m| said.lock().unwrap().push(m.to_string())).unwrap();
+    let said = said.into_inner().unwrap();
+    assert!(said.iter().all(|m| m.ends_with("done, skipped")), "{said:?}");
+    assert_eq!(again.checkpoint, rep.checkpoint);
     load_model(Cpu, &rep.checkpoint, Head::Lm).unwrap();
 }
 
@@ -511,6 +520,7 @@ fn world_sft_and_rm(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
             seed: 3,
             pairs_per_prompt: 2,
             off_topic: 0.5,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -537,7 +547,7 @@ fn world_sft_and_rm(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
     rc.lr = Some(5e-4);
     rc.val_fraction = 0.0;
     rc.progress = false;
-    let rep = trainer::rm::train(Cpu, &rc).unwrap();
+    let rep = trainer::rm::run(Cpu, &rc).unwrap();
     println!(
         "{} pairs; reward model: {} steps, last batch accuracy {:.2}; {:.1} s",
         pairs.len(),
@@ -590,7 +600,7 @@ fn ppo_raises_the_held_out_reward_with_bounded_kl_on_the_world() {
     cfg.ckpt_every = 0;
     cfg.progress = false;
     let t1 = Instant::now();
-    let rep = train(Cpu, &cfg).unwrap();
+    let rep = trainer::ppo::run(Cpu, &cfg).unwrap();
     let ppo_s = t1.elapsed().as_secs_f64();
     for h in &rep.history {
         println!("{}", serde_json::to_string(h).unwrap());
@@ -667,7 +677,7 @@ fn gold_of_model(ckpt: &Path, w: &Path, n: usize) -> (f64, f64, f32) {
     let g = eval
         .iter()
         .zip(&greedy)
-        .map(|(e, a)| trainer::pipeline::gold_rc(&ann, e, a).0 as f64)
+        .map(|(e, a)| reward::gold(&ann, &e.messages, e.category == trainer::world::Category::Safety, a, SAFETY_THRESHOLD).0 as f64)
         .sum::<f64>()
         / eval.len() as f64;
     let d: Vec<_> = eval
@@ -685,7 +695,7 @@ fn gold_of_model(ckpt: &Path, w: &Path, n: usize) -> (f64, f64, f32) {
     let sampled = s
         .iter()
         .enumerate()
-        .map(|(i, a)| trainer::pipeline::gold_rc(&ann, &eval[i / n], &a.text).0 as f64)
+        .map(|(i, a)| reward::gold(&ann, &eval[i / n].messages, eval[i / n].category == trainer::world::Category::Safety, &a.text, SAFETY_THRESHOLD).0 as f64)
         .sum::<f64>()
         / s.len() as f64;
     (g, sampled, ev.false_refusal_rate)
@@ -703,15 +713,12 @@ fn gold_of_model(ckpt: &Path, w: &Path, n: usize) -> (f64, f64, f32) {
 fn rejection_sampling_raises_the_held_out_gold_reward_on_the_world() {
     let (w, sft, rm) = shared_world();
     let dir = tempfile::tempdir().unwrap();
-    let prompts: Vec<trainer::rs::RsPrompt> = read_examples(&w.join("rlhf_prompts.jsonl"))
-        .unwrap()
-        .into_iter()
-        .map(|e| trainer::rs::RsPrompt {
-            safety: e.category == trainer::world::Category::Safety,
-            messages: e.messages,
-        })
-        .collect();
     let cfg = trainer::rs::RsConfig {
+        policy: sft.clone(),
+        reward_helpfulness: rm.clone(),
+        reward_safety: Some(rm.clone()),
+        prompts: vec![w.join("rlhf_prompts.jsonl")],
+        out: dir.path().join("round-1"),
         k: 8,
         temperature: 1.0,
         max_new_tokens: 40,
@@ -720,9 +727,7 @@ fn rejection_sampling_raises_the_held_out_gold_reward_on_the_world() {
         lr: 1e-4,
         ..Default::default()
     };
-    let mut pool = trainer::rs::Pool::default();
-    let st =
-        trainer::rs::run_round(Cpu, sft, rm, rm, &prompts, &cfg, 1, &mut pool, dir.path()).unwrap();
+    let st = trainer::rs::run(Cpu, &cfg).unwrap();
     let after = st.checkpoint.clone().unwrap();
     let (g0, s0, fr0) = gold_of_model(sft, w, 4);
     let (g1, s1, fr1) = gold_of_model(&after, w, 4);

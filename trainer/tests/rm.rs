@@ -490,7 +490,7 @@ fn a_tiny_reward_model_learns_synthetic_preferences() {
     cfg.val_fraction = 0.2;
     cfg.margin = MarginKind::Small;
     cfg.progress = false;
-    let rep = train(Cpu, &cfg).unwrap();
+    let rep = trainer::rm::run(Cpu, &cfg).unwrap();
     let e = rep.eval.as_ref().unwrap();
     println!("{}", e.to_markdown());
     println!("{:.1} s, {} steps", t0.elapsed().as_secs_f64(), rep.steps);
@@ -540,7 +540,7 @@ fn hh_harmless_pairs_load_and_train() {
     cfg.max_steps = Some(6);
     cfg.val_fraction = 0.02;
     cfg.progress = false;
-    let rep = train(Cpu, &cfg).unwrap();
+    let rep = trainer::rm::run(Cpu, &cfg).unwrap();
     assert_eq!(rep.steps, 6);
     assert_eq!(rep.train_pairs + rep.val_pairs, 1800);
     assert!(rep.truncated > 0, "long transcripts are cut to seq_len");

@@ -107,7 +107,7 @@ fn world_recipe_sft_then_reward_model() {
     rc.lr = Some(5e-4);
     rc.val_fraction = 0.0;
     rc.progress = false;
-    let rep = trainer::rm::train(Cpu, &rc).unwrap();
+    let rep = trainer::rm::run(Cpu, &rc).unwrap();
     let (mut rm, rtok) = trainer::rm::load_rm(Cpu, &rep.model_dir).unwrap();
     let (held, _) = read_pairs(&[d.join("eval_pairs.jsonl")], false).unwrap();
     let held: Vec<_> = held

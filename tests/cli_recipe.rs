@@ -1,0 +1,217 @@
+//! `llama2 recipe` on user data only, as a new user would run it: Anthropic HH pairs (the shared
+//! file) converted to TRL's conversational form, prompts taken from them, and a model pretrained
+//! on Tiny Shakespeare as the base. The recipe runs SFT -> both reward models -> two rounds
+//! (rejection sampling, then rejection sampling + PPO) with every stage evaluated by one fixed
+//! judge (the recipe's first reward models). It is killed in the middle of round 2 and finished by
+//! a rerun, which skips the steps already done; `recipe plan` says which are done.
+
+mod common;
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+fn llama2() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_llama2"))
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{cmd:?} failed\nstdout:\n{so}\nstderr:\n{se}");
+    so.to_string()
+}
+
+/// A tiny model pretrained on the start of Tiny Shakespeare, with its own 512-token tokenizer.
+fn pretrained(d: &Path) -> std::path::PathBuf {
+    let text: String = std::fs::read_to_string(common::shared("data/tinyshakespeare.txt"))
+        .unwrap()
+        .chars()
+        .take(100_000)
+        .collect();
+    std::fs::write(d.join("shakespeare.txt"), text).unwrap();
+    ok(llama2()
+        .args(["train-tokenizer", "--vocab-size", "512", "--out"])
+        .arg(d.join("tok.json"))
+        .arg(d.join("shakespeare.txt")));
+    ok(llama2()
+        .args(["prepare-data", "--val-fraction", "0.1", "--tokenizer"])
+        .arg(d.join("tok.json"))
+        .arg("--out")
+        .arg(d.join("data"))
+        .arg(d.join("shakespeare.txt")));
+    ok(llama2()
+        .args(["pretrain", "--preset", "tiny", "--seq-len", "64", "--batch-size", "8"])
+        .args(["--steps", "20", "--no-progress", "--data"])
+        .arg(d.join("data"))
+        .arg("--out")
+        .arg(d.join("pt")));
+    d.join("pt")
+}
+
+/// Short HH pairs (their dialogues fit the tiny model's 256 positions with room for answers),
+/// converted to TRL's conversational form: `train.jsonl` (pairs), `prompts.jsonl` (their
+/// prompts) and `eval.jsonl` (prompts of other pairs).
+fn user_data(d: &Path) {
+    let hh = std::fs::read_to_string(common::shared("data/hh-harmless-pairs.jsonl")).unwrap();
+    let short: Vec<&str> = hh.lines().filter(|l| l.len() < 500).take(72).collect();
+    assert_eq!(short.len(), 72, "the shared HH file has short pairs");
+    std::fs::write(d.join("hh-train.jsonl"), short[..60].join("\n")).unwrap();
+    std::fs::write(d.join("hh-eval.jsonl"), short[60..].join("\n")).unwrap();
+    let convert = |kind: &str, from: &str, to: &str| {
+        ok(llama2()
+            .args(["convert", "--kind", kind, "--out"])
+            .arg(d.join(to))
+            .arg(d.join(from)));
+    };
+    convert("pairs", "hh-train.jsonl", "train.jsonl");
+    convert("prompts", "train.jsonl", "prompts.jsonl");
+    convert("prompts", "hh-eval.jsonl", "eval.jsonl");
+    let first: Value = serde_json::from_str(
+        std::fs::read_to_string(d.join("train.jsonl")).unwrap().lines().next().unwrap(),
+    )
+    .unwrap();
+    assert!(first["prompt"].is_array() && first["chosen"].is_array(), "{first}");
+}
+
+const RECIPE: &str = r#"
+seed = 3
+[model]
+base = "BASE"
+[sft]
+data = ["D/train.jsonl"]
+epochs = 1
+lr = 1e-3
+seq_len = 128
+batch_size = 8
+val_fraction = 0.0
+[rm]
+data = ["D/train.jsonl"]
+epochs = 1
+lr = 5e-4
+batch_size = 8
+micro_batch = 8
+seq_len = 128
+val_fraction = 0.0
+[rs]
+prompts = ["D/prompts.jsonl"]
+max_prompts = 12
+k = 2
+max_new_tokens = 12
+lr = 1e-4
+epochs = 1
+seq_len = 128
+[ppo]
+prompts = ["D/prompts.jsonl"]
+eval_prompts = ["D/eval.jsonl"]
+eval_size = 8
+iterations = 2
+batch = 8
+minibatch = 4
+max_new_tokens = 12
+eval_every = 1
+patience = 0
+ckpt_every = 0
+[[round]]
+stages = ["rs"]
+[[round]]
+stages = ["rs", "ppo"]
+[eval]
+prompts = ["D/eval.jsonl"]
+max_prompts = 8
+samples = 1
+max_new_tokens = 12
+"#;
+
+#[test]
+fn a_recipe_on_user_data_is_killed_midway_and_finished_by_a_rerun() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = pretrained(d);
+    user_data(d);
+    let out = d.join("run");
+    let recipe = d.join("hh.toml");
+    std::fs::write(
+        &recipe,
+        RECIPE
+            .replace("BASE", &base.display().to_string())
+            .replace("D/", &format!("{}/", d.display())),
+    )
+    .unwrap();
+    let plan = |want: &[(&str, &str)]| {
+        let p = ok(llama2().args(["recipe", "plan"]).arg(&recipe).arg("--out").arg(&out));
+        for (step, state) in want {
+            assert!(
+                p.lines().any(|l| l.split_whitespace().next() == Some(step) && l.contains(state)),
+                "`{step}` should be `{state}`:\n{p}"
+            );
+        }
+        p
+    };
+    plan(&[("sft", "to run"), ("rm", "to run"), ("round-2/ppo", "to run")]);
+
+    // Killed when round 2's rejection sampling starts.
+    let mut child = llama2()
+        .args(["recipe", "run", "--device", "cpu"])
+        .arg(&recipe)
+        .arg("--out")
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = Vec::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        said.push(line.clone());
+        if line.ends_with("] round-2/rs") {
+            child.kill().unwrap();
+            break;
+        }
+    }
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "killed before finishing; it said:\n{}", said.join("\n"));
+    assert!(said.iter().any(|l| l.ends_with("] round-2/rs")), "{}", said.join("\n"));
+    plan(&[("sft", "done"), ("rm", "done"), ("round-1/rs", "done"), ("round-2/ppo", "to run")]);
+
+    // The rerun skips what is done and finishes.
+    let o = llama2()
+        .args(["recipe", "run", "--device", "cpu"])
+        .arg(&recipe)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let (so, se) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "rerun failed\n{so}\n{se}");
+    for step in ["sft", "rm", "round-1/rs", "eval/sft", "eval/rs_round_1"] {
+        assert!(se.contains(&format!("] {step}: done, skipped")), "{step} rerun:\n{se}");
+    }
+    for step in ["round-2/rs", "round-2/ppo", "eval/ppo_round_2"] {
+        assert!(se.lines().any(|l| l.ends_with(&format!("] {step}"))), "{step} not run:\n{se}");
+    }
+    plan(&[("round-2/ppo", "done"), ("eval/ppo_round_2", "done")]);
+
+    // Every stage's reward under the one fixed judge: the recipe's first reward models.
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let stages: Vec<&str> =
+        report["stages"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    assert_eq!(stages, ["sft", "rs_round_1", "rs_round_2", "ppo_round_2"]);
+    for s in &stages {
+        let j = &report[*s]["judge"];
+        assert!(j["greedy"].as_f64().is_some_and(|r| (0.0..=1.0).contains(&r)), "{s}: {j}");
+        assert!(report[*s]["gold"].is_null() && report[*s]["accuracy"].is_null(), "no world here");
+    }
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("| ppo_round_2 |"), "{md}");
+    let judge: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("eval/ppo_round_2/step.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(judge["key"].is_string());
+}

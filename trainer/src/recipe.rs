@@ -1,0 +1,921 @@
+//! A recipe: the Llama 2 training recipe as a TOML file (as torchtitan configures its runs): the
+//! base model, each stage's data and settings, and the rounds of RLHF (which stages each round
+//! runs: the paper's V1–V3 ran rejection sampling only, PPO came from V4 on), then Ghost
+//! Attention and safety context distillation. `llama2 recipe run FILE` runs it, `llama2 recipe
+//! plan FILE` prints what would run, and `llama2 pipeline` is the built-in world's recipe
+//! (`recipes/world-tiny.toml`).
+//!
+//! A recipe is planned into steps, each a stage's `run(backend, &Config)` writing one directory
+//! under `out`. A step that finishes writes `step.json` (its key and report) there last, atomically;
+//! on a rerun a step whose `step.json` holds the same key is skipped, like a build system, so a
+//! killed recipe continues where it stopped. The key chains the step's configuration with the
+//! previous step's key: changing a stage's settings reruns it and everything after it.
+//!
+//! Every stage's settings are its config struct's fields (`rs::RsConfig`, `ppo::PpoConfig`,
+//! ...), whose defaults are the paper's; a section overrides any of them, a `[[round]]`'s own
+//! table (`[round.ppo]`) overrides them for that round, and an unknown name is an error naming
+//! the section. Strings starting with `world:` name files of the generated world. Paths are
+//! relative to the working directory.
+
+use crate::distill::DistillConfig;
+use crate::evaluate::{EvalConfig, StageEval};
+use crate::gatt::GattConfig;
+use crate::ppo::PpoConfig;
+use crate::prefs::{Labeller, PrefsConfig};
+use crate::pretrain::{ModelSource, TrainConfig};
+use crate::rm::{RmConfig, RmKind};
+use crate::rs::RsConfig;
+use crate::run_dir;
+use crate::sft::SftConfig;
+use crate::world::WorldConfig;
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use engine::Backend;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The recipe file.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Where the run goes (default `runs/<file name without .toml>`).
+    pub out: Option<PathBuf>,
+    #[serde(default = "one")]
+    pub seed: u64,
+    /// The model to start from, when the recipe does not pretrain one.
+    #[serde(default)]
+    pub model: ModelSection,
+    /// Generate the built-in world into `out/world` (its files are `world:NAME`).
+    pub world: Option<WorldSection>,
+    /// Train a tokenizer and prepare token shards (for `pretrain`).
+    pub tokenizer: Option<TokenizerSection>,
+    pub pretrain: Option<PretrainSection>,
+    pub sft: Option<toml::Table>,
+    pub rm: Option<toml::Table>,
+    pub prefs: Option<toml::Table>,
+    pub rs: Option<toml::Table>,
+    pub ppo: Option<toml::Table>,
+    pub gatt: Option<toml::Table>,
+    pub distill: Option<toml::Table>,
+    #[serde(default)]
+    pub eval: EvalSection,
+    #[serde(default)]
+    pub round: Vec<RoundSection>,
+    #[serde(default)]
+    pub finish: FinishSection,
+}
+
+fn one() -> u64 {
+    1
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A checkpoint or a training run directory.
+    pub base: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorldSection {
+    /// Generate the world at this size into `out/world`...
+    pub size: Option<crate::world::Size>,
+    /// ...or use one already generated (`llama2 world`) here.
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerSection {
+    pub vocab_size: usize,
+    /// Text to train on and tokenize (default: `world:corpus.txt`).
+    #[serde(default)]
+    pub inputs: Vec<String>,
+    #[serde(default = "val_fraction")]
+    pub val_fraction: f64,
+}
+
+fn val_fraction() -> f64 {
+    0.05
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainSection {
+    pub preset: String,
+    pub steps: usize,
+    pub seq_len: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub lr: Option<f32>,
+    pub warmup: Option<usize>,
+    pub eval_every: Option<usize>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// Held-out prompts every model is evaluated on (none: no evaluation).
+    #[serde(default)]
+    pub prompts: Vec<String>,
+    #[serde(default)]
+    pub max_prompts: usize,
+    /// Score with the world's gold annotator too.
+    #[serde(default)]
+    pub gold: bool,
+    /// The fixed judge: `rm:HELP[,SAFETY]`, or `first` (default): the first reward models the
+    /// recipe trains.
+    #[serde(default = "first")]
+    pub judge: String,
+    #[serde(default = "samples")]
+    pub samples: usize,
+    #[serde(default = "forty")]
+    pub max_new_tokens: usize,
+}
+
+fn first() -> String {
+    "first".into()
+}
+fn samples() -> usize {
+    crate::evaluate::SAMPLES
+}
+fn forty() -> usize {
+    40
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection {
+            prompts: vec![],
+            max_prompts: 0,
+            gold: false,
+            judge: first(),
+            samples: samples(),
+            max_new_tokens: forty(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct RoundSection {
+    /// In order, any of `prefs`, `rm`, `rs`, `ppo`.
+    pub stages: Vec<String>,
+    /// Per-round overrides: `[round.rs]`, `[round.ppo]`, ...
+    #[serde(flatten)]
+    pub overrides: toml::Table,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinishSection {
+    /// After the rounds, any of `gatt`, `distill`.
+    #[serde(default)]
+    pub stages: Vec<String>,
+    /// Rows of the last rejection-sampling pool mixed into the GAtt and distillation
+    /// fine-tunes (0: none), so they do not forget the rest of the assistant's job.
+    #[serde(default)]
+    pub replay_pool_rows: usize,
+}
+
+impl Recipe {
+    /// Reads a recipe file; errors name the file and the setting.
+    pub fn load(path: &Path) -> Result<Recipe> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Recipe::parse(&text).with_context(|| format!("recipe {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Recipe> {
+        Ok(toml::from_str(text)?)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Steps
+
+/// What one step runs.
+#[derive(Clone, Debug)]
+enum Kind {
+    World(PathBuf, crate::world::Size, u64),
+    Tokenizer {
+        vocab_size: usize,
+        inputs: Vec<PathBuf>,
+        val_fraction: f64,
+    },
+    Pretrain(TrainConfig),
+    Sft(SftConfig),
+    /// Both reward models, and their held-out evaluation on pairs of this file.
+    Rm(Vec<RmConfig>, Option<PathBuf>),
+    Prefs(PrefsConfig),
+    Rs(RsConfig),
+    Ppo(PpoConfig),
+    Replay {
+        pool: PathBuf,
+        rows: usize,
+    },
+    Gatt(GattConfig),
+    Distill(DistillConfig),
+    /// With the model to evaluate instead when the first is missing (distillation that kept
+    /// nothing fine-tunes nothing).
+    Eval(EvalConfig, Option<PathBuf>),
+}
+
+/// One step of a planned recipe.
+#[derive(Clone, Debug)]
+pub struct Step {
+    /// `sft`, `round-2/rs`, `eval/ppo_round_2`, ...
+    pub name: String,
+    pub dir: PathBuf,
+    kind: Kind,
+}
+
+impl Step {
+    fn config(&self) -> Value {
+        let v = |x: &dyn erased::Ser| x.to_json();
+        match &self.kind {
+            Kind::World(out, size, seed) => json!({"out": out, "size": size, "seed": seed}),
+            Kind::Tokenizer {
+                vocab_size,
+                inputs,
+                val_fraction,
+            } => json!({"vocab_size": vocab_size, "inputs": inputs, "val_fraction": val_fraction}),
+            Kind::Pretrain(c) => v(c),
+            Kind::Sft(c) => v(c),
+            Kind::Rm(c, h) => json!({"models": c.iter().map(|c| v(c)).collect::<Vec<_>>(), "heldout": h}),
+            Kind::Prefs(c) => v(c),
+            Kind::Rs(c) => v(c),
+            Kind::Ppo(c) => v(c),
+            Kind::Replay { pool, rows } => json!({"pool": pool, "rows": rows}),
+            Kind::Gatt(c) => v(c),
+            Kind::Distill(c) => v(c),
+            Kind::Eval(c, f) => json!({"eval": v(c), "fallback": f}),
+        }
+    }
+}
+
+mod erased {
+    /// Any config as JSON (the step's configuration, hashed into its key).
+    pub trait Ser {
+        fn to_json(&self) -> serde_json::Value;
+    }
+    impl<T: serde::Serialize> Ser for T {
+        fn to_json(&self) -> serde_json::Value {
+            serde_json::to_value(self).expect("configs serialise")
+        }
+    }
+}
+
+/// A config `base` with `section`'s settings (then `round`'s) put over it; an unknown setting is
+/// an error naming the section and the settings it has.
+fn merged<T: Serialize + DeserializeOwned>(
+    base: &T,
+    sections: &[(&str, Option<&toml::Table>)],
+) -> Result<T> {
+    let mut v = serde_json::to_value(base)?;
+    for (what, section) in sections {
+        let Some(section) = section else { continue };
+        let obj = v.as_object_mut().expect("configs are structs");
+        for (k, x) in section.iter() {
+            ensure!(
+                obj.contains_key(k),
+                "[{what}]: unknown setting `{k}` (settings: {})",
+                obj.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+            obj.insert(k.clone(), serde_json::to_value(x)?);
+        }
+    }
+    serde_json::from_value(v).with_context(|| {
+        let names: Vec<&str> = sections.iter().map(|s| s.0).collect();
+        format!("[{}]", names.join("] / ["))
+    })
+}
+
+/// `world:NAME` → the generated world's file; other strings stay.
+fn resolve_world(table: &toml::Table, world: &Path) -> toml::Table {
+    fn walk(v: &toml::Value, world: &Path) -> toml::Value {
+        match v {
+            toml::Value::String(s) => match s.strip_prefix("world:") {
+                Some(rest) => toml::Value::String(world.join(rest).display().to_string()),
+                None => v.clone(),
+            },
+            toml::Value::Array(a) => toml::Value::Array(a.iter().map(|x| walk(x, world)).collect()),
+            toml::Value::Table(t) => toml::Value::Table(resolve_world(t, world)),
+            other => other.clone(),
+        }
+    }
+    table.iter().map(|(k, v)| (k.clone(), walk(v, world))).collect()
+}
+
+fn world_path(s: &str, world: &Path) -> PathBuf {
+    match s.strip_prefix("world:") {
+        Some(rest) => world.join(rest),
+        None => PathBuf::from(s),
+    }
+}
+
+/// A recipe planned into steps, in order.
+pub struct Plan {
+    pub out: PathBuf,
+    pub steps: Vec<Step>,
+}
+
+/// Plans `recipe` (from the file `path`, which names the default output directory).
+pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
+    let out = recipe.out.clone().unwrap_or(default_out);
+    let seed = recipe.seed;
+    let wdir = match recipe.world.as_ref().and_then(|w| w.dir.clone()) {
+        Some(d) => d,
+        None => out.join("world"),
+    };
+    let section = |t: &Option<toml::Table>| t.as_ref().map(|t| resolve_world(t, &wdir));
+    let (sft_s, rm_s, prefs_s, rs_s, ppo_s, gatt_s, distill_s) = (
+        section(&recipe.sft),
+        section(&recipe.rm),
+        section(&recipe.prefs),
+        section(&recipe.rs),
+        section(&recipe.ppo),
+        section(&recipe.gatt),
+        section(&recipe.distill),
+    );
+    let mut steps: Vec<Step> = Vec::new();
+    let mut push = |name: String, kind: Kind| {
+        let dir = out.join(&name);
+        steps.push(Step { name, dir, kind });
+    };
+    if let Some(w) = &recipe.world {
+        match (w.size, &w.dir) {
+            (Some(size), None) => push("world".into(), Kind::World(wdir.clone(), size, seed)),
+            (None, Some(d)) => ensure!(
+                d.join("world.json").is_file(),
+                "[world] dir = {}: not a world (`llama2 world` writes world.json there)",
+                d.display()
+            ),
+            _ => bail!("[world]: give `size` (generate one) or `dir` (an existing world), not both"),
+        }
+    }
+    let mut base = recipe.model.base.clone();
+    if let Some(t) = &recipe.tokenizer {
+        let inputs = if t.inputs.is_empty() {
+            vec![wdir.join("corpus.txt")]
+        } else {
+            t.inputs.iter().map(|s| world_path(s, &wdir)).collect()
+        };
+        push(
+            "tokenizer".into(),
+            Kind::Tokenizer {
+                vocab_size: t.vocab_size,
+                inputs,
+                val_fraction: t.val_fraction,
+            },
+        );
+    }
+    if let Some(p) = &recipe.pretrain {
+        ensure!(
+            recipe.tokenizer.is_some(),
+            "[pretrain] needs a [tokenizer] section (the token shards it trains on)"
+        );
+        let mut c = TrainConfig::defaults(
+            out.join("tokenizer/data"),
+            out.join("pretrain"),
+            ModelSource::Preset(p.preset.clone()),
+            p.steps,
+        );
+        c.seq_len = p.seq_len.unwrap_or(c.seq_len);
+        c.batch_size = p.batch_size.unwrap_or(c.batch_size);
+        c.lr = p.lr.unwrap_or(c.lr);
+        c.warmup = p.warmup.unwrap_or((p.steps / 10).max(1));
+        c.eval_every = p.eval_every.unwrap_or(c.eval_every);
+        c.seed = seed;
+        c.progress = false;
+        push("pretrain".into(), Kind::Pretrain(c));
+        base = Some(out.join("pretrain"));
+    }
+    let base = base.context("no model: give [model] base = \"CHECKPOINT\" or a [pretrain] section")?;
+    let mut evals: Vec<(String, PathBuf, Option<PathBuf>)> = Vec::new();
+    if recipe.pretrain.is_some() {
+        evals.push(("pretrain".into(), base.clone(), None));
+    }
+    let sft = if let Some(s) = &sft_s {
+        let mut c = SftConfig::new(base.clone(), vec![], out.join("sft"));
+        c.seed = seed;
+        c.progress = false;
+        let c: SftConfig = merged(&c, &[("sft", Some(s))])?;
+        ensure!(!c.data.is_empty(), "[sft]: give `data`, dialogue JSONL files");
+        push("sft".into(), Kind::Sft(c));
+        out.join("sft")
+    } else {
+        base.clone()
+    };
+    evals.push(("sft".into(), sft.clone(), None));
+
+    // Reward models: trained from the SFT model on `[rm] data` plus every round's labels so far.
+    let rm_base: Vec<PathBuf> = rm_s
+        .as_ref()
+        .and_then(|t| t.get("data"))
+        .map(|d| serde_json::from_value(serde_json::to_value(d)?))
+        .transpose()
+        .context("[rm] data: a list of preference JSONL files")?
+        .unwrap_or_default();
+    let rm_step = |dir: &Path, files: Vec<PathBuf>, heldout: Option<PathBuf>, round: usize, over: Option<&toml::Table>| -> Result<Kind> {
+        let mut models = Vec::new();
+        for kind in [RmKind::Helpfulness, RmKind::Safety] {
+            let mut c = RmConfig::new(sft.clone(), files.clone(), dir.join(format!("rm-{}", kind.name())), kind);
+            c.seed = seed ^ round as u64;
+            c.progress = false;
+            let mut c: RmConfig = merged(&c, &[("rm", rm_s.as_ref()), ("round.rm", over)])?;
+            c.data = files.clone();
+            c.kind = kind;
+            models.push(c);
+        }
+        Ok(Kind::Rm(models, heldout))
+    };
+    let mut rms: Option<(PathBuf, PathBuf)> = None;
+    let mut judge: Option<(PathBuf, PathBuf)> = match recipe.eval.judge.as_str() {
+        "first" => None,
+        s => match s.parse::<Labeller>()? {
+            Labeller::Rm {
+                helpfulness,
+                safety,
+            } => Some((helpfulness.clone(), safety.unwrap_or(helpfulness))),
+            _ => bail!("[eval] judge = `{s}`: expected `first` or rm:HELP[,SAFETY]"),
+        },
+    };
+    let mut pending: Vec<(String, PathBuf, Option<PathBuf>)> = Vec::new();
+    let eval_prompts: Vec<PathBuf> =
+        recipe.eval.prompts.iter().map(|s| world_path(s, &wdir)).collect();
+    let eval_step = |stage: &str, model: PathBuf, fallback: Option<PathBuf>, judge: &Option<(PathBuf, PathBuf)>| {
+        let mut c = EvalConfig::new(stage, model, eval_prompts.clone());
+        c.reference = Some(sft.clone());
+        c.max_prompts = recipe.eval.max_prompts;
+        c.world = recipe.eval.gold.then(|| wdir.clone());
+        c.judge_helpfulness = judge.as_ref().map(|j| j.0.clone());
+        c.judge_safety = judge.as_ref().map(|j| j.1.clone());
+        c.samples = recipe.eval.samples;
+        c.max_new_tokens = recipe.eval.max_new_tokens;
+        c.seed = seed;
+        Kind::Eval(c, fallback)
+    };
+    let evaluate = !eval_prompts.is_empty();
+    // Evaluations wait for the judge when the recipe will train one.
+    let trains_rm = !rm_base.is_empty() || recipe.round.iter().any(|r| r.stages.iter().any(|s| s == "rm"));
+    let flush = |steps_push: &mut dyn FnMut(String, Kind), pending: &mut Vec<(String, PathBuf, Option<PathBuf>)>, judge: &Option<(PathBuf, PathBuf)>, ready: bool| {
+        if !evaluate || !ready {
+            return;
+        }
+        for (stage, model, fallback) in pending.drain(..) {
+            steps_push(format!("eval/{stage}"), eval_step(&stage, model, fallback, judge));
+        }
+    };
+    pending.append(&mut evals);
+    let mut pushed: Vec<(String, Kind)> = Vec::new();
+    {
+        let mut sp = |n: String, k: Kind| pushed.push((n, k));
+        if !rm_base.is_empty() {
+            let k = rm_step(&out.join("rm"), rm_base.clone(), None, 0, None)?;
+            sp("rm".into(), k);
+            let d = (out.join("rm/rm-helpfulness"), out.join("rm/rm-safety"));
+            judge.get_or_insert(d.clone());
+            rms = Some(d);
+        }
+        flush(&mut sp, &mut pending, &judge, judge.is_some() || !trains_rm);
+        let mut current = sft.clone();
+        let mut pairs: Vec<PathBuf> = rm_base.clone();
+        let mut last_pool: Option<PathBuf> = None;
+        for (i, r) in recipe.round.iter().enumerate() {
+            let k = i + 1;
+            let rdir = out.join(format!("round-{k}"));
+            let over = |name: &str| r.overrides.get(name).and_then(|v| v.as_table()).map(|t| resolve_world(t, &wdir));
+            for key in r.overrides.keys() {
+                ensure!(
+                    ["prefs", "rm", "rs", "ppo"].contains(&key.as_str()),
+                    "[[round]] {k}: unknown setting `{key}` (stages, prefs, rm, rs, ppo)"
+                );
+            }
+            let mut heldout = None;
+            for stage in &r.stages {
+                match stage.as_str() {
+                    "prefs" => {
+                        let mut c = PrefsConfig {
+                            model: current.clone(),
+                            round: k,
+                            out: rdir.join("prefs"),
+                            seed: seed ^ (k as u64) << 8,
+                            labeller: Labeller::World(wdir.clone()),
+                            ..Default::default()
+                        };
+                        c = merged(&c, &[("prefs", prefs_s.as_ref()), ("round.prefs", over("prefs").as_ref())])?;
+                        if let Labeller::World(d) = &c.labeller {
+                            if d.as_os_str().is_empty() {
+                                c.labeller = Labeller::World(wdir.clone());
+                            }
+                        }
+                        c.model = current.clone();
+                        pairs.push(rdir.join("prefs/prefs.jsonl"));
+                        if !c.heldout.is_empty() && matches!(c.labeller, Labeller::World(_) | Labeller::Rm { .. }) {
+                            heldout = Some(rdir.join("prefs/prefs_heldout.jsonl"));
+                        }
+                        sp(format!("round-{k}/prefs"), Kind::Prefs(c));
+                    }
+                    "rm" => {
+                        ensure!(!pairs.is_empty(), "round {k}: `rm` needs preference pairs: [rm] data or a `prefs` stage before it");
+                        let kind = rm_step(&rdir, pairs.clone(), heldout.clone(), k, over("rm").as_ref())?;
+                        sp(format!("round-{k}/rm"), kind);
+                        let d = (rdir.join("rm-helpfulness"), rdir.join("rm-safety"));
+                        judge.get_or_insert(d.clone());
+                        rms = Some(d);
+                        flush(&mut sp, &mut pending, &judge, true);
+                    }
+                    "rs" => {
+                        let (h, s) = rms.clone().with_context(|| format!("round {k}: `rs` needs reward models ([rm] data or an `rm` stage)"))?;
+                        let mut c = RsConfig {
+                            policy: current.clone(),
+                            reward_helpfulness: h,
+                            reward_safety: Some(s),
+                            round: k,
+                            out: rdir.join("rs"),
+                            seed: seed ^ k as u64,
+                            ..Default::default()
+                        };
+                        c = merged(&c, &[("rs", rs_s.as_ref()), ("round.rs", over("rs").as_ref())])?;
+                        c.pool = last_pool.clone();
+                        c.policy = current.clone();
+                        ensure!(!c.prompts.is_empty(), "[rs]: give `prompts`, prompt JSONL files");
+                        last_pool = Some(rdir.join("rs/pool.jsonl"));
+                        current = rdir.join("rs/sft");
+                        sp(format!("round-{k}/rs"), Kind::Rs(c));
+                        pending.push((format!("rs_round_{k}"), current.clone(), None));
+                        flush(&mut sp, &mut pending, &judge, judge.is_some() || !trains_rm);
+                    }
+                    "ppo" => {
+                        let (h, s) = rms.clone().with_context(|| format!("round {k}: `ppo` needs reward models"))?;
+                        let mut c = PpoConfig::new(current.clone(), h, vec![], rdir.join("ppo"));
+                        c.reward_safety = Some(s);
+                        c.world = recipe.eval.gold.then(|| wdir.clone());
+                        c.seed = seed ^ (k as u64) << 16;
+                        c.progress = false;
+                        c = merged(&c, &[("ppo", ppo_s.as_ref()), ("round.ppo", over("ppo").as_ref())])?;
+                        ensure!(!c.prompts.is_empty(), "[ppo]: give `prompts`, prompt JSONL files");
+                        current = rdir.join("ppo");
+                        sp(format!("round-{k}/ppo"), Kind::Ppo(c));
+                        pending.push((format!("ppo_round_{k}"), current.clone(), None));
+                        flush(&mut sp, &mut pending, &judge, judge.is_some() || !trains_rm);
+                    }
+                    other => bail!("round {k}: unknown stage `{other}` (prefs, rm, rs, ppo)"),
+                }
+            }
+        }
+        let mut replay = Vec::new();
+        if recipe.finish.replay_pool_rows > 0 {
+            let pool = last_pool.clone().context("[finish] replay_pool_rows: no rejection-sampling round made a pool")?;
+            sp("replay".into(), Kind::Replay { pool, rows: recipe.finish.replay_pool_rows });
+            replay.push(out.join("replay/replay.jsonl"));
+        }
+        for stage in &recipe.finish.stages {
+            match stage.as_str() {
+                "gatt" => {
+                    let mut c = GattConfig {
+                        init: current.clone(),
+                        world: wdir.clone(),
+                        out: out.join("gatt"),
+                        seed,
+                        progress: false,
+                        ..Default::default()
+                    };
+                    c = merged(&c, &[("gatt", gatt_s.as_ref())])?;
+                    c.replay.extend(replay.iter().cloned());
+                    current = out.join("gatt/sft");
+                    sp("gatt".into(), Kind::Gatt(c));
+                    pending.push(("gatt".into(), current.clone(), None));
+                }
+                "distill" => {
+                    let (_, s) = rms.clone().context("`distill` needs a safety reward model")?;
+                    let mut c = DistillConfig {
+                        init: current.clone(),
+                        safety_rm: s,
+                        world: wdir.clone(),
+                        out: out.join("distill"),
+                        seed,
+                        progress: false,
+                        ..Default::default()
+                    };
+                    c = merged(&c, &[("distill", distill_s.as_ref())])?;
+                    c.replay.extend(replay.iter().cloned());
+                    let before = current.clone();
+                    current = out.join("distill/sft");
+                    sp("distill".into(), Kind::Distill(c));
+                    pending.push(("distill".into(), current.clone(), Some(before)));
+                }
+                other => bail!("[finish] unknown stage `{other}` (gatt, distill)"),
+            }
+            flush(&mut sp, &mut pending, &judge, true);
+        }
+        flush(&mut sp, &mut pending, &judge, true);
+    }
+    for (n, k) in pushed {
+        push(n, k);
+    }
+    Ok(Plan { out, steps })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running
+
+/// What `step.json` holds: the step's key and its stage's report.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Done {
+    pub step: String,
+    pub key: String,
+    pub seconds: f64,
+    pub report: Value,
+}
+
+/// The file a finished step writes last.
+pub const DONE: &str = "step.json";
+
+/// The step's key: FNV-1a (64 bits) over the previous step's key and this step's configuration,
+/// stable across builds (std's hasher is not), so a rebuilt binary still skips finished steps.
+fn key(prev: &str, config: &Value) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in prev.bytes().chain(config.to_string().bytes()) {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The step's state: its key, and its `step.json` when that holds the same key.
+pub struct Status {
+    pub step: Step,
+    pub key: String,
+    pub done: Option<Done>,
+}
+
+/// Each step with its key and, where it finished with the same key, its report.
+pub fn status(plan: &Plan) -> Vec<Status> {
+    let mut prev = String::new();
+    plan.steps
+        .iter()
+        .map(|s| {
+            let k = key(&prev, &s.config());
+            prev = k.clone();
+            let done = run_dir::read_json::<Done>(&s.dir.join(DONE))
+                .ok()
+                .filter(|d| d.key == k);
+            Status {
+                step: s.clone(),
+                key: k,
+                done,
+            }
+        })
+        .collect()
+}
+
+/// The lines `llama2 recipe plan` prints.
+pub fn describe(plan: &Plan) -> String {
+    let mut s = format!("recipe → {}\n", plan.out.display());
+    for st in status(plan) {
+        let state = match (&st.done, st.step.dir.exists()) {
+            (Some(_), _) => "done",
+            (None, true) => "partial: reruns",
+            (None, false) => "to run",
+        };
+        s += &format!("  {:<22} {:<16} {}\n", st.step.name, state, st.step.dir.display());
+    }
+    s
+}
+
+/// The recipe's results: every step's report, by step name.
+#[derive(Clone, Debug, Serialize)]
+pub struct RecipeReport {
+    pub out: PathBuf,
+    pub steps: Vec<Done>,
+    /// Steps run by this invocation (the others were complete).
+    pub ran: Vec<String>,
+    pub seconds: f64,
+}
+
+impl RecipeReport {
+    pub fn report(&self, step: &str) -> Option<&Value> {
+        self.steps.iter().find(|d| d.step == step).map(|d| &d.report)
+    }
+
+    /// The evaluations, in the order the stages ran.
+    pub fn evals(&self) -> Vec<StageEval> {
+        self.steps
+            .iter()
+            .filter(|d| d.step.starts_with("eval/"))
+            .filter_map(|d| serde_json::from_value(d.report.clone()).ok())
+            .collect()
+    }
+}
+
+/// Runs the plan's steps, skipping those already done; `say` reports each step.
+pub fn run<B: Backend>(be: B, plan: &Plan, say: &dyn Fn(&str)) -> Result<RecipeReport> {
+    let t0 = Instant::now();
+    std::fs::create_dir_all(&plan.out).with_context(|| format!("creating {}", plan.out.display()))?;
+    let mut steps = Vec::new();
+    let mut ran = Vec::new();
+    let all = status(plan);
+    let n = all.len();
+    for (i, st) in all.into_iter().enumerate() {
+        if let Some(d) = st.done {
+            say(&format!("[{}/{n}] {}: done, skipped", i + 1, st.step.name));
+            steps.push(d);
+            continue;
+        }
+        say(&format!("[{}/{n}] {}", i + 1, st.step.name));
+        let t = Instant::now();
+        let report = run_step(&be, &st.step).with_context(|| format!("recipe step {}", st.step.name))?;
+        let done = Done {
+            step: st.step.name.clone(),
+            key: st.key,
+            seconds: t.elapsed().as_secs_f64(),
+            report,
+        };
+        std::fs::create_dir_all(&st.step.dir)?;
+        run_dir::write_json(&st.step.dir.join(DONE), &done)?;
+        ran.push(done.step.clone());
+        steps.push(done);
+    }
+    Ok(RecipeReport {
+        out: plan.out.clone(),
+        steps,
+        ran,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+fn to_json<T: Serialize>(x: &T) -> Result<Value> {
+    Ok(serde_json::to_value(x)?)
+}
+
+fn run_step<B: Backend>(be: &B, step: &Step) -> Result<Value> {
+    let be = be.clone();
+    match &step.kind {
+        Kind::World(out, size, seed) => {
+            let r = crate::world::run(&WorldConfig {
+                out: out.clone(),
+                seed: *seed,
+                size: *size,
+            })?;
+            to_json(&r)
+        }
+        Kind::Tokenizer {
+            vocab_size,
+            inputs,
+            val_fraction,
+        } => {
+            std::fs::create_dir_all(&step.dir)?;
+            let tok = step.dir.join("tokenizer.json");
+            ensure!(inputs.len() == 1, "[tokenizer] trains on one input file");
+            crate::tokenizer_train::train_on(&inputs[0], *vocab_size, &tok)?;
+            let meta = crate::data::prepare(&crate::data::PrepareConfig {
+                tokenizer: tok,
+                out: step.dir.join("data"),
+                inputs: inputs.clone(),
+                val_fraction: *val_fraction,
+                shard_tokens: 1 << 24,
+                skip_bad: false,
+                progress: false,
+            })?;
+            to_json(&meta)
+        }
+        Kind::Pretrain(c) => {
+            let r = crate::pretrain::run(be, c.clone(), None)?;
+            to_json(&r)
+        }
+        Kind::Sft(c) => to_json(&crate::sft::run(be, c)?),
+        Kind::Rm(models, heldout) => {
+            let mut reps = serde_json::Map::new();
+            for c in models {
+                let rep = crate::rm::run(be.clone(), c)?;
+                let mut v = to_json(&rep)?;
+                if let Some(h) = heldout {
+                    let (mut m, tok) = crate::rm::load_rm(be.clone(), &rep.model_dir)?;
+                    let (pairs, _) = crate::formats::read_pairs(std::slice::from_ref(h), false)?;
+                    let sel = crate::rm::select_pairs(pairs, c.kind);
+                    if !sel.pairs.is_empty() {
+                        let ev = crate::rm::evaluate(&mut m, &tok, &sel.pairs, 256, 16)?;
+                        crate::rm::write_eval(&c.out, &ev, &format!("{} reward model (held-out prompts)", c.kind.name()))?;
+                        v["heldout"] = ev.summary();
+                    }
+                }
+                if let Some(e) = &rep.eval {
+                    v["eval"] = e.summary();
+                }
+                reps.insert(c.kind.name().into(), v);
+            }
+            Ok(Value::Object(reps))
+        }
+        Kind::Prefs(c) => to_json(&crate::prefs::run(be, c)?),
+        Kind::Rs(c) => {
+            let r = crate::rs::run(be, c)?;
+            crate::rs::write_report(&c.out, std::slice::from_ref(&r))?;
+            to_json(&r)
+        }
+        Kind::Ppo(c) => {
+            let r = crate::ppo::run(be, c)?;
+            Ok(ppo_summary(&r))
+        }
+        Kind::Replay { pool, rows } => {
+            let all = run_dir::read_jsonl_values(pool)?;
+            let stride = (all.len() / rows).max(1);
+            let kept: Vec<Value> = all.into_iter().step_by(stride).take(*rows).collect();
+            std::fs::create_dir_all(&step.dir)?;
+            run_dir::write_jsonl(&step.dir.join("replay.jsonl"), &kept)?;
+            Ok(json!({"rows": kept.len()}))
+        }
+        Kind::Gatt(c) => to_json(&crate::gatt::run(be, c)?),
+        Kind::Distill(c) => to_json(&crate::distill::run(be, c)?),
+        Kind::Eval(c, fallback) => {
+            let mut c = c.clone();
+            if let Some(f) = fallback {
+                if !c.model.exists() {
+                    c.model = f.clone();
+                }
+            }
+            to_json(&crate::evaluate::run(be, &c)?)
+        }
+    }
+}
+
+/// What the report keeps of a PPO run.
+pub fn ppo_summary(r: &crate::ppo::PpoReport) -> Value {
+    let first = r.evals.first();
+    let last = r.evals.last();
+    json!({
+        "iterations": r.iterations,
+        "stopped_early": r.stopped_early,
+        "beta": r.beta,
+        "held_out_reward_before": first.map(|e| e.reward),
+        "held_out_reward_after": last.map(|e| e.reward),
+        "held_out_gold_before": first.and_then(|e| e.gold_reward),
+        "held_out_gold_after": last.and_then(|e| e.gold_reward),
+        "kl_last": r.history.last().map(|h| h.kl),
+        "checkpoint": r.checkpoint,
+        "seconds": r.seconds,
+    })
+}
+
+/// Loads, plans and runs a recipe file; writes `report.json` and `report.md` into its output.
+pub fn run_file<B: Backend>(be: B, path: &Path, out: Option<PathBuf>, say: &dyn Fn(&str)) -> Result<RecipeReport> {
+    let mut recipe = Recipe::load(path)?;
+    if out.is_some() {
+        recipe.out = out;
+    }
+    check_base(&recipe)?;
+    let p = plan(&recipe, default_out(path))?;
+    let rep = run(be.clone(), &p, say)?;
+    crate::report::write(&rep, &be.name())?;
+    Ok(rep)
+}
+
+/// `runs/<file name without extension>`.
+pub fn default_out(path: &Path) -> PathBuf {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "recipe".into());
+    PathBuf::from("runs").join(stem)
+}
+
+/// A recipe's error on a missing model is worth a hint.
+pub fn check_base(recipe: &Recipe) -> Result<()> {
+    if let Some(b) = &recipe.model.base {
+        if !b.exists() {
+            return Err(anyhow!("[model] base = {}: no such checkpoint or run directory", b.display()));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_settings_and_stages_are_named() {
+        let r = Recipe::parse(
+            "[model]\nbase = \"m\"\n[sft]\ndata = [\"d.jsonl\"]\nlrr = 1\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", plan(&r, "o".into()).err().unwrap());
+        assert!(e.contains("[sft]: unknown setting `lrr`"), "{e}");
+        let r = Recipe::parse("[model]\nbase = \"m\"\n[[round]]\nstages = [\"dpo\"]\n").unwrap();
+        let e = format!("{:#}", plan(&r, "o".into()).err().unwrap());
+        assert!(e.contains("unknown stage `dpo`"), "{e}");
+        assert!(Recipe::parse("[modle]\nbase = \"m\"\n").is_err());
+    }
+
+    #[test]
+    fn a_changed_setting_reruns_its_step_and_every_later_one() {
+        let text = "[model]\nbase = \"m\"\n[sft]\ndata = [\"d.jsonl\"]\n[rm]\ndata = [\"p.jsonl\"]\n\
+                    [rs]\nprompts = [\"q.jsonl\"]\n[[round]]\nstages = [\"rs\"]\n";
+        let a = plan(&Recipe::parse(text).unwrap(), "o".into()).unwrap();
+        let names: Vec<&str> = a.steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["sft", "rm", "round-1/rs"]);
+        let b = plan(&Recipe::parse(&text.replace("[rm]\n", "[rm]\nlr = 1e-4\n")).unwrap(), "o".into()).unwrap();
+        let (ka, kb) = (status(&a), status(&b));
+        assert_eq!(ka[0].key, kb[0].key);
+        assert_ne!(ka[1].key, kb[1].key);
+        assert_ne!(ka[2].key, kb[2].key);
+    }
+}

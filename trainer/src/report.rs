@@ -1,0 +1,287 @@
+//! A recipe's report: `report.json` (every stage's evaluation, the reward models' accuracy by
+//! rating, each round's rejection-sampling and PPO numbers, GAtt's adherence per turn),
+//! `report.md` and the plots, gathered from the steps' own reports.
+
+use crate::evaluate::StageEval;
+use crate::plot::{histogram_plot, line_plot, read_series};
+use crate::recipe::RecipeReport;
+use anyhow::Result;
+use serde_json::{json, Value};
+use std::path::Path;
+
+/// Writes `report.json`, `report.md` and the plots into the recipe's output directory; returns
+/// the report.
+pub fn write(rep: &RecipeReport, device: &str) -> Result<Value> {
+    let out = &rep.out;
+    let evals = rep.evals();
+    let step_seconds: f64 = rep.steps.iter().map(|d| d.seconds).sum();
+    let rounds: Vec<usize> = rep
+        .steps
+        .iter()
+        .filter_map(|d| d.step.strip_prefix("round-")?.split('/').next()?.parse().ok())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let per_round = |k: usize, stage: &str| rep.report(&format!("round-{k}/{stage}")).cloned();
+    let round_rows: Vec<Value> = rounds
+        .iter()
+        .map(|&k| {
+            json!({"round": k, "prefs": per_round(k, "prefs"), "rm": per_round(k, "rm").map(|r| rm_accuracy(&r)),
+                   "rs": per_round(k, "rs"), "ppo": per_round(k, "ppo")})
+        })
+        .collect();
+    // The last reward models trained: their held-out accuracy by rating.
+    let last_rm = rep
+        .steps
+        .iter()
+        .rev()
+        .find(|d| d.step.ends_with("rm"))
+        .map(|d| rm_accuracy(&d.report))
+        .unwrap_or(Value::Null);
+    let mut report = json!({
+        "name": out.file_name().map(|s| s.to_string_lossy().to_string()),
+        "device": device,
+        "seconds": step_seconds,
+        "rm": last_rm,
+        "rounds": round_rows,
+        "rs_rounds": rounds.iter().filter_map(|&k| per_round(k, "rs")).collect::<Vec<_>>(),
+        "ppo_runs": rounds.iter().filter_map(|&k| per_round(k, "ppo")).collect::<Vec<_>>(),
+        "stages": evals.iter().map(|e| e.stage.clone()).collect::<Vec<_>>(),
+    });
+    if let Some(p) = rep.report("pretrain") {
+        report["pretrain"] = json!({"final_val_loss": p["final_val_loss"]});
+    }
+    if let Some(d) = rep.report("distill") {
+        report["distill_run"] = json!({
+            "prompts": d["prompts"], "kept": d["kept"],
+            "mean_score_with": d["mean_score_with"], "mean_score_without": d["mean_score_without"],
+        });
+    }
+    for e in &evals {
+        report[&e.stage] = serde_json::to_value(e)?;
+    }
+    // `ppo` is the last PPO round's model; `rs_round_k`/`ppo_round_k` hold every round.
+    if let Some(last) = evals.iter().rev().find(|e| e.stage.starts_with("ppo_round_")) {
+        report["ppo"] = serde_json::to_value(last)?;
+    }
+    if let Some(g) = rep.report("gatt") {
+        report["gatt"]["adherence_by_turn"] = json!({
+            "without": g["adherence_before"]["follow"],
+            "with": g["adherence_after"]["follow"],
+            "measured": g["adherence_after"]["measured"],
+        });
+        report["gatt"]["rows"] = g["rows"].clone();
+        gatt_plot(out, g)?;
+    }
+    crate::run_dir::write_json(&out.join("report.json"), &report)?;
+    std::fs::write(out.join("report.md"), markdown(&report, &evals))?;
+    plots(out, &report, &evals)?;
+    Ok(report)
+}
+
+/// A reward-model step's held-out accuracy by rating, per model: on the round's held-out
+/// prompts' pairs where there are some, else on the model's own held-out split.
+fn rm_accuracy(r: &Value) -> Value {
+    let pick = |m: &Value| {
+        if m["heldout"].is_object() {
+            m["heldout"].clone()
+        } else {
+            m["eval"].clone()
+        }
+    };
+    json!({"helpfulness": pick(&r["helpfulness"]), "safety": pick(&r["safety"])})
+}
+
+fn markdown(report: &Value, evals: &[StageEval]) -> String {
+    let mut md = format!(
+        "# Recipe report\n\nDevice: {}. Time in the steps: {:.0} s.\n\n",
+        report["device"].as_str().unwrap_or("?"),
+        report["seconds"].as_f64().unwrap_or(0.0)
+    );
+    md += "## Every stage on held-out prompts\n\n`judge`: the mean piecewise reward R_c of one fixed pair of reward models (the \
+           first the recipe trained, unless the recipe names its judge), of greedy answers and of answers sampled at \
+           temperature 1. With a world, `gold` columns: its annotator's R_c (sampled, greedy), accuracy, \
+           helpfulness, safety, safe rate and false refusals of the greedy answers.\n\n";
+    let gold = evals.iter().any(|e| e.gold.is_some());
+    md += "| stage | judge sampled | judge greedy |";
+    if gold {
+        md += " gold sampled R_c | gold greedy R_c | accuracy | helpfulness | safety | safe rate | false refusals |";
+    }
+    md += " KL to SFT |\n| --- | ---: | ---: |";
+    if gold {
+        md += " ---: | ---: | ---: | ---: | ---: | ---: | ---: |";
+    }
+    md += " ---: |\n";
+    let f = |x: Option<f32>| x.map_or("-".to_string(), |v| format!("{v:.3}"));
+    for e in evals {
+        md += &format!(
+            "| {} | {} | {} |",
+            e.stage,
+            f(e.judge.as_ref().map(|j| j.sampled)),
+            f(e.judge.as_ref().map(|j| j.greedy))
+        );
+        if gold {
+            let g = e.gold.clone().unwrap_or_default();
+            md += &format!(
+                " {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                f(e.sampled_reward),
+                f(e.reward),
+                g.accuracy,
+                g.helpfulness,
+                g.safety,
+                g.safe_rate,
+                g.false_refusal_rate
+            );
+        }
+        md += &format!(" {:.2} |\n", e.kl_to_sft);
+    }
+    md += "\n## Reward models (held-out pairs)\n\n| model | accuracy | significantly better | better | slightly better | negligibly better/unsure |\n| --- | ---: | ---: | ---: | ---: | ---: |\n";
+    if let Some(rm) = report["rm"].as_object() {
+        for (k, v) in rm {
+            let lv = |name: &str| {
+                v["accuracy_by_rating"][name]["accuracy"]
+                    .as_f64()
+                    .map(|a| format!("{a:.3}"))
+                    .unwrap_or("-".into())
+            };
+            md += &format!(
+                "| {k} | {} | {} | {} | {} | {} |\n",
+                v["accuracy"].as_f64().map_or("-".into(), |a| format!("{a:.3}")),
+                lv("significantly better"),
+                lv("better"),
+                lv("slightly better"),
+                lv("negligibly better/unsure")
+            );
+        }
+    }
+    if let (Some(w), Some(wo)) = (
+        report["gatt"]["adherence_by_turn"]["with"].as_array(),
+        report["gatt"]["adherence_by_turn"]["without"].as_array(),
+    ) {
+        md += "\n## Ghost Attention: instruction adherence per turn (held-out)\n\n| turn | without GAtt | with GAtt |\n| ---: | ---: | ---: |\n";
+        for (i, (a, b)) in wo.iter().zip(w).enumerate() {
+            md += &format!(
+                "| {} | {:.3} | {:.3} |\n",
+                i + 1,
+                a.as_f64().unwrap_or(0.0),
+                b.as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    md += "\nPlots: `loss.svg` (pretraining and SFT), `reward_by_stage.svg` (the judge's reward per stage), `rs_rewards.svg` (max vs median of K per round), `ppo_gold_vs_proxy.svg` (reward hacking shows as the curves diverging), `gatt_adherence.svg`, `rm_accuracy_by_rating.svg`, `round-*/rm-*/scores.svg`.\n";
+    md
+}
+
+fn plots(out: &Path, report: &Value, evals: &[StageEval]) -> Result<()> {
+    let series = |p: &Path| read_series(p, "step", &["loss", "val_loss"]).unwrap_or_default();
+    let (p, s) = (series(&out.join("pretrain/metrics.jsonl")), series(&out.join("sft/metrics.jsonl")));
+    let get = |v: &Vec<Vec<(f64, f64)>>, i: usize| v.get(i).cloned().unwrap_or_default();
+    line_plot(
+        &out.join("loss.svg"),
+        "loss curves",
+        "step",
+        "cross-entropy (nats/token)",
+        &[
+            ("pretrain", &get(&p, 0)),
+            ("pretrain val", &get(&p, 1)),
+            ("sft", &get(&s, 0)),
+            ("sft val", &get(&s, 1)),
+        ],
+    )?;
+    let hist: Vec<(&str, &[f64])> = evals
+        .iter()
+        .filter(|e| !e.rewards.is_empty())
+        .map(|e| (e.stage.as_str(), e.rewards.as_slice()))
+        .collect();
+    if !hist.is_empty() {
+        histogram_plot(
+            &out.join("reward_by_stage.svg"),
+            "the judge's reward of each stage's answers",
+            "piecewise reward (sigmoid)",
+            &hist,
+            20,
+        )?;
+    }
+    if report["rm"].is_object() {
+        rm_accuracy_plot(out, &report["rm"])?;
+    }
+    let rs: Vec<crate::rs::RoundStats> = report["rs_rounds"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| serde_json::from_value(v.clone()).ok()).collect())
+        .unwrap_or_default();
+    if !rs.is_empty() {
+        crate::rs::write_report(out, &rs)?;
+    }
+    if let Some(last) = report["rounds"]
+        .as_array()
+        .and_then(|r| r.iter().rev().find(|r| r["ppo"].is_object()))
+    {
+        let k = last["round"].as_u64().unwrap_or(0);
+        let src = out.join(format!("round-{k}/ppo/metrics.jsonl"));
+        gold_vs_proxy_plot(&src, &out.join("ppo_gold_vs_proxy.svg"))?;
+    }
+    Ok(())
+}
+
+/// The reward models' held-out accuracy by the annotators' rating (the paper's Table 8).
+fn rm_accuracy_plot(out: &Path, rm: &Value) -> Result<()> {
+    let ratings = [
+        "significantly better",
+        "better",
+        "slightly better",
+        "negligibly better/unsure",
+    ];
+    let series: Vec<(&str, Vec<Option<f64>>)> = ["helpfulness", "safety"]
+        .iter()
+        .map(|k| {
+            let v = ratings
+                .iter()
+                .map(|r| rm[*k]["accuracy_by_rating"][*r]["accuracy"].as_f64())
+                .collect();
+            (*k, v)
+        })
+        .collect();
+    crate::plot::bar_plot(
+        &out.join("rm_accuracy_by_rating.svg"),
+        "reward-model accuracy by rating (held-out pairs)",
+        "accuracy",
+        &ratings,
+        &series,
+    )
+}
+
+/// Instruction adherence per turn with and without Ghost Attention.
+fn gatt_plot(out: &Path, g: &Value) -> Result<()> {
+    let pts = |v: &Value| -> Vec<(f64, f64)> {
+        v.as_array()
+            .map(|a| a.iter().enumerate().map(|(i, x)| ((i + 1) as f64, x.as_f64().unwrap_or(0.0))).collect())
+            .unwrap_or_default()
+    };
+    line_plot(
+        &out.join("gatt_adherence.svg"),
+        "instruction adherence per turn (instruction given at turn 1)",
+        "turn",
+        "share of answers following the instruction",
+        &[
+            ("without GAtt", &pts(&g["adherence_before"]["follow"])),
+            ("with GAtt", &pts(&g["adherence_after"]["follow"])),
+        ],
+    )
+}
+
+/// Gold vs reward-model reward per PPO iteration: reward hacking shows as the two diverging.
+fn gold_vs_proxy_plot(metrics: &Path, svg: &Path) -> Result<()> {
+    let s = read_series(metrics, "iteration", &["reward", "gold_reward"])?;
+    let get = |i: usize| s.get(i).cloned().unwrap_or_default();
+    line_plot(
+        svg,
+        "PPO: reward-model (proxy) vs gold reward of the rollouts",
+        "iteration",
+        "mean R_c",
+        &[
+            ("reward models (proxy)", &get(0)),
+            ("gold annotator", &get(1)),
+        ],
+    )
+}
+
