@@ -62,7 +62,7 @@ pub struct DistillConfig {
     pub eval_prompts: usize,
     /// Extra dialogue files mixed into the fine-tune (e.g. the world's `sft.jsonl`).
     pub replay: Vec<PathBuf>,
-    // The fine-tune (`TrainConfig::sft_defaults` otherwise).
+    // The fine-tune (`sft::run` with these settings).
     pub epochs: usize,
     pub lr: f32,
     pub seq_len: usize,

@@ -208,8 +208,9 @@ pub struct StageEval {
     pub stage: String,
     pub checkpoint: PathBuf,
     pub prompts: usize,
-    /// The gold annotator's verdict on the greedy answers (with a world).
-    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    /// The gold annotator's verdict on the greedy answers (with a world). Nested, not flattened:
+    /// flattened, its `prompts` was taken by this struct's and the verdict never read back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gold: Option<WorldEval>,
     /// Mean over held-out prompts of Σ log π(y) − log π_ref(y) for answers y sampled from the
     /// stage's model (a Monte-Carlo KL estimate).
@@ -373,4 +374,30 @@ pub fn run<B: Backend>(be: B, cfg: &EvalConfig) -> Result<StageEval> {
         ev.rewards = g.iter().map(|&x| x as f64).collect();
     }
     Ok(ev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A recipe's report reads every stage's evaluation back from its `step.json`.
+    #[test]
+    fn stage_evals_round_trip_through_json_with_the_gold_verdict() {
+        let e = StageEval {
+            stage: "sft".into(),
+            prompts: 7,
+            gold: Some(WorldEval {
+                prompts: 7,
+                accuracy: 0.25,
+                false_refusal_rate: 0.5,
+                ..Default::default()
+            }),
+            reward: Some(0.3),
+            ..Default::default()
+        };
+        let back: StageEval = serde_json::from_value(serde_json::to_value(&e).unwrap()).unwrap();
+        let g = back.gold.expect("the gold verdict is read back");
+        assert_eq!((g.prompts, g.accuracy, g.false_refusal_rate), (7, 0.25, 0.5));
+        assert_eq!((back.prompts, back.reward), (7, Some(0.3)));
+    }
 }

@@ -68,7 +68,7 @@ pub struct GattConfig {
     /// Extra dialogue files mixed into the fine-tune (e.g. the world's `sft.jsonl`), so the model
     /// does not drift on everything else; empty: GAtt data only, as the paper's rows.
     pub replay: Vec<PathBuf>,
-    // The fine-tune (`TrainConfig::sft_defaults` otherwise).
+    // The fine-tune (`sft::run` with these settings).
     pub epochs: usize,
     pub lr: f32,
     pub seq_len: usize,

@@ -918,4 +918,23 @@ mod tests {
         assert_ne!(ka[1].key, kb[1].key);
         assert_ne!(ka[2].key, kb[2].key);
     }
+
+    #[test]
+    fn section_settings_reach_the_stage_config() {
+        let r = Recipe::parse(
+            "[model]\nbase = \"m\"\n[sft]\ndata = [\"d.jsonl\"]\ngrad_accum = 4\nepochs = 3\n",
+        )
+        .unwrap();
+        let p = plan(&r, "o".into()).unwrap();
+        let Kind::Sft(c) = &p.steps[0].kind else { panic!("the first step is SFT") };
+        assert_eq!((c.grad_accum, c.epochs), (4, 3));
+        let t = c.train_config().unwrap();
+        assert_eq!(t.grad_accum, 4);
+        // `[world] dir` must be a world; `size` and `dir` together are refused.
+        let r = Recipe::parse("[model]\nbase = \"m\"\n[world]\ndir = \"/nonexistent\"\n").unwrap();
+        let e = format!("{:#}", plan(&r, "o".into()).err().unwrap());
+        assert!(e.contains("not a world"), "{e}");
+        let r = Recipe::parse("[model]\nbase = \"m\"\n[world]\ndir = \"w\"\nsize = \"small\"\n").unwrap();
+        assert!(plan(&r, "o".into()).is_err());
+    }
 }

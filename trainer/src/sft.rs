@@ -267,8 +267,11 @@ pub struct SftConfig {
     pub lr: f32,
     pub warmup: usize,
     pub seq_len: usize,
-    /// Sequences per step.
+    /// Sequences per forward.
     pub batch_size: usize,
+    /// Forwards accumulated per optimizer step (`sft --batch-tokens` = batch_size × seq_len ×
+    /// grad_accum): the gradient of one batch that large.
+    pub grad_accum: usize,
     /// Every k-th dialogue (k = 1/fraction) is held out for the validation loss.
     pub val_fraction: f64,
     pub seed: u64,
@@ -289,6 +292,7 @@ impl SftConfig {
             warmup: 0,
             seq_len: 256,
             batch_size: 8,
+            grad_accum: 1,
             val_fraction: 0.05,
             seed: 1337,
             progress: true,
@@ -312,6 +316,7 @@ impl SftConfig {
         c.warmup = self.warmup;
         c.seq_len = self.seq_len;
         c.batch_size = self.batch_size;
+        c.grad_accum = self.grad_accum;
         c.seed = self.seed;
         c.progress = self.progress;
         Ok(c)
