@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Hugging Face reference fixtures for `llama2 check`, in the format of ../shared/fixtures/README.md.
+"""Hugging Face reference fixtures for `llama2 check`, in the format of assets/fixtures/README.md.
 
 Runs transformers' LlamaForCausalLM (float32, eager attention) on a seeded random model of a given
 config (or on a checkpoint's own weights) and dumps weights, a language-model case (logits, loss,
@@ -208,8 +208,8 @@ made by `scripts/make_fixtures.py` with {versions}, seed {a.seed}:
 
 {bullets}
 
-The format is ../shared/fixtures/README.md's. Weights and inputs depend only on the seed; the
-float results may differ in the last bits on another CPU or library version.
+The format is the llama2 repository's assets/fixtures/README.md. Weights and inputs depend only on
+the seed; the float results may differ in the last bits on another CPU or library version.
 """
 
 
