@@ -13,8 +13,9 @@ mapfile -t tests < <(grep -lE 'tinyshakespeare|hh-harmless|tokenizer/llama2|fixt
   tests/*.rs engine/tests/*.rs trainer/tests/*.rs | sed -E 's#.*/([^/]+)\.rs$#--test=\1#')
 empty=$(mktemp -d)
 cmd=(env LLAMA2_SHARED="$empty" LLAMA2_SHARED_REQUIRED=0 cargo test --release --workspace --locked "${tests[@]}")
-if [ -d ../shared ] && unshare -m true 2>/dev/null; then
-  unshare -m sh -c 'mount -t tmpfs -o ro none ../shared && exec "$@"' - "${cmd[@]}" 2>&1 | tee "$log"
+hide='mount -t tmpfs -o ro none ../shared'
+if [ -d ../shared ] && unshare -m sh -c "$hide" 2>/dev/null; then
+  unshare -m sh -c "$hide"' && exec "$@"' - "${cmd[@]}" 2>&1 | tee "$log"
 else
   echo "bare clone: ../shared left as it is (absent, or no mount namespace here)"
   "${cmd[@]}" 2>&1 | tee "$log"
