@@ -108,14 +108,16 @@ def read(base, rel, token):
     url = f"{base.rstrip('/')}/{rel}"
     req = urllib.request.Request(url, headers={"User-Agent": "llama2-fetch-data"})
     if token:
-        req.add_header("Authorization", f"Bearer {token}")
+        # Not passed on through redirects: Hugging Face sends files to other hosts.
+        req.add_unredirected_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.read()
     except urllib.error.HTTPError as e:
-        if e.code in (401, 403) and token is not None:
-            raise Failed(f"{url}: HTTP {e.code}: the token was refused; has this account "
-                         f"accepted the licence at {LLAMA2_REPO}?")
+        if e.code in (401, 403):
+            raise Failed(f"{url}: HTTP {e.code}: " + (
+                f"the token was refused; has its account accepted the licence at {LLAMA2_REPO}?"
+                if token else "this needs a Hugging Face token: set HF_TOKEN"))
         raise Failed(f"{url}: HTTP {e.code} {e.reason}")
     except (urllib.error.URLError, OSError) as e:
         raise Failed(f"{url}: {getattr(e, 'reason', e)} (no network? --from takes a local copy)")
@@ -144,9 +146,9 @@ def fetch(item, dest, source, force):
         todo.append((rel, base, up, want, transform))
     if not todo:
         return lines
-    if item in GATED and source is None:
+    if item in GATED:
         token = hf_token()
-        if not token:
+        if not token and source is None:
             raise Failed(
                 f"{item}: Meta's Llama 2 Community License covers this tokenizer, so it is fetched "
                 f"from the gated {LLAMA2_REPO} with your own token: accept the licence there, "
