@@ -1,6 +1,7 @@
 //! `scripts/fetch_data.py` without the network: its arguments, the tokenizer's licence gate, a
 //! fetch from a local copy of the upstream repository, the checksum that refuses anything else,
-//! and the "already present" path that fetches nothing.
+//! the "already present" path that fetches nothing, and the token's way over HTTP (servers on
+//! the loopback).
 
 use engine::shared_data::{how_to_get, or_skip};
 use std::io::Write;
@@ -10,14 +11,29 @@ use std::process::{Command, Output};
 /// `python3 scripts/fetch_data.py ARGS` in the checkout, with no Hugging Face token in sight;
 /// `None` (the test skips) where python3 is missing.
 fn fetch(args: &[&str], home: &Path) -> Option<Output> {
-    let out = Command::new("python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch_data.py"))
+    fetch_with_token(args, home, None)
+}
+
+/// [`fetch`] with `HF_TOKEN` set to `token`, and no proxy between it and the loopback.
+fn fetch_with_token(args: &[&str], home: &Path, token: Option<&str>) -> Option<Output> {
+    let mut c = Command::new("python3");
+    c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch_data.py"))
         .args(args)
-        .env_remove("HF_TOKEN")
-        .env_remove("HUGGING_FACE_HUB_TOKEN")
-        .env("HF_HOME", home)
-        .output();
-    match out {
+        .env("HF_HOME", home);
+    for v in [
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "http_proxy",
+        "HTTP_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+    ] {
+        c.env_remove(v);
+    }
+    if let Some(t) = token {
+        c.env("HF_TOKEN", t);
+    }
+    match c.output() {
         Ok(o) => Some(o),
         Err(e) => {
             let _ = std::io::stderr().write_all(format!("skipped: python3: {e}\n").as_bytes());
@@ -231,4 +247,89 @@ fn the_tokenizer_from_a_local_copy_then_already_present() {
     let o = fetch(&args, t.path()).unwrap();
     assert!(o.status.success());
     assert_eq!(text(&o.stdout).matches("already present").count(), 2);
+}
+
+/// A server on the loopback that answers `replies`, one connection each, in turn; joining it
+/// gives the request heads it read.
+fn serve(replies: Vec<String>) -> (u16, std::thread::JoinHandle<Vec<String>>) {
+    use std::io::{BufRead, BufReader};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let h = std::thread::spawn(move || {
+        let mut heads = vec![];
+        for reply in replies {
+            let (mut s, _) = l.accept().unwrap();
+            let mut head = String::new();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            while r.read_line(&mut head).unwrap_or(0) > 2 {}
+            heads.push(head);
+            let _ = s.write_all(reply.as_bytes());
+        }
+        heads
+    });
+    (port, h)
+}
+
+/// Joins a [`serve`] thread; a connection of ours first, in case the script made fewer.
+fn served(port: u16, h: std::thread::JoinHandle<Vec<String>>) -> Vec<String> {
+    let _ = std::net::TcpStream::connect(("127.0.0.1", port));
+    h.join().unwrap()
+}
+
+#[test]
+fn the_token_goes_to_hugging_face_only_and_a_refusal_is_explained() {
+    let t = tempfile::tempdir().unwrap();
+    let dest = t.path().join("assets");
+    let reply = |status: &str, extra: &str, body: &str| {
+        format!(
+            "HTTP/1.1 {status}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    // The repository redirects to a file host, as Hugging Face does; the file is not Meta's.
+    let (cdn, cdn_thread) = serve(vec![reply("200 OK", "", "not a tokenizer")]);
+    let location = format!("Location: http://127.0.0.1:{cdn}/blob\r\n");
+    let (hub, hub_thread) = serve(vec![reply("302 Found", &location, "")]);
+    let base = format!("http://127.0.0.1:{hub}");
+    let item = item_for("tokenizer/llama2/tokenizer.json");
+    let args = [&item, "--dest", dest.to_str().unwrap(), "--from", &base];
+    let Some(o) = fetch_with_token(&args, t.path(), Some("hf_secret")) else {
+        return;
+    };
+    let hub_heads = served(hub, hub_thread);
+    let cdn_heads = served(cdn, cdn_thread);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stdout));
+    assert!(text(&o.stderr).contains("sha256"), "{}", text(&o.stderr));
+    assert!(files(&dest).is_empty());
+    assert!(
+        hub_heads[0].starts_with("GET /tokenizer.model "),
+        "{hub_heads:?}"
+    );
+    assert!(
+        hub_heads[0].contains("Authorization: Bearer hf_secret"),
+        "{hub_heads:?}"
+    );
+    assert!(cdn_heads[0].starts_with("GET /blob "), "{cdn_heads:?}");
+    assert!(
+        !cdn_heads[0].to_lowercase().contains("authorization"),
+        "{cdn_heads:?}"
+    );
+    assert!(!text(&o.stderr).contains("hf_secret") && !text(&o.stdout).contains("hf_secret"));
+    // A refused token: the likely cause is named.
+    let (hub, hub_thread) = serve(vec![reply("401 Unauthorized", "", "")]);
+    let base = format!("http://127.0.0.1:{hub}");
+    let args = [&item, "--dest", dest.to_str().unwrap(), "--from", &base];
+    let o = fetch_with_token(&args, t.path(), Some("hf_wrong")).unwrap();
+    served(hub, hub_thread);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).contains("accepted the licence"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(
+        !text(&o.stderr).contains("hf_wrong"),
+        "the token is not printed"
+    );
+    assert!(files(&dest).is_empty(), "{:?}", files(&dest));
 }
