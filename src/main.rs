@@ -3,7 +3,7 @@
 mod cmd;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use cmd::{check, data, inference, reward, rlhf, train, world};
 
 #[derive(Parser)]
@@ -93,13 +93,18 @@ fn main() {
 }
 
 fn run() -> Result<()> {
-    match Cli::parse().cmd {
+    // The matches too, not only the parsed values: `--resume` needs to know which flags were
+    // given on the command line (a default and an explicit value look alike once parsed).
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let given = matches.subcommand().map(|(_, m)| m).expect("a subcommand");
+    match cli.cmd {
         Cmd::Check(a) => check::check(a),
         Cmd::Tokenize(a) => data::tokenize(a),
         Cmd::PrepareData(a) => data::prepare_data(a),
         Cmd::TrainTokenizer(a) => data::train_tokenizer(a),
-        Cmd::Pretrain(a) => train::pretrain(a),
-        Cmd::Sft(a) => train::sft(a),
+        Cmd::Pretrain(a) => train::pretrain(a, given),
+        Cmd::Sft(a) => train::sft(a, given),
         Cmd::Generate(a) => inference::generate_cmd(a),
         Cmd::Chat(a) => inference::chat_cmd(a),
         Cmd::World(a) => world::world(a),
@@ -109,7 +114,7 @@ fn run() -> Result<()> {
         Cmd::EvalRm(a) => reward::eval_rm(a),
         Cmd::Score(a) => inference::score_cmd(a),
         Cmd::RejectionSample(a) => rlhf::rejection_sample(a),
-        Cmd::Ppo(a) => rlhf::ppo_cmd(a),
+        Cmd::Ppo(a) => rlhf::ppo_cmd(a, given),
         Cmd::Gatt(a) => rlhf::gatt(a),
         Cmd::DistillSafety(a) => rlhf::distill_safety(a),
         Cmd::Rlhf(a) => rlhf::rlhf(a),

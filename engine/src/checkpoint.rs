@@ -72,6 +72,26 @@ impl TensorFiles {
                 format!("weight_map entry {v} is not a file name"),
             ));
         }
+        // Shards sit beside the index: a name with a directory part could lead anywhere
+        // (`../../etc/passwd`, an absolute path), so only plain file names are followed.
+        if let Some((name, shard)) = map.iter().find_map(|(n, v)| {
+            let s = v.as_str().unwrap_or_default();
+            let mut c = Path::new(s).components();
+            let plain = matches!(
+                (c.next(), c.next()),
+                (Some(std::path::Component::Normal(_)), None)
+            ) && !s.contains(['/', '\\']);
+            (!plain).then_some((n, s))
+        }) {
+            return Err(Error::tensor(
+                index,
+                name,
+                format!(
+                    "weight_map names the file `{shard}`, which is not a plain file name beside \
+                     the index: refusing a path that leaves the checkpoint directory"
+                ),
+            ));
+        }
         let mut shard_names: Vec<&str> = map.values().filter_map(|s| s.as_str()).collect();
         shard_names.sort();
         shard_names.dedup();
@@ -160,7 +180,7 @@ impl TensorFiles {
             .unwrap_or(&self.origin)
     }
 
-    fn view(&self, name: &str) -> Result<(Dtype, Vec<usize>, &[u8])> {
+    pub(crate) fn view(&self, name: &str) -> Result<(Dtype, Vec<usize>, &[u8])> {
         let &i = self
             .owner
             .get(name)
@@ -298,22 +318,37 @@ pub fn read_params(
     files: &TensorFiles,
     optional: &[&str],
 ) -> Result<(Vec<f32>, Vec<String>)> {
-    for name in files.names() {
-        if let Some(rest) = name.strip_prefix("model.layers.") {
-            let l: Option<usize> = rest.split('.').next().and_then(|s| s.parse().ok());
-            if let Some(l) = l.filter(|&l| l >= cfg.num_hidden_layers) {
-                return Err(Error::tensor(
-                    files.file_of(name),
-                    name,
-                    format!(
-                        "layer {l} exists in the checkpoint but config.json has num_hidden_layers = {}",
-                        cfg.num_hidden_layers
-                    ),
-                ));
-            }
-        }
-    }
+    let missing = check_params(table, cfg, files, optional)?;
     let mut host = vec![0f32; table.total];
+    for e in &table.entries {
+        if missing.contains(&e.name) {
+            continue;
+        }
+        let v = files.read_f32_shaped(&e.name, &e.shape, "config.json")?;
+        host[e.span.off..e.span.off + e.span.len].copy_from_slice(&v);
+    }
+    Ok((host, missing))
+}
+
+/// Checks `files` against the layout `table` of `cfg` from the headers alone, before anything
+/// is allocated: every tensor present (those in `optional` may be missing and are returned),
+/// with the shape and a float dtype the config implies, no layer the config does not have, and
+/// no `lm_head.weight` a tied config would silently drop.
+pub fn check_params(
+    table: &ParamTable,
+    cfg: &LlamaConfig,
+    files: &TensorFiles,
+    optional: &[&str],
+) -> Result<Vec<String>> {
+    check_layers(cfg, files)?;
+    if cfg.tie_word_embeddings && table.lm_head.is_some() && files.contains("lm_head.weight") {
+        return Err(Error::tensor(
+            files.file_of("lm_head.weight"),
+            "lm_head.weight",
+            "present, but config.json says tie_word_embeddings = true, which would use the \
+             embedding instead and ignore it: set tie_word_embeddings to false",
+        ));
+    }
     let mut missing = Vec::new();
     for e in &table.entries {
         if !files.contains(&e.name) {
@@ -337,20 +372,93 @@ pub fn read_params(
                 format!("missing{hint}"),
             ));
         }
-        let v = files.read_f32_shaped(&e.name, &e.shape, "config.json")?;
-        host[e.span.off..e.span.off + e.span.len].copy_from_slice(&v);
+        let (dt, shape, _) = files.view(&e.name)?;
+        if shape != e.shape {
+            return Err(Error::tensor(
+                files.file_of(&e.name),
+                &e.name,
+                format!("shape {shape:?}, but config.json implies {:?}", e.shape),
+            ));
+        }
+        if !matches!(dt, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
+            return Err(Error::tensor(
+                files.file_of(&e.name),
+                &e.name,
+                format!("dtype {dt:?} is not a float type (expected F32, BF16 or F16)"),
+            ));
+        }
     }
-    Ok((host, missing))
+    Ok(missing)
+}
+
+/// The config's layer count against the layers the weights hold, before a table of that many
+/// layers is built: a config.json with 10^12 layers beside a 2-layer checkpoint is an error
+/// naming the first missing layer, not a process that grows without end.
+fn check_layers(cfg: &LlamaConfig, files: &TensorFiles) -> Result<()> {
+    let layer_of = |name: &str| -> Option<usize> {
+        name.strip_prefix("model.layers.")?
+            .split('.')
+            .next()?
+            .parse()
+            .ok()
+    };
+    let mut held = 0;
+    for name in files.names() {
+        if let Some(l) = layer_of(name) {
+            if l >= cfg.num_hidden_layers {
+                return Err(Error::tensor(
+                    files.file_of(name),
+                    name,
+                    format!(
+                        "layer {l} exists in the checkpoint but config.json has num_hidden_layers = {}",
+                        cfg.num_hidden_layers
+                    ),
+                ));
+            }
+            held = held.max(l + 1);
+        }
+    }
+    if cfg.num_hidden_layers > held {
+        return Err(Error::tensor(
+            &files.origin,
+            &format!("model.layers.{held}.input_layernorm.weight"),
+            format!(
+                "missing: config.json has num_hidden_layers = {}, the weights hold {held} layer(s)",
+                cfg.num_hidden_layers
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A model of `cfg` with `head`, its weights read from `files`: sizes and shapes are checked
+/// against the files' headers before the model is allocated (so a config.json of another size
+/// beside the weights is an error naming a tensor, not a failed multi-GB allocation). Returns
+/// the names in `optional` that were missing (left zero).
+pub fn load_weights<B: Backend>(
+    be: B,
+    cfg: LlamaConfig,
+    head: Head,
+    files: &TensorFiles,
+    optional: &[&str],
+) -> Result<(Llama<B>, Vec<String>)> {
+    cfg.validate()?;
+    check_layers(&cfg, files)?;
+    check_params(&ParamTable::llama(&cfg, head), &cfg, files, optional)?;
+    let mut model = Llama::new(be, cfg, head)?;
+    let (host, missing) = read_params(&model.table, &model.cfg, files, optional)?;
+    model.set_params(&host)?;
+    Ok((model, missing))
 }
 
 /// Loads `config.json` and the weights of a Hugging Face checkpoint directory.
 pub fn load_model<B: Backend>(be: B, dir: &Path, head: Head) -> Result<Llama<B>> {
+    if !dir.is_dir() {
+        return Err(Error::file(dir, "no such checkpoint directory"));
+    }
     let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
     let files = TensorFiles::open(dir)?;
-    let mut model = Llama::new(be, cfg, head)?;
-    let (host, _) = read_params(&model.table, &model.cfg, &files, &[])?;
-    model.set_params(&host)?;
-    Ok(model)
+    Ok(load_weights(be, cfg, head, &files, &[])?.0)
 }
 
 /// How to store weights on save.
@@ -462,6 +570,63 @@ pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
         let _ = std::fs::remove_dir_all(&old);
     }
     Ok(())
+}
+
+/// Removes what killed writers left in `dir` (and one level down, in checkpoint directories):
+/// the temporaries of [`write_dir_atomic`] and [`write_file_atomic`] (`.NAME.tmp-PID`, or
+/// `NAME.tmp-PID`) whose process is gone. A `.NAME.old-PID` (a directory moved aside just
+/// before its replacement was renamed in) is moved back when `NAME` is missing, else removed.
+/// Only where `/proc` tells live processes apart; returns how many entries it removed.
+pub fn remove_stale_temporaries(dir: &Path) -> usize {
+    let proc = Path::new("/proc");
+    if !proc.is_dir() || !dir.is_dir() {
+        return 0;
+    }
+    let me = std::process::id();
+    let dead = |pid: &str| {
+        pid.parse::<u32>()
+            .is_ok_and(|p| p != me && !proc.join(p.to_string()).exists())
+    };
+    let mut removed = 0;
+    let mut subdirs = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = e.path();
+        let name = e.file_name().to_string_lossy().to_string();
+        let rm = |p: &Path| {
+            if p.is_dir() {
+                std::fs::remove_dir_all(p)
+            } else {
+                std::fs::remove_file(p)
+            }
+            .is_ok()
+        };
+        let stale = |suffix: &str| {
+            name.rsplit_once(suffix)
+                .filter(|(_, pid)| dead(pid))
+                .map(|(base, _)| base.trim_start_matches('.').to_string())
+        };
+        if stale(".tmp-").is_some() {
+            removed += usize::from(rm(&path));
+        } else if let Some(base) = stale(".old-") {
+            let orig = dir.join(base);
+            if orig.exists() {
+                removed += usize::from(rm(&path));
+            } else {
+                let _ = std::fs::rename(&path, &orig);
+            }
+        } else if path.is_dir() && !name.starts_with('.') {
+            subdirs.push(path);
+        }
+    }
+    for d in subdirs {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.rsplit_once(".tmp-").is_some_and(|(_, p)| dead(p)) {
+                removed += usize::from(std::fs::remove_file(e.path()).is_ok());
+            }
+        }
+    }
+    removed
 }
 
 /// Writes named tensors (flat host data) as safetensors files into `dir`, one file or shards

@@ -101,6 +101,9 @@ impl LlamaConfig {
                 self.hidden_size, self.num_attention_heads
             ));
         }
+        if self.head_dim == Some(0) {
+            return e("head_dim must be > 0".into());
+        }
         if !self.head_dim().is_multiple_of(2) {
             return e(format!(
                 "head_dim ({}) must be even for RoPE",
@@ -119,16 +122,81 @@ impl LlamaConfig {
         if self.attention_bias || self.mlp_bias {
             return e("attention_bias / mlp_bias are not supported (Llama 2 has no biases)".into());
         }
-        if !(self.rms_norm_eps > 0.0) || !(self.rope_theta > 0.0) {
-            return e("rms_norm_eps and rope_theta must be positive".into());
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite())
+            || !(self.rope_theta > 0.0 && self.rope_theta.is_finite())
+        {
+            return e("rms_norm_eps and rope_theta must be positive and finite".into());
+        }
+        if self.max_position_embeddings == 0 {
+            return e("max_position_embeddings must be > 0".into());
+        }
+        for (name, id) in [
+            ("bos_token_id", self.bos_token_id),
+            ("eos_token_id", self.eos_token_id),
+            ("pad_token_id", self.pad_token_id),
+        ] {
+            if let Some(id) = id.filter(|&id| id as usize >= self.vocab_size) {
+                return e(format!(
+                    "{name} {id} is outside the vocabulary (vocab_size {})",
+                    self.vocab_size
+                ));
+            }
+        }
+        if self.checked_num_params().is_none() {
+            return e(format!(
+                "the parameter count overflows: vocab_size {}, hidden_size {}, \
+                 intermediate_size {}, num_hidden_layers {}, {} heads of {}",
+                self.vocab_size,
+                self.hidden_size,
+                self.intermediate_size,
+                self.num_hidden_layers,
+                self.num_attention_heads,
+                self.head_dim()
+            ));
         }
         Ok(())
     }
 
+    /// [`LlamaConfig::num_params`] with every product checked (with a score head's `H` too, and
+    /// room for 16 bytes per parameter), so sizes from a hostile config.json cannot wrap or
+    /// overflow an allocation; `None` when they would.
+    pub fn checked_num_params(&self) -> Option<usize> {
+        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let hd = self.head_dim();
+        let qd = self.num_attention_heads.checked_mul(hd)?;
+        let kvd = self.n_kv_heads().checked_mul(hd)?;
+        let per_layer = h
+            .checked_mul(2)?
+            .checked_add(h.checked_mul(qd)?.checked_mul(2)?)?
+            .checked_add(h.checked_mul(kvd)?.checked_mul(2)?)?
+            .checked_add(h.checked_mul(i)?.checked_mul(3)?)?;
+        let emb = v.checked_mul(h)?;
+        let total = emb
+            .checked_mul(2)?
+            .checked_add(self.num_hidden_layers.checked_mul(per_layer)?)?
+            .checked_add(h.checked_mul(2)?)?;
+        total.checked_mul(16)?;
+        Some(total)
+    }
+
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let cfg: Self = serde_json::from_str(&text)
-            .map_err(|e| Error::file(path, format!("not a Llama config.json: {e}")))?;
+        let bad = |e: String| Error::file(path, format!("not a Llama config.json: {e}"));
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        // Hugging Face's architecture family: another family's config would be read as a
+        // Llama with whatever fields happen to match.
+        if let Some(t) = v.get("model_type").filter(|t| t.as_str() != Some("llama")) {
+            return Err(Error::file(
+                path,
+                format!("model_type {t} is not a Llama config (expected \"llama\")"),
+            ));
+        }
+        // Parsed again from the text on failure, for an error with its line and column.
+        let cfg: Self = serde_json::from_value(v).map_err(|e| {
+            bad(serde_json::from_str::<Self>(&text)
+                .err()
+                .map_or(e.to_string(), |e| e.to_string()))
+        })?;
         cfg.validate()
             .map_err(|e| Error::file(path, e.to_string()))?;
         Ok(cfg)

@@ -27,7 +27,7 @@ use crate::backend::cpu::Cpu;
 use crate::backend::{AdamWStep, Backend};
 use crate::error::{Error, Result};
 use crate::model::{GradReady, Llama};
-use crate::optim::{clip_scale, decay_groups, AdamWConfig, StepStats};
+use crate::optim::{check_lr, clip_scale, decay_groups, AdamWConfig, StepStats};
 use crate::params::Span;
 use std::sync::{Arc, Barrier, Mutex};
 
@@ -466,6 +466,7 @@ impl<B: Backend> ShardedAdamW<B> {
     /// master where it can. Replicas must start identical (same seed or checkpoint), as with any
     /// data-parallel launch.
     pub fn new(model: &mut Llama<B>, cfg: AdamWConfig, rank: usize, world: usize) -> Result<Self> {
+        cfg.validate()?;
         if model.master_released() {
             return Err(Error::Config(
                 "this model's fp32 master is already held by a ZeRO-1 optimizer".into(),
@@ -523,6 +524,8 @@ impl<B: Backend> ShardedAdamW<B> {
         comm: &mut C,
         lr: f32,
     ) -> Result<StepStats> {
+        // Every rank has the same lr, so a bad one fails on all of them before any collective.
+        check_lr(lr)?;
         let (n, valid, off) = (self.shard.n, self.shard.valid(), self.shard.off);
         check_len("model parameters", model.num_params(), n)?;
         check_len("world", comm.world(), self.shard.world)?;

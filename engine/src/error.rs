@@ -4,12 +4,10 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The OS error is part of the message and deliberately not a `source()`: anyhow's `{:#}`
+    /// would print it a second time.
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{path}: {msg}")]
     File { path: PathBuf, msg: String },
     #[error("{file}: tensor `{tensor}`: {msg}")]
@@ -28,6 +26,9 @@ pub enum Error {
     Tokenizer { path: PathBuf, msg: String },
     #[error("device: {0}")]
     Device(String),
+    /// A request larger than the memory the device has left (checked before allocating).
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
     #[error("non-finite value: {0}")]
     NonFinite(String),
     /// Launch environment, rendezvous, NCCL and sharded-checkpoint problems.
@@ -38,10 +39,10 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err,
         }
     }
     pub fn file(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {

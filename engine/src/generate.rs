@@ -34,6 +34,26 @@ impl Default for SamplingParams {
     }
 }
 
+impl SamplingParams {
+    /// Rejects a temperature or top-p that sampling cannot mean (NaN, infinite, negative,
+    /// top-p outside (0, 1]), naming the setting.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(Error::Input(format!(
+                "temperature {}: expected a finite number >= 0 (0 is greedy)",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::Input(format!(
+                "top_p {}: expected a number in (0, 1] (1 keeps every token)",
+                self.top_p
+            )));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Generation {
     pub tokens: Vec<u32>,
@@ -121,6 +141,7 @@ pub fn generate<B: Backend>(
     p: &SamplingParams,
     on_token: &mut dyn FnMut(usize, u32),
 ) -> Result<Vec<Generation>> {
+    p.validate()?;
     let b = prompts.len();
     if b == 0 {
         return Ok(vec![]);
@@ -169,6 +190,19 @@ pub fn generate<B: Backend>(
                 continue;
             }
             let row = &logits[s * v..(s + 1) * v];
+            if row.iter().any(|x| x.is_nan()) {
+                // NaN logits come from NaN weights or an overflow; sampling from them would
+                // print nothing useful and call it a success.
+                let host = model.params_to_host()?;
+                return Err(Error::NonFinite(format!(
+                    "the logits of sequence {s} are NaN after {} generated token(s){}",
+                    out[s].tokens.len(),
+                    match model.table.first_nonfinite(&host) {
+                        Some(name) => format!("; parameter {name} holds non-finite values"),
+                        None => " (the weights are finite: an overflow in the forward)".into(),
+                    }
+                )));
+            }
             let tok = sample_logits(row, p.temperature, p.top_k, p.top_p, &mut rng);
             if p.stop.contains(&(tok as u32)) {
                 done[s] = true;

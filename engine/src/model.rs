@@ -6,7 +6,7 @@
 //! seen and reused; a step allocates nothing once that size is reached. [`Recompute`] trades
 //! saved activations for a second forward of each layer inside the backward.
 
-use crate::backend::{AttnDims, Backend, CacheDims};
+use crate::backend::{check_fits, AttnDims, Backend, CacheDims};
 use crate::config::LlamaConfig;
 use crate::elem::{Elem, Float};
 use crate::error::{Error, Result};
@@ -187,6 +187,40 @@ struct Acts<B: Backend> {
     dup: B::Buf<B::Act>,
 }
 
+/// What [`Llama::ensure_acts`] allocates through the backend for `n` token rows (what
+/// [`Llama::activation_bytes`] then reports), computed without allocating, in u128 so no size
+/// wraps. A unit test keeps the two equal.
+pub(crate) fn act_bytes(
+    c: &LlamaConfig,
+    head: Head,
+    mode: Recompute,
+    n: usize,
+    act: usize,
+) -> u128 {
+    let [n, h, qd, kvd, im, nh, nl, v, a] = [
+        n,
+        c.hidden_size,
+        c.q_dim(),
+        c.kv_dim(),
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.num_hidden_layers,
+        c.vocab_size,
+        act,
+    ]
+    .map(|x| x as u128);
+    let attn_set = n * (h + 2 * qd + 2 * kvd) * a + n * (1 + nh) * 4;
+    let mlp_set = n * (2 * h + 3 * im) * a + n * 4;
+    let n_attn = if mode == Recompute::None { nl } else { 1 };
+    let n_mlp = if mode == Recompute::Full { 1 } else { nl };
+    let resid = (nl + 1) * n * h * a;
+    let logits = if head == Head::Lm { n * v * a } else { 0 };
+    // ids, pos, doc, targets, rows (i32); losses, scores, rstdf (f32); lnf, tmp, dres, dln;
+    // dq, datt; dk, dv; dh, dgate, dup.
+    let other = n * 8 * 4 + logits + n * (4 * h + 2 * qd + 2 * kvd + 3 * im) * a;
+    n_attn * attn_set + n_mlp * mlp_set + resid + other
+}
+
 /// Layer `l`'s index into a per-layer vector that is either L long or one shared set.
 fn slot<T>(sets: &[T], l: usize) -> usize {
     if sets.len() == 1 {
@@ -277,6 +311,10 @@ impl<B: Backend> KvCache<B> {
         }
         let len = slots * tmax * model.cfg.kv_dim();
         let l = model.cfg.num_hidden_layers;
+        let need = 2 * l as u128 * len as u128 * std::mem::size_of::<B::Act>() as u128;
+        check_fits(&model.be, need, || {
+            format!("a KV cache of {slots} sequences x {tmax} positions")
+        })?;
         Ok(KvCache {
             slots,
             tmax,
@@ -398,6 +436,19 @@ impl<B: Backend> Llama<B> {
     /// A model with zeroed parameters (load or initialise them next).
     pub fn new(be: B, cfg: LlamaConfig, head: Head) -> Result<Self> {
         cfg.validate()?;
+        let n = cfg.checked_num_params().unwrap_or(usize::MAX) as u128;
+        // f32 master and gradients, a compute copy where the backend computes in a narrower
+        // type (CUDA's bf16), and the table's names and shapes (~1 KiB a layer): checked before
+        // the table is built, so a config of 10^12 layers is an error, not a growing process.
+        let act = std::mem::size_of::<B::Act>() as u128;
+        let shadow = if act < 4 { act } else { 0 };
+        let need = n * (8 + shadow) + cfg.num_hidden_layers as u128 * 1024;
+        check_fits(&be, need, || {
+            format!(
+                "the model's weights and gradients ({n} parameters, {} layers)",
+                cfg.num_hidden_layers
+            )
+        })?;
         let table = ParamTable::llama(&cfg, head);
         let master = be.alloc::<f32>(table.total)?;
         let shadow = be.alloc_shadow(table.total)?;
@@ -548,6 +599,12 @@ impl<B: Backend> Llama<B> {
             return Ok(());
         }
         self.acts = None; // free the old set before allocating the larger one
+                          // The backend's buffers and the host copies of ids and positions.
+        let need = act_bytes(&self.cfg, self.head, mode, n, std::mem::size_of::<B::Act>())
+            + 2 * n as u128 * 4;
+        check_fits(&self.be, need, || {
+            format!("training activations for {n} token rows (recompute {mode})")
+        })?;
         let c = &self.cfg;
         let (h, qd, kvd, im) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let (nh, nl) = (c.num_attention_heads, c.num_hidden_layers);
@@ -1403,5 +1460,39 @@ impl<B: Backend> Llama<B> {
             be.logprob_bwd(m!(a.logits, n * v), r!(a.targets, n), r!(a.losses, n), v)?;
         }
         self.backward_from_dlogits(sink)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Cpu;
+
+    /// The size checked before allocating activations is what the allocations then count.
+    #[test]
+    fn act_bytes_matches_the_allocations() {
+        let mut c = LlamaConfig::preset("tiny").unwrap();
+        c.vocab_size = 97;
+        for head in [Head::Lm, Head::Score] {
+            for mode in Recompute::ALL {
+                let mut m = Llama::new(Cpu, c.clone(), head).unwrap();
+                m.set_recompute(mode);
+                let got = m.reserve_activations(3, 7).unwrap().total() as u128;
+                assert_eq!(act_bytes(&c, head, mode, 21, 4), got, "{head:?} {mode}");
+            }
+        }
+    }
+
+    /// A model or a batch larger than the memory left is an error that says how much is
+    /// needed, before anything is allocated.
+    #[test]
+    fn sizes_beyond_memory_are_errors_not_aborts() {
+        let mut c = LlamaConfig::preset("tiny").unwrap();
+        c.num_hidden_layers = 1_000_000_000_000;
+        let e = Llama::new(Cpu, c, Head::Lm).err().expect("too big");
+        assert!(e.to_string().contains("available"), "{e}");
+        let mut m = Llama::new(Cpu, LlamaConfig::preset("tiny").unwrap(), Head::Lm).unwrap();
+        let e = m.reserve_activations(1 << 30, 256).unwrap_err().to_string();
+        assert!(e.contains("activations") && e.contains("available"), "{e}");
     }
 }

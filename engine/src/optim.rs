@@ -42,6 +42,42 @@ impl Default for AdamWConfig {
     }
 }
 
+impl AdamWConfig {
+    /// Rejects settings that make no sense (a negative decay or clip, β outside [0, 1), a
+    /// non-positive eps), naming the setting, before any state is allocated.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str, v: f32, want: &str| {
+            Err(Error::Config(format!("{what} is {v}: expected {want}")))
+        };
+        for (what, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return bad(what, b, "a number in [0, 1)");
+            }
+        }
+        if !(self.eps > 0.0 && self.eps.is_finite()) {
+            return bad("eps", self.eps, "a positive number");
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return bad("weight decay", self.weight_decay, "a number >= 0");
+        }
+        if let Some(c) = self.clip_norm.filter(|c| !(*c >= 0.0 && c.is_finite())) {
+            return bad("the gradient clip", c, "a number >= 0 (0 disables it)");
+        }
+        Ok(())
+    }
+}
+
+/// A step's learning rate must be a finite number >= 0 (a negative one ascends the loss).
+pub(crate) fn check_lr(lr: f32) -> Result<()> {
+    if lr >= 0.0 && lr.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "learning rate {lr}: expected a finite number >= 0"
+        )))
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct StepStats {
     pub grad_norm: f32,
@@ -81,6 +117,7 @@ impl<B: Backend> AdamW<B> {
 
     /// An optimizer over a flat buffer described by `groups` (spans covering it, decay flags).
     pub fn with_groups(be: &B, groups: Vec<(Span, bool)>, cfg: AdamWConfig) -> Result<Self> {
+        cfg.validate()?;
         let n = groups.iter().map(|(s, _)| s.off + s.len).max().unwrap_or(0);
         Ok(AdamW {
             cfg,
@@ -117,6 +154,7 @@ impl<B: Backend> AdamW<B> {
         grads: &B::Buf<f32>,
         lr: f32,
     ) -> Result<StepStats> {
+        check_lr(lr)?;
         let grad_norm = be.sum_squares(B::all(grads))?.sqrt() as f32;
         let clip_scale = clip_scale(self.cfg.clip_norm, grad_norm)?;
         self.step += 1;

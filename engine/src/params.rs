@@ -133,4 +133,16 @@ impl ParamTable {
     pub fn get(&self, name: &str) -> Option<&ParamEntry> {
         self.index.get(name).map(|&i| &self.entries[i])
     }
+
+    /// The first tensor (in layout order) whose values in `flat` (parameters or gradients in
+    /// this layout) are not all finite: what an error about a NaN names.
+    pub fn first_nonfinite(&self, flat: &[f32]) -> Option<&str> {
+        self.entries
+            .iter()
+            .find(|e| {
+                flat.get(e.span.off..e.span.off + e.span.len)
+                    .is_some_and(|x| x.iter().any(|v| !v.is_finite()))
+            })
+            .map(|e| e.name.as_str())
+    }
 }

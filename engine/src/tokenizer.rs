@@ -34,16 +34,38 @@ const E_SYS: &str = "\n<</SYS>>\n\n";
 
 impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+        let err = |msg: String| Error::Tokenizer {
             path: path.to_path_buf(),
-            msg: if path.exists() {
+            msg,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            err(if path.exists() {
                 format!("cannot load: {e}")
             } else {
                 "no such file".into()
-            },
+            })
         })?;
+        // The tokenizers crate panics on some malformed JSON (an `expect` in its decoder's
+        // deserializer): the file is checked as JSON first, and a panic that gets through
+        // anyway is an error about this file, not a crash.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text)
+            .map_err(|e| err(format!("cannot load: not JSON: {e}")))?;
+        let inner = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>())
+            .map_err(|_| {
+                err("cannot load: not a tokenizer.json the tokenizers crate reads".into())
+            })?
+            .map_err(|e| err(format!("cannot load: {e}")))?;
         let id = |t: &str, default: u32| inner.token_to_id(t).unwrap_or(default);
         let (bos, eos) = (id("<s>", 1), id("</s>", 2));
+        let n = inner.get_vocab_size(true);
+        if bos as usize >= n || eos as usize >= n {
+            return Err(Error::Tokenizer {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "no <s>/</s> tokens, and the default ids 1/2 are outside its {n} tokens"
+                ),
+            });
+        }
         Ok(Tokenizer {
             inner,
             path: path.to_path_buf(),
@@ -74,6 +96,11 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// The id of a token given as its string (e.g. `</s>` or `▁the`), if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(|e| self.err(e))
     }
@@ -84,6 +111,7 @@ impl Tokenizer {
     /// Returns the ids and a mask that is true on assistant tokens (and their EOS), which is what
     /// SFT learns.
     pub fn chat(&self, messages: &[Message]) -> Result<(Vec<u32>, Vec<bool>)> {
+        check_roles(messages)?;
         let mut msgs: Vec<Message> = messages.to_vec();
         if msgs.first().is_some_and(|m| m.role == "system") {
             let sys = msgs.remove(0);
@@ -138,4 +166,30 @@ impl Tokenizer {
         }
         Ok((ids, mask))
     }
+}
+
+/// The order of roles [`Tokenizer::chat`] renders: an optional system message, then user and
+/// assistant alternating, starting with a user. Readers of dialogue files call it to reject a
+/// bad row at its line, before tokenizing.
+pub fn check_roles(messages: &[Message]) -> Result<()> {
+    let start = usize::from(messages.first().is_some_and(|m| m.role == "system"));
+    if start == 1 && messages.len() == 1 {
+        return Err(Error::Input(
+            "a system message must be followed by a user message".into(),
+        ));
+    }
+    for (i, m) in messages.iter().enumerate().skip(start) {
+        let want = if (i - start) % 2 == 0 {
+            "user"
+        } else {
+            "assistant"
+        };
+        if m.role != want {
+            return Err(Error::Input(format!(
+                "message {i}: expected role `{want}`, got `{}` (roles must alternate user/assistant after an optional system)",
+                m.role
+            )));
+        }
+    }
+    Ok(())
 }

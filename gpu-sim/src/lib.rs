@@ -7,5 +7,22 @@
 //! memcheck, synccheck and racecheck; device memory lives in host memory at addresses no host
 //! pointer has ([`mem`]).
 
+pub mod blas;
+pub mod driver;
 pub mod mem;
+pub mod nccl;
 pub mod ptx;
+pub mod runtime;
+
+/// The simulator's shared library built beside `dir` (an executable's directory): cargo leaves
+/// it in `target/<profile>/` for `cargo build` and only in `target/<profile>/deps/` when a test
+/// build needed it, so both are looked at.
+pub fn shared_library_near(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    [
+        dir.join("libgpu_sim.so"),
+        dir.join("deps/libgpu_sim.so"),
+        dir.join("../libgpu_sim.so"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+}

@@ -89,7 +89,7 @@ impl fmt::Display for Fault {
             Fault::Unmapped { addr, len } => write!(
                 f,
                 "{len} bytes at {addr:#x} are in no device allocation{}",
-                if addr < BASE {
+                if !(BASE..BASE + 64 * DEVICE_SPAN).contains(&addr) {
                     " (a host pointer or a small integer, not a device address)"
                 } else {
                     ""
@@ -203,7 +203,11 @@ impl MemView {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AllocError {
     /// Over the modelled device memory.
-    OutOfMemory { bytes: u64, used: u64, capacity: u64 },
+    OutOfMemory {
+        bytes: u64,
+        used: u64,
+        capacity: u64,
+    },
     /// The host could not give the memory.
     Host { bytes: u64 },
 }
@@ -307,23 +311,10 @@ impl Memory {
     pub fn free(&self, addr: u64) -> Result<(), String> {
         let mut st = self.state.lock().unwrap();
         let Some(r) = st.live.remove(&addr) else {
-            if let Some((base, r)) = st.live.range(..addr).next_back() {
-                if addr < base + r.size {
-                    return Err(format!(
-                        "freeing {addr:#x}, {} bytes into the {}-byte allocation at {base:#x}: \
-                         only the start of an allocation can be freed",
-                        addr - base,
-                        r.size
-                    ));
-                }
-            }
-            let view = Self::view_of(&mut st);
-            return Err(match view.why(addr, 1) {
-                Fault::Freed { base, size, .. } if base == addr => {
-                    format!("freeing {addr:#x}: the {size}-byte allocation there was already freed")
-                }
-                f => format!("freeing {addr:#x}, which is not the start of a live allocation: {f}"),
-            });
+            return Err(format!(
+                "freeing {addr:#x}: {}",
+                Self::not_freeable(&mut st, addr)
+            ));
         };
         st.used -= r.size;
         st.freed.push_back((r.base, r.size));
@@ -332,6 +323,30 @@ impl Memory {
         }
         st.view = None;
         Ok(())
+    }
+
+    /// Why `addr` cannot be freed (for a caller that checks before queueing the free).
+    pub fn free_check_message(&self, addr: u64) -> String {
+        Self::not_freeable(&mut self.state.lock().unwrap(), addr)
+    }
+
+    fn not_freeable(st: &mut State, addr: u64) -> String {
+        if let Some((base, r)) = st.live.range(..addr).next_back() {
+            if addr < base + r.size {
+                return format!(
+                    "{} bytes into the {}-byte allocation at {base:#x}: only the start of an \
+                     allocation can be freed",
+                    addr - base,
+                    r.size
+                );
+            }
+        }
+        match Self::view_of(st).why(addr, 1) {
+            Fault::Freed { base, size, .. } if base == addr => {
+                format!("the {size}-byte allocation there was already freed")
+            }
+            f => format!("not the start of a live allocation: {f}"),
+        }
     }
 
     /// The live region holding `addr`.
@@ -431,14 +446,14 @@ mod tests {
         ));
         // Past the end lands in the red zone, never in the next allocation.
         assert!(b >= a + 256 + RED_ZONE);
-        assert!(matches!(v.translate(a + 200, 4), Err(Fault::OutOfBounds { .. })));
+        assert!(matches!(
+            v.translate(a + 200, 4),
+            Err(Fault::OutOfBounds { .. })
+        ));
         let host = &v as *const _ as u64;
         assert!(matches!(v.translate(host, 4), Err(Fault::Unmapped { .. })));
         m.free(a).unwrap();
-        assert!(matches!(
-            m.view().translate(a, 4),
-            Err(Fault::Freed { .. })
-        ));
+        assert!(matches!(m.view().translate(a, 4), Err(Fault::Freed { .. })));
         assert!(m.free(a).unwrap_err().contains("already freed"));
         assert!(m.free(b + 8).is_err());
         // The old view still works (it keeps the region alive).

@@ -14,14 +14,19 @@ pub struct CheckArgs {
     dir: PathBuf,
     #[arg(long, default_value = "cpu")]
     device: Device,
-    /// Absolute bound for logits, loss and rewards (default 2e-5 on the CPU, the bf16 bound
-    /// of engine::check::Tolerances::BF16 on CUDA).
+    /// Absolute bound for the loss and rewards (default 2e-5 on the CPU, the bf16 bound of
+    /// engine::check::Tolerances::BF16 on CUDA).
     #[arg(long)]
     atol: Option<f32>,
     /// Bound for gradients, relative to each tensor's largest reference entry (default 1e-4
     /// on the CPU, Tolerances::BF16 on CUDA).
     #[arg(long)]
     rtol: Option<f32>,
+    /// Bound for the logits, relative to the reference logits' largest magnitude, so checkpoints
+    /// with large logits are held to the same precision as small ones (default 1e-5 on the
+    /// CPU, Tolerances::BF16 on CUDA).
+    #[arg(long)]
+    logits_rtol: Option<f32>,
 }
 
 pub fn check(a: CheckArgs) -> Result<()> {
@@ -30,6 +35,7 @@ pub fn check(a: CheckArgs) -> Result<()> {
         device,
         atol,
         rtol,
+        logits_rtol,
     } = a;
     // bf16 compute needs the wider bounds unless they are given explicitly.
     let base = match device {
@@ -39,14 +45,17 @@ pub fn check(a: CheckArgs) -> Result<()> {
     let tol = Tolerances {
         abs: atol.unwrap_or(base.abs),
         rel: rtol.unwrap_or(base.rel),
+        logits_rel: logits_rtol.unwrap_or(base.logits_rel),
     };
+    tol.validate()?; // before the device opens or anything is read
     let rep = on_device!(device, |be| {
         println!(
-            "checking {} on {} (atol {:e}, rtol {:e})",
+            "checking {} on {} (atol {:e}, rtol {:e}, logits rtol {:e})",
             dir.display(),
             engine::Backend::name(&be),
             tol.abs,
-            tol.rel
+            tol.rel,
+            tol.logits_rel
         );
         check_fixture(be, &dir, tol).with_context(|| format!("fixture {}", dir.display()))?
     });

@@ -1,7 +1,7 @@
 //! Inference: `generate`, `chat`, `score`.
 
-use super::common::{load_for_generation, on_device};
-use anyhow::Result;
+use super::common::{check_model_dir, check_vocab, load_for_generation, load_tokenizer, on_device};
+use anyhow::{bail, Result};
 use engine::tokenizer::Tokenizer;
 use std::path::PathBuf;
 use trainer::device::Device;
@@ -38,8 +38,23 @@ pub struct GenerateArgs {
     /// An HF checkpoint directory (with tokenizer.json, or pass --tokenizer).
     #[arg(long)]
     model: PathBuf,
+    /// The prompt: text, or with --ids token ids (`1,450,4996` or a JSON array).
     #[arg(long)]
     prompt: String,
+    /// Read --prompt as token ids, used as given (no BOS added), without the tokenizer.
+    #[arg(long, conflicts_with_all = ["chat", "no_bos"])]
+    ids: bool,
+    /// Print the generated token ids as a JSON array instead of the text (with --ids, no
+    /// tokenizer is needed).
+    #[arg(long)]
+    print_ids: bool,
+    /// Do not start a text prompt with BOS.
+    #[arg(long, conflicts_with = "chat")]
+    no_bos: bool,
+    /// Also stop at these tokens (ids, or token strings such as `<0x0A>`; comma-separated or
+    /// repeated). EOS always stops.
+    #[arg(long, value_delimiter = ',')]
+    stop: Vec<String>,
     /// Wrap the prompt in the Llama 2 chat template.
     #[arg(long)]
     chat: bool,
@@ -71,13 +86,37 @@ pub struct ChatArgs {
 }
 
 /// Streams decoded text: prints what decoding the tokens so far adds (byte-fallback pieces only
-/// become text once complete).
+/// become text once complete). Seeded with the prompt, so the first token's leading space (a
+/// SentencePiece `▁`) is printed after the prompt instead of being stripped as a text start.
 struct Streamer {
     ids: Vec<u32>,
     printed: usize,
 }
 
 impl Streamer {
+    /// A streamer after `prompt`, whose text it prints.
+    fn after(tok: &Tokenizer, prompt: &[u32]) -> Result<Self> {
+        use std::io::Write;
+        let text = tok.decode(prompt)?;
+        print!("{text}");
+        let _ = std::io::stdout().flush();
+        Ok(Streamer {
+            ids: prompt.to_vec(),
+            printed: text.len(),
+        })
+    }
+
+    /// Prints what is still held back (an incomplete byte sequence at the very end), so the
+    /// output is always the decoding of every token.
+    fn finish(&mut self, tok: &Tokenizer) {
+        if let Ok(text) = tok.decode(&self.ids) {
+            if text.len() > self.printed && text.is_char_boundary(self.printed) {
+                print!("{}", &text[self.printed..]);
+            }
+        }
+        println!();
+    }
+
     fn push(&mut self, tok: &Tokenizer, id: u32) {
         use std::io::Write;
         self.ids.push(id);
@@ -94,37 +133,97 @@ impl Streamer {
     }
 }
 
+/// Token ids as `1,450,4996`, `1 450 4996` or a JSON array.
+fn parse_ids(s: &str) -> Result<Vec<u32>> {
+    let inner = s.trim().trim_start_matches('[').trim_end_matches(']');
+    inner
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|x| !x.is_empty())
+        .map(|x| {
+            x.parse::<u32>()
+                .map_err(|_| anyhow::anyhow!("--prompt with --ids: `{x}` is not a token id"))
+        })
+        .collect()
+}
+
 pub fn generate_cmd(a: GenerateArgs) -> Result<()> {
     on_device!(a.device, |be| generate_on(be, a))
 }
 
 fn generate_on<B: engine::Backend>(be: B, a: GenerateArgs) -> Result<()> {
     use engine::tokenizer::Message;
-    let (mut model, tok) = load_for_generation(be, &a.model, a.tokenizer.as_deref())?;
-    let prompt = if a.chat {
-        let mut msgs = Vec::new();
-        if let Some(s) = &a.system {
-            msgs.push(Message::new("system", s));
-        }
-        msgs.push(Message::new("user", &a.prompt));
-        tok.chat(&msgs)?.0
+    check_model_dir(&a.model)?;
+    // Ids in and ids out need no tokenizer (a model trained on token files may have none).
+    let numeric_stops = a.stop.iter().all(|s| s.parse::<u32>().is_ok());
+    let tok = if a.ids && a.print_ids && numeric_stops && a.tokenizer.is_none() {
+        let p = a.model.join("tokenizer.json");
+        p.exists().then(|| Tokenizer::from_file(&p)).transpose()?
     } else {
-        tok.encode(&a.prompt, true)?
+        Some(load_tokenizer(&a.model, a.tokenizer.as_deref())?)
     };
-    let mut st = Streamer {
-        ids: vec![],
-        printed: 0,
-    };
-    if !a.chat {
-        print!("{}", a.prompt);
+    let mut model = engine::checkpoint::load_model(be, &a.model, engine::Head::Lm)?;
+    if let Some(t) = &tok {
+        check_vocab(&model, t)?;
     }
-    engine::generate::generate(
-        &mut model,
-        &[prompt],
-        &a.sampling.params(tok.eos),
-        &mut |_, t| st.push(&tok, t),
-    )?;
-    println!();
+    let vocab = model.cfg.vocab_size;
+    let prompt = if a.ids {
+        parse_ids(&a.prompt)?
+    } else {
+        let tok = tok.as_ref().expect("text needs the tokenizer");
+        if a.chat {
+            let mut msgs = Vec::new();
+            if let Some(s) = &a.system {
+                msgs.push(Message::new("system", s));
+            }
+            msgs.push(Message::new("user", &a.prompt));
+            tok.chat(&msgs)?.0
+        } else {
+            tok.encode(&a.prompt, !a.no_bos)?
+        }
+    };
+    if prompt.is_empty() {
+        bail!("the prompt has no tokens (with --no-bos an empty text has none)");
+    }
+    if let Some(bad) = prompt.iter().find(|&&i| i as usize >= vocab) {
+        bail!("prompt token {bad} is outside the model's vocabulary (vocab_size {vocab})");
+    }
+    let mut params = a.sampling.params(0);
+    params.stop = tok
+        .as_ref()
+        .map(|t| t.eos)
+        .or(model.cfg.eos_token_id)
+        .into_iter()
+        .collect();
+    for s in &a.stop {
+        let id = match (s.parse::<u32>(), &tok) {
+            (Ok(id), _) => id,
+            (Err(_), Some(t)) => t.token_id(s).ok_or_else(|| {
+                anyhow::anyhow!("--stop `{s}`: not a token of {}", t.path.display())
+            })?,
+            (Err(_), None) => bail!("--stop `{s}`: token strings need a tokenizer"),
+        };
+        if id as usize >= vocab {
+            bail!("--stop {id} is outside the model's vocabulary (vocab_size {vocab})");
+        }
+        params.stop.push(id);
+    }
+    if a.print_ids {
+        let g = engine::generate::generate(&mut model, &[prompt], &params, &mut |_, _| {})?;
+        println!("{}", serde_json::to_string(&g[0].tokens)?);
+        return Ok(());
+    }
+    let tok = tok.as_ref().expect("text output needs the tokenizer");
+    // The chat template is not echoed; a plain prompt is, and the answer continues it.
+    let mut st = if a.chat {
+        Streamer {
+            ids: vec![],
+            printed: 0,
+        }
+    } else {
+        Streamer::after(tok, &prompt)?
+    };
+    engine::generate::generate(&mut model, &[prompt], &params, &mut |_, t| st.push(tok, t))?;
+    st.finish(tok);
     Ok(())
 }
 
@@ -184,7 +283,7 @@ fn chat_on<B: engine::Backend>(be: B, a: ChatArgs) -> Result<()> {
             printed: 0,
         };
         let g = engine::generate::generate(&mut model, &[ids], &p, &mut |_, t| st.push(&tok, t))?;
-        println!();
+        st.finish(&tok);
         msgs.push(Message::new("assistant", tok.decode(&g[0].tokens)?.trim()));
     }
     Ok(())

@@ -58,36 +58,14 @@ pub fn rejection_sample(a: RejectionSampleArgs) -> Result<()> {
         seed,
     } = a;
     use trainer::rs::{run_round, write_report, Pool, RsConfig, RsPrompt};
-    let text = std::fs::read_to_string(&prompts)
-        .with_context(|| format!("reading {}", prompts.display()))?;
-    let mut ps = Vec::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{}:{}", prompts.display(), i + 1))?;
-        let messages: Vec<engine::tokenizer::Message> =
-            serde_json::from_value(v["messages"].clone()).with_context(|| {
-                format!(
-                    "{}:{}: `messages` must be a list of {{role, content}}",
-                    prompts.display(),
-                    i + 1
-                )
-            })?;
-        if messages.last().is_none_or(|m| m.role != "user") {
-            bail!(
-                "{}:{}: the dialogue must end with a user turn",
-                prompts.display(),
-                i + 1
-            );
-        }
-        ps.push(RsPrompt {
-            messages,
-            safety: v["category"] == "safety",
-        });
-    }
+    // The prompt reader PPO uses: file:line errors, roles checked, a trailing answer dropped.
+    let mut ps: Vec<RsPrompt> = trainer::ppo::read_prompts(std::slice::from_ref(&prompts))?
+        .into_iter()
+        .map(|p| RsPrompt {
+            messages: p.messages,
+            safety: p.safety,
+        })
+        .collect();
     if max_prompts > 0 {
         ps.truncate(max_prompts);
     }
@@ -229,7 +207,7 @@ pub struct PpoArgs {
     no_progress: bool,
 }
 
-pub fn ppo_cmd(a: PpoArgs) -> Result<()> {
+pub fn ppo_cmd(a: PpoArgs, given: &clap::ArgMatches) -> Result<()> {
     use engine::dist::Collective;
     use trainer::ppo::{resume_config, train, train_dp, PpoConfig};
     // The launch first: a rank without a place to meet fails before reading anything.
@@ -239,6 +217,18 @@ pub fn ppo_cmd(a: PpoArgs) -> Result<()> {
         None
     };
     let cfg = if let Some(r) = &a.resume {
+        super::common::resume_flags::<PpoArgs>(
+            given,
+            &[
+                "iterations",
+                "recompute",
+                "dist",
+                "bucket_mb",
+                "rendezvous",
+                "device",
+                "no_progress",
+            ],
+        )?;
         let mut c = resume_config(r, a.iterations)?;
         c.progress = !a.no_progress;
         c.recompute = a.recompute.unwrap_or(c.recompute);

@@ -1,15 +1,28 @@
 //! Pretraining and supervised fine-tuning: `pretrain`, `sft` and the loop they share.
 
-use super::common::on_device;
+use super::common::{on_device, resume_flags};
 use anyhow::{bail, Context, Result};
+use clap::parser::ValueSource;
+use clap::ArgMatches;
 use std::path::PathBuf;
 use trainer::device::Device;
 
 #[derive(clap::Args)]
 pub struct PretrainArgs {
-    /// A directory written by `llama2 prepare-data`.
+    /// A directory written by `llama2 prepare-data`, or token-id files as llama2.c and nanoGPT
+    /// write them: a `.bin` (raw ids, see --token-dtype) or `.npy` (u16/u32) file, or a
+    /// directory of them (`val*` files are the validation split, else the last 1 %). Ids are
+    /// read as they are: no EOS is added. With --resume: where the run's data now is.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// With token files: the tokenizer (default: a tokenizer.json beside them, if any), for
+    /// samples and the checkpoints' tokenizer.json; without one the vocabulary is the largest
+    /// id + 1.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// How the ids of a headerless `.bin` token file are stored (llama2.c and nanoGPT: u16).
+    #[arg(long, default_value = "u16")]
+    token_dtype: trainer::data::TokenDtype,
     /// The run directory: metrics.jsonl, loss.svg, checkpoints/.
     #[arg(long, default_value = "runs/pretrain")]
     out: PathBuf,
@@ -22,8 +35,10 @@ pub struct PretrainArgs {
     /// An HF checkpoint directory to continue pretraining from.
     #[arg(long)]
     init: Option<PathBuf>,
-    /// Continue an interrupted run: a run directory or one of its checkpoints. The checkpoint's
-    /// own configuration is used; only --steps may change.
+    /// Continue an interrupted run: a run directory or one of its checkpoints, continued in
+    /// that run directory (or --out). The checkpoint's configuration decides the model, batch,
+    /// schedule and optimizer; --steps, --data, --out, the evaluation, logging and checkpoint
+    /// intervals and the --device/--recompute options may change (others are an error).
     #[arg(long)]
     resume: Option<PathBuf>,
     #[arg(long, default_value_t = 256)]
@@ -34,8 +49,9 @@ pub struct PretrainArgs {
     /// Tokens per optimizer step (a multiple of batch-size x seq-len; the rest is accumulation).
     #[arg(long)]
     batch_tokens: Option<usize>,
-    #[arg(long)]
-    steps: Option<usize>,
+    /// Optimizer steps in the whole run (with --resume: the new total).
+    #[arg(long, default_value_t = 1000)]
+    steps: usize,
     /// Peak learning rate (default: 3e-4; 1.5e-4 for 34b/70b; 1e-3 for tiny).
     #[arg(long)]
     lr: Option<f32>,
@@ -97,15 +113,34 @@ pub struct RunArgs {
     rendezvous: Option<String>,
     #[arg(long, default_value = "cpu")]
     device: Device,
+    /// No progress bar (without a terminal there is none anyway).
     #[arg(long)]
     no_progress: bool,
+    /// Without a progress bar (output to a file or pipe, or --no-progress), print a plain line
+    /// every N steps and at each evaluation (0: at evaluations only).
+    #[arg(long, default_value_t = 10)]
+    log_every: usize,
 }
+
+/// The `RunArgs` flags a resumed run may change (they decide where and how it runs, not what).
+const RUN_MAY_CHANGE: [&str; 7] = [
+    "recompute",
+    "dist",
+    "bucket_mb",
+    "rendezvous",
+    "device",
+    "no_progress",
+    "log_every",
+];
 
 impl RunArgs {
     /// Sets what these options decide in a run's configuration: on a resumed one only what
     /// was given (the rest stays the checkpoint's), on a new one with the defaults.
-    fn apply(&self, c: &mut trainer::pretrain::TrainConfig, resumed: bool) {
+    fn apply(&self, c: &mut trainer::pretrain::TrainConfig, resumed: bool, given: &ArgMatches) {
         c.progress = !self.no_progress;
+        if !resumed || explicit(given, "log_every") {
+            c.log_every = self.log_every;
+        }
         c.recompute = match self.recompute {
             Some(r) => r,
             None if resumed => c.recompute,
@@ -145,29 +180,126 @@ impl RunArgs {
     }
 }
 
-pub fn pretrain(a: PretrainArgs) -> Result<()> {
+/// Whether `id` was given on the command line (not a default).
+fn explicit(given: &ArgMatches, id: &str) -> bool {
+    matches!(given.value_source(id), Some(ValueSource::CommandLine))
+}
+
+/// Where `--data` points for pretraining: a prepared directory (its meta.json), else token
+/// files (a `.bin`/`.npy` file or a directory of them).
+fn pretrain_data(a: &PretrainArgs) -> Result<trainer::pretrain::DataSpec> {
+    use trainer::pretrain::DataSpec;
+    let data = a
+        .data
+        .clone()
+        .context("--data is required (a directory from `llama2 prepare-data`, or token files)")?;
+    let token_file = matches!(
+        data.extension().and_then(|e| e.to_str()),
+        Some("bin" | "npy")
+    );
+    Ok(
+        if data.join("meta.json").is_file() || !(data.is_dir() || token_file) {
+            if let Some(t) = &a.tokenizer {
+                bail!(
+                    "--tokenizer {}: a prepared data directory has its own tokenizer.json",
+                    t.display()
+                );
+            }
+            DataSpec::Shards(data)
+        } else {
+            DataSpec::Tokens {
+                path: data,
+                dtype: a.token_dtype,
+                tokenizer: a.tokenizer.clone(),
+            }
+        },
+    )
+}
+
+pub fn pretrain(a: PretrainArgs, given: &ArgMatches) -> Result<()> {
     use trainer::pretrain::{resume_config, ModelSource, PretrainConfig};
     let cfg = if let Some(r) = &a.resume {
-        let mut c = resume_config(r, a.steps)?;
-        a.run.apply(&mut c, true);
+        let mut may_change = vec![
+            "steps",
+            "data",
+            "tokenizer",
+            "token_dtype",
+            "out",
+            "eval_every",
+            "eval_windows",
+            "sample_every",
+            "ckpt_every",
+            "keep",
+            "stop_after",
+            "skip_nonfinite",
+        ];
+        may_change.extend(RUN_MAY_CHANGE);
+        let applied = resume_flags::<PretrainArgs>(given, &may_change)?;
+        let mut c = resume_config(r, explicit(given, "steps").then_some(a.steps))?;
+        a.run.apply(&mut c, true, given);
+        if explicit(given, "data") {
+            use trainer::pretrain::DataSpec::Tokens;
+            let mut data = pretrain_data(&a)?;
+            // Token files moved: their dtype and tokenizer stay the run's unless given.
+            if let (
+                Tokens {
+                    dtype, tokenizer, ..
+                },
+                Tokens {
+                    dtype: d0,
+                    tokenizer: t0,
+                    ..
+                },
+            ) = (&mut data, &c.data)
+            {
+                if !explicit(given, "token_dtype") {
+                    *dtype = *d0;
+                }
+                if !explicit(given, "tokenizer") {
+                    *tokenizer = t0.clone();
+                }
+            }
+            c.data = data;
+        }
+        if explicit(given, "out") {
+            c.out = std::path::absolute(&a.out)?;
+        }
+        let set = |id: &str| explicit(given, id);
+        if set("eval_every") {
+            c.eval_every = a.eval_every;
+        }
+        if set("eval_windows") {
+            c.eval_windows = a.eval_windows;
+        }
+        if set("sample_every") {
+            c.sample_every = a.sample_every;
+        }
+        if set("ckpt_every") {
+            c.ckpt_every = a.ckpt_every;
+        }
+        if set("keep") {
+            c.keep_checkpoints = a.keep;
+        }
+        if set("skip_nonfinite") {
+            c.skip_nonfinite = true;
+        }
+        c.stop_after = a.stop_after;
+        say_resumed(r, &c.out, &applied);
         c
     } else {
-        let data = a
-            .data
-            .clone()
-            .context("--data is required (a directory from `llama2 prepare-data`)")?;
+        let data = pretrain_data(&a)?;
         let model = match (&a.preset, &a.config, &a.init) {
             (_, Some(c), _) => ModelSource::Config(c.clone()),
             (_, _, Some(i)) => ModelSource::Init(i.clone()),
             (p, _, _) => ModelSource::Preset(p.clone().unwrap_or_else(|| "tiny".into())),
         };
-        let steps = a.steps.unwrap_or(1000);
-        let mut c = PretrainConfig::defaults(data, a.out.clone(), model, steps);
+        let mut c = PretrainConfig::defaults(PathBuf::new(), a.out.clone(), model, a.steps);
+        c.data = data;
         c.seq_len = a.seq_len;
         c.batch_size = a.batch_size;
         if let Some(bt) = a.batch_tokens {
-            let micro = a.batch_size * a.seq_len;
-            if bt % micro != 0 || bt == 0 {
+            let micro = a.batch_size.saturating_mul(a.seq_len);
+            if micro == 0 || bt % micro != 0 || bt == 0 {
                 bail!("--batch-tokens {bt} is not a multiple of batch-size x seq-len = {micro}");
             }
             c.grad_accum = bt / micro;
@@ -189,7 +321,7 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
         c.seed = a.seed;
         c.skip_nonfinite = a.skip_nonfinite;
         c.stop_after = a.stop_after;
-        a.run.apply(&mut c, false);
+        a.run.apply(&mut c, false, given);
         c
     };
     let header = |place: &str, world: usize| {
@@ -282,11 +414,29 @@ pub struct SftArgs {
     run: RunArgs,
 }
 
-pub fn sft(a: SftArgs) -> Result<()> {
+pub fn sft(a: SftArgs, given: &ArgMatches) -> Result<()> {
     use trainer::pretrain::{resume_config, DataSpec, TrainConfig};
     let cfg = if let Some(r) = &a.resume {
+        let mut may_change = vec!["steps", "data", "out", "eval_every", "ckpt_every"];
+        may_change.extend(RUN_MAY_CHANGE);
+        let applied = resume_flags::<SftArgs>(given, &may_change)?;
         let mut c = resume_config(r, a.steps)?;
-        a.run.apply(&mut c, true);
+        a.run.apply(&mut c, true, given);
+        if explicit(given, "data") {
+            if let DataSpec::Sft { files, .. } = &mut c.data {
+                *files = a.data.clone();
+            }
+        }
+        if explicit(given, "out") {
+            c.out = std::path::absolute(&a.out)?;
+        }
+        if explicit(given, "eval_every") {
+            c.eval_every = a.eval_every;
+        }
+        if explicit(given, "ckpt_every") {
+            c.ckpt_every = a.ckpt_every;
+        }
+        say_resumed(r, &c.out, &applied);
         c
     } else {
         let init = a.init.clone().context(
@@ -312,7 +462,7 @@ pub fn sft(a: SftArgs) -> Result<()> {
         c.eval_every = a.eval_every;
         c.ckpt_every = a.ckpt_every;
         c.seed = a.seed;
-        a.run.apply(&mut c, false);
+        a.run.apply(&mut c, false, given);
         c
     };
     let (rep, lead) = a.run.train(&cfg, a.resume.as_deref(), |_, _| {})?;
@@ -339,4 +489,21 @@ pub fn sft(a: SftArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// What a resumed run prints first: where it continues and which flags it took.
+fn say_resumed(from: &std::path::Path, out: &std::path::Path, applied: &[String]) {
+    println!(
+        "resuming {} in {}{}",
+        from.display(),
+        out.display(),
+        if applied.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; applying {} (the rest is the checkpoint's)",
+                applied.join(", ")
+            )
+        }
+    );
 }

@@ -58,10 +58,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// A memory-mapped token shard.
+/// A memory-mapped token shard, or a range of tokens of one file.
 pub struct Shard {
     pub path: PathBuf,
-    mmap: Mmap,
+    mmap: std::sync::Arc<Mmap>,
+    /// Byte offset of the first token (past the header).
+    offset: usize,
     pub bytes_per_token: usize,
     pub vocab_size: usize,
     pub len: usize,
@@ -103,16 +105,76 @@ impl Shard {
         }
         Ok(Shard {
             path: path.to_path_buf(),
-            mmap,
+            mmap: std::sync::Arc::new(mmap),
+            offset: HEADER,
             bytes_per_token: bpt,
             vocab_size,
             len,
         })
     }
 
+    /// A file of bare token ids as llama2.c and nanoGPT write them: `.npy` (a 1-D array of
+    /// dtype `<u2` or `<u4`), or `.bin` of little-endian `raw` ids without a header (a `.bin`
+    /// that starts with this project's shard magic is read as a shard). Ids are used as they
+    /// are: nothing is appended. `vocab_size` is 0 until the caller sets it.
+    pub fn open_ids(path: &Path, raw: TokenDtype) -> Result<Self> {
+        let f = std::fs::File::open(path)
+            .with_context(|| format!("opening token file {}", path.display()))?;
+        // SAFETY: a read-only map of an input file this process does not modify.
+        let mmap =
+            unsafe { Mmap::map(&f) }.with_context(|| format!("mapping {}", path.display()))?;
+        if mmap.starts_with(MAGIC) {
+            drop(mmap);
+            return Self::open(path);
+        }
+        let (offset, dtype) = if path.extension().is_some_and(|e| e == "npy") {
+            npy_header(&mmap)
+                .map_err(|m| anyhow!("{}: not a 1-D u16/u32 .npy: {m}", path.display()))?
+        } else {
+            (0, raw)
+        };
+        let bpt = dtype.bytes();
+        let body = mmap.len() - offset;
+        ensure!(
+            body % bpt == 0,
+            "{}: {body} bytes of ids is not a whole number of {dtype} tokens (is --token-dtype right?)",
+            path.display()
+        );
+        Ok(Shard {
+            path: path.to_path_buf(),
+            mmap: std::sync::Arc::new(mmap),
+            offset,
+            bytes_per_token: bpt,
+            vocab_size: 0,
+            len: body / bpt,
+        })
+    }
+
+    /// Tokens `[start, start + len)` of this shard as a shard of their own (sharing the map).
+    pub fn range(&self, start: usize, len: usize) -> Shard {
+        assert!(start + len <= self.len, "range inside the shard");
+        Shard {
+            path: self.path.clone(),
+            mmap: self.mmap.clone(),
+            offset: self.offset + start * self.bytes_per_token,
+            bytes_per_token: self.bytes_per_token,
+            vocab_size: self.vocab_size,
+            len,
+        }
+    }
+
+    /// The largest id and its position (`None` when empty), read in parallel.
+    fn max_id(&self) -> Option<(u32, usize)> {
+        (0..self.len)
+            .into_par_iter()
+            .map(|i| (self.get(i), usize::MAX - i))
+            .max()
+            .map(|(id, r)| (id, usize::MAX - r))
+    }
+
     #[inline]
     pub fn get(&self, i: usize) -> u32 {
-        let o = HEADER + i * self.bytes_per_token;
+        let o = self.offset + i * self.bytes_per_token;
         if self.bytes_per_token == 2 {
             u16::from_le_bytes([self.mmap[o], self.mmap[o + 1]]) as u32
         } else {
@@ -123,6 +185,101 @@ impl Shard {
     pub fn tokens(&self) -> Vec<u32> {
         (0..self.len).map(|i| self.get(i)).collect()
     }
+}
+
+/// How the ids of a headerless `.bin` token file are stored (llama2.c and nanoGPT write u16).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenDtype {
+    #[default]
+    U16,
+    U32,
+}
+
+impl TokenDtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            TokenDtype::U16 => 2,
+            TokenDtype::U32 => 4,
+        }
+    }
+}
+
+impl std::fmt::Display for TokenDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TokenDtype::U16 => "u16",
+            TokenDtype::U32 => "u32",
+        })
+    }
+}
+
+impl std::str::FromStr for TokenDtype {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "u16" | "uint16" => Ok(TokenDtype::U16),
+            "u32" | "uint32" => Ok(TokenDtype::U32),
+            o => bail!("token dtype `{o}`: expected u16 or u32"),
+        }
+    }
+}
+
+/// The data offset and dtype of a `.npy` file holding a 1-D little-endian u16 or u32 array
+/// (format versions 1–3, as `numpy.save` writes them).
+pub fn npy_header(b: &[u8]) -> std::result::Result<(usize, TokenDtype), String> {
+    if b.len() < 10 || &b[..6] != b"\x93NUMPY" {
+        return Err("no .npy magic".into());
+    }
+    let (len, start): (usize, usize) = match b[6] {
+        1 => (u16::from_le_bytes([b[8], b[9]]) as usize, 10),
+        2 | 3 if b.len() >= 12 => (u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize, 12),
+        v => return Err(format!("format version {v}")),
+    };
+    let end = start
+        .checked_add(len)
+        .filter(|&e| e <= b.len())
+        .ok_or("the header runs past the end of the file")?;
+    let h = std::str::from_utf8(&b[start..end]).map_err(|_| "the header is not text")?;
+    // The header is a Python dict literal: {'descr': '<u2', 'fortran_order': False, 'shape': (N,), }
+    let field = |k: &str| -> Option<&str> {
+        let at = h.find(&format!("'{k}'"))? + k.len() + 2;
+        Some(h[at..].trim_start().strip_prefix(':')?.trim_start())
+    };
+    let descr = field("descr").ok_or("no 'descr'")?;
+    let dtype = if descr.starts_with("'<u2'") || descr.starts_with("'|u2'") {
+        TokenDtype::U16
+    } else if descr.starts_with("'<u4'") {
+        TokenDtype::U32
+    } else {
+        let d = descr.split(',').next().unwrap_or(descr);
+        return Err(format!("dtype {d} (expected '<u2' or '<u4')"));
+    };
+    if !field("fortran_order").is_some_and(|f| f.starts_with("False")) {
+        return Err("fortran_order is not False".into());
+    }
+    let shape = field("shape").ok_or("no 'shape'")?;
+    let dims = shape
+        .strip_prefix('(')
+        .and_then(|x| x.split(')').next())
+        .ok_or("malformed 'shape'")?;
+    let dims: Vec<&str> = dims
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    let n: usize = match dims.as_slice() {
+        [n] => n.parse().map_err(|_| format!("shape ({n},)"))?,
+        _ => return Err(format!("shape ({}) is not 1-D", dims.join(", "))),
+    };
+    let bytes = n.checked_mul(dtype.bytes()).ok_or("the shape overflows")?;
+    if b.len() - end != bytes {
+        return Err(format!(
+            "the shape says {n} tokens ({bytes} bytes) but {} bytes follow the header (truncated?)",
+            b.len() - end
+        ));
+    }
+    Ok((end, dtype))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -214,16 +371,12 @@ pub fn read_documents(
         };
     }
     let mut docs = Vec::new();
-    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
-        let ln = i + 1;
-        if line.iter().all(|b| b.is_ascii_whitespace()) {
-            continue;
-        }
+    for (ln, line) in split_jsonl(&bytes) {
         let src = format!("{}:{ln}", path.display());
-        let line = match std::str::from_utf8(line) {
+        let line = match line {
             Ok(l) => l,
-            Err(_) => {
-                handle(format!("{src}: not valid UTF-8"))?;
+            Err(e) => {
+                handle(format!("{src}: {e}"))?;
                 continue;
             }
         };
@@ -319,6 +472,10 @@ pub fn prepare(cfg: &PrepareConfig) -> Result<DataMeta> {
         "--val-fraction must be in (0, 1), got {}",
         cfg.val_fraction
     );
+    ensure!(
+        cfg.shard_tokens > 0,
+        "--shard-tokens must be at least 1 (tokens per training shard)"
+    );
     let mut docs = Vec::new();
     let mut skipped = 0usize;
     for f in &files {
@@ -389,7 +546,7 @@ pub fn prepare(cfg: &PrepareConfig) -> Result<DataMeta> {
     }
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
     let mut shards = Vec::new();
-    for (i, chunk) in train.chunks(cfg.shard_tokens.max(1)).enumerate() {
+    for (i, chunk) in train.chunks(cfg.shard_tokens).enumerate() {
         let name = format!("train-{i:05}.bin");
         write_shard(&cfg.out.join(&name), chunk, vocab)?;
         shards.push(name);
@@ -460,6 +617,138 @@ impl TokenData {
         }
         Ok(TokenData {
             dir: dir.to_path_buf(),
+            meta,
+            train,
+            val,
+        })
+    }
+}
+
+impl TokenData {
+    /// Token-id files as pretraining data (llama2.c's and nanoGPT's `.bin`/`.npy`): `path` is
+    /// one file, or a directory of them in name order. Validation is the files named `val*`, or
+    /// else the last 1 % of the stream (at least one window of `seq_len + 1`). The vocabulary is
+    /// `tokenizer`'s when given, else the largest id + 1; an id outside it is an error naming
+    /// its file and position.
+    pub fn open_ids(
+        path: &Path,
+        raw: TokenDtype,
+        tokenizer: Option<&Tokenizer>,
+        seq_len: usize,
+    ) -> Result<Self> {
+        let files: Vec<PathBuf> = if path.is_dir() {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(path)
+                .with_context(|| format!("reading directory {}", path.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.is_file()
+                        && matches!(p.extension().and_then(|e| e.to_str()), Some("bin" | "npy"))
+                })
+                .collect();
+            v.sort();
+            ensure!(
+                !v.is_empty(),
+                "{}: no meta.json (from `llama2 prepare-data`) and no .bin/.npy token files",
+                path.display()
+            );
+            v
+        } else {
+            ensure!(
+                path.is_file(),
+                "{}: no such file or directory",
+                path.display()
+            );
+            vec![path.to_path_buf()]
+        };
+        let is_val = |p: &Path| {
+            p.file_stem()
+                .and_then(|s| s.to_str())
+                .is_some_and(|s| s.starts_with("val"))
+        };
+        let mut train = Vec::new();
+        let mut val = Vec::new();
+        for f in &files {
+            let s = Shard::open_ids(f, raw)?;
+            if is_val(f) {
+                val.push(s)
+            } else {
+                train.push(s)
+            }
+        }
+        ensure!(
+            !train.is_empty(),
+            "{}: every token file is a validation file (val*)",
+            path.display()
+        );
+        let mut vocab = 0usize;
+        for s in train.iter().chain(&val) {
+            if let Some((id, at)) = s.max_id() {
+                if let Some(tok) = tokenizer {
+                    ensure!(
+                        (id as usize) < tok.vocab_size(),
+                        "{}: token {at} is id {id}, outside the tokenizer's {} ids ({})",
+                        s.path.display(),
+                        tok.vocab_size(),
+                        tok.path.display()
+                    );
+                }
+                vocab = vocab.max(id as usize + 1);
+            }
+        }
+        if let Some(tok) = tokenizer {
+            vocab = tok.vocab_size();
+        }
+        ensure!(vocab > 0, "{}: the token files are empty", path.display());
+        let val_split;
+        let val = match val.len() {
+            0 => {
+                let last = train.last_mut().expect("non-empty");
+                let n_val = (last.len / 100).max(seq_len + 1);
+                ensure!(
+                    last.len > n_val + seq_len,
+                    "{}: {} tokens are too few to hold out {n_val} for validation and train on windows of {}",
+                    last.path.display(),
+                    last.len,
+                    seq_len + 1
+                );
+                let v = last.range(last.len - n_val, n_val);
+                *last = last.range(0, last.len - n_val);
+                val_split = format!("last {n_val} tokens of {}", last.path.display());
+                v
+            }
+            1 => {
+                let v = val.pop().expect("one");
+                val_split = v.path.display().to_string();
+                v
+            }
+            _ => bail!(
+                "{}: more than one validation file (val*): {}",
+                path.display(),
+                val.iter()
+                    .map(|s| s.path.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        let mut val = val;
+        val.vocab_size = vocab;
+        for s in &mut train {
+            s.vocab_size = vocab;
+        }
+        let meta = DataMeta {
+            format: format!("token files ({} bytes per id)", train[0].bytes_per_token),
+            vocab_size: vocab,
+            eos_id: tokenizer.map_or(2, |t| t.eos),
+            documents: 0,
+            skipped_documents: 0,
+            train_tokens: train.iter().map(|s| s.len).sum(),
+            val_tokens: val.len,
+            train_shards: train.iter().map(|s| s.path.display().to_string()).collect(),
+            val_split,
+            sources: files.iter().map(|f| f.display().to_string()).collect(),
+        };
+        Ok(TokenData {
+            dir: path.to_path_buf(),
             meta,
             train,
             val,
@@ -581,16 +870,38 @@ pub fn unigram_entropy(data: &TokenData) -> f64 {
         .sum()
 }
 
+/// The lines of a JSONL file that hold something, numbered from 1, for readers that report
+/// `file:line`: a UTF-8 byte-order mark at the start is dropped, and a line that is not UTF-8 is
+/// an `Err` of its own (naming the byte), so one bad line does not fail the whole file without
+/// a line number, and `--skip-bad` can skip it.
+pub fn jsonl_lines(path: &Path) -> Result<Vec<(usize, Result<String>)>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(split_jsonl(&bytes)
+        .map(|(n, l)| (n, l.map(str::to_string)))
+        .collect())
+}
+
+/// [`jsonl_lines`] over bytes in memory.
+fn split_jsonl(bytes: &[u8]) -> impl Iterator<Item = (usize, Result<&str>)> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    bytes
+        .split(|&b| b == b'\n')
+        .enumerate()
+        .filter(|(_, l)| !l.iter().all(|b| b.is_ascii_whitespace()))
+        .map(|(i, l)| {
+            let text = std::str::from_utf8(l)
+                .map_err(|e| anyhow!("not valid UTF-8 (byte {} of the line)", e.valid_up_to() + 1));
+            (i + 1, text)
+        })
+}
+
 /// Every line of a JSONL file as a JSON value; a malformed line is an error naming file and line.
 pub fn read_jsonl_values(path: &Path) -> Result<Vec<serde_json::Value>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .with_context(|| format!("{}:{}: not a JSON object", path.display(), i + 1))
+    jsonl_lines(path)?
+        .into_iter()
+        .map(|(n, l)| {
+            l.and_then(|l| Ok(serde_json::from_str(&l)?))
+                .with_context(|| format!("{}:{n}: not a JSON object", path.display()))
         })
         .collect()
 }

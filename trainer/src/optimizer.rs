@@ -147,3 +147,31 @@ pub(crate) fn as_sink<B: Backend, S: GradReady<B>>(
 ) -> Option<&mut dyn GradReady<B>> {
     s.as_mut().map(|s| s as &mut dyn GradReady<B>)
 }
+
+/// What a step whose gradient norm is not finite reports: `msg` (the optimizer's) and the first
+/// gradient tensor holding a non-finite value, or, when every value is finite but the norm
+/// overflows f32, the tensor with the largest gradient. Pretraining, SFT and reward-model
+/// training share it.
+pub(crate) fn nonfinite_grads<B: Backend>(model: &Llama<B>, msg: &str) -> Result<String> {
+    let g = model.grads_to_host()?;
+    if let Some(name) = model.table.first_nonfinite(&g) {
+        return Ok(format!("{msg}; first non-finite gradient: {name}"));
+    }
+    let largest = model
+        .table
+        .entries
+        .iter()
+        .map(|e| {
+            let m = g[e.span.off..e.span.off + e.span.len]
+                .iter()
+                .fold(0f32, |m, x| m.max(x.abs()));
+            (m, e.name.as_str())
+        })
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    Ok(match largest {
+        Some((m, name)) => format!(
+            "{msg}; every gradient is finite but their norm overflows: the largest is {name} (max |g| {m:e})"
+        ),
+        None => msg.to_string(),
+    })
+}

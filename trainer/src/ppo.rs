@@ -306,6 +306,31 @@ pub struct PpoConfig {
 }
 
 impl PpoConfig {
+    /// The configuration with every path absolute against the working directory.
+    pub fn absolutized(&self) -> Result<Self> {
+        use crate::pretrain::make_absolute as abs;
+        let mut c = self.clone();
+        abs(&mut c.policy)?;
+        abs(&mut c.reward_helpfulness)?;
+        abs(&mut c.out)?;
+        for p in [
+            &mut c.reference,
+            &mut c.reward_safety,
+            &mut c.critic,
+            &mut c.world,
+            &mut c.resume,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            abs(p)?;
+        }
+        for p in c.prompts.iter_mut().chain(c.eval_prompts.iter_mut()) {
+            abs(p)?;
+        }
+        Ok(c)
+    }
+
     /// The paper's settings: constant LR 1e-6, batch 512, minibatch 64 with one gradient step
     /// each, clip 0.2, γ 1, λ 0.95, β by model shape, AdamW as in pretraining (β 0.9/0.95, eps
     /// 1e-5, weight decay 0.1, gradient clipping 1.0), 200 iterations (the paper trains 200-400
@@ -376,12 +401,16 @@ pub struct PpoState {
     pub config: PpoConfig,
 }
 
-/// The configuration a resumed run continues with: the checkpoint's own, `resume` set to it and
-/// `iterations` optionally changed.
+/// The configuration a resumed run continues with: the checkpoint's own, `resume` set to it,
+/// writing into the run directory it is in, and `iterations` optionally changed.
 pub fn resume_config(path: &Path, iterations: Option<usize>) -> Result<PpoConfig> {
     let dir = resolve_checkpoint(path)?;
     let st = read_state(&dir)?;
     let mut cfg = st.config;
+    // The run continues where its checkpoint now is (a moved or copied run directory).
+    if let Some(run) = crate::pretrain::run_dir_of(&dir) {
+        cfg.out = run;
+    }
     cfg.resume = Some(dir);
     if let Some(i) = iterations {
         cfg.iterations = i;
@@ -441,15 +470,10 @@ pub struct Prompt {
 pub fn read_prompts(files: &[PathBuf]) -> Result<Vec<Prompt>> {
     let mut out = Vec::new();
     for f in files {
-        let text =
-            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
+        for (ln, line) in crate::data::jsonl_lines(f)? {
             let row = (|| -> Result<Prompt> {
                 let v: serde_json::Value =
-                    serde_json::from_str(line).map_err(|e| anyhow!("invalid JSON: {e}"))?;
+                    serde_json::from_str(&line?).map_err(|e| anyhow!("invalid JSON: {e}"))?;
                 let mut msgs = match (v.get("prompt").and_then(|p| p.as_str()), v.get("response")) {
                     (Some(p), None) if v.get("messages").is_none() => {
                         vec![Message::new("user", p)]
@@ -459,6 +483,7 @@ pub fn read_prompts(files: &[PathBuf]) -> Result<Vec<Prompt>> {
                 if msgs.last().is_some_and(|m| m.role == "assistant") {
                     msgs.pop();
                 }
+                engine::tokenizer::check_roles(&msgs)?;
                 ensure!(
                     msgs.last().is_some_and(|m| m.role == "user"),
                     "the prompt must end with a user turn"
@@ -469,7 +494,7 @@ pub fn read_prompts(files: &[PathBuf]) -> Result<Vec<Prompt>> {
                     safety,
                 })
             })()
-            .with_context(|| format!("{}:{}", f.display(), i + 1))?;
+            .with_context(|| format!("{}:{ln}", f.display()))?;
             out.push(row);
         }
     }
@@ -1082,6 +1107,8 @@ pub fn train_dp<B: Backend>(
         !cfg.oracle || cfg.world.is_some(),
         "the oracle reward needs a world (its gold annotator)"
     );
+    // Absolute paths from here on: the checkpoints' configuration then resumes from anywhere.
+    let cfg = &cfg.absolutized()?;
     let t_start = Instant::now();
 
     // ---- models

@@ -3,20 +3,23 @@
 //!
 //! AdamW (β 0.9/0.95, eps 1e-5, decay 0.1), clip 1.0, cosine schedule with warmup to 10 % of the
 //! peak, gradient accumulation to a token batch; validation loss, text samples, JSONL metrics,
-//! a progress bar; atomic checkpoints (HF model + optimizer + loader state) every N steps and on
-//! Ctrl-C; exact resume (on the CPU, the losses of a resumed run equal an uninterrupted run's bit
-//! for bit); non-finite losses or gradients stop the run naming the step and the tensor.
+//! a progress bar (plain lines without a terminal); atomic checkpoints (HF model + optimizer +
+//! loader state) every N steps and on Ctrl-C or SIGTERM; exact resume (on the CPU, the losses of
+//! a resumed run equal an uninterrupted run's bit for bit); non-finite losses or gradients stop
+//! the run naming the step and the tensor.
 //!
 //! [`run_dp`] runs the same loop as one rank of a data-parallel job (ZeRO-1, see
 //! [`engine::dist`]): N ranks together take exactly the steps of one process with N× the batch.
 
-use crate::data::{val_windows, write_atomic, Loader, TokenData};
+use crate::data::{val_windows, write_atomic, Loader, TokenData, TokenDtype};
 use crate::metrics::{line_plot, read_series, MetricsWriter};
-use crate::optimizer::{as_sink, Optim};
+use crate::optimizer::{as_sink, nonfinite_grads, Optim};
 use crate::schedule::Cosine;
 use crate::sft::{PackedSource, SftData};
 use anyhow::{bail, ensure, Context, Result};
-use engine::checkpoint::{load_model, save_model, write_tensors, SaveOptions};
+use engine::checkpoint::{
+    load_model, remove_stale_temporaries, save_model, write_tensors, SaveOptions,
+};
 use engine::dist::{save_zero1, Collective, DeviceCollective, ShardedAdamW};
 use engine::generate::{generate, SamplingParams};
 use engine::optim::{AdamW, AdamWConfig};
@@ -44,6 +47,15 @@ pub enum ModelSource {
 pub enum DataSpec {
     /// A directory from `llama2 prepare-data`: random windows of the token stream.
     Shards(PathBuf),
+    /// Token-id files (`.bin`/`.npy`, as llama2.c and nanoGPT write them), one or a directory
+    /// of them, read as they are ([`TokenData::open_ids`]); `dtype` is that of headerless `.bin`
+    /// files, and the tokenizer (optional: samples and checkpoints' `tokenizer.json` need it)
+    /// defaults to a `tokenizer.json` beside the files.
+    Tokens {
+        path: PathBuf,
+        dtype: TokenDtype,
+        tokenizer: Option<PathBuf>,
+    },
     /// Dialogue JSONL files, packed with loss on assistant tokens only.
     Sft {
         files: Vec<PathBuf>,
@@ -98,10 +110,18 @@ pub struct TrainConfig {
     /// (0: all at once after it).
     #[serde(default = "default_bucket_mb")]
     pub bucket_mb: f64,
+    /// Where no progress bar is drawn (output to a file or pipe, or `progress` off), a plain
+    /// line every this many steps, and at every evaluation (0: at evaluations only).
+    #[serde(default = "default_log_every")]
+    pub log_every: usize,
 }
 
 fn one() -> usize {
     1
+}
+
+fn default_log_every() -> usize {
+    10
 }
 
 /// PyTorch DDP's default bucket size; any layer of a 1B-class model or larger is a bucket
@@ -148,6 +168,7 @@ impl TrainConfig {
             recompute: Recompute::None,
             world: 1,
             bucket_mb: default_bucket_mb(),
+            log_every: default_log_every(),
         }
     }
 
@@ -171,9 +192,94 @@ impl TrainConfig {
 
     pub fn kind(&self) -> &'static str {
         match self.data {
-            DataSpec::Shards(_) => "pretrain",
+            DataSpec::Shards(_) | DataSpec::Tokens { .. } => "pretrain",
             DataSpec::Sft { .. } => "sft",
         }
+    }
+
+    /// Rejects values that make no sense, in the CLI's flag names, before anything is loaded:
+    /// a learning rate that is not positive (a negative one climbs the loss), a final ratio
+    /// outside [0, 1], negative decay or clip, sizes that are zero or overflow.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            self.lr > 0.0 && self.lr.is_finite(),
+            "--lr {}: expected a positive learning rate",
+            self.lr
+        );
+        ensure!(
+            (0.0..=1.0).contains(&self.final_lr_ratio),
+            "--final-lr-ratio {}: expected a fraction of the peak in [0, 1]",
+            self.final_lr_ratio
+        );
+        ensure!(
+            self.weight_decay >= 0.0 && self.weight_decay.is_finite(),
+            "--weight-decay {}: expected a number >= 0",
+            self.weight_decay
+        );
+        ensure!(
+            self.clip >= 0.0 && self.clip.is_finite(),
+            "--clip {}: expected a gradient-norm bound >= 0 (0 disables clipping)",
+            self.clip
+        );
+        ensure!(
+            self.batch_size > 0 && self.grad_accum > 0 && self.seq_len > 0,
+            "--batch-size, --seq-len and the accumulation must be > 0"
+        );
+        ensure!(
+            self.eval_windows > 0,
+            "--eval-windows must be at least 1 (validation batches per evaluation)"
+        );
+        let tokens = self
+            .batch_size
+            .checked_mul(self.seq_len)
+            .and_then(|x| x.checked_mul(self.grad_accum))
+            .and_then(|x| x.checked_mul(self.world.max(1)));
+        ensure!(
+            tokens.is_some(),
+            "--batch-size {} x --seq-len {} x accumulation {} overflows",
+            self.batch_size,
+            self.seq_len,
+            self.grad_accum
+        );
+        if let DataSpec::Sft { epochs, .. } = self.data {
+            ensure!(
+                epochs > 0 || self.steps > 0,
+                "--epochs 0 with --steps 0: nothing to train (give --epochs or --steps)"
+            );
+        }
+        Ok(())
+    }
+
+    /// Makes the run's paths absolute, so a checkpoint's configuration still finds its data
+    /// when the run is resumed from another working directory.
+    pub fn absolutize(&mut self) -> Result<()> {
+        let abs = make_absolute;
+        match &mut self.data {
+            DataSpec::Shards(d) => abs(d)?,
+            DataSpec::Tokens {
+                path, tokenizer, ..
+            } => {
+                abs(path)?;
+                if let Some(t) = tokenizer {
+                    abs(t)?;
+                }
+            }
+            DataSpec::Sft {
+                files, tokenizer, ..
+            } => {
+                for f in files {
+                    abs(f)?;
+                }
+                if let Some(t) = tokenizer {
+                    abs(t)?;
+                }
+            }
+        }
+        match &mut self.model {
+            ModelSource::Config(p) | ModelSource::Init(p) => abs(p)?,
+            ModelSource::Preset(_) => {}
+        }
+        abs(&mut self.out)
     }
 
     pub fn schedule(&self) -> Cosine {
@@ -184,6 +290,15 @@ impl TrainConfig {
             final_ratio: self.final_lr_ratio,
         }
     }
+}
+
+/// Makes `p` absolute against the working directory (an empty path stays empty), so a path
+/// saved in a checkpoint's configuration works from any directory.
+pub(crate) fn make_absolute(p: &mut PathBuf) -> Result<()> {
+    if !p.as_os_str().is_empty() {
+        *p = std::path::absolute(&*p).with_context(|| format!("resolving {}", p.display()))?;
+    }
+    Ok(())
 }
 
 /// Training state saved beside the model in every checkpoint.
@@ -220,7 +335,8 @@ pub struct PretrainReport {
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-/// Installs the Ctrl-C handler once per process: it asks the loop to checkpoint and stop.
+/// Installs the handler of Ctrl-C and SIGTERM (what Slurm and Kubernetes send before they
+/// preempt a job; SIGHUP too) once per process: it asks the loop to checkpoint and stop.
 pub fn install_ctrlc() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -229,7 +345,8 @@ pub fn install_ctrlc() {
                 std::process::exit(130);
             }
             eprintln!(
-                "\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit now)"
+                "\ninterrupted (Ctrl-C or SIGTERM): saving a checkpoint after this step \
+                 (interrupt again to quit now)"
             );
         });
     });
@@ -246,13 +363,15 @@ pub fn build_model<B: Backend>(
         ModelSource::Preset(p) => {
             let mut cfg = LlamaConfig::preset(p)?;
             cfg.vocab_size = data_vocab;
-            let mut m = Llama::new(be, cfg, Head::Lm)?;
+            let mut m =
+                Llama::new(be, cfg, Head::Lm).with_context(|| format!("the `{p}` preset"))?;
             m.init_random(seed)?;
             m
         }
         ModelSource::Config(path) => {
             let cfg = LlamaConfig::from_file(path)?;
-            let mut m = Llama::new(be, cfg, Head::Lm)?;
+            let mut m = Llama::new(be, cfg, Head::Lm)
+                .with_context(|| format!("the model of {}", path.display()))?;
             m.init_random(seed)?;
             m
         }
@@ -292,24 +411,11 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
     )
 }
 
-/// The name of the first parameter tensor whose values (in `host`) are not all finite.
-fn first_nonfinite<B: Backend>(model: &Llama<B>, host: &[f32]) -> Option<String> {
-    model
-        .table
-        .entries
-        .iter()
-        .find(|e| {
-            host[e.span.off..e.span.off + e.span.len]
-                .iter()
-                .any(|x| !x.is_finite())
-        })
-        .map(|e| e.name.clone())
-}
-
 struct Ckpt<'a> {
     out: &'a Path,
     keep: usize,
-    tokenizer: &'a Path,
+    /// Copied into every checkpoint; token-id data may have none.
+    tokenizer: Option<&'a Path>,
 }
 
 impl Ckpt<'_> {
@@ -321,8 +427,9 @@ impl Ckpt<'_> {
 
     /// The files beside the model that resuming needs: the tokenizer and the trainer state.
     fn write_extra(&self, tmp: &Path, state: &TrainerState) -> engine::Result<()> {
-        std::fs::copy(self.tokenizer, tmp.join("tokenizer.json"))
-            .map_err(|e| engine::Error::io(self.tokenizer, e))?;
+        if let Some(t) = self.tokenizer {
+            std::fs::copy(t, tmp.join("tokenizer.json")).map_err(|e| engine::Error::io(t, e))?;
+        }
         let text = serde_json::to_string_pretty(state).expect("json");
         std::fs::write(tmp.join("trainer_state.json"), text).map_err(|e| engine::Error::io(tmp, e))
     }
@@ -579,10 +686,14 @@ pub fn run_dp<B: Backend>(
     let mut comm = comm.filter(|c| c.world() > 1);
     let (rank, world) = comm.as_ref().map_or((0, 1), |c| (c.rank(), c.world()));
     let lead = rank == 0;
+    cfg.validate()?;
     ensure!(
-        cfg.batch_size > 0 && cfg.grad_accum > 0 && cfg.seq_len > 0,
-        "batch size, accumulation and seq_len must be > 0"
+        !cfg.out.as_os_str().is_empty(),
+        "no run directory: the checkpoint is not inside one's checkpoints/ (give --out DIR)"
     );
+    // Absolute from here on (a resumed run's new --data too), so the checkpoints' configs
+    // hold paths that work from any directory.
+    cfg.absolutize()?;
     crate::optimizer::check_bucket_mb(cfg.bucket_mb)?;
     if resume.is_some() && cfg.world != world {
         // Same global batch on the new world size, so the run continues as it would have.
@@ -604,28 +715,78 @@ pub fn run_dp<B: Backend>(
     }
     cfg.world = world;
     let t = cfg.seq_len;
-    // The tokenizer travels with the data (pretraining) or with the model (fine-tuning).
+    // A resumed run's data path comes from its checkpoint: say how to point it elsewhere.
+    let data_hint = || {
+        if resume.is_some() {
+            "the resumed run's data (give --data to point it elsewhere)"
+        } else {
+            "the training data"
+        }
+    };
+    // The tokenizer travels with the data (pretraining) or with the model (fine-tuning);
+    // token-id files may come without one.
     let tokenizer_path = match (&cfg.data, resume) {
         (DataSpec::Shards(dir), _) => {
-            TokenData::open(dir)?; // a data-directory error first, before the tokenizer's
-            dir.join("tokenizer.json")
+            TokenData::open(dir).with_context(data_hint)?; // the data's error before the tokenizer's
+            Some(dir.join("tokenizer.json"))
+        }
+        (
+            DataSpec::Tokens {
+                tokenizer: Some(p), ..
+            },
+            _,
+        ) => Some(p.clone()),
+        (DataSpec::Tokens { path, .. }, _) => {
+            let dir = if path.is_dir() {
+                path.as_path()
+            } else {
+                path.parent().unwrap_or(Path::new("."))
+            };
+            Some(dir.join("tokenizer.json")).filter(|p| p.is_file())
         }
         (
             DataSpec::Sft {
                 tokenizer: Some(p), ..
             },
             _,
-        ) => p.clone(),
-        (DataSpec::Sft { .. }, Some(r)) => resolve_checkpoint(r)?.join("tokenizer.json"),
+        ) => Some(p.clone()),
+        (DataSpec::Sft { .. }, Some(r)) => Some(resolve_checkpoint(r)?.join("tokenizer.json")),
         (DataSpec::Sft { .. }, None) => match &cfg.model {
-            ModelSource::Init(dir) => crate::sft::tokenizer_for(dir, None)?,
+            ModelSource::Init(dir) => Some(crate::sft::tokenizer_for(dir, None)?),
             _ => bail!("fine-tuning starts from a checkpoint: pass --init DIR"),
         },
     };
-    let tok = Tokenizer::from_file(&tokenizer_path)?;
-    let data_vocab = match &cfg.data {
-        DataSpec::Shards(dir) => TokenData::open(dir)?.meta.vocab_size,
-        DataSpec::Sft { .. } => tok.vocab_size(),
+    let tok = tokenizer_path
+        .as_deref()
+        .map(Tokenizer::from_file)
+        .transpose()?;
+    ensure!(
+        cfg.sample_every == 0 || tok.is_some(),
+        "--sample-every needs a tokenizer to print samples: the token files have no \
+         tokenizer.json beside them (pass --tokenizer)"
+    );
+    let token_data = match &cfg.data {
+        DataSpec::Shards(dir) => Some(TokenData::open(dir).with_context(data_hint)?),
+        DataSpec::Tokens { path, dtype, .. } => {
+            let d = TokenData::open_ids(path, *dtype, tok.as_ref(), t).with_context(data_hint)?;
+            if lead {
+                println!(
+                    "token files: {} training tokens in {} file(s), {} validation tokens ({}), vocabulary {}",
+                    d.meta.train_tokens,
+                    d.train.len(),
+                    d.meta.val_tokens,
+                    d.meta.val_split,
+                    d.meta.vocab_size
+                );
+            }
+            Some(d)
+        }
+        DataSpec::Sft { .. } => None,
+    };
+    let data_vocab = match (&token_data, &tok) {
+        (Some(d), _) => d.meta.vocab_size,
+        (None, Some(tok)) => tok.vocab_size(),
+        (None, None) => unreachable!("fine-tuning has a tokenizer"),
     };
     let (mut model, mut opt, start_step, loader_pos) = match resume {
         None => {
@@ -666,25 +827,33 @@ pub fn run_dp<B: Backend>(
         model.cfg.max_position_embeddings
     );
     model.set_recompute(cfg.recompute);
-    let (mut source, val, _) = match &cfg.data {
-        DataSpec::Shards(dir) => {
-            let data = TokenData::open(dir)?;
+    // The activations of a micro-batch, allocated (and checked against the memory left) now,
+    // before the loader fills a batch of that size.
+    model
+        .reserve_activations(cfg.batch_size, t)
+        .with_context(|| format!("--batch-size {} x --seq-len {t}", cfg.batch_size))?;
+    let (mut source, val) = match (&cfg.data, token_data) {
+        (_, Some(data)) => {
             let vw = val_windows(&data, t, cfg.eval_windows)?;
             let ids: Vec<i32> = vw.iter().flat_map(|w| w.0.iter().copied()).collect();
             let tg: Vec<i32> = vw.iter().flat_map(|w| w.1.iter().copied()).collect();
             let val = chunk_rows(&ids, &tg, &[], &[], t, cfg.batch_size, usize::MAX);
-            let vocab = data.meta.vocab_size;
             let loader = Loader::new(&data, t, cfg.seed)?;
-            (Source::Shards { data, loader }, val, vocab)
+            (Source::Shards { data, loader }, val)
         }
-        DataSpec::Sft {
-            files,
-            val_fraction,
-            epochs,
-            skip_bad,
-            ..
-        } => {
-            let d: SftData = crate::sft::load(files, &tok, t, *val_fraction, *skip_bad)?;
+        (
+            DataSpec::Sft {
+                files,
+                val_fraction,
+                epochs,
+                skip_bad,
+                ..
+            },
+            None,
+        ) => {
+            let tok = tok.as_ref().expect("fine-tuning has a tokenizer");
+            let d: SftData = crate::sft::load(files, tok, t, *val_fraction, *skip_bad)
+                .with_context(data_hint)?;
             let v = &d.val;
             let val = chunk_rows(
                 &v.ids,
@@ -705,12 +874,9 @@ pub fn run_dp<B: Backend>(
                 d.dialogues, d.truncated, d.skipped, d.train.rows(), d.val.rows(), cfg.steps
             );
             }
-            (
-                Source::Packed(PackedSource::new(d.train, cfg.seed)),
-                val,
-                tok.vocab_size(),
-            )
+            (Source::Packed(PackedSource::new(d.train, cfg.seed)), val)
         }
+        (_, None) => unreachable!("token data for pretraining"),
     };
     ensure!(cfg.steps > 0, "--steps must be > 0");
     ensure!(
@@ -754,10 +920,18 @@ pub fn run_dp<B: Backend>(
         }
         None => opened?,
     };
+    if lead {
+        // Partial checkpoint directories of killed runs (`.step-N.tmp-PID`) are never a
+        // `latest`, but they would pile up.
+        let n = remove_stale_temporaries(&cfg.out.join("checkpoints"));
+        if n > 0 {
+            println!("removed {n} partial checkpoint write(s) left by killed runs");
+        }
+    }
     let ckpt = Ckpt {
         out: &cfg.out,
         keep: cfg.keep_checkpoints,
-        tokenizer: &tokenizer_path,
+        tokenizer: tokenizer_path.as_deref(),
     };
     let sched = cfg.schedule();
     install_ctrlc();
@@ -782,6 +956,7 @@ pub fn run_dp<B: Backend>(
     let t_start = Instant::now();
     let mut tokens_done = 0usize;
     let mut steps_done = 0usize;
+    let mut skipped = 0usize;
     let mut step = start_step;
     let mut final_val = None;
     while step < cfg.steps {
@@ -802,7 +977,7 @@ pub fn run_dp<B: Backend>(
             }
             if !loss.is_finite() {
                 let host = model.params_to_host()?;
-                bad = Some(match first_nonfinite(&model, &host) {
+                bad = Some(match model.table.first_nonfinite(&host) {
                     Some(name) => {
                         format!("loss is {loss}; parameter {name} holds non-finite values")
                     }
@@ -827,17 +1002,13 @@ pub fn run_dp<B: Backend>(
             Some(b) => Err(b),
             None => match opt.step(&mut model, comm.as_deref_mut(), lr) {
                 Ok(s) => Ok(s),
-                Err(engine::Error::NonFinite(m)) => {
-                    let g = model.grads_to_host()?;
-                    let name = first_nonfinite(&model, &g).unwrap_or_else(|| "?".into());
-                    Err(format!("{m}; first non-finite gradient: {name}"))
-                }
+                Err(engine::Error::NonFinite(m)) => Err(nonfinite_grads(&model, &m)?),
                 Err(e) => return Err(e.into()),
             },
         };
         model.zero_grads()?;
         let stats = match stats {
-            Ok(s) => s,
+            Ok(s) => Some(s),
             Err(msg) if cfg.skip_nonfinite => {
                 if let Some(mw) = metrics.as_mut() {
                     say(
@@ -846,8 +1017,8 @@ pub fn run_dp<B: Backend>(
                     );
                     mw.write(&serde_json::json!({"step": step + 1, "skipped": msg}))?;
                 }
-                step += 1;
-                continue;
+                skipped += 1;
+                None
             }
             Err(msg) => bail!(
                 "step {}: {msg} (pass --skip-nonfinite to skip such steps)",
@@ -855,63 +1026,87 @@ pub fn run_dp<B: Backend>(
             ),
         };
         step += 1;
-        steps_done += 1;
-        let dt = t0.elapsed().as_secs_f64();
-        tokens_done += tokens_per_step;
-        let tok_s = tokens_per_step as f64 / dt;
-        let mut val_loss = None;
-        // Rank 0's own work (evaluation, metrics, samples); its error is raised below on
-        // every rank, so the others do not wait for it in the next collective.
-        let lead_work = if lead {
-            let mut lead_step = || -> Result<()> {
-                if (cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == cfg.steps {
-                    val_loss = Some(evaluate(&mut model, &val, t)?);
-                    final_val = val_loss;
-                }
-                let mut rec = serde_json::json!({
-                    "step": step, "lr": lr, "loss": loss, "grad_norm": stats.grad_norm,
-                    "tok_per_s": tok_s, "tokens": step * tokens_per_step, "elapsed_s": t_start.elapsed().as_secs_f64(),
-                });
-                if let Some(v) = val_loss {
-                    rec["val_loss"] = v.into();
-                }
-                let mw = metrics.as_mut().expect("rank 0 writes metrics");
-                mw.write(&rec)?;
-                bar.set_position(step as u64);
-                bar.set_message(format!(
-                    "loss {loss:.4}{} | lr {lr:.2e} | {:.0} tok/s",
-                    final_val
-                        .map(|v| format!(" val {v:.4}"))
-                        .unwrap_or_default(),
-                    tok_s
-                ));
-                if cfg.sample_every > 0 && step % cfg.sample_every == 0 {
-                    let params = SamplingParams {
-                        temperature: 0.8,
-                        top_k: 40,
-                        max_new_tokens: cfg.sample_tokens,
-                        seed: cfg.seed ^ step as u64,
-                        stop: vec![tok.eos],
-                        ..Default::default()
-                    };
-                    let out = generate(&mut model, &[vec![tok.eos]], &params, &mut |_, _| {})?;
-                    let text = tok.decode(&out[0].tokens)?;
-                    say(&bar, format!("--- sample at step {step} ---\n{text}\n---"));
-                    mw.write(&serde_json::json!({"step": step, "sample": text}))?;
-                }
+        // A skipped step goes on to the interrupt and checkpoint decisions below.
+        let mut lead_work = Ok(());
+        if let Some(stats) = stats {
+            steps_done += 1;
+            let dt = t0.elapsed().as_secs_f64();
+            tokens_done += tokens_per_step;
+            let tok_s = tokens_per_step as f64 / dt;
+            let mut val_loss = None;
+            // Rank 0's own work (evaluation, metrics, samples); its error is raised below on
+            // every rank, so the others do not wait for it in the next collective.
+            lead_work = if lead {
+                let mut lead_step = || -> Result<()> {
+                    if (cfg.eval_every > 0 && step % cfg.eval_every == 0) || step == cfg.steps {
+                        val_loss = Some(evaluate(&mut model, &val, t)?);
+                        final_val = val_loss;
+                    }
+                    let mut rec = serde_json::json!({
+                        "step": step, "lr": lr, "loss": loss, "grad_norm": stats.grad_norm,
+                        "tok_per_s": tok_s, "tokens": step * tokens_per_step, "elapsed_s": t_start.elapsed().as_secs_f64(),
+                    });
+                    if let Some(v) = val_loss {
+                        rec["val_loss"] = v.into();
+                    }
+                    let mw = metrics.as_mut().expect("rank 0 writes metrics");
+                    mw.write(&rec)?;
+                    bar.set_position(step as u64);
+                    bar.set_message(format!(
+                        "loss {loss:.4}{} | lr {lr:.2e} | {:.0} tok/s",
+                        final_val
+                            .map(|v| format!(" val {v:.4}"))
+                            .unwrap_or_default(),
+                        tok_s
+                    ));
+                    // Without a bar (a log file, a pipe), a plain line per interval and
+                    // evaluation, so a run that is logged to a file does not look dead.
+                    if bar.is_hidden()
+                        && (val_loss.is_some()
+                            || step == cfg.steps
+                            || (cfg.log_every > 0 && step % cfg.log_every == 0))
+                    {
+                        let val = val_loss
+                            .map(|v| format!(", val loss {v:.4}"))
+                            .unwrap_or_default();
+                        let (gn, secs) = (stats.grad_norm, t_start.elapsed().as_secs_f64());
+                        println!(
+                            "step {step}/{}: loss {loss:.4}{val} | lr {lr:.2e} | grad norm \
+                             {gn:.3} | {tok_s:.0} tok/s | {secs:.0} s",
+                            cfg.steps
+                        );
+                    }
+                    if cfg.sample_every > 0 && step % cfg.sample_every == 0 {
+                        let tok = tok
+                            .as_ref()
+                            .expect("--sample-every has a tokenizer (checked)");
+                        let params = SamplingParams {
+                            temperature: 0.8,
+                            top_k: 40,
+                            max_new_tokens: cfg.sample_tokens,
+                            seed: cfg.seed ^ step as u64,
+                            stop: vec![tok.eos],
+                            ..Default::default()
+                        };
+                        let out = generate(&mut model, &[vec![tok.eos]], &params, &mut |_, _| {})?;
+                        let text = tok.decode(&out[0].tokens)?;
+                        say(&bar, format!("--- sample at step {step} ---\n{text}\n---"));
+                        mw.write(&serde_json::json!({"step": step, "sample": text}))?;
+                    }
+                    Ok(())
+                };
+                lead_step()
+            } else {
                 Ok(())
             };
-            lead_step()
-        } else {
-            Ok(())
-        };
-        logs.push(StepLog {
-            step,
-            lr,
-            loss,
-            grad_norm: stats.grad_norm,
-            val_loss,
-        });
+            logs.push(StepLog {
+                step,
+                lr,
+                loss,
+                grad_norm: stats.grad_norm,
+                val_loss,
+            });
+        }
         interrupted = INTERRUPTED.swap(false, Ordering::SeqCst);
         match comm.as_deref_mut() {
             // Ranks stop (and checkpoint) together when any rank was interrupted.
@@ -926,10 +1121,12 @@ pub fn run_dp<B: Backend>(
             None => lead_work?,
         }
         let stop_now = cfg.stop_after.is_some_and(|k| steps_done >= k);
-        if (cfg.ckpt_every > 0 && step % cfg.ckpt_every == 0)
-            || step == cfg.steps
-            || interrupted
-            || stop_now
+        // Nothing trained yet in this invocation (every step skipped): nothing new to save.
+        if steps_done > 0
+            && ((cfg.ckpt_every > 0 && step % cfg.ckpt_every == 0)
+                || step == cfg.steps
+                || interrupted
+                || stop_now)
         {
             let state = TrainerState {
                 kind: cfg.kind().into(),
@@ -951,6 +1148,11 @@ pub fn run_dp<B: Backend>(
         }
     }
     bar.finish_and_clear();
+    ensure!(
+        steps_done > 0 || skipped == 0,
+        "every step run was non-finite and skipped ({skipped} under --skip-nonfinite): nothing \
+         was trained and no checkpoint was written (metrics.jsonl names each step's cause)"
+    );
     if !lead {
     } else if let Ok(s) = read_series(
         &cfg.out.join("metrics.jsonl"),
@@ -996,8 +1198,20 @@ fn adamw_config(cfg: &PretrainConfig) -> AdamWConfig {
     }
 }
 
-/// The configuration a resumed run continues with: the checkpoint's own, with `steps` optionally
-/// extended (a longer schedule changes the cosine, so the run is no longer identical).
+/// The run directory a checkpoint belongs to: `RUN` for `RUN/checkpoints/step-N`.
+pub fn run_dir_of(checkpoint: &Path) -> Option<PathBuf> {
+    let dir = std::fs::canonicalize(checkpoint)
+        .or_else(|_| std::path::absolute(checkpoint))
+        .ok()?;
+    let parent = dir.parent()?;
+    (parent.file_name()? == "checkpoints").then(|| parent.parent().map(Path::to_path_buf))?
+}
+
+/// The configuration a resumed run continues with: the checkpoint's own, with `steps`
+/// optionally extended (a longer schedule changes the cosine, so the run is no longer
+/// identical), writing into the run directory the checkpoint is in (not the `out` it was
+/// started with: a run directory moved or copied continues where it now is); `out` is empty
+/// when the checkpoint is not in a run's `checkpoints/`.
 pub fn resume_config(path: &Path, steps: Option<usize>) -> Result<PretrainConfig> {
     let dir = resolve_checkpoint(path)?;
     let state_path = dir.join("trainer_state.json");
@@ -1013,6 +1227,8 @@ pub fn resume_config(path: &Path, steps: Option<usize>) -> Result<PretrainConfig
     );
     let mut cfg = st.config;
     cfg.stop_after = None;
+    // Empty for a checkpoint outside a run directory: the caller must then say where.
+    cfg.out = run_dir_of(&dir).unwrap_or_default();
     if let Some(s) = steps {
         cfg.steps = s;
         cfg.warmup = cfg.warmup.min(s);

@@ -17,7 +17,7 @@ use crate::schedule::Cosine;
 use crate::sft::parse_hh;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use engine::check::ranking_loss;
-use engine::checkpoint::{load_model, read_params, save_model, SaveOptions, TensorFiles};
+use engine::checkpoint::{load_model, load_weights, save_model, SaveOptions, TensorFiles};
 use engine::optim::{AdamW, AdamWConfig};
 use engine::tokenizer::{Message, Tokenizer};
 use engine::{Backend, Batch, Head, Llama, LlamaConfig};
@@ -208,25 +208,9 @@ impl Pair {
 /// the line number is no longer known).
 fn check_prompt(msgs: &[Message]) -> Result<()> {
     ensure!(!msgs.is_empty(), "the prompt is empty");
-    let skip = usize::from(msgs[0].role == "system");
+    engine::tokenizer::check_roles(msgs).context("the prompt")?;
     ensure!(
-        msgs.len() > skip,
-        "a system message must be followed by a user message"
-    );
-    for (i, m) in msgs.iter().enumerate().skip(skip) {
-        let want = if (i - skip) % 2 == 0 {
-            "user"
-        } else {
-            "assistant"
-        };
-        ensure!(
-            m.role == want,
-            "prompt message {i}: expected role `{want}`, got `{}` (optional system, then user/assistant alternating)",
-            m.role
-        );
-    }
-    ensure!(
-        (msgs.len() - skip) % 2 == 1,
+        msgs.last().is_some_and(|m| m.role == "user"),
         "the prompt must end with a user turn (the responses answer it)"
     );
     Ok(())
@@ -290,6 +274,10 @@ pub fn parse_pair(v: &serde_json::Value) -> Result<Pair> {
         (prompt, rc, rr)
     };
     check_prompt(&prompt)?;
+    ensure!(
+        chosen.trim() != rejected.trim(),
+        "`chosen` and `rejected` are the same answer: the pair ranks nothing"
+    );
     let rating = match opt_field(v, "rating") {
         None => None,
         Some(x) => Some(
@@ -327,15 +315,13 @@ pub fn read_pairs(files: &[PathBuf], skip_bad: bool) -> Result<(Vec<Pair>, usize
     let mut out = Vec::new();
     let mut skipped = 0;
     for f in files {
-        let text =
-            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let origin = format!("{}:{}", f.display(), i + 1);
-            let r = serde_json::from_str::<serde_json::Value>(line)
-                .map_err(|e| anyhow!("invalid JSON: {e}"))
+        for (ln, line) in crate::data::jsonl_lines(f)? {
+            let origin = format!("{}:{ln}", f.display());
+            let r = line
+                .and_then(|l| {
+                    serde_json::from_str::<serde_json::Value>(&l)
+                        .map_err(|e| anyhow!("invalid JSON: {e}"))
+                })
                 .and_then(|v| parse_pair(&v));
             match r {
                 Ok(mut p) => {
@@ -663,14 +649,12 @@ pub fn score<B: Backend>(
 pub fn read_score_rows(files: &[PathBuf]) -> Result<Vec<(Vec<Message>, String)>> {
     let mut out = Vec::new();
     for f in files {
-        let text =
-            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let row = serde_json::from_str::<serde_json::Value>(line)
-                .map_err(|e| anyhow!("invalid JSON: {e}"))
+        for (ln, line) in crate::data::jsonl_lines(f)? {
+            let row = line
+                .and_then(|l| {
+                    serde_json::from_str::<serde_json::Value>(&l)
+                        .map_err(|e| anyhow!("invalid JSON: {e}"))
+                })
                 .and_then(|v| crate::sft::row_messages(&v))
                 .and_then(|mut m| {
                     let last = m.pop().filter(|x| x.role == "assistant");
@@ -680,7 +664,7 @@ pub fn read_score_rows(files: &[PathBuf]) -> Result<Vec<(Vec<Message>, String)>>
                     check_prompt(&m)?;
                     Ok((m, last.content))
                 })
-                .with_context(|| format!("{}:{}", f.display(), i + 1))?;
+                .with_context(|| format!("{}:{ln}", f.display()))?;
             out.push(row);
         }
     }
@@ -707,10 +691,10 @@ pub fn init_rm<B: Backend>(be: B, dir: &Path, seed: u64) -> Result<Llama<B>> {
     let cfg = LlamaConfig::from_file(&dir.join("config.json"))
         .with_context(|| format!("reading the --init checkpoint {}", dir.display()))?;
     let files = TensorFiles::open(dir)?;
-    let mut model = Llama::new(be, cfg, Head::Score)?;
-    let (mut host, missing) = read_params(&model.table, &model.cfg, &files, &["score.weight"])
+    let (mut model, missing) = load_weights(be, cfg, Head::Score, &files, &["score.weight"])
         .with_context(|| format!("loading the --init checkpoint {}", dir.display()))?;
     if !missing.is_empty() {
+        let mut host = model.params_to_host()?;
         let e = model.table.get("score.weight").expect("score head").clone();
         let std = 1.0 / (model.cfg.hidden_size as f64 + 1.0).sqrt();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -720,8 +704,8 @@ pub fn init_rm<B: Backend>(be: B, dir: &Path, seed: u64) -> Result<Llama<B>> {
             let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
             *x = (z * std) as f32;
         }
+        model.set_params(&host)?;
     }
-    model.set_params(&host)?;
     model.zero_grads()?;
     Ok(model)
 }
@@ -1288,7 +1272,11 @@ pub fn train<B: Backend>(be: B, cfg: &RmConfig) -> Result<RmReport> {
         }
         let stats = match opt.step(&mut model, lr) {
             Ok(s) => s,
-            Err(engine::Error::NonFinite(m)) => bail!("step {}: {m}", step + 1),
+            Err(engine::Error::NonFinite(m)) => bail!(
+                "step {}: {}",
+                step + 1,
+                crate::optimizer::nonfinite_grads(&model, &m)?
+            ),
             Err(e) => return Err(e.into()),
         };
         model.zero_grads()?;

@@ -95,16 +95,16 @@ pub fn read_dialogues(files: &[PathBuf], skip_bad: bool) -> Result<(Vec<Dialogue
     let mut out = Vec::new();
     let mut skipped = 0;
     for f in files {
-        let text =
-            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let r = serde_json::from_str::<serde_json::Value>(line)
-                .map_err(|e| anyhow!("invalid JSON: {e}"))
+        for (ln, line) in crate::data::jsonl_lines(f)? {
+            let r = line
+                .and_then(|l| {
+                    serde_json::from_str::<serde_json::Value>(&l)
+                        .map_err(|e| anyhow!("invalid JSON: {e}"))
+                })
                 .and_then(|v| {
                     let m = row_messages(&v)?;
+                    // The chat template's role order, checked here where the line is known.
+                    engine::tokenizer::check_roles(&m)?;
                     ensure!(
                         m.iter().any(|x| x.role == "assistant"),
                         "no assistant turn to learn from"
@@ -122,13 +122,12 @@ pub fn read_dialogues(files: &[PathBuf], skip_bad: bool) -> Result<(Vec<Dialogue
             match r {
                 Ok(m) => out.push(m),
                 Err(e) if skip_bad => {
-                    eprintln!("warning: skipped {}:{}: {e}", f.display(), i + 1);
+                    eprintln!("warning: skipped {}:{ln}: {e:#}", f.display());
                     skipped += 1;
                 }
                 Err(e) => bail!(
-                    "{}:{}: {e} (pass --skip-bad to skip such lines)",
-                    f.display(),
-                    i + 1
+                    "{}:{ln}: {e:#} (pass --skip-bad to skip such lines)",
+                    f.display()
                 ),
             }
         }
@@ -352,6 +351,11 @@ pub fn load(
 
 /// The tokenizer a fine-tuning run uses: the checkpoint's own unless one is given.
 pub fn tokenizer_for(model_dir: &Path, explicit: Option<&Path>) -> Result<PathBuf> {
+    ensure!(
+        model_dir.is_dir(),
+        "{}: no such checkpoint directory",
+        model_dir.display()
+    );
     let p = explicit
         .map(Path::to_path_buf)
         .unwrap_or_else(|| model_dir.join("tokenizer.json"));

@@ -332,8 +332,10 @@ fn nonfinite_loss_stops_naming_the_tensor_or_is_skipped() {
     );
     c.skip_nonfinite = true;
     c.out = dir.path().join("r2");
-    let rep = run(Cpu, c, None).unwrap();
-    assert_eq!(rep.steps_done, 0, "every step is skipped");
+    // Every step is skipped: an error (nothing was trained), and no checkpoint.
+    let e = format!("{:#}", run(Cpu, c, None).err().unwrap());
+    assert!(e.contains("every step") && e.contains("skipped"), "{e}");
+    assert!(!dir.path().join("r2/checkpoints").exists());
     let log = std::fs::read_to_string(dir.path().join("r2/metrics.jsonl")).unwrap();
     assert_eq!(log.matches("skipped").count(), 3);
 }

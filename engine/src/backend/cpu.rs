@@ -53,6 +53,53 @@ impl Cpu {
     }
 }
 
+/// The host memory this process may still allocate on Linux: `MemAvailable`, capped by the
+/// headroom of its cgroup and the cgroups above it (the limits Slurm and Kubernetes enforce);
+/// `None` where /proc is not there.
+pub fn host_available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((kib * 1024).min(cgroup_headroom().unwrap_or(u64::MAX)))
+}
+
+/// cgroup v2: the smallest `memory.max − (memory.current − inactive_file)` (page cache that can
+/// be reclaimed is not in use) from the process's group up to the root.
+fn cgroup_headroom() -> Option<u64> {
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let cg = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = cg.lines().find_map(|l| l.strip_prefix("0::"))?.trim();
+    let mut dir = root.join(rel.trim_start_matches('/'));
+    let mut best: Option<u64> = None;
+    loop {
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
+        // "max" (no limit) does not parse, and leaves this level out.
+        if let Some(max) = read("memory.max").and_then(|s| s.trim().parse::<u64>().ok()) {
+            let current = read("memory.current")
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            let cache = read("memory.stat")
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("inactive_file "))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                })
+                .unwrap_or(0);
+            let room = max.saturating_sub(current.saturating_sub(cache));
+            best = Some(best.map_or(room, |b| b.min(room)));
+        }
+        if dir == root || !dir.pop() || !dir.starts_with(root) {
+            return best;
+        }
+    }
+}
+
 impl Backend for Cpu {
     type Act = f32;
     type Buf<T: Elem> = Vec<T>;
@@ -112,6 +159,9 @@ impl Backend for Cpu {
     }
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+    fn available_memory(&self) -> Option<u64> {
+        host_available_memory()
     }
     fn alloc_shadow(&self, _len: usize) -> Result<Vec<f32>> {
         Ok(Vec::new())

@@ -9,7 +9,7 @@ pub mod cpu;
 pub mod cuda;
 
 use crate::elem::{Elem, Float};
-use crate::error::Result;
+use crate::error::{Error, Result};
 pub use crate::ops::{AdamWStep, AttnDims, CacheDims};
 
 pub trait Backend: Clone + Send + Sync + 'static {
@@ -47,6 +47,13 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// (the engine allocates its buffers up front, so after a step this is the step's peak).
     fn device_memory(&self) -> Result<Option<(u64, u64)>> {
         Ok(None)
+    }
+    /// Bytes this device can still allocate, where the backend can tell (`None`: unknown, so
+    /// nothing is checked): what [`check_fits`] compares a request with. Default: the device's
+    /// free memory.
+    fn available_memory(&self) -> Option<u64> {
+        let (used, total) = self.device_memory().ok().flatten()?;
+        Some(total.saturating_sub(used))
     }
 
     /// The compute copy of the fp32 master weights: an empty buffer where the master itself
@@ -314,4 +321,36 @@ pub trait Backend: Clone + Send + Sync + 'static {
         weights: Self::Ref<'_, f32>,
         v: usize,
     ) -> Result<()>;
+}
+
+/// Fails, saying how much is needed and how much there is, when `need` bytes do not fit in what
+/// `be` can still allocate. Called before large allocations: a failed host allocation aborts the
+/// process, and an overcommitted one gets it killed later by the OOM killer, both without a word.
+pub fn check_fits<B: Backend>(be: &B, need: u128, what: impl FnOnce() -> String) -> Result<()> {
+    match be.available_memory() {
+        Some(avail) if need > avail as u128 => Err(Error::OutOfMemory(format!(
+            "{} need {}, but {} is available on {}",
+            what(),
+            fmt_bytes(need),
+            fmt_bytes(avail as u128),
+            be.name()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Bytes in binary units with three significant digits, e.g. `1.50 GiB`.
+pub fn fmt_bytes(b: u128) -> String {
+    const UNITS: [&str; 7] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut x = b as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < UNITS.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} bytes")
+    } else {
+        format!("{x:.3} {}", UNITS[u])
+    }
 }

@@ -74,13 +74,11 @@ pub struct Example {
 
 /// Reads a JSONL file of [`Example`]s.
 pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l).with_context(|| format!("{}:{}", path.display(), i + 1))
+    crate::data::jsonl_lines(path)?
+        .into_iter()
+        .map(|(n, l)| {
+            l.and_then(|l| Ok(serde_json::from_str(&l)?))
+                .with_context(|| format!("{}:{n}", path.display()))
         })
         .collect()
 }
