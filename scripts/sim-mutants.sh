@@ -9,8 +9,8 @@
 # two kernel arguments, a cublasLtMatmul with the other transpose flag, a missing
 # cuStreamWaitEvent.
 #
-# Needs: target/release/gpu-sim (cargo build --release -p gpu-sim), the engine's cuda_ops test
-# binary and llama2 built with kernels, and $NVCC.
+# Needs: target/release/gpu-sim (cargo build --release -p gpu-sim), llama2 built with kernels,
+# and $NVCC (scripts/sim-check.sh builds all of it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SIM=${SIM:-target/release/gpu-sim}
@@ -20,13 +20,11 @@ trap 'rm -rf "$WORK"' EXIT
 ARCH=${CUDA_COMPUTE_CAP:+compute_${CUDA_COMPUTE_CAP}}
 ARCH=${ARCH:-compute_80}
 
-# The engine's GPU test binary (built, not run, here).
-CUDA_OPS=$(cargo test --release --locked -p llama2-engine --test cuda_ops --no-run --message-format=json 2>/dev/null |
-    python3 -c 'import sys,json
-for l in sys.stdin:
-    m=json.loads(l)
-    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="cuda_ops": print(m["executable"])')
-[ -x "$CUDA_OPS" ] || { echo "cuda_ops test binary not found"; exit 2; }
+# The GPU test binaries, as README's test command builds them (built, not run, here).
+. scripts/test-bin.sh
+CUDA_OPS=$(test_bin cuda_ops)
+SIM_DIST=$(test_bin sim_dist)
+[ -x "$CUDA_OPS" ] && [ -x "$SIM_DIST" ] || { echo "GPU test binaries not found"; exit 2; }
 
 survived=()
 results=()
@@ -64,7 +62,9 @@ expect_fail() {
         tail -n 20 "$log"
     else
         local why
-        why=$(grep -m1 -oE 'gpu-sim: [^:]*(memcheck|synccheck|racecheck|Memcheck|Synccheck|Racecheck)[^\n]{0,160}|failed: \[[^]]*\]|FAIL' "$log" | head -n 1)
+        # The sanitizer's finding, else the failed assertion's message.
+        why=$(grep -m1 -oE '(Memcheck|Synccheck|Racecheck) in [^(]{0,140}' "$log" ||
+            grep -m1 -A1 'panicked at' "$log" | tail -n 1 | cut -c1-160)
         results+=("caught    $name ($what) in $((SECONDS - t0)) s: ${why:-the test failed}")
     fi
 }
@@ -104,8 +104,7 @@ expect_fail lt_transpose "cublasLtMatmul call 0 with the other TRANSA" \
 # 6. A missing event wait between the NCCL stream and the compute stream: 2 ranks of
 #    pretrain --dist against one process.
 expect_fail no_event_wait "every cuStreamWaitEvent dropped (NCCL stream vs compute stream)" \
-    env GPU_SIM_NCCL_TIMEOUT=60 "$SIM" run --gpus 3 --fault skip-event-waits -- \
-    cargo test --release --locked --test sim_dist
+    env GPU_SIM_NCCL_TIMEOUT=60 "$SIM" run --gpus 3 --fault skip-event-waits -- "$SIM_DIST"
 
 printf '%s\n' "${results[@]}"
 if [ ${#survived[@]} -gt 0 ]; then

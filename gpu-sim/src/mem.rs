@@ -427,7 +427,7 @@ mod tests {
     fn fresh_memory_is_nan_and_addresses_are_device_addresses() {
         let m = Memory::new(1, 1 << 20);
         let a = m.alloc(10).unwrap();
-        assert!(a >= BASE + DEVICE_SPAN && a % ALIGN == 0);
+        assert!(a >= BASE + DEVICE_SPAN && a.is_multiple_of(ALIGN));
         let mut b = [0u8; 4];
         m.read(a, &mut b).unwrap();
         assert!(f32::from_le_bytes(b).is_nan());
