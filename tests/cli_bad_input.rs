@@ -1,8 +1,7 @@
 //! The `llama2` binary on good and bad input: every failure exits non-zero with a message that
 //! names what was wrong, and never panics.
 
-mod common;
-
+use engine::shared_data::or_skip;
 use safetensors::tensor::TensorView;
 use safetensors::SafeTensors;
 use std::io::Write;
@@ -74,9 +73,13 @@ fn p(path: &Path) -> &str {
     path.to_str().expect("UTF-8 path")
 }
 
-fn tokenize(extra: &[&str], stdin: &[u8]) -> Out {
-    let tok = common::tokenizer_json();
-    let mut args = vec!["tokenize", "--tokenizer", p(&tok)];
+/// The Llama 2 tokenizer, or `None` (the test skips) where it has not been fetched.
+fn llama_tokenizer() -> Option<PathBuf> {
+    or_skip("tokenizer/llama2/tokenizer.json")
+}
+
+fn tokenize(tok: &Path, extra: &[&str], stdin: &[u8]) -> Out {
+    let mut args = vec!["tokenize", "--tokenizer", p(tok)];
     args.extend_from_slice(extra);
     llama2(&args, stdin)
 }
@@ -85,45 +88,57 @@ fn tokenize(extra: &[&str], stdin: &[u8]) -> Out {
 
 #[test]
 fn tokenize_hello_world() {
-    let o = tokenize(&[], b"Hello world");
+    let Some(tok) = llama_tokenizer() else {
+        return;
+    };
+    let o = tokenize(&tok, &[], b"Hello world");
     o.assert_success("tokenize");
     assert_eq!(o.stdout.trim(), "[15043,3186]");
-    let o = tokenize(&["--bos"], b"Hello world");
+    let o = tokenize(&tok, &["--bos"], b"Hello world");
     o.assert_success("tokenize --bos");
     assert_eq!(o.stdout.trim(), "[1,15043,3186]");
 }
 
 #[test]
 fn decode_round_trip() {
-    let o = tokenize(&["--decode"], b"[15043,3186]");
+    let Some(tok) = llama_tokenizer() else {
+        return;
+    };
+    let o = tokenize(&tok, &["--decode"], b"[15043,3186]");
     o.assert_success("decode");
     assert_eq!(o.stdout.trim_end_matches('\n'), "Hello world");
     // BOS is a special token: decoding drops it.
-    let o = tokenize(&["--decode"], b" [1, 15043, 3186]\n");
+    let o = tokenize(&tok, &["--decode"], b" [1, 15043, 3186]\n");
     o.assert_success("decode with bos");
     assert_eq!(o.stdout.trim_end_matches('\n'), "Hello world");
 
     let text = "The quick brown fox — jumps over 13 lazy dogs. ¿Qué tal? 日本語";
-    let enc = tokenize(&[], text.as_bytes());
+    let enc = tokenize(&tok, &[], text.as_bytes());
     enc.assert_success("encode");
-    let dec = tokenize(&["--decode"], enc.stdout.as_bytes());
+    let dec = tokenize(&tok, &["--decode"], enc.stdout.as_bytes());
     dec.assert_success("decode");
     assert_eq!(dec.stdout.trim_end_matches('\n'), text);
 }
 
 #[test]
 fn tokenize_non_utf8_stdin() {
-    let o = tokenize(&[], b"Hello \xff\xfe world");
+    let Some(tok) = llama_tokenizer() else {
+        return;
+    };
+    let o = tokenize(&tok, &[], b"Hello \xff\xfe world");
     o.assert_clean_failure("non-UTF-8 stdin");
     assert!(o.stderr.contains("UTF-8"), "{}", o.stderr);
     assert!(o.stdout.is_empty(), "{}", o.stdout);
-    let o = tokenize(&["--decode"], b"[1, \xff]");
+    let o = tokenize(&tok, &["--decode"], b"[1, \xff]");
     o.assert_clean_failure("non-UTF-8 stdin for --decode");
     assert!(o.stderr.contains("UTF-8"), "{}", o.stderr);
 }
 
 #[test]
 fn decode_bad_input() {
+    let Some(tok) = llama_tokenizer() else {
+        return;
+    };
     for (input, needle) in [
         (&b"not json"[..], "JSON array"),
         (b"[1, 2", "JSON array"),
@@ -133,7 +148,7 @@ fn decode_bad_input() {
         (b"[4294967295]", "4294967295"),
     ] {
         let what = format!("--decode {:?}", String::from_utf8_lossy(input));
-        let o = tokenize(&["--decode"], input);
+        let o = tokenize(&tok, &["--decode"], input);
         o.assert_clean_failure(&what);
         assert!(o.stderr.contains(needle), "{what}: {}", o.stderr);
     }
@@ -141,10 +156,13 @@ fn decode_bad_input() {
 
 #[test]
 fn tokenize_empty_stdin() {
-    let o = tokenize(&[], b"");
+    let Some(tok) = llama_tokenizer() else {
+        return;
+    };
+    let o = tokenize(&tok, &[], b"");
     o.assert_success("empty stdin");
     assert_eq!(o.stdout.trim(), "[]");
-    let o = tokenize(&["--bos"], b"");
+    let o = tokenize(&tok, &["--bos"], b"");
     o.assert_success("empty stdin --bos");
     assert_eq!(o.stdout.trim(), "[1]");
 }
@@ -189,7 +207,9 @@ fn summary(out: &str) -> (usize, usize) {
 
 #[test]
 fn check_reference_fixture_passes() {
-    let dir = common::fixture("llama-tiny-gqa");
+    let Some(dir) = or_skip("fixtures/llama-tiny-gqa") else {
+        return;
+    };
     let o = llama2(&["check", p(&dir)], b"");
     o.assert_success("check llama-tiny-gqa");
     let (passed, failed) = summary(&o.stdout);
@@ -211,9 +231,9 @@ fn check_missing_dir() {
     assert!(o.stderr.contains(p(&missing)), "{}", o.stderr);
 }
 
-/// A copy of the gqa fixture in a temporary directory.
-fn fixture_copy(tmp: &Path) -> PathBuf {
-    let src = common::fixture("llama-tiny-gqa");
+/// A copy of the gqa fixture in a temporary directory (`None`: the test skips).
+fn fixture_copy(tmp: &Path) -> Option<PathBuf> {
+    let src = or_skip("fixtures/llama-tiny-gqa")?;
     let dst = tmp.join("fixture");
     std::fs::create_dir(&dst).unwrap();
     for e in std::fs::read_dir(&src).unwrap() {
@@ -222,7 +242,7 @@ fn fixture_copy(tmp: &Path) -> PathBuf {
             std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
         }
     }
-    dst
+    Some(dst)
 }
 
 fn truncate_half(path: &Path) {
@@ -264,7 +284,9 @@ type Corruption<'a> = &'a dyn Fn(&Path);
 fn check_corrupted_fixture_copies() {
     let tmp = tempfile::tempdir().unwrap();
     // A pristine copy passes, so the failures below come from the corruption.
-    let dir = fixture_copy(tmp.path());
+    let Some(dir) = fixture_copy(tmp.path()) else {
+        return;
+    };
     llama2(&["check", p(&dir)], b"").assert_success("check on a pristine copy");
     std::fs::remove_dir_all(&dir).unwrap();
 
@@ -321,7 +343,7 @@ fn check_corrupted_fixture_copies() {
         ),
     ];
     for (what, corrupt, needles) in cases {
-        let dir = fixture_copy(tmp.path());
+        let dir = fixture_copy(tmp.path()).unwrap();
         corrupt(&dir);
         let mut needles = needles.to_vec();
         needles.push(p(&dir));
@@ -333,7 +355,9 @@ fn check_corrupted_fixture_copies() {
 #[test]
 fn check_config_with_fewer_layers() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = fixture_copy(tmp.path());
+    let Some(dir) = fixture_copy(tmp.path()) else {
+        return;
+    };
     let cfg_path = dir.join("config.json");
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
@@ -563,8 +587,24 @@ fn bench_memory_plans_and_names_bad_input() {
 
 // ---- issue #17: hostile input, one case per bug ---------------------------------------------------
 
-/// A tiny training setup: a 30 KB corpus, a 300-token tokenizer trained on it, prepared shards
-/// and a config.json small enough that a few steps take milliseconds.
+/// The corpus of [`Tiny`]: the first 30,000 characters of Tiny Shakespeare (public domain, from
+/// karpathy/char-rnn), carried by the repository so that a clone without `../shared` runs these
+/// tests too.
+const TINY_CORPUS: &str = include_str!("data/tinyshakespeare-30k.txt");
+
+/// The carried excerpt is the head of the full text, where that has been fetched.
+#[test]
+fn the_tiny_corpus_is_the_head_of_tiny_shakespeare() {
+    assert_eq!(TINY_CORPUS.chars().count(), 30_000);
+    let Some(full) = or_skip("data/tinyshakespeare.txt") else {
+        return;
+    };
+    let full = std::fs::read_to_string(full).unwrap();
+    assert!(full.starts_with(TINY_CORPUS));
+}
+
+/// A tiny training setup: [`TINY_CORPUS`] (30 KB), a 300-token tokenizer trained on it, prepared
+/// shards and a config.json small enough that a few steps take milliseconds.
 struct Tiny {
     dir: tempfile::TempDir,
 }
@@ -573,12 +613,7 @@ impl Tiny {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let text: String = std::fs::read_to_string(common::shared("data/tinyshakespeare.txt"))
-            .unwrap()
-            .chars()
-            .take(30_000)
-            .collect();
-        std::fs::write(d.join("c.txt"), text).unwrap();
+        std::fs::write(d.join("c.txt"), TINY_CORPUS).unwrap();
         let tok = d.join("tok.json");
         llama2(
             &[
@@ -888,7 +923,9 @@ fn check_never_passes_on_nan() {
         ("adamw.safetensors", "p3"),
         ("rm.safetensors", "reward_chosen"),
     ] {
-        let dir = fixture_copy(tmp.path());
+        let Some(dir) = fixture_copy(tmp.path()) else {
+            return;
+        };
         edit_f32(&dir.join(file), &|n, v| {
             if n == tensor {
                 v[0] = f32::NAN;
@@ -912,7 +949,9 @@ fn check_never_passes_on_nan() {
 #[test]
 fn check_with_nothing_to_check_fails() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = fixture_copy(tmp.path());
+    let Some(dir) = fixture_copy(tmp.path()) else {
+        return;
+    };
     for f in ["case.safetensors", "rm.safetensors", "adamw.safetensors"] {
         std::fs::remove_file(dir.join(f)).unwrap();
     }
@@ -925,6 +964,9 @@ fn check_with_nothing_to_check_fails() {
 
 #[test]
 fn check_rejects_bounds_that_cannot_be_bounds() {
+    let Some(fixture) = or_skip("fixtures/llama-tiny-gqa") else {
+        return;
+    };
     for flag in [
         "--atol=-1",
         "--rtol=-1e-3",
@@ -932,11 +974,7 @@ fn check_rejects_bounds_that_cannot_be_bounds() {
         "--atol=inf",
     ] {
         let name = flag.split('=').next().unwrap();
-        fails_naming(
-            &llama2(&["check", p(&common::fixture("llama-tiny-gqa")), flag], b""),
-            flag,
-            &[name],
-        );
+        fails_naming(&llama2(&["check", p(&fixture), flag], b""), flag, &[name]);
     }
 }
 
@@ -947,7 +985,9 @@ fn check_rejects_bounds_that_cannot_be_bounds() {
 #[test]
 fn check_bounds_logits_relative_to_their_scale_and_takes_logits_only_cases() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = fixture_copy(tmp.path());
+    let Some(dir) = fixture_copy(tmp.path()) else {
+        return;
+    };
     edit_f32(&dir.join("model.safetensors"), &|n, v| {
         if n == "lm_head.weight" {
             v.iter_mut().for_each(|x| *x *= 16.0);
@@ -1810,8 +1850,10 @@ fn generate_takes_and_prints_token_ids() {
 /// prompt and the answer together.
 #[test]
 fn generate_prints_the_first_token_separated_from_the_prompt() {
+    let Some(tok) = llama_tokenizer() else {
+        return;
+    };
     let t = Tiny::new();
-    let tok = common::tokenizer_json();
     let ck = t.checkpoint_of("ck", engine::Head::Lm, &tok, 32000, &|_, _| {});
     let run = |extra: &[&str]| {
         let mut a = vec![

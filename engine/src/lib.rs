@@ -13,6 +13,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod params;
+pub mod shared_data;
 pub mod tokenizer;
 
 pub use backend::cpu::Cpu;

@@ -2,10 +2,9 @@
 //! CPU stand-in for NCCL) takes the same steps as one process with N× the batch, to float
 //! reassociation, and a ZeRO-1 checkpoint resumes on another world size to the same result.
 
-mod common;
-use common::shared;
 use engine::checkpoint::{load_model, save_model, SaveOptions};
 use engine::dist::{shard_file_name, ThreadGroup, MANIFEST};
+use engine::shared_data::or_skip;
 use engine::{Cpu, Head};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -29,12 +28,14 @@ const WEIGHT_ATOL: f32 = 3e-6;
 
 /// Shards of a slice of Tiny Shakespeare with a 300-token tokenizer, and a model config whose
 /// parameter count (37975) is divisible by neither 2 nor 3, so the last ZeRO-1 shard is padded.
-/// Made once for the whole file.
-fn setup() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
+/// Made once for the whole file; `None` (each test skips) where Tiny Shakespeare has not been
+/// fetched.
+fn setup() -> Option<&'static (tempfile::TempDir, PathBuf, PathBuf)> {
     static S: OnceLock<(tempfile::TempDir, PathBuf, PathBuf)> = OnceLock::new();
-    S.get_or_init(|| {
+    let corpus = or_skip("data/tinyshakespeare.txt")?;
+    Some(S.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        let text: String = std::fs::read_to_string(shared().join("data/tinyshakespeare.txt"))
+        let text: String = std::fs::read_to_string(corpus)
             .unwrap()
             .chars()
             .take(40_000)
@@ -66,13 +67,13 @@ fn setup() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
         });
         std::fs::write(&config, json.to_string()).unwrap();
         (dir, data, config)
-    })
+    }))
 }
 
 /// `world` ranks of `GLOBAL / world` rows each, two micro-batches per step, a high learning
 /// rate so the weights move, evaluation every other step.
 fn cfg(out: &Path, world: usize) -> PretrainConfig {
-    let (_, data, config) = setup();
+    let (_, data, config) = setup().expect("the test checked setup()");
     let mut c = PretrainConfig::defaults(
         data.clone(),
         out.to_path_buf(),
@@ -147,7 +148,10 @@ fn weights(r: &PretrainReport) -> Vec<f32> {
 /// One process, the global batch: what every data-parallel run must reproduce. Made once.
 fn reference() -> &'static PretrainReport {
     static R: OnceLock<PretrainReport> = OnceLock::new();
-    R.get_or_init(|| run(Cpu, cfg(&setup().0.path().join("ref"), 1), None).unwrap())
+    R.get_or_init(|| {
+        let dir = &setup().expect("the test checked setup()").0;
+        run(Cpu, cfg(&dir.path().join("ref"), 1), None).unwrap()
+    })
 }
 
 /// Each step's loss and gradient norm within RTOL of the reference's, and the final weights
@@ -187,13 +191,16 @@ fn assert_matches(what: &str, got: &PretrainReport, want: &PretrainReport) {
 }
 
 fn check_world(world: usize, bucket_mb: f64) {
+    let Some(s) = setup() else {
+        return;
+    };
     let want = reference();
     let n = weights(want).len();
     assert!(
         !n.is_multiple_of(2) && !n.is_multiple_of(3),
         "{n} parameters: the shards should not split evenly"
     );
-    let out = setup().0.path().join(format!("dp{world}"));
+    let out = s.0.path().join(format!("dp{world}"));
     let mut c = cfg(&out, world);
     c.bucket_mb = bucket_mb;
     let reps = on_ranks(world, &c, None);
@@ -250,7 +257,10 @@ fn three_ranks_train_like_one_process_with_three_times_the_batch() {
 /// and the final weights are the uninterrupted single process's.
 #[test]
 fn a_two_rank_checkpoint_resumes_on_three_ranks_and_on_one() {
-    let base = setup().0.path().join("resume");
+    let Some(s) = setup() else {
+        return;
+    };
+    let base = s.0.path().join("resume");
     let mut c = cfg(&base.join("two"), 2);
     c.stop_after = Some(2);
     let first = on_ranks(2, &c, None);
@@ -291,7 +301,10 @@ fn copy_dir(from: &Path, to: &Path) {
 /// ranks' token counts differ and only the global count gives one process's mean.
 #[test]
 fn sft_on_two_and_three_ranks_trains_like_one_process() {
-    let base = setup().0.path().join("sft");
+    let Some(s) = setup() else {
+        return;
+    };
+    let base = s.0.path().join("sft");
     let init = reference().checkpoint.clone().unwrap();
     std::fs::create_dir_all(&base).unwrap();
     let data = base.join("dialogues.jsonl");
@@ -333,7 +346,10 @@ fn sft_on_two_and_three_ranks_trains_like_one_process() {
 /// A single-process checkpoint (whole AdamW state) continues on 2 ranks, split into shards.
 #[test]
 fn a_single_process_checkpoint_resumes_on_two_ranks() {
-    let base = setup().0.path().join("from-one");
+    let Some(s) = setup() else {
+        return;
+    };
+    let base = s.0.path().join("from-one");
     let mut c = cfg(&base, 1);
     c.stop_after = Some(2);
     let first = run(Cpu, c, None).unwrap();
@@ -350,11 +366,14 @@ fn a_single_process_checkpoint_resumes_on_two_ranks() {
 /// --skip-nonfinite every rank skips exactly the steps one process skips.
 #[test]
 fn a_nonfinite_loss_on_one_rank_stops_or_skips_on_every_rank() {
-    let base = setup().0.path().join("nan");
+    let Some(s) = setup() else {
+        return;
+    };
+    let base = s.0.path().join("nan");
     let c = cfg(&base.join("r"), 2);
     // A token in rank 1's rows of step 1 that no other row of the run holds: step 1 is then
     // non-finite on rank 1 alone, and the later steps are finite.
-    let data = TokenData::open(setup().1.as_path()).unwrap();
+    let data = TokenData::open(s.1.as_path()).unwrap();
     let mut loader = Loader::new(&data, c.seq_len, c.seed).unwrap();
     let (mut ids, mut tg) = (Vec::new(), Vec::new());
     let (mut rank1, mut others) = (Vec::new(), Vec::new());
@@ -426,7 +445,10 @@ fn a_nonfinite_loss_on_one_rank_stops_or_skips_on_every_rank() {
 /// of waiting for rank 0 in the first step.
 #[test]
 fn rank_zero_failing_to_open_the_run_stops_every_rank() {
-    let out = setup().0.path().join("unwritable");
+    let Some(s) = setup() else {
+        return;
+    };
+    let out = s.0.path().join("unwritable");
     std::fs::create_dir_all(out.join("metrics.jsonl")).unwrap(); // a directory: open fails
     let c = cfg(&out, 2);
     let errs = errors_on_ranks(2, &c);

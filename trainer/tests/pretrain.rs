@@ -1,9 +1,8 @@
 //! Pretraining behaviour: the loss falls below the unigram entropy on Tiny Shakespeare, resume is
 //! bit-exact, the shard format and the loader are sound, and bad input gets clear errors.
 
-mod common;
-use common::shared;
 use engine::checkpoint::{load_model, save_model, SaveOptions, TensorFiles};
+use engine::shared_data::or_skip;
 use engine::{Cpu, Head};
 use std::path::{Path, PathBuf};
 use trainer::data::{
@@ -46,7 +45,10 @@ fn small_cfg(data: PathBuf, out: PathBuf, steps: usize) -> PretrainConfig {
 #[test]
 fn trained_tokenizer_has_the_requested_size_and_round_trips() {
     let dir = tempfile::tempdir().unwrap();
-    let text: String = shakespeare().chars().take(50_000).collect();
+    let Some(text) = shakespeare() else {
+        return;
+    };
+    let text: String = text.chars().take(50_000).collect();
     let corpus = dir.path().join("c.txt");
     std::fs::write(&corpus, &text).unwrap();
     for vocab in [300, 700] {
@@ -71,14 +73,18 @@ fn trained_tokenizer_has_the_requested_size_and_round_trips() {
     );
 }
 
-fn shakespeare() -> String {
-    std::fs::read_to_string(shared().join("data/tinyshakespeare.txt")).unwrap()
+/// Tiny Shakespeare, or `None` (the test skips) where it has not been fetched.
+fn shakespeare() -> Option<String> {
+    or_skip("data/tinyshakespeare.txt").map(|p| std::fs::read_to_string(p).unwrap())
 }
 
 #[test]
 fn shakespeare_validation_loss_falls_well_below_unigram_entropy() {
+    let Some(text) = shakespeare() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
-    let data = prepared(dir.path(), &shakespeare(), 512);
+    let data = prepared(dir.path(), &text, 512);
     let entropy = unigram_entropy(&TokenData::open(&data).unwrap()) as f32;
     let mut c = PretrainConfig::defaults(
         data,
@@ -111,7 +117,10 @@ fn shakespeare_validation_loss_falls_well_below_unigram_entropy() {
 #[test]
 fn resume_reproduces_the_uninterrupted_run_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
-    let text: String = shakespeare().chars().take(120_000).collect();
+    let Some(text) = shakespeare() else {
+        return;
+    };
+    let text: String = text.chars().take(120_000).collect();
     let data = prepared(dir.path(), &text, 400);
     let full = run(Cpu, small_cfg(data.clone(), dir.path().join("a"), 11), None).unwrap();
     let mut part = small_cfg(data.clone(), dir.path().join("b"), 11);
@@ -190,7 +199,10 @@ fn shard_format_round_trip_and_corruption() {
 #[test]
 fn loader_is_deterministic_and_resumable() {
     let dir = tempfile::tempdir().unwrap();
-    let text: String = shakespeare().chars().take(60_000).collect();
+    let Some(text) = shakespeare() else {
+        return;
+    };
+    let text: String = text.chars().take(60_000).collect();
     let data = TokenData::open(&prepared(dir.path(), &text, 300)).unwrap();
     let batches = |seed: u64, skip: u64, n: usize| {
         let mut l = Loader::new(&data, 16, seed).unwrap();
@@ -230,7 +242,10 @@ fn bad_data_gets_clear_errors() {
     let e = err(run(Cpu, small_cfg(d.join("nope"), d.join("r"), 2), None));
     assert!(e.contains("prepare-data") && e.contains("nope"), "{e}");
 
-    let text: String = shakespeare().chars().take(30_000).collect();
+    let Some(text) = shakespeare() else {
+        return;
+    };
+    let text: String = text.chars().take(30_000).collect();
     std::fs::write(d.join("c.txt"), &text).unwrap();
     train_on(&d.join("c.txt"), 300, &d.join("tok.json")).unwrap();
     let prep = |inputs: Vec<PathBuf>, skip_bad: bool| {
@@ -287,7 +302,10 @@ fn bad_data_gets_clear_errors() {
 #[test]
 fn nonfinite_loss_stops_naming_the_tensor_or_is_skipped() {
     let dir = tempfile::tempdir().unwrap();
-    let text: String = shakespeare().chars().take(40_000).collect();
+    let Some(text) = shakespeare() else {
+        return;
+    };
+    let text: String = text.chars().take(40_000).collect();
     let data = prepared(dir.path(), &text, 300);
     // A checkpoint with a NaN inside one weight.
     let mut cfg = engine::LlamaConfig::preset("tiny").unwrap();

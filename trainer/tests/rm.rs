@@ -3,9 +3,8 @@
 //! model learns a synthetic preference (right vs wrong sums) well above chance, best where the
 //! wrong answer is furthest off; the HH harmless pairs load and train.
 
-mod common;
-use common::shared;
 use engine::checkpoint::{read_params, save_model, SaveOptions, TensorFiles};
+use engine::shared_data::or_skip;
 use engine::tokenizer::{Message, Tokenizer};
 use engine::{Cpu, Head, Llama, LlamaConfig};
 use rand::{Rng, SeedableRng};
@@ -13,8 +12,9 @@ use std::path::{Path, PathBuf};
 use trainer::formats::{parse_pair, read_pairs, read_scored as read_score_rows};
 use trainer::rm::*;
 
-fn llama_tok_path() -> PathBuf {
-    shared().join("tokenizer/llama2/tokenizer.json")
+/// The Llama 2 tokenizer, or `None` (the test skips) where it has not been fetched.
+fn llama_tok_path() -> Option<PathBuf> {
+    or_skip("tokenizer/llama2/tokenizer.json")
 }
 
 const FIXTURES: [&str; 2] = ["llama-tiny-gqa", "llama-tiny-mha"];
@@ -27,9 +27,10 @@ fn diff(a: &[f32], b: &[f32]) -> (f32, f32) {
     (abs, abs / scale.max(1e-30))
 }
 
-/// The fixture's base weights with its reference `score.weight`, and its pairs as `TokPair`s.
-fn fixture_model_and_pairs(name: &str) -> (Llama<Cpu>, Vec<TokPair>, TensorFiles) {
-    let dir = shared().join("fixtures").join(name);
+/// The fixture's base weights with its reference `score.weight`, and its pairs as `TokPair`s
+/// (`None`: the test skips).
+fn fixture_model_and_pairs(name: &str) -> Option<(Llama<Cpu>, Vec<TokPair>, TensorFiles)> {
+    let dir = or_skip(&format!("fixtures/{name}"))?;
     let cfg = LlamaConfig::from_file(&dir.join("config.json")).unwrap();
     let mut model = Llama::new(Cpu, cfg.clone(), Head::Score).unwrap();
     let weights = TensorFiles::open(&dir).unwrap();
@@ -65,7 +66,7 @@ fn fixture_model_and_pairs(name: &str) -> (Llama<Cpu>, Vec<TokPair>, TensorFiles
             safe: [None, None],
         })
         .collect();
-    (model, pairs, rm)
+    Some((model, pairs, rm))
 }
 
 #[test]
@@ -76,7 +77,9 @@ fn training_step_matches_the_fixture_loss_and_gradients() {
 }
 
 fn fixture_case(name: &str) {
-    let (mut model, pairs, rm) = fixture_model_and_pairs(name);
+    let Some((mut model, pairs, rm)) = fixture_model_and_pairs(name) else {
+        return;
+    };
     assert!(pairs.len() >= 2, "the fixture has several pairs");
     let refs: Vec<&TokPair> = pairs.iter().collect();
     // Padding with a token the fixture does not use after the lengths: it must not matter.
@@ -129,7 +132,9 @@ fn fixture_case(name: &str) {
 /// of ranking loss + calibration · mean Σ BCE.
 #[test]
 fn calibration_term_matches_finite_differences() {
-    let (mut model, mut pairs, _) = fixture_model_and_pairs(FIXTURES[0]);
+    let Some((mut model, mut pairs, _)) = fixture_model_and_pairs(FIXTURES[0]) else {
+        return;
+    };
     let labels = [
         [Some(true), Some(false)],
         [Some(true), None],
@@ -332,7 +337,10 @@ fn safety_rule_and_categories_select_pairs() {
 
 #[test]
 fn truncation_keeps_the_response_and_the_score_row_is_its_eos() {
-    let tok = Tokenizer::from_file(&llama_tok_path()).unwrap();
+    let Some(tok_path) = llama_tok_path() else {
+        return;
+    };
+    let tok = Tokenizer::from_file(&tok_path).unwrap();
     let long = "word ".repeat(200);
     let prompt = vec![Message::new("user", &long)];
     let (full, cut) = encode_response(&tok, &prompt, "The answer.", 4096).unwrap();
@@ -369,8 +377,10 @@ fn tiny_lm(dir: &Path, tokenizer: &Path, vocab: usize, hidden: usize, seed: u64)
 
 #[test]
 fn export_import_in_the_hf_sequence_classification_layout() {
+    let Some(tok_path) = llama_tok_path() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
-    let tok_path = llama_tok_path();
     let lm = tiny_lm(dir.path(), &tok_path, 32000, 32, 3);
     let mut rm = init_rm(Cpu, &lm, 5).unwrap();
     assert_eq!(rm.head, Head::Score);
@@ -476,11 +486,14 @@ fn write_jsonl(path: &Path, rows: &[serde_json::Value]) {
 
 #[test]
 fn a_tiny_reward_model_learns_synthetic_preferences() {
+    let Some(tok_path) = llama_tok_path() else {
+        return;
+    };
     let t0 = std::time::Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("pairs.jsonl");
     write_jsonl(&data, &arithmetic_pairs(4000, 11));
-    let lm = tiny_lm(dir.path(), &llama_tok_path(), 32000, 64, 1);
+    let lm = tiny_lm(dir.path(), &tok_path, 32000, 64, 1);
     let mut cfg = RmConfig::new(lm, vec![data], dir.path().join("rm"), RmKind::Helpfulness);
     cfg.lr = Some(2e-3);
     cfg.batch_size = 16;
@@ -525,14 +538,17 @@ fn a_tiny_reward_model_learns_synthetic_preferences() {
 
 #[test]
 fn hh_harmless_pairs_load_and_train() {
-    let hh = shared().join("data/hh-harmless-pairs.jsonl");
+    let (Some(hh), Some(tok_path)) = (or_skip("data/hh-harmless-pairs.jsonl"), llama_tok_path())
+    else {
+        return;
+    };
     let (pairs, skipped) = read_pairs(std::slice::from_ref(&hh), false).unwrap();
     assert_eq!((pairs.len(), skipped), (1800, 0));
     assert!(pairs
         .iter()
         .all(|p| p.prompt.last().unwrap().role == "user" && p.rating.is_none()));
     let dir = tempfile::tempdir().unwrap();
-    let lm = tiny_lm(dir.path(), &llama_tok_path(), 32000, 32, 2);
+    let lm = tiny_lm(dir.path(), &tok_path, 32000, 32, 2);
     let mut cfg = RmConfig::new(lm, vec![hh], dir.path().join("rm"), RmKind::Safety);
     cfg.batch_size = 8;
     cfg.micro_batch = 4;

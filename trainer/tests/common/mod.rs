@@ -52,19 +52,6 @@ pub fn latest(run_dir: &Path) -> PathBuf {
     trainer::run_dir::model_dir(run_dir).unwrap()
 }
 
-/// The read-only shared material (`../shared`, or `$LLAMA2_SHARED`).
-pub fn shared() -> PathBuf {
-    let p = std::env::var_os("LLAMA2_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
-    assert!(
-        p.join("data").is_dir(),
-        "shared material not found at {}: set LLAMA2_SHARED",
-        p.display()
-    );
-    p
-}
-
 /// A word corpus, its 300-token tokenizer, a random tiny Llama (`lm/`), a reward model
 /// initialised from it (`rm/`) and 24 one-turn prompts, every 4th tagged safety: the PPO loop's
 /// smallest setup. Returns (policy, reward model, prompts).
