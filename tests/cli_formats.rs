@@ -3,8 +3,6 @@
 //! form, `rejection-sample` takes `--device`, `--max-new-tokens` and prompts in any shape, and
 //! `sft --batch-tokens` accumulates to the gradient of one big batch.
 
-mod common;
-
 use engine::checkpoint::{save_model, SaveOptions};
 use engine::tokenizer::{chat_template, Message, Tokenizer};
 use engine::{Cpu, Head, Llama, LlamaConfig};
@@ -47,7 +45,7 @@ fn ok(cmd: &mut Command) -> String {
 }
 
 /// A small random checkpoint over the Llama 2 tokenizer: a causal LM or a reward model.
-fn checkpoint(dir: &Path, head: Head, seed: u64) {
+fn checkpoint(dir: &Path, head: Head, seed: u64, tok: &Path) {
     let mut c = LlamaConfig::preset("tiny").unwrap();
     c.vocab_size = 32000;
     c.hidden_size = 32;
@@ -57,13 +55,17 @@ fn checkpoint(dir: &Path, head: Head, seed: u64) {
     c.num_key_value_heads = Some(2);
     let mut m = Llama::new(Cpu, c, head).unwrap();
     m.init_random(seed).unwrap();
-    let tok = common::tokenizer_json();
     save_model(&m, dir, SaveOptions::default(), |tmp| {
-        std::fs::copy(&tok, tmp.join("tokenizer.json"))
+        std::fs::copy(tok, tmp.join("tokenizer.json"))
             .map(|_| ())
-            .map_err(|e| engine::Error::io(&tok, e))
+            .map_err(|e| engine::Error::io(tok, e))
     })
     .unwrap();
+}
+
+/// Llama 2's tokenizer, or `None` (the test skips, naming it and how to get it).
+fn llama2_tokenizer() -> Option<std::path::PathBuf> {
+    engine::shared_data::or_skip("tokenizer/llama2/tokenizer.json")
 }
 
 fn json_file(p: &Path) -> Value {
@@ -73,7 +75,9 @@ fn json_file(p: &Path) -> Value {
 
 #[test]
 fn tokenize_chat_prints_the_ids_the_engine_trains_on() {
-    let tok_path = common::tokenizer_json();
+    let Some(tok_path) = llama2_tokenizer() else {
+        return;
+    };
     let tok = Tokenizer::from_file(&tok_path).unwrap();
     let msgs = vec![
         Message::new("system", "Be brief."),
@@ -101,9 +105,15 @@ fn tokenize_chat_prints_the_ids_the_engine_trains_on() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v, json!({"ids": ids, "mask": mask}));
     for (input, want) in [
-        (r#"[{"role": "assistant", "content": "hi"}]"#, "message 0: expected role `user`"),
+        (
+            r#"[{"role": "assistant", "content": "hi"}]"#,
+            "message 0: expected role `user`",
+        ),
         (r#"{"role": "user", "content": "hi"}"#, "JSON list"),
-        (r#"[{"role": "robot", "content": "hi"}]"#, "unknown role `robot`"),
+        (
+            r#"[{"role": "robot", "content": "hi"}]"#,
+            "unknown role `robot`",
+        ),
         (r#"[{"role": "user"}]"#, "no text `content`"),
     ] {
         let out = tokenize(&[], input);
@@ -114,13 +124,22 @@ fn tokenize_chat_prints_the_ids_the_engine_trains_on() {
 
 #[test]
 fn checkpoints_carry_what_transformers_reads() {
+    let Some(tok) = llama2_tokenizer() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let (lm, rm) = (dir.path().join("lm"), dir.path().join("rm"));
-    checkpoint(&lm, Head::Lm, 1);
-    checkpoint(&rm, Head::Score, 2);
+    checkpoint(&lm, Head::Lm, 1, &tok);
+    checkpoint(&rm, Head::Score, 2, &tok);
     let gen = json_file(&lm.join("generation_config.json"));
-    assert_eq!(gen, json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}));
-    assert!(!rm.join("generation_config.json").exists(), "a reward model does not generate");
+    assert_eq!(
+        gen,
+        json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})
+    );
+    assert!(
+        !rm.join("generation_config.json").exists(),
+        "a reward model does not generate"
+    );
     assert_eq!(json_file(&rm.join("config.json"))["pad_token_id"], 0);
     for d in [&lm, &rm] {
         let map = json_file(&d.join("special_tokens_map.json"));
@@ -149,21 +168,30 @@ fn checkpoints_carry_what_transformers_reads() {
 fn convert_writes_hh_pairs_in_trls_conversational_form() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("hh-trl.jsonl");
-    let hh = common::shared("data/hh-harmless-pairs.jsonl");
+    let Some(hh) = engine::shared_data::or_skip("data/hh-harmless-pairs.jsonl") else {
+        return;
+    };
     let so = ok(llama2()
         .args(["convert", "--kind", "pairs", "--out"])
         .arg(&out)
         .arg(&hh));
     assert!(so.contains("1800 records"), "{so}");
-    let first: Value =
-        serde_json::from_str(std::fs::read_to_string(&out).unwrap().lines().next().unwrap())
-            .unwrap();
+    let first: Value = serde_json::from_str(
+        std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(first["prompt"][0]["role"], "user");
     assert_eq!(first["chosen"][0]["role"], "assistant");
     assert_eq!(first["rejected"].as_array().unwrap().len(), 1);
     // What it wrote reads back as the same pairs.
     let strip = |p: Vec<trainer::rm::Pair>| -> Vec<(Vec<Message>, String, String)> {
-        p.into_iter().map(|p| (p.prompt, p.chosen, p.rejected)).collect()
+        p.into_iter()
+            .map(|p| (p.prompt, p.chosen, p.rejected))
+            .collect()
     };
     let a = trainer::formats::read_pairs(&[hh], false).unwrap().0;
     let b = trainer::formats::read_pairs(&[out], false).unwrap().0;
@@ -172,10 +200,13 @@ fn convert_writes_hh_pairs_in_trls_conversational_form() {
 
 #[test]
 fn rejection_sample_takes_device_max_new_tokens_and_trl_prompts() {
+    let Some(tok) = llama2_tokenizer() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    checkpoint(&d.join("policy"), Head::Lm, 3);
-    checkpoint(&d.join("rm"), Head::Score, 4);
+    checkpoint(&d.join("policy"), Head::Lm, 3, &tok);
+    checkpoint(&d.join("rm"), Head::Score, 4, &tok);
     let prompts = d.join("prompts.jsonl");
     std::fs::write(
         &prompts,
@@ -192,18 +223,33 @@ fn rejection_sample_takes_device_max_new_tokens_and_trl_prompts() {
     .unwrap();
     let rs = |max_new: &str, device: &str, out: &str| {
         let mut c = llama2();
-        c.args(["rejection-sample", "--k", "2", "--epochs", "1", "--seq-len", "64"])
-            .args(["--max-new-tokens", max_new, "--device", device, "--temperature", "1.5"])
-            .arg("--model")
-            .arg(d.join("policy"))
-            .arg("--rm-helpfulness")
-            .arg(d.join("rm"))
-            .arg("--rm-safety")
-            .arg(d.join("rm"))
-            .arg("--prompts")
-            .arg(&prompts)
-            .arg("--out")
-            .arg(d.join(out));
+        c.args([
+            "rejection-sample",
+            "--k",
+            "2",
+            "--epochs",
+            "1",
+            "--seq-len",
+            "64",
+        ])
+        .args([
+            "--max-new-tokens",
+            max_new,
+            "--device",
+            device,
+            "--temperature",
+            "1.5",
+        ])
+        .arg("--model")
+        .arg(d.join("policy"))
+        .arg("--rm-helpfulness")
+        .arg(d.join("rm"))
+        .arg("--rm-safety")
+        .arg(d.join("rm"))
+        .arg("--prompts")
+        .arg(&prompts)
+        .arg("--out")
+        .arg(d.join(out));
         c
     };
     let answers = |out: &str| -> Vec<String> {
@@ -223,14 +269,20 @@ fn rejection_sample_takes_device_max_new_tokens_and_trl_prompts() {
     // One token is at most one vocabulary piece (Llama 2's longest is 16 bytes); twelve from a
     // random model are more.
     let one = answers("one");
-    assert!(!one.is_empty() && one.iter().all(|a| a.len() <= 16), "{one:?}");
+    assert!(
+        !one.is_empty() && one.iter().all(|a| a.len() <= 16),
+        "{one:?}"
+    );
     ok(&mut rs("12", "cpu", "twelve"));
     let twelve = answers("twelve");
     assert!(twelve.iter().any(|a| a.len() > 16), "{twelve:?}");
     // --device is parsed and dispatched: a bad one is refused by name; CUDA runs where there is
     // a GPU, and elsewhere says why not instead of running on the CPU.
     let out = run(&mut rs("1", "tpu", "x"), "");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("tpu"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("tpu"),
+        "{out:?}"
+    );
     let out = run(&mut rs("1", "cuda", "x"), "");
     let e = String::from_utf8_lossy(&out.stderr).to_lowercase();
     assert!(out.status.success() || e.contains("cuda"), "{e}");
@@ -238,7 +290,10 @@ fn rejection_sample_takes_device_max_new_tokens_and_trl_prompts() {
     std::fs::write(&prompts, "{\"prompt\": \"Hi\"}\n{\"completion\": \"x\"}\n").unwrap();
     let out = run(&mut rs("1", "cpu", "bad"), "");
     let e = String::from_utf8_lossy(&out.stderr);
-    assert!(e.contains("prompts.jsonl:2") && e.contains("--skip-bad"), "{e}");
+    assert!(
+        e.contains("prompts.jsonl:2") && e.contains("--skip-bad"),
+        "{e}"
+    );
     let so = ok(rs("1", "cpu", "skip").arg("--skip-bad"));
     assert!(so.contains("1 bad prompt line(s) skipped"), "{so}");
 }
@@ -260,18 +315,32 @@ fn first_step(run_dir: &Path) -> (f64, f64) {
     let m = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
     let v: Value = serde_json::from_str(m.lines().next().unwrap()).unwrap();
     assert_eq!(v["step"], 1);
-    (v["loss"].as_f64().unwrap(), v["grad_norm"].as_f64().unwrap())
+    (
+        v["loss"].as_f64().unwrap(),
+        v["grad_norm"].as_f64().unwrap(),
+    )
 }
 
 #[test]
 fn sft_batch_tokens_accumulates_to_the_gradient_of_one_batch() {
+    let Some(tok) = llama2_tokenizer() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    checkpoint(&d.join("init"), Head::Lm, 5);
+    checkpoint(&d.join("init"), Head::Lm, 5, &tok);
     sft_data(&d.join("sft.jsonl"));
     let sft = |out: &str, extra: &[&str]| {
         let so = ok(llama2()
-            .args(["sft", "--seq-len", "64", "--steps", "1", "--eval-every", "0"])
+            .args([
+                "sft",
+                "--seq-len",
+                "64",
+                "--steps",
+                "1",
+                "--eval-every",
+                "0",
+            ])
             .args(["--no-progress", "--init"])
             .arg(d.join("init"))
             .arg("--data")
@@ -295,7 +364,16 @@ fn sft_batch_tokens_accumulates_to_the_gradient_of_one_batch() {
     }
     let out = run(
         llama2()
-            .args(["sft", "--seq-len", "64", "--batch-size", "2", "--batch-tokens", "100", "--init"])
+            .args([
+                "sft",
+                "--seq-len",
+                "64",
+                "--batch-size",
+                "2",
+                "--batch-tokens",
+                "100",
+                "--init",
+            ])
             .arg(d.join("init"))
             .arg("--data")
             .arg(d.join("sft.jsonl")),

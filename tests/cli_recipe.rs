@@ -5,8 +5,6 @@
 //! judge (the recipe's first reward models). It is killed in the middle of round 2 and finished by
 //! a rerun, which skips the steps already done; `recipe plan` says which are done.
 
-mod common;
-
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -22,13 +20,16 @@ fn ok(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
     );
-    assert!(out.status.success(), "{cmd:?} failed\nstdout:\n{so}\nstderr:\n{se}");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed\nstdout:\n{so}\nstderr:\n{se}"
+    );
     so.to_string()
 }
 
 /// A tiny model pretrained on the start of Tiny Shakespeare, with its own 512-token tokenizer.
-fn pretrained(d: &Path) -> std::path::PathBuf {
-    let text: String = std::fs::read_to_string(common::shared("data/tinyshakespeare.txt"))
+fn pretrained(d: &Path, shakespeare: &Path) -> std::path::PathBuf {
+    let text: String = std::fs::read_to_string(shakespeare)
         .unwrap()
         .chars()
         .take(100_000)
@@ -45,7 +46,15 @@ fn pretrained(d: &Path) -> std::path::PathBuf {
         .arg(d.join("data"))
         .arg(d.join("shakespeare.txt")));
     ok(llama2()
-        .args(["pretrain", "--preset", "tiny", "--seq-len", "64", "--batch-size", "8"])
+        .args([
+            "pretrain",
+            "--preset",
+            "tiny",
+            "--seq-len",
+            "64",
+            "--batch-size",
+            "8",
+        ])
         .args(["--steps", "20", "--no-progress", "--data"])
         .arg(d.join("data"))
         .arg("--out")
@@ -56,8 +65,8 @@ fn pretrained(d: &Path) -> std::path::PathBuf {
 /// Short HH pairs (their dialogues fit the tiny model's 256 positions with room for answers),
 /// converted to TRL's conversational form: `train.jsonl` (pairs), `prompts.jsonl` (their
 /// prompts) and `eval.jsonl` (prompts of other pairs).
-fn user_data(d: &Path) {
-    let hh = std::fs::read_to_string(common::shared("data/hh-harmless-pairs.jsonl")).unwrap();
+fn user_data(d: &Path, hh: &Path) {
+    let hh = std::fs::read_to_string(hh).unwrap();
     let short: Vec<&str> = hh.lines().filter(|l| l.len() < 500).take(72).collect();
     assert_eq!(short.len(), 72, "the shared HH file has short pairs");
     std::fs::write(d.join("hh-train.jsonl"), short[..60].join("\n")).unwrap();
@@ -72,10 +81,17 @@ fn user_data(d: &Path) {
     convert("prompts", "train.jsonl", "prompts.jsonl");
     convert("prompts", "hh-eval.jsonl", "eval.jsonl");
     let first: Value = serde_json::from_str(
-        std::fs::read_to_string(d.join("train.jsonl")).unwrap().lines().next().unwrap(),
+        std::fs::read_to_string(d.join("train.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
     )
     .unwrap();
-    assert!(first["prompt"].is_array() && first["chosen"].is_array(), "{first}");
+    assert!(
+        first["prompt"].is_array() && first["chosen"].is_array(),
+        "{first}"
+    );
 }
 
 const RECIPE: &str = r#"
@@ -129,10 +145,17 @@ max_new_tokens = 12
 
 #[test]
 fn a_recipe_on_user_data_is_killed_midway_and_finished_by_a_rerun() {
+    use engine::shared_data::or_skip;
+    let Some(shakespeare) = or_skip("data/tinyshakespeare.txt") else {
+        return;
+    };
+    let Some(hh) = or_skip("data/hh-harmless-pairs.jsonl") else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let base = pretrained(d);
-    user_data(d);
+    let base = pretrained(d, &shakespeare);
+    user_data(d, &hh);
     let out = d.join("run");
     let recipe = d.join("hh.toml");
     std::fs::write(
@@ -143,16 +166,25 @@ fn a_recipe_on_user_data_is_killed_midway_and_finished_by_a_rerun() {
     )
     .unwrap();
     let plan = |want: &[(&str, &str)]| {
-        let p = ok(llama2().args(["recipe", "plan"]).arg(&recipe).arg("--out").arg(&out));
+        let p = ok(llama2()
+            .args(["recipe", "plan"])
+            .arg(&recipe)
+            .arg("--out")
+            .arg(&out));
         for (step, state) in want {
             assert!(
-                p.lines().any(|l| l.split_whitespace().next() == Some(step) && l.contains(state)),
+                p.lines()
+                    .any(|l| l.split_whitespace().next() == Some(step) && l.contains(state)),
                 "`{step}` should be `{state}`:\n{p}"
             );
         }
         p
     };
-    plan(&[("sft", "to run"), ("rm", "to run"), ("round-2/ppo", "to run")]);
+    plan(&[
+        ("sft", "to run"),
+        ("rm", "to run"),
+        ("round-2/ppo", "to run"),
+    ]);
 
     // Killed when round 2's rejection sampling starts.
     let mut child = llama2()
@@ -174,9 +206,22 @@ fn a_recipe_on_user_data_is_killed_midway_and_finished_by_a_rerun() {
         }
     }
     let status = child.wait().unwrap();
-    assert!(!status.success(), "killed before finishing; it said:\n{}", said.join("\n"));
-    assert!(said.iter().any(|l| l.ends_with("] round-2/rs")), "{}", said.join("\n"));
-    plan(&[("sft", "done"), ("rm", "done"), ("round-1/rs", "done"), ("round-2/ppo", "to run")]);
+    assert!(
+        !status.success(),
+        "killed before finishing; it said:\n{}",
+        said.join("\n")
+    );
+    assert!(
+        said.iter().any(|l| l.ends_with("] round-2/rs")),
+        "{}",
+        said.join("\n")
+    );
+    plan(&[
+        ("sft", "done"),
+        ("rm", "done"),
+        ("round-1/rs", "done"),
+        ("round-2/ppo", "to run"),
+    ]);
 
     // The rerun skips what is done and finishes.
     let o = llama2()
@@ -186,26 +231,47 @@ fn a_recipe_on_user_data_is_killed_midway_and_finished_by_a_rerun() {
         .arg(&out)
         .output()
         .unwrap();
-    let (so, se) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let (so, se) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
     assert!(o.status.success(), "rerun failed\n{so}\n{se}");
     for step in ["sft", "rm", "round-1/rs", "eval/sft", "eval/rs_round_1"] {
-        assert!(se.contains(&format!("] {step}: done, skipped")), "{step} rerun:\n{se}");
+        assert!(
+            se.contains(&format!("] {step}: done, skipped")),
+            "{step} rerun:\n{se}"
+        );
     }
     for step in ["round-2/rs", "round-2/ppo", "eval/ppo_round_2"] {
-        assert!(se.lines().any(|l| l.ends_with(&format!("] {step}"))), "{step} not run:\n{se}");
+        assert!(
+            se.lines().any(|l| l.ends_with(&format!("] {step}"))),
+            "{step} not run:\n{se}"
+        );
     }
     plan(&[("round-2/ppo", "done"), ("eval/ppo_round_2", "done")]);
 
     // Every stage's reward under the one fixed judge: the recipe's first reward models.
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
-    let stages: Vec<&str> =
-        report["stages"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    let stages: Vec<&str> = report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
     assert_eq!(stages, ["sft", "rs_round_1", "rs_round_2", "ppo_round_2"]);
     for s in &stages {
         let j = &report[*s]["judge"];
-        assert!(j["greedy"].as_f64().is_some_and(|r| (0.0..=1.0).contains(&r)), "{s}: {j}");
-        assert!(report[*s]["gold"].is_null() && report[*s]["accuracy"].is_null(), "no world here");
+        assert!(
+            j["greedy"]
+                .as_f64()
+                .is_some_and(|r| (0.0..=1.0).contains(&r)),
+            "{s}: {j}"
+        );
+        assert!(
+            report[*s]["gold"].is_null() && report[*s]["accuracy"].is_null(),
+            "no world here"
+        );
     }
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("| ppo_round_2 |"), "{md}");

@@ -769,12 +769,16 @@ pub fn write_hf_extras(dir: &Path, cfg: &LlamaConfig, head: Head) -> Result<()> 
     let tok = crate::tokenizer::Tokenizer::from_file(&tok_path)?;
     let name = |id: u32| {
         tok.id_to_token(id).ok_or_else(|| {
-            Error::file(&tok_path, format!("no token with id {id} (needed as a special token)"))
+            Error::file(
+                &tok_path,
+                format!("no token with id {id} (needed as a special token)"),
+            )
         })
     };
     let (bos, eos, pad_tok) = (name(tok.bos)?, name(tok.eos)?, name(pad)?);
     let unk = tok.token_id("<unk>").map(|_| "<unk>".to_string());
-    let mut specials = serde_json::json!({"bos_token": bos, "eos_token": eos, "pad_token": pad_tok});
+    let mut specials =
+        serde_json::json!({"bos_token": bos, "eos_token": eos, "pad_token": pad_tok});
     if let Some(u) = &unk {
         specials["unk_token"] = u.as_str().into();
     }
@@ -795,13 +799,22 @@ pub fn write_hf_extras(dir: &Path, cfg: &LlamaConfig, head: Head) -> Result<()> 
     let mut tc = specials.clone();
     let o = tc.as_object_mut().expect("object");
     o.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
-    o.insert("model_max_length".into(), cfg.max_position_embeddings.into());
+    o.insert(
+        "model_max_length".into(),
+        cfg.max_position_embeddings.into(),
+    );
     o.insert("clean_up_tokenization_spaces".into(), false.into());
     o.insert("add_bos_token".into(), true.into());
     o.insert("add_eos_token".into(), false.into());
     o.insert("added_tokens_decoder".into(), decoder.into());
-    o.insert("chat_template".into(), crate::tokenizer::chat_template().into());
-    for (file, v) in [("tokenizer_config.json", &tc), ("special_tokens_map.json", &specials)] {
+    o.insert(
+        "chat_template".into(),
+        crate::tokenizer::chat_template().into(),
+    );
+    for (file, v) in [
+        ("tokenizer_config.json", &tc),
+        ("special_tokens_map.json", &specials),
+    ] {
         let text = serde_json::to_string_pretty(v).expect("json");
         write_synced(&dir.join(file), text.as_bytes())?;
     }

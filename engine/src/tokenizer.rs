@@ -187,7 +187,14 @@ fn strip(s: &str) -> &str {
 /// Jinja environment (`trim_blocks`, `lstrip_blocks`) changes the output.
 pub fn chat_template() -> String {
     // Jinja string literals: the newlines of the system block as `\n` escapes.
-    let lit = |s: &str| format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'").replace('\n', "\\n"));
+    let lit = |s: &str| {
+        format!(
+            "'{}'",
+            s.replace('\\', "\\\\")
+                .replace('\'', "\\'")
+                .replace('\n', "\\n")
+        )
+    };
     let roles = "roles must alternate user/assistant after an optional system";
     [
         "{%- set system = (messages[0]['content'] | trim) if (messages and messages[0]['role'] == 'system') else none -%}".to_string(),

@@ -130,9 +130,7 @@ pub fn eval_rm(a: EvalRmArgs) -> Result<()> {
 }
 
 fn eval_rm_on<B: engine::Backend>(be: B, a: EvalRmArgs) -> Result<()> {
-    use trainer::rm::{
-        evaluate, load_rm, select_pairs, split_pairs, write_eval, RmKind,
-    };
+    use trainer::rm::{evaluate, load_rm, select_pairs, split_pairs, write_eval, RmKind};
     let kind: RmKind = a.kind.parse().map_err(anyhow::Error::msg)?;
     let (mut model, tok) = load_rm(be, &a.rm)?;
     let (pairs, _) = trainer::formats::read_pairs(&a.data, false)?;

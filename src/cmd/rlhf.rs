@@ -82,7 +82,12 @@ pub fn rejection_sample(a: RejectionSampleArgs) -> Result<()> {
     // trailing answer dropped; bad lines skipped with --skip-bad); every round reads this file.
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let clean = out.join("prompts.jsonl");
-    let (n, skipped) = convert(Kind::Prompts, std::slice::from_ref(&prompts), &clean, skip_bad)?;
+    let (n, skipped) = convert(
+        Kind::Prompts,
+        std::slice::from_ref(&prompts),
+        &clean,
+        skip_bad,
+    )?;
     if n == 0 {
         bail!("{}: no prompts", prompts.display());
     }
@@ -437,9 +442,7 @@ pub fn distill_safety(a: DistillSafetyArgs) -> Result<()> {
         seed,
         ..Default::default()
     };
-    let r = on_device!(device, |be| {
-        trainer::distill::run(be, &cfg)?
-    });
+    let r = on_device!(device, |be| { trainer::distill::run(be, &cfg)? });
     println!(
         "{} safety prompts, {} answers kept (mean safety-RM score {:.3} with the preprompt, {:.3} without); model: {}",
         r.prompts, r.kept, r.mean_score_with, r.mean_score_without, r.checkpoint.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "none (no answer kept)".into())

@@ -267,7 +267,11 @@ pub fn run<B: Backend>(be: B, cfg: &EvalConfig) -> Result<StageEval> {
     if cfg.max_prompts > 0 {
         prompts.truncate(cfg.max_prompts);
     }
-    ensure!(!prompts.is_empty(), "no held-out prompts to evaluate {}", cfg.stage);
+    ensure!(
+        !prompts.is_empty(),
+        "no held-out prompts to evaluate {}",
+        cfg.stage
+    );
     let model_dir = crate::run_dir::model_dir(&cfg.model)?;
     let tok = Tokenizer::from_file(&crate::sft::tokenizer_for(&model_dir, None)?)?;
     let ann = cfg
@@ -288,7 +292,13 @@ pub fn run<B: Backend>(be: B, cfg: &EvalConfig) -> Result<StageEval> {
             (Some(g), a)
         }
         None => {
-            let a = chat_answers(&mut model, &tok, &dialogues, &greedy(cfg.max_new_tokens, tok.eos), 32)?;
+            let a = chat_answers(
+                &mut model,
+                &tok,
+                &dialogues,
+                &greedy(cfg.max_new_tokens, tok.eos),
+                32,
+            )?;
             (None, a.into_iter().map(|a| a.text).collect())
         }
     };
@@ -357,14 +367,21 @@ pub fn run<B: Backend>(be: B, cfg: &EvalConfig) -> Result<StageEval> {
         let mut judge = RewardModels::load(be, h, cfg.judge_safety.as_deref())?;
         judge.seq_len = Some(256);
         let safety: Vec<bool> = prompts.iter().map(|p| p.safety).collect();
-        let rows: Vec<_> = dialogues.iter().cloned().zip(answers.iter().cloned()).collect();
+        let rows: Vec<_> = dialogues
+            .iter()
+            .cloned()
+            .zip(answers.iter().cloned())
+            .collect();
         let g = judge.rc(&rows, &safety)?;
         let srows: Vec<_> = repeated
             .iter()
             .cloned()
             .zip(sampled.iter().map(|a| a.text.clone()))
             .collect();
-        let ssafe: Vec<bool> = safety.iter().flat_map(|&s| std::iter::repeat_n(s, k)).collect();
+        let ssafe: Vec<bool> = safety
+            .iter()
+            .flat_map(|&s| std::iter::repeat_n(s, k))
+            .collect();
         let s = judge.rc(&srows, &ssafe)?;
         let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64;
         ev.judge = Some(JudgeEval {
@@ -397,7 +414,10 @@ mod tests {
         };
         let back: StageEval = serde_json::from_value(serde_json::to_value(&e).unwrap()).unwrap();
         let g = back.gold.expect("the gold verdict is read back");
-        assert_eq!((g.prompts, g.accuracy, g.false_refusal_rate), (7, 0.25, 0.5));
+        assert_eq!(
+            (g.prompts, g.accuracy, g.false_refusal_rate),
+            (7, 0.25, 0.5)
+        );
         assert_eq!((back.prompts, back.reward), (7, Some(0.3)));
     }
 }

@@ -119,7 +119,10 @@ fn answer(v: &Value, key: &str) -> Result<String> {
             _ => bail!(
                 "`{key}` beside a prompt must be one assistant message (it has {}: {})",
                 m.len(),
-                m.iter().map(|x| x.role.as_str()).collect::<Vec<_>>().join(", ")
+                m.iter()
+                    .map(|x| x.role.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         },
     }
@@ -272,7 +275,9 @@ pub fn parse_record(v: &Value) -> Result<Record> {
         bail!("`{k}` without a `prompt`");
     }
     if has("text") {
-        let t = field(v, "text").and_then(Value::as_str).context("`text` is not text")?;
+        let t = field(v, "text")
+            .and_then(Value::as_str)
+            .context("`text` is not text")?;
         return parse_hh(t).map(Record::Dialogue).context(
             "`text` is not an HH transcript (plain text is pretraining data: `llama2 prepare-data`)",
         );
@@ -302,7 +307,9 @@ fn read_lines<T>(
     skip: Option<bool>,
     mut parse: impl FnMut(&Value) -> Result<T>,
 ) -> Result<(Vec<(String, T)>, usize)> {
-    crate::run_dir::read_jsonl(files, skip, |v, origin| Ok((origin.to_string(), parse(&v)?)))
+    crate::run_dir::read_jsonl(files, skip, |v, origin| {
+        Ok((origin.to_string(), parse(&v)?))
+    })
 }
 
 fn names(files: &[PathBuf]) -> String {
@@ -398,10 +405,9 @@ fn category(v: &Value) -> Result<Option<RmKind>> {
         }
     });
     match (cat, flag) {
-        (Some(c), Some(f)) if c != f => bail!(
-            "`category` \"{}\" and `is_safety` disagree",
-            c.name()
-        ),
+        (Some(c), Some(f)) if c != f => {
+            bail!("`category` \"{}\" and `is_safety` disagree", c.name())
+        }
         (c, f) => Ok(c.or(f)),
     }
 }
@@ -414,9 +420,9 @@ pub fn parse_pair(v: &Value) -> Result<Pair> {
             chosen,
             rejected,
         } => (prompt, chosen, rejected),
-        Record::Dialogue(_) => bail!(
-            "a dialogue, not a preference pair: `chosen` and `rejected` answers are needed"
-        ),
+        Record::Dialogue(_) => {
+            bail!("a dialogue, not a preference pair: `chosen` and `rejected` answers are needed")
+        }
     };
     check_prompt(&prompt)?;
     ensure!(
@@ -505,8 +511,8 @@ pub fn parse_scored(v: &Value) -> Result<(Vec<Message>, String)> {
         }
     };
     let last = m.pop().filter(|x| x.role == "assistant");
-    let last = last
-        .ok_or_else(|| anyhow!("the dialogue must end with the assistant response to score"))?;
+    let last =
+        last.ok_or_else(|| anyhow!("the dialogue must end with the assistant response to score"))?;
     check_prompt(&m)?;
     Ok((m, last.content))
 }
@@ -547,7 +553,12 @@ impl std::str::FromStr for Kind {
 /// form: dialogues as `{"messages"}`, pairs as `{"prompt": [...], "chosen": [assistant],
 /// "rejected": [assistant]}` with their metadata, prompts as `{"prompt": [...]}` (plus
 /// `is_safety: true` where tagged). Returns the records written and the lines skipped.
-pub fn convert(kind: Kind, files: &[PathBuf], out: &Path, skip_bad: bool) -> Result<(usize, usize)> {
+pub fn convert(
+    kind: Kind,
+    files: &[PathBuf],
+    out: &Path,
+    skip_bad: bool,
+) -> Result<(usize, usize)> {
     let assistant = |t: &str| serde_json::json!([{"role": "assistant", "content": t}]);
     let (rows, skipped): (Vec<Value>, usize) = match kind {
         Kind::Dialogues => {
@@ -663,19 +674,43 @@ mod tests {
     #[test]
     fn bad_dialogues_say_why() {
         let bad = [
-            (json!({"messages": [{"role": "robot", "content": "u"}]}), "robot"),
-            (json!({"messages": [{"role": "user", "content": "u"}], "prompt": "p"}), "both `messages` and `prompt`"),
-            (json!({"prompt": "p", "completion": "a", "response": "b"}), "both `completion` and `response`"),
+            (
+                json!({"messages": [{"role": "robot", "content": "u"}]}),
+                "robot",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "u"}], "prompt": "p"}),
+                "both `messages` and `prompt`",
+            ),
+            (
+                json!({"prompt": "p", "completion": "a", "response": "b"}),
+                "both `completion` and `response`",
+            ),
             (json!({"completion": "a"}), "without a `prompt`"),
             (json!({"prompt": "p"}), "no assistant turn"),
-            (json!({"prompt": 3, "response": "b"}), "`prompt` must be text"),
+            (
+                json!({"prompt": 3, "response": "b"}),
+                "`prompt` must be text",
+            ),
             (json!({"text": "Just some prose."}), "prepare-data"),
             (json!({"foo": 1, "bar": 2}), "fields: bar, foo"),
             (json!([1, 2]), "JSON object"),
-            (json!({"prompt": "p", "completion": "a", "label": true}), "KTO"),
-            (json!({"prompt": "p", "response": "a", "learn": "x"}), "learn"),
-            (json!({"messages": [{"role": "assistant", "content": "a"}]}), "expected role `user`"),
-            (json!({"messages": [{"role": "user", "content": 1}]}), "`messages[0]` has no text `content`"),
+            (
+                json!({"prompt": "p", "completion": "a", "label": true}),
+                "KTO",
+            ),
+            (
+                json!({"prompt": "p", "response": "a", "learn": "x"}),
+                "learn",
+            ),
+            (
+                json!({"messages": [{"role": "assistant", "content": "a"}]}),
+                "expected role `user`",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": 1}]}),
+                "`messages[0]` has no text `content`",
+            ),
             (json!({"rejected": "r"}), "missing `chosen`"),
         ];
         for (v, want) in bad {
@@ -687,9 +722,7 @@ mod tests {
     #[test]
     fn every_pair_shape_reads() {
         let p1 = msgs(&[("user", "q")]);
-        let conv = |a: &str| {
-            json!([{"role": "user", "content": "q"}, {"role": "assistant", "content": a}])
-        };
+        let conv = |a: &str| json!([{"role": "user", "content": "q"}, {"role": "assistant", "content": a}]);
         let shapes = [
             json!({"prompt": "q", "chosen": "a", "rejected": "b"}),
             json!({"prompt": [{"role": "user", "content": "q"}],
@@ -701,47 +734,99 @@ mod tests {
         ];
         for v in shapes {
             let p = parse_pair(&v).unwrap_or_else(|e| panic!("{v}: {e:#}"));
-            assert_eq!((p.prompt.clone(), p.chosen.as_str(), p.rejected.as_str()), (p1.clone(), "a", "b"), "{v}");
+            assert_eq!(
+                (p.prompt.clone(), p.chosen.as_str(), p.rejected.as_str()),
+                (p1.clone(), "a", "b"),
+                "{v}"
+            );
             assert_eq!((p.rating, p.category, p.chosen_safe), (None, None, None));
         }
-        let p = parse_pair(&json!({"chosen": format!("{HH}sure"), "rejected": format!("{HH}no")})).unwrap();
+        let p = parse_pair(&json!({"chosen": format!("{HH}sure"), "rejected": format!("{HH}no")}))
+            .unwrap();
         assert_eq!(p.prompt.len(), 3);
         assert_eq!(p.prompt[2], Message::new("user", "help me"));
         // The paper's metadata.
         let p = parse_pair(&json!({"prompt": "q", "chosen": "a", "rejected": "b",
             "rating": "significantly better", "chosen_safe": true, "rejected_safe": false,
-            "is_safety": true})).unwrap();
+            "is_safety": true}))
+        .unwrap();
         assert_eq!(p.rating, Some(crate::rm::Rating::Significantly));
         assert_eq!((p.chosen_safe, p.rejected_safe), (Some(true), Some(false)));
         assert_eq!(p.category, Some(RmKind::Safety));
-        let p = parse_pair(&json!({"prompt": "q", "chosen": "a", "rejected": "b", "is_safety": false,
-            "category": "helpfulness"})).unwrap();
+        let p = parse_pair(
+            &json!({"prompt": "q", "chosen": "a", "rejected": "b", "is_safety": false,
+            "category": "helpfulness"}),
+        )
+        .unwrap();
         assert_eq!(p.category, Some(RmKind::Helpfulness));
     }
 
     #[test]
     fn bad_pairs_say_why() {
-        let conv = |q: &str, a: &str| {
-            json!([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
-        };
+        let conv = |q: &str, a: &str| json!([{"role": "user", "content": q}, {"role": "assistant", "content": a}]);
         let bad = [
-            (json!({"chosen": format!("{HH}a"), "rejected": "\n\nHuman: other\n\nAssistant: b"}), "differ before"),
-            (json!({"chosen": conv("q", "a"), "rejected": conv("other", "b")}), "differ before"),
-            (json!({"chosen": conv("q", "a"), "rejected": "\n\nHuman: q\n\nAssistant: b"}), "both be transcripts or both message lists"),
+            (
+                json!({"chosen": format!("{HH}a"), "rejected": "\n\nHuman: other\n\nAssistant: b"}),
+                "differ before",
+            ),
+            (
+                json!({"chosen": conv("q", "a"), "rejected": conv("other", "b")}),
+                "differ before",
+            ),
+            (
+                json!({"chosen": conv("q", "a"), "rejected": "\n\nHuman: q\n\nAssistant: b"}),
+                "both be transcripts or both message lists",
+            ),
             (json!({"chosen": "a", "rejected": "b"}), "HH transcript"),
             (json!({"prompt": "q", "chosen": "a"}), "missing `rejected`"),
-            (json!({"prompt": "q", "messages": [], "chosen": "a", "rejected": "b"}), "which is the prompt"),
-            (json!({"prompt": "q", "chosen": conv("q", "a"), "rejected": "b"}), "one assistant message"),
-            (json!({"prompt": "q", "chosen": "a", "rejected": "a "}), "same answer"),
-            (json!({"prompt": "q", "chosen": "a", "rejected": "b", "rating": "great"}), "unknown rating"),
-            (json!({"prompt": "q", "chosen": "a", "rejected": "b", "rating": 3}), "`rating` is not text"),
-            (json!({"prompt": "q", "chosen": "a", "rejected": "b", "category": "fun"}), "category"),
-            (json!({"prompt": "q", "chosen": "a", "rejected": "b", "is_safety": "yes"}), "`is_safety` is not true/false"),
-            (json!({"prompt": "q", "chosen": "a", "rejected": "b", "is_safety": true, "category": "helpfulness"}), "disagree"),
-            (json!({"prompt": "q", "chosen": "a", "rejected": "b", "chosen_safe": 1}), "chosen_safe"),
-            (json!({"messages": conv("u", "a"), "chosen": "x", "rejected": "y"}), "end with a user turn"),
-            (json!({"prompt": "q", "completion": "a"}), "not a preference pair"),
-            (json!({"chosen": [{"role": "user", "content": "q"}], "rejected": [{"role": "user", "content": "q"}]}), "must end with an assistant turn"),
+            (
+                json!({"prompt": "q", "messages": [], "chosen": "a", "rejected": "b"}),
+                "which is the prompt",
+            ),
+            (
+                json!({"prompt": "q", "chosen": conv("q", "a"), "rejected": "b"}),
+                "one assistant message",
+            ),
+            (
+                json!({"prompt": "q", "chosen": "a", "rejected": "a "}),
+                "same answer",
+            ),
+            (
+                json!({"prompt": "q", "chosen": "a", "rejected": "b", "rating": "great"}),
+                "unknown rating",
+            ),
+            (
+                json!({"prompt": "q", "chosen": "a", "rejected": "b", "rating": 3}),
+                "`rating` is not text",
+            ),
+            (
+                json!({"prompt": "q", "chosen": "a", "rejected": "b", "category": "fun"}),
+                "category",
+            ),
+            (
+                json!({"prompt": "q", "chosen": "a", "rejected": "b", "is_safety": "yes"}),
+                "`is_safety` is not true/false",
+            ),
+            (
+                json!({"prompt": "q", "chosen": "a", "rejected": "b", "is_safety": true, "category": "helpfulness"}),
+                "disagree",
+            ),
+            (
+                json!({"prompt": "q", "chosen": "a", "rejected": "b", "chosen_safe": 1}),
+                "chosen_safe",
+            ),
+            (
+                json!({"messages": conv("u", "a"), "chosen": "x", "rejected": "y"}),
+                "end with a user turn",
+            ),
+            (
+                json!({"prompt": "q", "completion": "a"}),
+                "not a preference pair",
+            ),
+            (
+                json!({"chosen": [{"role": "user", "content": "q"}], "rejected": [{"role": "user", "content": "q"}]}),
+                "must end with an assistant turn",
+            ),
         ];
         for (v, want) in bad {
             let e = err(parse_pair(&v));
@@ -767,14 +852,29 @@ mod tests {
             let p = parse_prompt(&v).unwrap_or_else(|e| panic!("{v}: {e:#}"));
             assert_eq!((p.messages.clone(), p.safety), (q.clone(), false), "{v}");
         }
-        assert!(parse_prompt(&json!({"prompt": "q", "category": "safety"})).unwrap().safety);
-        assert!(parse_prompt(&json!({"prompt": "q", "is_safety": true})).unwrap().safety);
+        assert!(
+            parse_prompt(&json!({"prompt": "q", "category": "safety"}))
+                .unwrap()
+                .safety
+        );
+        assert!(
+            parse_prompt(&json!({"prompt": "q", "is_safety": true}))
+                .unwrap()
+                .safety
+        );
         let sys = parse_prompt(&json!({"prompt": [{"role": "system", "content": "s"},
-            {"role": "user", "content": "q"}]})).unwrap();
+            {"role": "user", "content": "q"}]}))
+        .unwrap();
         assert_eq!(sys.messages.len(), 2);
         for (v, want) in [
-            (json!({"messages": [{"role": "assistant", "content": "x"}]}), "end with a user turn"),
-            (json!({"prompt": [{"role": "system", "content": "s"}]}), "followed by a user"),
+            (
+                json!({"messages": [{"role": "assistant", "content": "x"}]}),
+                "end with a user turn",
+            ),
+            (
+                json!({"prompt": [{"role": "system", "content": "s"}]}),
+                "followed by a user",
+            ),
             (json!({"prompt": "q", "is_safety": 1}), "is_safety"),
         ] {
             let e = err(parse_prompt(&v));
@@ -792,7 +892,10 @@ mod tests {
         std::fs::write(&f, &bytes).unwrap();
         let files = [f.clone()];
         let e = err(read_dialogues(&files, false));
-        assert!(e.contains("d.jsonl:3: invalid JSON") && e.contains("--skip-bad"), "{e}");
+        assert!(
+            e.contains("d.jsonl:3: invalid JSON") && e.contains("--skip-bad"),
+            "{e}"
+        );
         let (d, skipped) = read_dialogues(&files, true).unwrap();
         assert_eq!((d.len(), skipped), (2, 3));
         let (p, skipped) = read_prompts(&files, Some(true)).unwrap();
@@ -801,12 +904,26 @@ mod tests {
         assert!(e.contains("d.jsonl:3") && !e.contains("--skip-bad"), "{e}");
         let (pairs, skipped) = read_pairs(&files, true).unwrap();
         assert_eq!((pairs.len(), skipped), (1, 4));
-        assert!(pairs[0].origin.ends_with("d.jsonl:6"), "{}", pairs[0].origin);
+        assert!(
+            pairs[0].origin.ends_with("d.jsonl:6"),
+            "{}",
+            pairs[0].origin
+        );
         let e = err(read_pairs(&files, false));
-        assert!(e.contains("d.jsonl:1") && e.contains("not a preference pair"), "{e}");
-        std::fs::write(&f, "{\"prompt\": \"q\", \"completion\": \"a\"}\n{\"prompt\": \"q\"}\n").unwrap();
+        assert!(
+            e.contains("d.jsonl:1") && e.contains("not a preference pair"),
+            "{e}"
+        );
+        std::fs::write(
+            &f,
+            "{\"prompt\": \"q\", \"completion\": \"a\"}\n{\"prompt\": \"q\"}\n",
+        )
+        .unwrap();
         let e = err(read_scored(&files));
-        assert!(e.contains("d.jsonl:2") && e.contains("assistant response"), "{e}");
+        assert!(
+            e.contains("d.jsonl:2") && e.contains("assistant response"),
+            "{e}"
+        );
         std::fs::write(&f, "\n").unwrap();
         assert!(err(read_dialogues(&files, false)).contains("no dialogues"));
     }
@@ -833,18 +950,42 @@ mod tests {
             match kind {
                 Kind::Pairs => {
                     let strip = |v: Vec<Pair>| -> Vec<Pair> {
-                        v.into_iter().map(|p| Pair { origin: String::new(), ..p }).collect()
+                        v.into_iter()
+                            .map(|p| Pair {
+                                origin: String::new(),
+                                ..p
+                            })
+                            .collect()
                     };
-                    assert_eq!(strip(read_pairs(&a, false).unwrap().0), strip(read_pairs(&b, false).unwrap().0));
+                    assert_eq!(
+                        strip(read_pairs(&a, false).unwrap().0),
+                        strip(read_pairs(&b, false).unwrap().0)
+                    );
                     let line: Value = serde_json::from_str(
-                        std::fs::read_to_string(&out).unwrap().lines().next().unwrap(),
+                        std::fs::read_to_string(&out)
+                            .unwrap()
+                            .lines()
+                            .next()
+                            .unwrap(),
                     )
                     .unwrap();
-                    assert_eq!(line["chosen"], json!([{"role": "assistant", "content": "sure"}]));
-                    assert_eq!(line["prompt"][2], json!({"role": "user", "content": "help me"}));
+                    assert_eq!(
+                        line["chosen"],
+                        json!([{"role": "assistant", "content": "sure"}])
+                    );
+                    assert_eq!(
+                        line["prompt"][2],
+                        json!({"role": "user", "content": "help me"})
+                    );
                 }
-                Kind::Dialogues => assert_eq!(read_dialogues(&a, false).unwrap().0, read_dialogues(&b, false).unwrap().0),
-                Kind::Prompts => assert_eq!(read_prompts(&a, None).unwrap().0, read_prompts(&b, None).unwrap().0),
+                Kind::Dialogues => assert_eq!(
+                    read_dialogues(&a, false).unwrap().0,
+                    read_dialogues(&b, false).unwrap().0
+                ),
+                Kind::Prompts => assert_eq!(
+                    read_prompts(&a, None).unwrap().0,
+                    read_prompts(&b, None).unwrap().0
+                ),
             }
         }
     }

@@ -82,8 +82,17 @@ pub fn run<B: Backend>(be: B, cfg: &PipelineConfig) -> Result<Value> {
     );
     let say = |msg: &str| {
         bar.set_message(msg.to_string());
-        bar.set_position(msg.trim_start_matches('[').split('/').next().and_then(|n| n.parse().ok()).unwrap_or(0));
-        crate::run_dir::say(&bar, format!("[{:>6.1}s] {msg}", t0.elapsed().as_secs_f64()));
+        bar.set_position(
+            msg.trim_start_matches('[')
+                .split('/')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0),
+        );
+        crate::run_dir::say(
+            &bar,
+            format!("[{:>6.1}s] {msg}", t0.elapsed().as_secs_f64()),
+        );
     };
     let rep = recipe::run(be.clone(), &plan, &say)?;
     bar.finish_and_clear();

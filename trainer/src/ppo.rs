@@ -34,9 +34,9 @@
 //! continues exactly as an uninterrupted one.
 
 use crate::evaluate::chat_answers;
+use crate::formats::Prompt;
 use crate::optimizer::{as_sink, Optim};
 use crate::plot::{line_plot, read_series};
-use crate::formats::Prompt;
 use crate::reward::{self, logit, RewardModels};
 use crate::rm::load_rm;
 use crate::run_dir::{self, MetricsWriter};
@@ -919,7 +919,11 @@ pub fn train_dp<B: Backend>(
     // The policy and the reference may be training run directories: their latest checkpoints.
     let mut cfg = cfg.absolutized()?;
     cfg.policy = run_dir::model_dir(&cfg.policy)?;
-    cfg.reference = cfg.reference.as_deref().map(run_dir::model_dir).transpose()?;
+    cfg.reference = cfg
+        .reference
+        .as_deref()
+        .map(run_dir::model_dir)
+        .transpose()?;
     let cfg = &cfg;
     let t_start = Instant::now();
 
@@ -971,8 +975,11 @@ pub fn train_dp<B: Backend>(
         tok.vocab_size()
     );
     let critic_tok = run_dir::model_dir(&critic_dir)?.join("tokenizer.json");
-    let mut rewards =
-        RewardModels::load(be.clone(), &cfg.reward_helpfulness, cfg.reward_safety.as_deref())?;
+    let mut rewards = RewardModels::load(
+        be.clone(),
+        &cfg.reward_helpfulness,
+        cfg.reward_safety.as_deref(),
+    )?;
     rewards.threshold = cfg.safety_threshold;
     rewards.batch = cfg.gen_batch.max(1);
     let ann = cfg
@@ -981,7 +988,9 @@ pub fn train_dp<B: Backend>(
         .map(|w| World::load(w).map(Annotator::new))
         .transpose()
         .context("loading the world for the gold annotator")?;
-    let beta = cfg.beta.unwrap_or_else(|| crate::paper::for_model(&policy.cfg).ppo_beta);
+    let beta = cfg
+        .beta
+        .unwrap_or_else(|| crate::paper::for_model(&policy.cfg).ppo_beta);
     let critic_lr = cfg.critic_lr.unwrap_or(cfg.lr);
     let (mut start, mut best_eval, mut since_best) = (0usize, None::<f32>, 0usize);
     let (mut opt_p, mut opt_c);
@@ -1081,21 +1090,23 @@ pub fn train_dp<B: Backend>(
     let mut last_ckpt = None;
     let mut it = start;
 
-    let do_eval =
-        |policy: &mut Llama<B>, rewards: &mut RewardModels<B>, it: usize| -> Result<Option<EvalStats>> {
-            if eval_p.is_empty() || cfg.eval_every == 0 || !lead {
-                return Ok(None);
-            }
-            Ok(Some(evaluate(
-                policy,
-                &tok,
-                rewards,
-                ann.as_ref(),
-                &eval_p,
-                cfg,
-                it,
-            )?))
-        };
+    let do_eval = |policy: &mut Llama<B>,
+                   rewards: &mut RewardModels<B>,
+                   it: usize|
+     -> Result<Option<EvalStats>> {
+        if eval_p.is_empty() || cfg.eval_every == 0 || !lead {
+            return Ok(None);
+        }
+        Ok(Some(evaluate(
+            policy,
+            &tok,
+            rewards,
+            ann.as_ref(),
+            &eval_p,
+            cfg,
+            it,
+        )?))
+    };
 
     // The starting point's held-out reward (the SFT baseline on a fresh run).
     if start == 0 {

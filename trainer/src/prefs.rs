@@ -11,9 +11,9 @@
 //!   `rejected_safe` added.
 
 use crate::evaluate::chat_answers;
+use crate::formats::read_pairs;
 use crate::formats::{read_prompts, Prompt};
 use crate::reward::{sigmoid, RewardModels, SAFETY_THRESHOLD};
-use crate::formats::read_pairs;
 use crate::rm::Rating;
 use crate::world::{Annotator, Category, Example, Level, Winner, World};
 use anyhow::{bail, ensure, Context, Result};
@@ -243,7 +243,10 @@ fn sample_once<B: Backend>(
     let n = prompts.len();
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(cfg.seed ^ 0x0ff7);
     for (i, e) in prompts.iter().enumerate() {
-        let mut pairs = vec![(i, serde_json::json!({"temperatures": [temp(i, 0), temp(i, 1)]}))];
+        let mut pairs = vec![(
+            i,
+            serde_json::json!({"temperatures": [temp(i, 0), temp(i, 1)]}),
+        )];
         if n > 1 && rand::Rng::random_bool(&mut rng, cfg.off_topic.clamp(0.0, 1.0)) {
             let other = (i + 1 + rand::Rng::random_range(&mut rng, 0..n - 1)) % n;
             pairs.push((
@@ -294,18 +297,25 @@ pub fn label_world(ann: &Annotator, pairs: &[Unlabelled]) -> Vec<LabelledPair> {
 /// otherwise); the gap in score sets the rating (≥ 2 significantly, ≥ 1 better, ≥ 0.5 slightly
 /// better, else negligibly), σ(safety score) ≥ ½ the safety meta-label. Equal scores are ties,
 /// dropped.
-pub fn label_rm<B: Backend>(rms: &mut RewardModels<B>, pairs: &[Unlabelled]) -> Result<Vec<LabelledPair>> {
+pub fn label_rm<B: Backend>(
+    rms: &mut RewardModels<B>,
+    pairs: &[Unlabelled],
+) -> Result<Vec<LabelledPair>> {
     let rows: Vec<(Vec<Message>, String)> = pairs
         .iter()
-        .flat_map(|u| [(u.messages.clone(), u.chosen.clone()), (u.messages.clone(), u.rejected.clone())])
+        .flat_map(|u| {
+            [
+                (u.messages.clone(), u.chosen.clone()),
+                (u.messages.clone(), u.rejected.clone()),
+            ]
+        })
         .collect();
     let (h, s) = rms.scores(&rows)?;
     let mut out = Vec::new();
     for (i, u) in pairs.iter().enumerate() {
         let (ha, hb, sa, sb) = (h[2 * i], h[2 * i + 1], s[2 * i], s[2 * i + 1]);
-        let safety_decides = u.category == "safety"
-            || sigmoid(sa) < rms.threshold
-            || sigmoid(sb) < rms.threshold;
+        let safety_decides =
+            u.category == "safety" || sigmoid(sa) < rms.threshold || sigmoid(sb) < rms.threshold;
         let (xa, xb) = if safety_decides { (sa, sb) } else { (ha, hb) };
         if xa == xb {
             continue;
@@ -350,7 +360,10 @@ pub fn collect<B: Backend>(
             safety: e.category == Category::Safety,
         })
         .collect();
-    Ok(label_world(annotator, &sample_pairs(model, tok, &prompts, cfg)?))
+    Ok(label_world(
+        annotator,
+        &sample_pairs(model, tok, &prompts, cfg)?,
+    ))
 }
 
 /// The rating string `train-rm` parses for a level.
@@ -410,7 +423,8 @@ pub fn run<B: Backend>(be: B, cfg: &PrefsConfig) -> Result<PrefsReport> {
     let (labelled, held_labelled) = match &cfg.labeller {
         Labeller::World(dir) => {
             let ann = Annotator::new(
-                World::load(dir).with_context(|| format!("the labeller's world {}", dir.display()))?,
+                World::load(dir)
+                    .with_context(|| format!("the labeller's world {}", dir.display()))?,
             );
             (label_world(&ann, &pairs), label_world(&ann, &held_pairs))
         }
@@ -420,7 +434,10 @@ pub fn run<B: Backend>(be: B, cfg: &PrefsConfig) -> Result<PrefsReport> {
         } => {
             let mut rms = RewardModels::load(be, helpfulness, safety.as_deref())?;
             rms.threshold = SAFETY_THRESHOLD;
-            (label_rm(&mut rms, &pairs)?, label_rm(&mut rms, &held_pairs)?)
+            (
+                label_rm(&mut rms, &pairs)?,
+                label_rm(&mut rms, &held_pairs)?,
+            )
         }
         Labeller::File(dir) => {
             let name = format!("round-{}", cfg.round);

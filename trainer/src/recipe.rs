@@ -243,7 +243,9 @@ impl Step {
             } => json!({"vocab_size": vocab_size, "inputs": inputs, "val_fraction": val_fraction}),
             Kind::Pretrain(c) => v(c),
             Kind::Sft(c) => v(c),
-            Kind::Rm(c, h) => json!({"models": c.iter().map(|c| v(c)).collect::<Vec<_>>(), "heldout": h}),
+            Kind::Rm(c, h) => {
+                json!({"models": c.iter().map(|c| v(c)).collect::<Vec<_>>(), "heldout": h})
+            }
             Kind::Prefs(c) => v(c),
             Kind::Rs(c) => v(c),
             Kind::Ppo(c) => v(c),
@@ -305,7 +307,10 @@ fn resolve_world(table: &toml::Table, world: &Path) -> toml::Table {
             other => other.clone(),
         }
     }
-    table.iter().map(|(k, v)| (k.clone(), walk(v, world))).collect()
+    table
+        .iter()
+        .map(|(k, v)| (k.clone(), walk(v, world)))
+        .collect()
 }
 
 fn world_path(s: &str, world: &Path) -> PathBuf {
@@ -352,7 +357,9 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
                 "[world] dir = {}: not a world (`llama2 world` writes world.json there)",
                 d.display()
             ),
-            _ => bail!("[world]: give `size` (generate one) or `dir` (an existing world), not both"),
+            _ => {
+                bail!("[world]: give `size` (generate one) or `dir` (an existing world), not both")
+            }
         }
     }
     let mut base = recipe.model.base.clone();
@@ -392,7 +399,8 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
         push("pretrain".into(), Kind::Pretrain(c));
         base = Some(out.join("pretrain"));
     }
-    let base = base.context("no model: give [model] base = \"CHECKPOINT\" or a [pretrain] section")?;
+    let base =
+        base.context("no model: give [model] base = \"CHECKPOINT\" or a [pretrain] section")?;
     let mut evals: Vec<(String, PathBuf, Option<PathBuf>)> = Vec::new();
     if recipe.pretrain.is_some() {
         evals.push(("pretrain".into(), base.clone(), None));
@@ -402,7 +410,10 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
         c.seed = seed;
         c.progress = false;
         let c: SftConfig = merged(&c, &[("sft", Some(s))])?;
-        ensure!(!c.data.is_empty(), "[sft]: give `data`, dialogue JSONL files");
+        ensure!(
+            !c.data.is_empty(),
+            "[sft]: give `data`, dialogue JSONL files"
+        );
         push("sft".into(), Kind::Sft(c));
         out.join("sft")
     } else {
@@ -418,10 +429,20 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
         .transpose()
         .context("[rm] data: a list of preference JSONL files")?
         .unwrap_or_default();
-    let rm_step = |dir: &Path, files: Vec<PathBuf>, heldout: Option<PathBuf>, round: usize, over: Option<&toml::Table>| -> Result<Kind> {
+    let rm_step = |dir: &Path,
+                   files: Vec<PathBuf>,
+                   heldout: Option<PathBuf>,
+                   round: usize,
+                   over: Option<&toml::Table>|
+     -> Result<Kind> {
         let mut models = Vec::new();
         for kind in [RmKind::Helpfulness, RmKind::Safety] {
-            let mut c = RmConfig::new(sft.clone(), files.clone(), dir.join(format!("rm-{}", kind.name())), kind);
+            let mut c = RmConfig::new(
+                sft.clone(),
+                files.clone(),
+                dir.join(format!("rm-{}", kind.name())),
+                kind,
+            );
             c.seed = seed ^ round as u64;
             c.progress = false;
             let mut c: RmConfig = merged(&c, &[("rm", rm_s.as_ref()), ("round.rm", over)])?;
@@ -443,9 +464,16 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
         },
     };
     let mut pending: Vec<(String, PathBuf, Option<PathBuf>)> = Vec::new();
-    let eval_prompts: Vec<PathBuf> =
-        recipe.eval.prompts.iter().map(|s| world_path(s, &wdir)).collect();
-    let eval_step = |stage: &str, model: PathBuf, fallback: Option<PathBuf>, judge: &Option<(PathBuf, PathBuf)>| {
+    let eval_prompts: Vec<PathBuf> = recipe
+        .eval
+        .prompts
+        .iter()
+        .map(|s| world_path(s, &wdir))
+        .collect();
+    let eval_step = |stage: &str,
+                     model: PathBuf,
+                     fallback: Option<PathBuf>,
+                     judge: &Option<(PathBuf, PathBuf)>| {
         let mut c = EvalConfig::new(stage, model, eval_prompts.clone());
         c.reference = Some(sft.clone());
         c.max_prompts = recipe.eval.max_prompts;
@@ -459,13 +487,23 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
     };
     let evaluate = !eval_prompts.is_empty();
     // Evaluations wait for the judge when the recipe will train one.
-    let trains_rm = !rm_base.is_empty() || recipe.round.iter().any(|r| r.stages.iter().any(|s| s == "rm"));
-    let flush = |steps_push: &mut dyn FnMut(String, Kind), pending: &mut Vec<(String, PathBuf, Option<PathBuf>)>, judge: &Option<(PathBuf, PathBuf)>, ready: bool| {
+    let trains_rm = !rm_base.is_empty()
+        || recipe
+            .round
+            .iter()
+            .any(|r| r.stages.iter().any(|s| s == "rm"));
+    let flush = |steps_push: &mut dyn FnMut(String, Kind),
+                 pending: &mut Vec<(String, PathBuf, Option<PathBuf>)>,
+                 judge: &Option<(PathBuf, PathBuf)>,
+                 ready: bool| {
         if !evaluate || !ready {
             return;
         }
         for (stage, model, fallback) in pending.drain(..) {
-            steps_push(format!("eval/{stage}"), eval_step(&stage, model, fallback, judge));
+            steps_push(
+                format!("eval/{stage}"),
+                eval_step(&stage, model, fallback, judge),
+            );
         }
     };
     pending.append(&mut evals);
@@ -486,7 +524,12 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
         for (i, r) in recipe.round.iter().enumerate() {
             let k = i + 1;
             let rdir = out.join(format!("round-{k}"));
-            let over = |name: &str| r.overrides.get(name).and_then(|v| v.as_table()).map(|t| resolve_world(t, &wdir));
+            let over = |name: &str| {
+                r.overrides
+                    .get(name)
+                    .and_then(|v| v.as_table())
+                    .map(|t| resolve_world(t, &wdir))
+            };
             for key in r.overrides.keys() {
                 ensure!(
                     ["prefs", "rm", "rs", "ppo"].contains(&key.as_str()),
@@ -505,7 +548,13 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
                             labeller: Labeller::World(wdir.clone()),
                             ..Default::default()
                         };
-                        c = merged(&c, &[("prefs", prefs_s.as_ref()), ("round.prefs", over("prefs").as_ref())])?;
+                        c = merged(
+                            &c,
+                            &[
+                                ("prefs", prefs_s.as_ref()),
+                                ("round.prefs", over("prefs").as_ref()),
+                            ],
+                        )?;
                         if let Labeller::World(d) = &c.labeller {
                             if d.as_os_str().is_empty() {
                                 c.labeller = Labeller::World(wdir.clone());
@@ -513,14 +562,22 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
                         }
                         c.model = current.clone();
                         pairs.push(rdir.join("prefs/prefs.jsonl"));
-                        if !c.heldout.is_empty() && matches!(c.labeller, Labeller::World(_) | Labeller::Rm { .. }) {
+                        if !c.heldout.is_empty()
+                            && matches!(c.labeller, Labeller::World(_) | Labeller::Rm { .. })
+                        {
                             heldout = Some(rdir.join("prefs/prefs_heldout.jsonl"));
                         }
                         sp(format!("round-{k}/prefs"), Kind::Prefs(c));
                     }
                     "rm" => {
                         ensure!(!pairs.is_empty(), "round {k}: `rm` needs preference pairs: [rm] data or a `prefs` stage before it");
-                        let kind = rm_step(&rdir, pairs.clone(), heldout.clone(), k, over("rm").as_ref())?;
+                        let kind = rm_step(
+                            &rdir,
+                            pairs.clone(),
+                            heldout.clone(),
+                            k,
+                            over("rm").as_ref(),
+                        )?;
                         sp(format!("round-{k}/rm"), kind);
                         let d = (rdir.join("rm-helpfulness"), rdir.join("rm-safety"));
                         judge.get_or_insert(d.clone());
@@ -528,7 +585,11 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
                         flush(&mut sp, &mut pending, &judge, true);
                     }
                     "rs" => {
-                        let (h, s) = rms.clone().with_context(|| format!("round {k}: `rs` needs reward models ([rm] data or an `rm` stage)"))?;
+                        let (h, s) = rms.clone().with_context(|| {
+                            format!(
+                                "round {k}: `rs` needs reward models ([rm] data or an `rm` stage)"
+                            )
+                        })?;
                         let mut c = RsConfig {
                             policy: current.clone(),
                             reward_helpfulness: h,
@@ -538,10 +599,16 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
                             seed: seed ^ k as u64,
                             ..Default::default()
                         };
-                        c = merged(&c, &[("rs", rs_s.as_ref()), ("round.rs", over("rs").as_ref())])?;
+                        c = merged(
+                            &c,
+                            &[("rs", rs_s.as_ref()), ("round.rs", over("rs").as_ref())],
+                        )?;
                         c.pool = last_pool.clone();
                         c.policy = current.clone();
-                        ensure!(!c.prompts.is_empty(), "[rs]: give `prompts`, prompt JSONL files");
+                        ensure!(
+                            !c.prompts.is_empty(),
+                            "[rs]: give `prompts`, prompt JSONL files"
+                        );
                         last_pool = Some(rdir.join("rs/pool.jsonl"));
                         current = rdir.join("rs/sft");
                         sp(format!("round-{k}/rs"), Kind::Rs(c));
@@ -549,14 +616,22 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
                         flush(&mut sp, &mut pending, &judge, judge.is_some() || !trains_rm);
                     }
                     "ppo" => {
-                        let (h, s) = rms.clone().with_context(|| format!("round {k}: `ppo` needs reward models"))?;
+                        let (h, s) = rms
+                            .clone()
+                            .with_context(|| format!("round {k}: `ppo` needs reward models"))?;
                         let mut c = PpoConfig::new(current.clone(), h, vec![], rdir.join("ppo"));
                         c.reward_safety = Some(s);
                         c.world = recipe.eval.gold.then(|| wdir.clone());
                         c.seed = seed ^ (k as u64) << 16;
                         c.progress = false;
-                        c = merged(&c, &[("ppo", ppo_s.as_ref()), ("round.ppo", over("ppo").as_ref())])?;
-                        ensure!(!c.prompts.is_empty(), "[ppo]: give `prompts`, prompt JSONL files");
+                        c = merged(
+                            &c,
+                            &[("ppo", ppo_s.as_ref()), ("round.ppo", over("ppo").as_ref())],
+                        )?;
+                        ensure!(
+                            !c.prompts.is_empty(),
+                            "[ppo]: give `prompts`, prompt JSONL files"
+                        );
                         current = rdir.join("ppo");
                         sp(format!("round-{k}/ppo"), Kind::Ppo(c));
                         pending.push((format!("ppo_round_{k}"), current.clone(), None));
@@ -568,8 +643,16 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
         }
         let mut replay = Vec::new();
         if recipe.finish.replay_pool_rows > 0 {
-            let pool = last_pool.clone().context("[finish] replay_pool_rows: no rejection-sampling round made a pool")?;
-            sp("replay".into(), Kind::Replay { pool, rows: recipe.finish.replay_pool_rows });
+            let pool = last_pool
+                .clone()
+                .context("[finish] replay_pool_rows: no rejection-sampling round made a pool")?;
+            sp(
+                "replay".into(),
+                Kind::Replay {
+                    pool,
+                    rows: recipe.finish.replay_pool_rows,
+                },
+            );
             replay.push(out.join("replay/replay.jsonl"));
         }
         for stage in &recipe.finish.stages {
@@ -590,7 +673,9 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
                     pending.push(("gatt".into(), current.clone(), None));
                 }
                 "distill" => {
-                    let (_, s) = rms.clone().context("`distill` needs a safety reward model")?;
+                    let (_, s) = rms
+                        .clone()
+                        .context("`distill` needs a safety reward model")?;
                     let mut c = DistillConfig {
                         init: current.clone(),
                         safety_rm: s,
@@ -680,7 +765,12 @@ pub fn describe(plan: &Plan) -> String {
             (None, true) => "partial: reruns",
             (None, false) => "to run",
         };
-        s += &format!("  {:<22} {:<16} {}\n", st.step.name, state, st.step.dir.display());
+        s += &format!(
+            "  {:<22} {:<16} {}\n",
+            st.step.name,
+            state,
+            st.step.dir.display()
+        );
     }
     s
 }
@@ -697,7 +787,10 @@ pub struct RecipeReport {
 
 impl RecipeReport {
     pub fn report(&self, step: &str) -> Option<&Value> {
-        self.steps.iter().find(|d| d.step == step).map(|d| &d.report)
+        self.steps
+            .iter()
+            .find(|d| d.step == step)
+            .map(|d| &d.report)
     }
 
     /// The evaluations, in the order the stages ran.
@@ -713,7 +806,8 @@ impl RecipeReport {
 /// Runs the plan's steps, skipping those already done; `say` reports each step.
 pub fn run<B: Backend>(be: B, plan: &Plan, say: &dyn Fn(&str)) -> Result<RecipeReport> {
     let t0 = Instant::now();
-    std::fs::create_dir_all(&plan.out).with_context(|| format!("creating {}", plan.out.display()))?;
+    std::fs::create_dir_all(&plan.out)
+        .with_context(|| format!("creating {}", plan.out.display()))?;
     let mut steps = Vec::new();
     let mut ran = Vec::new();
     let all = status(plan);
@@ -726,7 +820,8 @@ pub fn run<B: Backend>(be: B, plan: &Plan, say: &dyn Fn(&str)) -> Result<RecipeR
         }
         say(&format!("[{}/{n}] {}", i + 1, st.step.name));
         let t = Instant::now();
-        let report = run_step(&be, &st.step).with_context(|| format!("recipe step {}", st.step.name))?;
+        let report =
+            run_step(&be, &st.step).with_context(|| format!("recipe step {}", st.step.name))?;
         let done = Done {
             step: st.step.name.clone(),
             key: st.key,
@@ -797,7 +892,11 @@ fn run_step<B: Backend>(be: &B, step: &Step) -> Result<Value> {
                     let sel = crate::rm::select_pairs(pairs, c.kind);
                     if !sel.pairs.is_empty() {
                         let ev = crate::rm::evaluate(&mut m, &tok, &sel.pairs, 256, 16)?;
-                        crate::rm::write_eval(&c.out, &ev, &format!("{} reward model (held-out prompts)", c.kind.name()))?;
+                        crate::rm::write_eval(
+                            &c.out,
+                            &ev,
+                            &format!("{} reward model (held-out prompts)", c.kind.name()),
+                        )?;
                         v["heldout"] = ev.summary();
                     }
                 }
@@ -859,7 +958,12 @@ pub fn ppo_summary(r: &crate::ppo::PpoReport) -> Value {
 }
 
 /// Loads, plans and runs a recipe file; writes `report.json` and `report.md` into its output.
-pub fn run_file<B: Backend>(be: B, path: &Path, out: Option<PathBuf>, say: &dyn Fn(&str)) -> Result<RecipeReport> {
+pub fn run_file<B: Backend>(
+    be: B,
+    path: &Path,
+    out: Option<PathBuf>,
+    say: &dyn Fn(&str),
+) -> Result<RecipeReport> {
     let mut recipe = Recipe::load(path)?;
     if out.is_some() {
         recipe.out = out;
@@ -873,7 +977,10 @@ pub fn run_file<B: Backend>(be: B, path: &Path, out: Option<PathBuf>, say: &dyn 
 
 /// `runs/<file name without extension>`.
 pub fn default_out(path: &Path) -> PathBuf {
-    let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "recipe".into());
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "recipe".into());
     PathBuf::from("runs").join(stem)
 }
 
@@ -881,7 +988,10 @@ pub fn default_out(path: &Path) -> PathBuf {
 pub fn check_base(recipe: &Recipe) -> Result<()> {
     if let Some(b) = &recipe.model.base {
         if !b.exists() {
-            return Err(anyhow!("[model] base = {}: no such checkpoint or run directory", b.display()));
+            return Err(anyhow!(
+                "[model] base = {}: no such checkpoint or run directory",
+                b.display()
+            ));
         }
     }
     Ok(())
@@ -893,10 +1003,8 @@ mod tests {
 
     #[test]
     fn unknown_settings_and_stages_are_named() {
-        let r = Recipe::parse(
-            "[model]\nbase = \"m\"\n[sft]\ndata = [\"d.jsonl\"]\nlrr = 1\n",
-        )
-        .unwrap();
+        let r =
+            Recipe::parse("[model]\nbase = \"m\"\n[sft]\ndata = [\"d.jsonl\"]\nlrr = 1\n").unwrap();
         let e = format!("{:#}", plan(&r, "o".into()).err().unwrap());
         assert!(e.contains("[sft]: unknown setting `lrr`"), "{e}");
         let r = Recipe::parse("[model]\nbase = \"m\"\n[[round]]\nstages = [\"dpo\"]\n").unwrap();
@@ -907,12 +1015,17 @@ mod tests {
 
     #[test]
     fn a_changed_setting_reruns_its_step_and_every_later_one() {
-        let text = "[model]\nbase = \"m\"\n[sft]\ndata = [\"d.jsonl\"]\n[rm]\ndata = [\"p.jsonl\"]\n\
+        let text =
+            "[model]\nbase = \"m\"\n[sft]\ndata = [\"d.jsonl\"]\n[rm]\ndata = [\"p.jsonl\"]\n\
                     [rs]\nprompts = [\"q.jsonl\"]\n[[round]]\nstages = [\"rs\"]\n";
         let a = plan(&Recipe::parse(text).unwrap(), "o".into()).unwrap();
         let names: Vec<&str> = a.steps.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["sft", "rm", "round-1/rs"]);
-        let b = plan(&Recipe::parse(&text.replace("[rm]\n", "[rm]\nlr = 1e-4\n")).unwrap(), "o".into()).unwrap();
+        let b = plan(
+            &Recipe::parse(&text.replace("[rm]\n", "[rm]\nlr = 1e-4\n")).unwrap(),
+            "o".into(),
+        )
+        .unwrap();
         let (ka, kb) = (status(&a), status(&b));
         assert_eq!(ka[0].key, kb[0].key);
         assert_ne!(ka[1].key, kb[1].key);
@@ -926,7 +1039,9 @@ mod tests {
         )
         .unwrap();
         let p = plan(&r, "o".into()).unwrap();
-        let Kind::Sft(c) = &p.steps[0].kind else { panic!("the first step is SFT") };
+        let Kind::Sft(c) = &p.steps[0].kind else {
+            panic!("the first step is SFT")
+        };
         assert_eq!((c.grad_accum, c.epochs), (4, 3));
         let t = c.train_config().unwrap();
         assert_eq!(t.grad_accum, 4);
@@ -934,7 +1049,8 @@ mod tests {
         let r = Recipe::parse("[model]\nbase = \"m\"\n[world]\ndir = \"/nonexistent\"\n").unwrap();
         let e = format!("{:#}", plan(&r, "o".into()).err().unwrap());
         assert!(e.contains("not a world"), "{e}");
-        let r = Recipe::parse("[model]\nbase = \"m\"\n[world]\ndir = \"w\"\nsize = \"small\"\n").unwrap();
+        let r = Recipe::parse("[model]\nbase = \"m\"\n[world]\ndir = \"w\"\nsize = \"small\"\n")
+            .unwrap();
         assert!(plan(&r, "o".into()).is_err());
     }
 }

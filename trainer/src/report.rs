@@ -18,7 +18,14 @@ pub fn write(rep: &RecipeReport, device: &str) -> Result<Value> {
     let rounds: Vec<usize> = rep
         .steps
         .iter()
-        .filter_map(|d| d.step.strip_prefix("round-")?.split('/').next()?.parse().ok())
+        .filter_map(|d| {
+            d.step
+                .strip_prefix("round-")?
+                .split('/')
+                .next()?
+                .parse()
+                .ok()
+        })
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
@@ -61,7 +68,11 @@ pub fn write(rep: &RecipeReport, device: &str) -> Result<Value> {
         report[&e.stage] = serde_json::to_value(e)?;
     }
     // `ppo` is the last PPO round's model; `rs_round_k`/`ppo_round_k` hold every round.
-    if let Some(last) = evals.iter().rev().find(|e| e.stage.starts_with("ppo_round_")) {
+    if let Some(last) = evals
+        .iter()
+        .rev()
+        .find(|e| e.stage.starts_with("ppo_round_"))
+    {
         report["ppo"] = serde_json::to_value(last)?;
     }
     if let Some(g) = rep.report("gatt") {
@@ -146,7 +157,9 @@ fn markdown(report: &Value, evals: &[StageEval]) -> String {
             };
             md += &format!(
                 "| {k} | {} | {} | {} | {} | {} |\n",
-                v["accuracy"].as_f64().map_or("-".into(), |a| format!("{a:.3}")),
+                v["accuracy"]
+                    .as_f64()
+                    .map_or("-".into(), |a| format!("{a:.3}")),
                 lv("significantly better"),
                 lv("better"),
                 lv("slightly better"),
@@ -174,7 +187,10 @@ fn markdown(report: &Value, evals: &[StageEval]) -> String {
 
 fn plots(out: &Path, report: &Value, evals: &[StageEval]) -> Result<()> {
     let series = |p: &Path| read_series(p, "step", &["loss", "val_loss"]).unwrap_or_default();
-    let (p, s) = (series(&out.join("pretrain/metrics.jsonl")), series(&out.join("sft/metrics.jsonl")));
+    let (p, s) = (
+        series(&out.join("pretrain/metrics.jsonl")),
+        series(&out.join("sft/metrics.jsonl")),
+    );
     let get = |v: &Vec<Vec<(f64, f64)>>, i: usize| v.get(i).cloned().unwrap_or_default();
     line_plot(
         &out.join("loss.svg"),
@@ -207,7 +223,11 @@ fn plots(out: &Path, report: &Value, evals: &[StageEval]) -> Result<()> {
     }
     let rs: Vec<crate::rs::RoundStats> = report["rs_rounds"]
         .as_array()
-        .map(|a| a.iter().filter_map(|v| serde_json::from_value(v.clone()).ok()).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| serde_json::from_value(v.clone()).ok())
+                .collect()
+        })
         .unwrap_or_default();
     if !rs.is_empty() {
         crate::rs::write_report(out, &rs)?;
@@ -254,7 +274,12 @@ fn rm_accuracy_plot(out: &Path, rm: &Value) -> Result<()> {
 fn gatt_plot(out: &Path, g: &Value) -> Result<()> {
     let pts = |v: &Value| -> Vec<(f64, f64)> {
         v.as_array()
-            .map(|a| a.iter().enumerate().map(|(i, x)| ((i + 1) as f64, x.as_f64().unwrap_or(0.0))).collect())
+            .map(|a| {
+                a.iter()
+                    .enumerate()
+                    .map(|(i, x)| ((i + 1) as f64, x.as_f64().unwrap_or(0.0)))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     line_plot(
@@ -284,4 +309,3 @@ fn gold_vs_proxy_plot(metrics: &Path, svg: &Path) -> Result<()> {
         ],
     )
 }
-

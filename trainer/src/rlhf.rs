@@ -88,9 +88,30 @@ pub fn recipe(cfg: &RlhfConfig) -> Result<Recipe> {
         }
     };
     let int = |n: usize| toml::Value::Integer(n as i64);
-    set(&mut r.prefs, &[("label_prompts", int(cfg.label_prompts)), ("pairs_per_prompt", int(cfg.pairs_per_prompt)), ("max_heldout", int(cfg.eval_prompts))]);
-    set(&mut r.rs, &[("k", int(cfg.rs_k)), ("temperature", toml::Value::Float(cfg.rs_temperature as f64)), ("max_prompts", int(cfg.rs_prompts))]);
-    set(&mut r.ppo, &[("iterations", int(cfg.ppo_iterations)), ("batch", int(cfg.ppo_batch)), ("minibatch", int(cfg.ppo_minibatch))]);
+    set(
+        &mut r.prefs,
+        &[
+            ("label_prompts", int(cfg.label_prompts)),
+            ("pairs_per_prompt", int(cfg.pairs_per_prompt)),
+            ("max_heldout", int(cfg.eval_prompts)),
+        ],
+    );
+    set(
+        &mut r.rs,
+        &[
+            ("k", int(cfg.rs_k)),
+            ("temperature", toml::Value::Float(cfg.rs_temperature as f64)),
+            ("max_prompts", int(cfg.rs_prompts)),
+        ],
+    );
+    set(
+        &mut r.ppo,
+        &[
+            ("iterations", int(cfg.ppo_iterations)),
+            ("batch", int(cfg.ppo_batch)),
+            ("minibatch", int(cfg.ppo_minibatch)),
+        ],
+    );
     r.eval.max_prompts = cfg.eval_prompts;
     Ok(r)
 }

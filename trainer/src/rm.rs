@@ -11,10 +11,10 @@
 //! prompt, text or messages), HH transcripts, with the paper's `rating`, `chosen_safe`,
 //! `rejected_safe` and `is_safety`/`category`.
 
+use crate::formats::check_prompt;
 use crate::plot::{histogram_plot, line_plot, read_series};
 use crate::run_dir::{say, MetricsWriter};
 use crate::schedule::Cosine;
-use crate::formats::check_prompt;
 use anyhow::{bail, ensure, Context, Result};
 use engine::check::ranking_loss;
 use engine::checkpoint::{load_model, load_weights, save_model, SaveOptions, TensorFiles};

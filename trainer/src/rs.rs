@@ -6,8 +6,8 @@
 
 use crate::evaluate::chat_answers;
 use crate::plot::line_plot;
-use crate::sft::SftConfig;
 use crate::reward::RewardModels;
+use crate::sft::SftConfig;
 use anyhow::{ensure, Context, Result};
 use engine::generate::SamplingParams;
 use engine::tokenizer::{Message, Tokenizer};
@@ -194,9 +194,13 @@ impl Pool {
     /// The pool a round wrote (`pool.jsonl`: the prompt, its best answer, its reward).
     pub fn read(path: &Path) -> Result<Pool> {
         let mut pool = Pool::default();
-        for (i, v) in crate::run_dir::read_jsonl_values(path)?.into_iter().enumerate() {
+        for (i, v) in crate::run_dir::read_jsonl_values(path)?
+            .into_iter()
+            .enumerate()
+        {
             let row = || -> Option<(Vec<Message>, String, f32)> {
-                let mut m: Vec<Message> = serde_json::from_value(v.get("messages")?.clone()).ok()?;
+                let mut m: Vec<Message> =
+                    serde_json::from_value(v.get("messages")?.clone()).ok()?;
                 let answer = m.pop().filter(|a| a.role == "assistant")?.content;
                 Some((m, answer, v.get("reward")?.as_f64()? as f32))
             };
@@ -228,7 +232,11 @@ pub fn run<B: Backend>(be: B, cfg: &RsConfig) -> Result<RoundStats> {
     let mut rewards = RewardModels::load(
         be.clone(),
         &cfg.reward_helpfulness,
-        Some(cfg.reward_safety.as_deref().unwrap_or(&cfg.reward_helpfulness)),
+        Some(
+            cfg.reward_safety
+                .as_deref()
+                .unwrap_or(&cfg.reward_helpfulness),
+        ),
     )?;
     let mut stats = sample_round(
         &mut policy,

@@ -582,9 +582,18 @@ fn no_parser_panics_on_hostile_files() {
         4
     );
     std::fs::write(&file, lines(&pairs)).unwrap();
-    assert_eq!(trainer::formats::read_pairs(&files, false).unwrap().0.len(), 5);
+    assert_eq!(
+        trainer::formats::read_pairs(&files, false).unwrap().0.len(),
+        5
+    );
     std::fs::write(&file, lines(&prompts)).unwrap();
-    assert_eq!(trainer::formats::read_prompts(&files, None).unwrap().0.len(), 4);
+    assert_eq!(
+        trainer::formats::read_prompts(&files, None)
+            .unwrap()
+            .0
+            .len(),
+        4
+    );
     std::fs::write(d.join("docs.jsonl"), lines(&docs)).unwrap();
     let docs_read = trainer::data::read_documents(&d.join("docs.jsonl"), false, &mut |_| {});
     assert_eq!(docs_read.unwrap().len(), 2);

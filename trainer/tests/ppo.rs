@@ -204,7 +204,9 @@ fn prompts_parse_and_sample_every_prompt_once_per_epoch() {
         ),
     )
     .unwrap();
-    let p = trainer::formats::read_prompts(std::slice::from_ref(&f), None).unwrap().0;
+    let p = trainer::formats::read_prompts(std::slice::from_ref(&f), None)
+        .unwrap()
+        .0;
     assert_eq!(p.len(), 3);
     assert!(p[0].safety && !p[1].safety && !p[2].safety);
     assert_eq!(p[1].messages[0].content, "What is 2 + 2?");
@@ -216,7 +218,10 @@ fn prompts_parse_and_sample_every_prompt_once_per_epoch() {
         "{\"messages\": [{\"role\": \"assistant\", \"content\": \"x\"}]}\n",
     )
     .unwrap();
-    let e = format!("{:#}", trainer::formats::read_prompts(&[f], None).unwrap_err());
+    let e = format!(
+        "{:#}",
+        trainer::formats::read_prompts(&[f], None).unwrap_err()
+    );
     assert!(e.contains("p.jsonl:1"), "{e}");
 
     // Batches of 4 from 10 prompts: each 10 consecutive draws are a permutation.
@@ -472,9 +477,13 @@ fn rlhf_rounds_label_retrain_on_all_labels_and_add_ppo() {
     assert!(said.iter().any(|m| m.ends_with("round-2/ppo")), "{said:?}");
     // A rerun finds every step done and runs nothing.
     let said = std::sync::Mutex::new(Vec::new());
-    let again = trainer::rlhf::run(Cpu, &cfg, &|m| said.lock().unwrap().push(m.to_string())).unwrap();
+    let again =
+        trainer::rlhf::run(Cpu, &cfg, &|m| said.lock().unwrap().push(m.to_string())).unwrap();
     let said = said.into_inner().unwrap();
-    assert!(said.iter().all(|m| m.ends_with("done, skipped")), "{said:?}");
+    assert!(
+        said.iter().all(|m| m.ends_with("done, skipped")),
+        "{said:?}"
+    );
     assert_eq!(again.checkpoint, rep.checkpoint);
     load_model(Cpu, &rep.checkpoint, Head::Lm).unwrap();
 }
@@ -677,7 +686,16 @@ fn gold_of_model(ckpt: &Path, w: &Path, n: usize) -> (f64, f64, f32) {
     let g = eval
         .iter()
         .zip(&greedy)
-        .map(|(e, a)| reward::gold(&ann, &e.messages, e.category == trainer::world::Category::Safety, a, SAFETY_THRESHOLD).0 as f64)
+        .map(|(e, a)| {
+            reward::gold(
+                &ann,
+                &e.messages,
+                e.category == trainer::world::Category::Safety,
+                a,
+                SAFETY_THRESHOLD,
+            )
+            .0 as f64
+        })
         .sum::<f64>()
         / eval.len() as f64;
     let d: Vec<_> = eval
@@ -695,7 +713,16 @@ fn gold_of_model(ckpt: &Path, w: &Path, n: usize) -> (f64, f64, f32) {
     let sampled = s
         .iter()
         .enumerate()
-        .map(|(i, a)| reward::gold(&ann, &eval[i / n].messages, eval[i / n].category == trainer::world::Category::Safety, &a.text, SAFETY_THRESHOLD).0 as f64)
+        .map(|(i, a)| {
+            reward::gold(
+                &ann,
+                &eval[i / n].messages,
+                eval[i / n].category == trainer::world::Category::Safety,
+                &a.text,
+                SAFETY_THRESHOLD,
+            )
+            .0 as f64
+        })
         .sum::<f64>()
         / s.len() as f64;
     (g, sampled, ev.false_refusal_rate)

@@ -65,10 +65,10 @@ fn world_recipe_sft_then_reward_model() {
     assert!(a.helpfulness > b.helpfulness + 0.2);
 
     // Reward model on annotator-labelled samples of the SFT model.
-    use trainer::prefs::{collect, PrefsConfig};
-    use trainer::run_dir::write_jsonl;
     use trainer::formats::read_pairs;
+    use trainer::prefs::{collect, PrefsConfig};
     use trainer::rm::{evaluate, Rating, RmConfig, RmKind};
+    use trainer::run_dir::write_jsonl;
     let prompts = read_examples(&w.join("rlhf_prompts.jsonl")).unwrap();
     let pc = PrefsConfig {
         pairs_per_prompt: 3,
