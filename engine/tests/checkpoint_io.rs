@@ -113,7 +113,11 @@ fn saved_tiny(tmp: &Path) -> (Llama<Cpu>, PathBuf) {
 fn f32_round_trip_is_bit_identical() {
     let tmp = tempfile::tempdir().unwrap();
     let (m, dir) = saved_tiny(tmp.path());
-    assert_eq!(sorted_dir(&dir), ["config.json", "model.safetensors"]);
+    // A causal LM carries generation_config.json for transformers' generate.
+    assert_eq!(
+        sorted_dir(&dir),
+        ["config.json", "generation_config.json", "model.safetensors"]
+    );
     let cfg = read_json(&dir.join("config.json"));
     assert_eq!(cfg["architectures"][0], "LlamaForCausalLM");
     assert_eq!(cfg["torch_dtype"], "float32");
@@ -376,7 +380,12 @@ fn saving_over_a_checkpoint_replaces_it() {
     .unwrap();
     assert_eq!(
         sorted_dir(&dir),
-        ["config.json", "extra.txt", "model.safetensors"]
+        [
+            "config.json",
+            "extra.txt",
+            "generation_config.json",
+            "model.safetensors"
+        ]
     );
     no_temp_siblings(tmp.path());
     assert_eq!(sorted_dir(tmp.path()), ["ckpt"]);
