@@ -330,6 +330,7 @@ fn zero1_checkpoint_resumes_with_another_world_size() {
         files,
         [
             "config.json",
+            "generation_config.json",
             "model.safetensors",
             &shard_file_name(0, 2),
             &shard_file_name(1, 2),
