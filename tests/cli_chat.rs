@@ -1,28 +1,12 @@
 //! `llama2 generate` and `llama2 chat` on a small random checkpoint with the Llama 2 tokenizer:
 //! they stream, keep a multi-turn conversation, and end cleanly.
 
-use engine::checkpoint::{save_model, SaveOptions};
-use engine::{Cpu, Head, Llama, LlamaConfig};
+use engine::Head;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-fn checkpoint(dir: &std::path::Path, tok: &std::path::Path) {
-    let mut c = LlamaConfig::preset("tiny").unwrap();
-    c.vocab_size = 32000;
-    c.hidden_size = 32;
-    c.intermediate_size = 48;
-    c.num_hidden_layers = 1;
-    c.num_attention_heads = 4;
-    c.num_key_value_heads = Some(2);
-    let mut m = Llama::new(Cpu, c, Head::Lm).unwrap();
-    m.init_random(1).unwrap();
-    save_model(&m, dir, SaveOptions::default(), |tmp| {
-        std::fs::copy(tok, tmp.join("tokenizer.json"))
-            .map(|_| ())
-            .map_err(|e| engine::Error::io(tok, e))
-    })
-    .unwrap();
-}
+mod common;
+use common::checkpoint;
 
 #[test]
 fn generate_and_chat_run_on_a_checkpoint() {
@@ -31,7 +15,7 @@ fn generate_and_chat_run_on_a_checkpoint() {
     };
     let dir = tempfile::tempdir().unwrap();
     let ck = dir.path().join("model");
-    checkpoint(&ck, &tok);
+    checkpoint(&ck, Head::Lm, 1, &tok);
     let bin = env!("CARGO_BIN_EXE_llama2");
     let out = Command::new(bin)
         .args([

@@ -3,65 +3,14 @@
 //! form, `rejection-sample` takes `--device`, `--max-new-tokens` and prompts in any shape, and
 //! `sft --batch-tokens` accumulates to the gradient of one big batch.
 
-use engine::checkpoint::{save_model, SaveOptions};
 use engine::tokenizer::{chat_template, Message, Tokenizer};
 use engine::{Cpu, Head, Llama, LlamaConfig};
 use serde_json::{json, Value};
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 
-fn llama2() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_llama2"))
-}
-
-fn run(cmd: &mut Command, stdin: &str) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = run(cmd, "");
-    let (so, se) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed\nstdout:\n{so}\nstderr:\n{se}"
-    );
-    so.to_string()
-}
-
-/// A small random checkpoint over the Llama 2 tokenizer: a causal LM or a reward model.
-fn checkpoint(dir: &Path, head: Head, seed: u64, tok: &Path) {
-    let mut c = LlamaConfig::preset("tiny").unwrap();
-    c.vocab_size = 32000;
-    c.hidden_size = 32;
-    c.intermediate_size = 48;
-    c.num_hidden_layers = 1;
-    c.num_attention_heads = 4;
-    c.num_key_value_heads = Some(2);
-    let mut m = Llama::new(Cpu, c, head).unwrap();
-    m.init_random(seed).unwrap();
-    save_model(&m, dir, SaveOptions::default(), |tmp| {
-        std::fs::copy(tok, tmp.join("tokenizer.json"))
-            .map(|_| ())
-            .map_err(|e| engine::Error::io(tok, e))
-    })
-    .unwrap();
-}
+mod common;
+use common::{checkpoint, llama2, ok, run};
 
 /// Llama 2's tokenizer, or `None` (the test skips, naming it and how to get it).
 fn llama2_tokenizer() -> Option<std::path::PathBuf> {

@@ -1,25 +1,11 @@
 //! The pretraining CLI end to end: tokenizer, shards, a run stopped by Ctrl-C that saves a
 //! checkpoint, and its resumption.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-fn llama2() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_llama2"))
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let (so, se) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed\nstdout:\n{so}\nstderr:\n{se}"
-    );
-    so.to_string()
-}
+mod common;
+use common::{llama2, ok};
 
 #[cfg(unix)]
 #[test]

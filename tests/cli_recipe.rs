@@ -8,24 +8,10 @@
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
-fn llama2() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_llama2"))
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let (so, se) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed\nstdout:\n{so}\nstderr:\n{se}"
-    );
-    so.to_string()
-}
+mod common;
+use common::{llama2, ok};
 
 /// A tiny model pretrained on the start of Tiny Shakespeare, with its own 512-token tokenizer.
 fn pretrained(d: &Path, shakespeare: &Path) -> std::path::PathBuf {

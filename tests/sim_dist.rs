@@ -8,22 +8,11 @@
 use std::path::Path;
 use std::process::{Child, Command};
 
+mod common;
+use common::{llama2, ok};
+
 const GLOBAL_BATCH: usize = 6;
 const STEPS: usize = 6;
-
-fn llama2() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_llama2"))
-}
-
-fn ok(cmd: &mut Command) {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed\nstdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// GPUs the simulator models in this process's environment, or None (with the reason printed)
 /// when this is not the simulator.

@@ -99,7 +99,6 @@ pub fn rejection_sample(a: RejectionSampleArgs) -> Result<()> {
     let mut stats = Vec::new();
     for r in 1..=rounds {
         let cfg = RsConfig {
-            policy: current.clone(),
             reward_helpfulness: rm_helpfulness.clone(),
             reward_safety: Some(rm_safety.clone()),
             prompts: vec![clean.clone()],
@@ -115,7 +114,7 @@ pub fn rejection_sample(a: RejectionSampleArgs) -> Result<()> {
             seed,
             epochs,
             lr,
-            ..Default::default()
+            ..RsConfig::for_policy(current.clone())
         };
         let st = on_device!(device, |be| trainer::rs::run(be, &cfg))?;
         println!(

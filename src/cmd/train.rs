@@ -136,7 +136,7 @@ const RUN_MAY_CHANGE: [&str; 7] = [
 impl RunArgs {
     /// Sets what these options decide in a run's configuration: on a resumed one only what
     /// was given (the rest stays the checkpoint's), on a new one with the defaults.
-    fn apply(&self, c: &mut trainer::pretrain::TrainConfig, resumed: bool, given: &ArgMatches) {
+    fn apply(&self, c: &mut trainer::lm_train::TrainConfig, resumed: bool, given: &ArgMatches) {
         c.progress = !self.no_progress;
         if !resumed || explicit(given, "log_every") {
             c.log_every = self.log_every;
@@ -154,12 +154,12 @@ impl RunArgs {
     /// process is rank 0 (the one that prints).
     fn train(
         &self,
-        cfg: &trainer::pretrain::TrainConfig,
+        cfg: &trainer::lm_train::TrainConfig,
         resume: Option<&std::path::Path>,
         header: impl FnOnce(&str, usize),
-    ) -> Result<(trainer::pretrain::PretrainReport, bool)> {
+    ) -> Result<(trainer::lm_train::TrainReport, bool)> {
         use engine::dist::Collective;
-        use trainer::pretrain::{run, run_dp};
+        use trainer::lm_train::{run, run_dp};
         if !self.dist {
             header(&self.device.to_string(), 1);
             return Ok((
@@ -199,8 +199,8 @@ fn explicit(given: &ArgMatches, id: &str) -> bool {
 
 /// Where `--data` points for pretraining: a prepared directory (its meta.json), else token
 /// files (a `.bin`/`.npy` file or a directory of them).
-fn pretrain_data(a: &PretrainArgs) -> Result<trainer::pretrain::DataSpec> {
-    use trainer::pretrain::DataSpec;
+fn pretrain_data(a: &PretrainArgs) -> Result<trainer::lm_train::DataSpec> {
+    use trainer::lm_train::DataSpec;
     let data = a
         .data
         .clone()
@@ -229,7 +229,7 @@ fn pretrain_data(a: &PretrainArgs) -> Result<trainer::pretrain::DataSpec> {
 }
 
 pub fn pretrain(a: PretrainArgs, given: &ArgMatches) -> Result<()> {
-    use trainer::pretrain::{resume_config, ModelSource, PretrainConfig};
+    use trainer::lm_train::{resume_config, ModelSource, TrainConfig};
     let cfg = if let Some(r) = &a.resume {
         let mut may_change = vec![
             "steps",
@@ -250,7 +250,7 @@ pub fn pretrain(a: PretrainArgs, given: &ArgMatches) -> Result<()> {
         let mut c = resume_config(r, explicit(given, "steps").then_some(a.steps))?;
         a.run.apply(&mut c, true, given);
         if explicit(given, "data") {
-            use trainer::pretrain::DataSpec::Tokens;
+            use trainer::lm_train::DataSpec::Tokens;
             let mut data = pretrain_data(&a)?;
             // Token files moved: their dtype and tokenizer stay the run's unless given.
             if let (
@@ -305,7 +305,7 @@ pub fn pretrain(a: PretrainArgs, given: &ArgMatches) -> Result<()> {
             (_, _, Some(i)) => ModelSource::Init(i.clone()),
             (p, _, _) => ModelSource::Preset(p.clone().unwrap_or_else(|| "tiny".into())),
         };
-        let mut c = PretrainConfig::defaults(PathBuf::new(), a.out.clone(), model, a.steps);
+        let mut c = TrainConfig::defaults(PathBuf::new(), a.out.clone(), model, a.steps);
         c.data = data;
         c.seq_len = a.seq_len;
         c.batch_size = a.batch_size;
@@ -426,7 +426,7 @@ pub struct SftArgs {
 }
 
 pub fn sft(a: SftArgs, given: &ArgMatches) -> Result<()> {
-    use trainer::pretrain::{resume_config, DataSpec, TrainConfig};
+    use trainer::lm_train::{resume_config, DataSpec, TrainConfig};
     let cfg = if let Some(r) = &a.resume {
         let mut may_change = vec!["steps", "data", "out", "eval_every", "ckpt_every"];
         may_change.extend(RUN_MAY_CHANGE);

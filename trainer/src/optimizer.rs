@@ -136,6 +136,12 @@ pub(crate) fn check_bucket_mb(mb: f64) -> Result<()> {
     Ok(())
 }
 
+/// PyTorch DDP's default bucket size; any layer of a 1B-class model or larger is a bucket
+/// of its own.
+pub(crate) fn default_bucket_mb() -> f64 {
+    25.0
+}
+
 /// f32 gradients in a bucket of `mb` MiB (at least one).
 pub(crate) fn bucket_elems(mb: f64) -> usize {
     ((mb * (1 << 20) as f64 / 4.0) as usize).max(1)

@@ -52,8 +52,11 @@ impl Size {
         }
     }
 
-    /// The size of the checkpoint in `dir` (its `config.json`), the 7B row when unreadable.
-    pub fn of_checkpoint(dir: &std::path::Path) -> Size {
+    /// The size of the model at `path` (a checkpoint, or a run directory: its latest one, by
+    /// its `config.json`); the 7B row when there is none yet (a recipe plans its stages before
+    /// the models they start from exist) or it is unreadable (loading it will say why).
+    pub fn of_checkpoint(path: &std::path::Path) -> Size {
+        let dir = crate::run_dir::model_dir(path).unwrap_or_else(|_| path.to_path_buf());
         LlamaConfig::from_file(&dir.join("config.json"))
             .map(|c| Size::of(&c))
             .unwrap_or(Size::B7)
@@ -115,6 +118,11 @@ pub fn for_model(cfg: &LlamaConfig) -> Paper {
     defaults(Size::of(cfg))
 }
 
+/// The paper's settings for the model at `path` (see [`Size::of_checkpoint`]).
+pub fn for_checkpoint(path: &std::path::Path) -> Paper {
+    defaults(Size::of_checkpoint(path))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,5 +142,26 @@ mod tests {
         assert_eq!(defaults(Size::B70).rm_lr, 5e-6);
         assert_eq!(defaults(Size::B34).ppo_beta, 0.005);
         assert_eq!(defaults(Size::B13).pretrain_lr, 3e-4);
+    }
+
+    /// What SFT and rejection sampling start from decides their row: a 70B-shaped checkpoint,
+    /// given as itself or as its run directory, gets the 70B row; a model not there yet, 7B.
+    #[test]
+    fn a_70b_checkpoint_or_run_gets_the_70b_row() {
+        let d = tempfile::tempdir().unwrap();
+        let ckpt = d.path().join("run/checkpoints/step-00000001");
+        std::fs::create_dir_all(&ckpt).unwrap();
+        let cfg = LlamaConfig::preset("70b").unwrap();
+        std::fs::write(ckpt.join("config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+        std::fs::write(d.path().join("run/checkpoints/latest"), "step-00000001").unwrap();
+        for path in [ckpt.clone(), d.path().join("run")] {
+            let row = for_checkpoint(&path);
+            assert_eq!((row.rm_lr, row.ppo_beta), (5e-6, 0.005), "{}", path.display());
+            let sft = crate::sft::SftConfig::new(path.clone(), vec![], d.path().join("o"));
+            assert_eq!((sft.lr, sft.epochs), (row.sft_lr, row.sft_epochs));
+            let rs = crate::rs::RsConfig::for_policy(path.clone());
+            assert_eq!((rs.k, rs.temperature), (row.rs_k, row.rs_temperature));
+        }
+        assert_eq!(Size::of_checkpoint(&d.path().join("nowhere")), Size::B7);
     }
 }

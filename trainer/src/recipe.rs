@@ -22,7 +22,7 @@ use crate::evaluate::{EvalConfig, StageEval};
 use crate::gatt::GattConfig;
 use crate::ppo::PpoConfig;
 use crate::prefs::{Labeller, PrefsConfig};
-use crate::pretrain::{ModelSource, TrainConfig};
+use crate::lm_train::{ModelSource, TrainConfig};
 use crate::rm::{RmConfig, RmKind};
 use crate::rs::RsConfig;
 use crate::run_dir;
@@ -42,7 +42,7 @@ use std::time::Instant;
 pub struct Recipe {
     /// Where the run goes (default `runs/<file name without .toml>`).
     pub out: Option<PathBuf>,
-    #[serde(default = "one")]
+    #[serde(default = "crate::run_dir::one")]
     pub seed: u64,
     /// The model to start from, when the recipe does not pretrain one.
     #[serde(default)]
@@ -65,10 +65,6 @@ pub struct Recipe {
     pub round: Vec<RoundSection>,
     #[serde(default)]
     pub finish: FinishSection,
-}
-
-fn one() -> u64 {
-    1
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -591,13 +587,12 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
                             )
                         })?;
                         let mut c = RsConfig {
-                            policy: current.clone(),
                             reward_helpfulness: h,
                             reward_safety: Some(s),
                             round: k,
                             out: rdir.join("rs"),
                             seed: seed ^ k as u64,
-                            ..Default::default()
+                            ..RsConfig::for_policy(current.clone())
                         };
                         c = merged(
                             &c,
@@ -877,7 +872,7 @@ fn run_step<B: Backend>(be: &B, step: &Step) -> Result<Value> {
             to_json(&meta)
         }
         Kind::Pretrain(c) => {
-            let r = crate::pretrain::run(be, c.clone(), None)?;
+            let r = crate::lm_train::run(be, c.clone(), None)?;
             to_json(&r)
         }
         Kind::Sft(c) => to_json(&crate::sft::run(be, c)?),

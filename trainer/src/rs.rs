@@ -5,6 +5,7 @@
 //! samples: their gap is the paper's Figure 7 (the gain that rejection sampling can harvest).
 
 use crate::evaluate::chat_answers;
+use crate::formats::Prompt;
 use crate::plot::line_plot;
 use crate::reward::RewardModels;
 use crate::sft::SftConfig;
@@ -16,8 +17,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// A prompt to sample for, with its safety tag (the piecewise reward needs it).
-pub use crate::formats::Prompt as RsPrompt;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,10 +50,19 @@ pub struct RsConfig {
 }
 
 impl Default for RsConfig {
+    /// No policy yet: the 7B row of the paper (see [`RsConfig::for_policy`]).
     fn default() -> Self {
-        let p = crate::paper::defaults(crate::paper::Size::B7);
+        RsConfig::for_policy(PathBuf::new())
+    }
+}
+
+impl RsConfig {
+    /// The paper's settings for sampling from and fine-tuning `policy`, by its size
+    /// (`paper::for_checkpoint`).
+    pub fn for_policy(policy: PathBuf) -> Self {
+        let p = crate::paper::for_checkpoint(&policy);
         RsConfig {
-            policy: PathBuf::new(),
+            policy,
             reward_helpfulness: PathBuf::new(),
             reward_safety: None,
             prompts: vec![],
@@ -104,7 +112,7 @@ pub fn sample_round<B: Backend>(
     policy: &mut Llama<B>,
     tok: &Tokenizer,
     rewards: &mut RewardModels<B>,
-    prompts: &[RsPrompt],
+    prompts: &[Prompt],
     cfg: &RsConfig,
     round: usize,
     pool: &mut Pool,

@@ -55,6 +55,12 @@ pub fn make_absolute(p: &mut PathBuf) -> Result<()> {
     Ok(())
 }
 
+/// The serde default of a count or seed that was 1 before its field existed, so older
+/// configurations and checkpoints still read (`#[serde(default = "crate::run_dir::one")]`).
+pub fn one<T: From<u8>>() -> T {
+    T::from(1)
+}
+
 // ---------------------------------------------------------------------------------------------
 // JSONL
 

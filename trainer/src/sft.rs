@@ -7,7 +7,7 @@
 //! Rows are read by [`crate::formats`] (messages, prompt/completion, pairs' chosen answers, HH
 //! transcripts).
 
-use crate::pretrain::{DataSpec, PretrainReport as TrainReport, TrainConfig};
+use crate::lm_train::{DataSpec, TrainConfig, TrainReport};
 use anyhow::{ensure, Result};
 use engine::tokenizer::{Message, Tokenizer};
 use rayon::prelude::*;
@@ -279,10 +279,11 @@ pub struct SftConfig {
 }
 
 impl SftConfig {
-    /// The paper's SFT settings (`paper::defaults`): cosine from 2e-5, two epochs; sequences
-    /// of 256 tokens, 8 a step (what a CPU fits; the paper packs 64 of 4096).
+    /// The paper's SFT settings for the size of `init` (`paper::for_checkpoint`): cosine from
+    /// 2e-5, two epochs; sequences of 256 tokens, 8 a step (what a CPU fits; the paper packs 64
+    /// of 4096).
     pub fn new(init: PathBuf, data: Vec<PathBuf>, out: PathBuf) -> Self {
-        let p = crate::paper::defaults(crate::paper::Size::B7);
+        let p = crate::paper::for_checkpoint(&init);
         SftConfig {
             init,
             data,
@@ -325,7 +326,7 @@ impl SftConfig {
 
 /// `sft`: fine-tunes and returns the loop's report (its `checkpoint` is the model).
 pub fn run<B: engine::Backend>(be: B, cfg: &SftConfig) -> Result<TrainReport> {
-    let rep = crate::pretrain::run(be, cfg.train_config()?, None)?;
+    let rep = crate::lm_train::run(be, cfg.train_config()?, None)?;
     ensure!(
         rep.checkpoint.is_some(),
         "the fine-tune in {} saved no checkpoint",

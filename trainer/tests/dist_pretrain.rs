@@ -10,9 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::thread;
 use trainer::data::{prepare, Loader, PrepareConfig, TokenData};
-use trainer::pretrain::{
-    build_model, resume_config, run, run_dp, ModelSource, PretrainConfig, PretrainReport,
-    TrainConfig,
+use trainer::lm_train::{
+    build_model, resume_config, run, run_dp, ModelSource, TrainConfig, TrainReport,
 };
 use trainer::tokenizer_train::train_on;
 
@@ -72,9 +71,9 @@ fn setup() -> Option<&'static (tempfile::TempDir, PathBuf, PathBuf)> {
 
 /// `world` ranks of `GLOBAL / world` rows each, two micro-batches per step, a high learning
 /// rate so the weights move, evaluation every other step.
-fn cfg(out: &Path, world: usize) -> PretrainConfig {
+fn cfg(out: &Path, world: usize) -> TrainConfig {
     let (_, data, config) = setup().expect("the test checked setup()");
-    let mut c = PretrainConfig::defaults(
+    let mut c = TrainConfig::defaults(
         data.clone(),
         out.to_path_buf(),
         ModelSource::Config(config.clone()),
@@ -97,9 +96,9 @@ fn cfg(out: &Path, world: usize) -> PretrainConfig {
 /// Runs the training loop on `world` ranks (threads) and returns every rank's result.
 fn try_on_ranks(
     world: usize,
-    cfg: &PretrainConfig,
+    cfg: &TrainConfig,
     resume: Option<&Path>,
-) -> Vec<anyhow::Result<PretrainReport>> {
+) -> Vec<anyhow::Result<TrainReport>> {
     thread::scope(|s| {
         let hs: Vec<_> = ThreadGroup::new(world)
             .into_iter()
@@ -112,32 +111,32 @@ fn try_on_ranks(
     })
 }
 
-fn on_ranks(world: usize, cfg: &PretrainConfig, resume: Option<&Path>) -> Vec<PretrainReport> {
+fn on_ranks(world: usize, cfg: &TrainConfig, resume: Option<&Path>) -> Vec<TrainReport> {
     let reps = try_on_ranks(world, cfg, resume).into_iter();
     reps.map(|r| r.unwrap()).collect()
 }
 
 /// Every rank's error, in full.
-fn errors_on_ranks(world: usize, cfg: &PretrainConfig) -> Vec<String> {
+fn errors_on_ranks(world: usize, cfg: &TrainConfig) -> Vec<String> {
     let errs = try_on_ranks(world, cfg, None).into_iter();
     errs.map(|r| format!("{:#}", r.expect_err("an error")))
         .collect()
 }
 
-fn losses(r: &PretrainReport) -> Vec<(usize, f32)> {
+fn losses(r: &TrainReport) -> Vec<(usize, f32)> {
     r.logs.iter().map(|l| (l.step, l.loss)).collect()
 }
 
 /// Per step: (step, loss, gradient norm). The norm catches a wrong gradient scale, which
 /// AdamW's normalisation and clipping would hide from the weights.
-fn trace(r: &PretrainReport) -> Vec<(usize, f32, f32)> {
+fn trace(r: &TrainReport) -> Vec<(usize, f32, f32)> {
     r.logs
         .iter()
         .map(|l| (l.step, l.loss, l.grad_norm))
         .collect()
 }
 
-fn weights(r: &PretrainReport) -> Vec<f32> {
+fn weights(r: &TrainReport) -> Vec<f32> {
     let dir = r.checkpoint.as_ref().expect("a final checkpoint");
     load_model(Cpu, dir, Head::Lm)
         .unwrap()
@@ -146,8 +145,8 @@ fn weights(r: &PretrainReport) -> Vec<f32> {
 }
 
 /// One process, the global batch: what every data-parallel run must reproduce. Made once.
-fn reference() -> &'static PretrainReport {
-    static R: OnceLock<PretrainReport> = OnceLock::new();
+fn reference() -> &'static TrainReport {
+    static R: OnceLock<TrainReport> = OnceLock::new();
     R.get_or_init(|| {
         let dir = &setup().expect("the test checked setup()").0;
         run(Cpu, cfg(&dir.path().join("ref"), 1), None).unwrap()
@@ -156,11 +155,11 @@ fn reference() -> &'static PretrainReport {
 
 /// Each step's loss and gradient norm within RTOL of the reference's, and the final weights
 /// within WEIGHT_ATOL.
-fn assert_matches_reference(what: &str, got: &PretrainReport) {
+fn assert_matches_reference(what: &str, got: &TrainReport) {
     assert_matches(what, got, reference())
 }
 
-fn assert_matches(what: &str, got: &PretrainReport, want: &PretrainReport) {
+fn assert_matches(what: &str, got: &TrainReport, want: &TrainReport) {
     let tail = &trace(want)[want.logs.len() - got.logs.len()..];
     let (mut worst_loss, mut worst_norm) = (0f32, 0f32);
     for (&(s, a, ga), &(t, b, gb)) in trace(got).iter().zip(tail) {

@@ -673,15 +673,15 @@ fn no_parser_panics_on_hostile_files() {
     }
 
     // ---- a run's trainer_state.json ----------------------------------------------------------
-    let model = trainer::pretrain::ModelSource::Preset("tiny".into());
-    let c = trainer::pretrain::PretrainConfig::defaults(d.join("data"), d.join("run"), model, 10);
+    let model = trainer::lm_train::ModelSource::Preset("tiny".into());
+    let c = trainer::lm_train::TrainConfig::defaults(d.join("data"), d.join("run"), model, 10);
     let state = serde_json::to_vec(&json!({"kind": "pretrain", "step": 3, "loader_position": 7,
         "adamw_step": 3, "seed": 1, "config": c}))
     .unwrap();
     let ckd = d.join("run/checkpoints/step-00000003");
     std::fs::create_dir_all(&ckd).unwrap();
     std::fs::write(ckd.join("trainer_state.json"), &state).unwrap();
-    trainer::pretrain::resume_config(&ckd, None).expect("the seed state resumes");
+    trainer::lm_train::resume_config(&ckd, None).expect("the seed state resumes");
     for _ in 0..ITERS / 2 {
         let keys = [
             "kind",
@@ -701,7 +701,7 @@ fn no_parser_panics_on_hostile_files() {
         let bytes = mutate(&mut rng, &state, &keys);
         std::fs::write(ckd.join("trainer_state.json"), &bytes).unwrap();
         no_panic("trainer_state.json", &bytes, || {
-            if let Ok(c) = trainer::pretrain::resume_config(&ckd, Some(5)) {
+            if let Ok(c) = trainer::lm_train::resume_config(&ckd, Some(5)) {
                 let _ = c.validate();
             }
         });

@@ -29,7 +29,7 @@ use std::path::Path;
 use std::time::Instant;
 use trainer::distill::{preprompt_for, with_preprompt, DistillConfig};
 use trainer::gatt::{questions, with_instruction, GattConfig};
-use trainer::pretrain::{run, DataSpec, TrainConfig};
+use trainer::lm_train::{run, DataSpec, TrainConfig};
 use trainer::world::safety::SAFETY_PREPROMPT;
 use trainer::world::{read_examples, Annotator, Category, Example, World};
 

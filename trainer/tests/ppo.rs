@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use trainer::evaluate::world_eval;
 use trainer::ppo::*;
-use trainer::pretrain::{run, DataSpec, TrainConfig};
+use trainer::lm_train::{run, DataSpec, TrainConfig};
 use trainer::reward::{self, logit, sigmoid, SAFETY_THRESHOLD};
 use trainer::world::{read_examples, Annotator, World};
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use trainer::data::{
     prepare, unigram_entropy, write_shard, Loader, PrepareConfig, Shard, TokenData,
 };
-use trainer::pretrain::{run, ModelSource, PretrainConfig};
+use trainer::lm_train::{run, ModelSource, TrainConfig};
 use trainer::tokenizer_train::train_on;
 
 /// Tokenizer + prepared shards for `text` in `dir`.
@@ -30,8 +30,8 @@ fn prepared(dir: &Path, text: &str, vocab: usize) -> PathBuf {
     out
 }
 
-fn small_cfg(data: PathBuf, out: PathBuf, steps: usize) -> PretrainConfig {
-    let mut c = PretrainConfig::defaults(data, out, ModelSource::Preset("tiny".into()), steps);
+fn small_cfg(data: PathBuf, out: PathBuf, steps: usize) -> TrainConfig {
+    let mut c = TrainConfig::defaults(data, out, ModelSource::Preset("tiny".into()), steps);
     c.seq_len = 32;
     c.batch_size = 4;
     c.grad_accum = 2;
@@ -86,7 +86,7 @@ fn shakespeare_validation_loss_falls_well_below_unigram_entropy() {
     let dir = tempfile::tempdir().unwrap();
     let data = prepared(dir.path(), &text, 512);
     let entropy = unigram_entropy(&TokenData::open(&data).unwrap()) as f32;
-    let mut c = PretrainConfig::defaults(
+    let mut c = TrainConfig::defaults(
         data,
         dir.path().join("run"),
         ModelSource::Preset("tiny".into()),
@@ -127,7 +127,7 @@ fn resume_reproduces_the_uninterrupted_run_bit_for_bit() {
     part.stop_after = Some(5);
     let first = run(Cpu, part, None).unwrap();
     assert!(first.interrupted && first.last_step == 5);
-    let cfg = trainer::pretrain::resume_config(&dir.path().join("b"), None).unwrap();
+    let cfg = trainer::lm_train::resume_config(&dir.path().join("b"), None).unwrap();
     let rest = run(Cpu, cfg, Some(&dir.path().join("b"))).unwrap();
     let resumed: Vec<(usize, u32, Option<u32>)> = first
         .logs
@@ -235,7 +235,7 @@ fn loader_is_deterministic_and_resumable() {
 fn bad_data_gets_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let err = |r: anyhow::Result<trainer::pretrain::PretrainReport>| {
+    let err = |r: anyhow::Result<trainer::lm_train::TrainReport>| {
         format!("{:#}", r.expect_err("must fail"))
     };
     // Not a data directory.

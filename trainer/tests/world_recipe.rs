@@ -12,7 +12,7 @@ use engine::checkpoint::load_model;
 use engine::tokenizer::Tokenizer;
 use engine::{Cpu, Head};
 use trainer::evaluate::world_eval;
-use trainer::pretrain::{run, TrainConfig};
+use trainer::lm_train::{run, TrainConfig};
 use trainer::world::{read_examples, Annotator, World};
 
 #[test]
@@ -22,7 +22,7 @@ fn world_recipe_sft_then_reward_model() {
     let (w, pt) = common::pretrained_world(d, 300, 100);
 
     let mut sc = TrainConfig::sft_defaults(vec![w.join("sft.jsonl")], d.join("sft"), pt.clone());
-    if let trainer::pretrain::DataSpec::Sft { epochs, .. } = &mut sc.data {
+    if let trainer::lm_train::DataSpec::Sft { epochs, .. } = &mut sc.data {
         *epochs = 5;
     }
     sc.seq_len = 128;

@@ -6,7 +6,7 @@ use engine::tokenizer::Tokenizer;
 use engine::{Cpu, Head, Llama, LlamaConfig};
 use std::path::{Path, PathBuf};
 use trainer::data::{prepare, PrepareConfig};
-use trainer::pretrain::{run, ModelSource, TrainConfig};
+use trainer::lm_train::{run, ModelSource, TrainConfig};
 use trainer::world::{Size, WorldConfig};
 
 /// Under `d`: the small world of seed 1 (`world/`), a 512-token byte-fallback BPE trained on its

@@ -65,8 +65,6 @@ pub enum DataSpec {
     },
 }
 
-pub type PretrainConfig = TrainConfig;
-
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TrainConfig {
     pub data: DataSpec,
@@ -102,11 +100,11 @@ pub struct TrainConfig {
     pub recompute: Recompute,
     /// Data-parallel ranks the run was launched with; `batch_size` is per rank. Set by
     /// [`run_dp`]; a resume on another world size keeps the global batch `world × batch_size`.
-    #[serde(default = "one")]
+    #[serde(default = "crate::run_dir::one")]
     pub world: usize,
     /// Data-parallel gradient buckets, MiB of f32: reduce-scattered while the backward runs
     /// (0: all at once after it).
-    #[serde(default = "default_bucket_mb")]
+    #[serde(default = "crate::optimizer::default_bucket_mb")]
     pub bucket_mb: f64,
     /// Where no progress bar is drawn (output to a file or pipe, or `progress` off), a plain
     /// line every this many steps, and at every evaluation (0: at evaluations only).
@@ -114,18 +112,8 @@ pub struct TrainConfig {
     pub log_every: usize,
 }
 
-fn one() -> usize {
-    1
-}
-
 fn default_log_every() -> usize {
     10
-}
-
-/// PyTorch DDP's default bucket size; any layer of a 1B-class model or larger is a bucket
-/// of its own.
-pub fn default_bucket_mb() -> f64 {
-    25.0
 }
 
 impl TrainConfig {
@@ -165,7 +153,7 @@ impl TrainConfig {
             progress: true,
             recompute: Recompute::None,
             world: 1,
-            bucket_mb: default_bucket_mb(),
+            bucket_mb: crate::optimizer::default_bucket_mb(),
             log_every: default_log_every(),
         }
     }
@@ -302,7 +290,7 @@ pub struct TrainerState {
     pub loader_position: u64,
     pub adamw_step: u64,
     pub seed: u64,
-    pub config: PretrainConfig,
+    pub config: TrainConfig,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -315,7 +303,7 @@ pub struct StepLog {
 }
 
 #[derive(Debug, Serialize)]
-pub struct PretrainReport {
+pub struct TrainReport {
     pub steps_done: usize,
     pub last_step: usize,
     pub logs: Vec<StepLog>,
@@ -578,9 +566,9 @@ fn chunk_rows(
 /// Trains in one process.
 pub fn run<B: Backend>(
     be: B,
-    cfg: PretrainConfig,
+    cfg: TrainConfig,
     resume: Option<&Path>,
-) -> Result<PretrainReport> {
+) -> Result<TrainReport> {
     run_dp(be, cfg, resume, None)
 }
 
@@ -593,10 +581,10 @@ pub fn run<B: Backend>(
 /// the same configuration and output directory.
 pub fn run_dp<B: Backend>(
     be: B,
-    cfg: PretrainConfig,
+    cfg: TrainConfig,
     resume: Option<&Path>,
     comm: Option<&mut dyn DeviceCollective<B>>,
-) -> Result<PretrainReport> {
+) -> Result<TrainReport> {
     let mut cfg = cfg;
     // One rank is a plain run: whole AdamW, single-process checkpoints.
     let mut comm = comm.filter(|c| c.world() > 1);
@@ -1085,7 +1073,7 @@ pub fn run_dp<B: Backend>(
             &[("train", &s[0]), ("validation", &s[1])],
         )?;
     }
-    Ok(PretrainReport {
+    Ok(TrainReport {
         steps_done,
         last_step: step,
         logs,
@@ -1096,7 +1084,7 @@ pub fn run_dp<B: Backend>(
     })
 }
 
-fn adamw_config(cfg: &PretrainConfig) -> AdamWConfig {
+fn adamw_config(cfg: &TrainConfig) -> AdamWConfig {
     AdamWConfig {
         beta1: cfg.beta1,
         beta2: cfg.beta2,
@@ -1112,7 +1100,7 @@ fn adamw_config(cfg: &PretrainConfig) -> AdamWConfig {
 /// identical), writing into the run directory the checkpoint is in (not the `out` it was
 /// started with: a run directory moved or copied continues where it now is); `out` is empty
 /// when the checkpoint is not in a run's `checkpoints/`.
-pub fn resume_config(path: &Path, steps: Option<usize>) -> Result<PretrainConfig> {
+pub fn resume_config(path: &Path, steps: Option<usize>) -> Result<TrainConfig> {
     let dir = run_dir::resolve_checkpoint(path, STATE, "training")?;
     let state_path = dir.join(STATE);
     let st: TrainerState = run_dir::read_json(&state_path)?;
