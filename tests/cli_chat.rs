@@ -2,11 +2,9 @@
 //! they stream, keep a multi-turn conversation, and end cleanly.
 
 use engine::Head;
-use std::io::Write;
-use std::process::{Command, Stdio};
 
 mod common;
-use common::checkpoint;
+use common::{checkpoint, llama2, ok, run};
 
 #[test]
 fn generate_and_chat_run_on_a_checkpoint() {
@@ -16,8 +14,7 @@ fn generate_and_chat_run_on_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let ck = dir.path().join("model");
     checkpoint(&ck, Head::Lm, 1, &tok);
-    let bin = env!("CARGO_BIN_EXE_llama2");
-    let out = Command::new(bin)
+    let so = ok(llama2()
         .args([
             "generate",
             "--prompt",
@@ -28,42 +25,25 @@ fn generate_and_chat_run_on_a_checkpoint() {
             "1",
             "--model",
         ])
-        .arg(&ck)
-        .output()
-        .unwrap();
-    let so = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{so}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .arg(&ck));
     assert!(
         so.starts_with("Once upon a time") && so.len() > "Once upon a time".len(),
         "{so}"
     );
 
-    let mut child = Command::new(bin)
-        .args([
-            "chat",
-            "--max-new-tokens",
-            "8",
-            "--system",
-            "Be brief.",
-            "--model",
-        ])
-        .arg(&ck)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"Hello there\nAnd again?\n/reset\nThird\n/exit\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run(
+        llama2()
+            .args([
+                "chat",
+                "--max-new-tokens",
+                "8",
+                "--system",
+                "Be brief.",
+                "--model",
+            ])
+            .arg(&ck),
+        "Hello there\nAnd again?\n/reset\nThird\n/exit\n",
+    );
     let so = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -75,11 +55,7 @@ fn generate_and_chat_run_on_a_checkpoint() {
 
     // A checkpoint without a tokenizer is a clear error.
     std::fs::remove_file(ck.join("tokenizer.json")).unwrap();
-    let out = Command::new(bin)
-        .args(["generate", "--prompt", "x", "--model"])
-        .arg(&ck)
-        .output()
-        .unwrap();
+    let out = run(llama2().args(["generate", "--prompt", "x", "--model"]).arg(&ck), "");
     let se = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && se.contains("tokenizer") && !se.contains("panicked"),

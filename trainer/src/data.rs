@@ -6,7 +6,7 @@
 //! followed by the tokens. A directory holds `train-NNNNN.bin`, `val.bin`, `tokenizer.json` and
 //! `meta.json`.
 
-use crate::run_dir::write_atomic;
+use crate::run_dir::{write_atomic, write_json};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use engine::tokenizer::Tokenizer;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -553,10 +553,7 @@ pub fn prepare(cfg: &PrepareConfig) -> Result<DataMeta> {
         val_split,
         sources: files.iter().map(|f| f.display().to_string()).collect(),
     };
-    write_atomic(
-        &cfg.out.join("meta.json"),
-        serde_json::to_string_pretty(&meta)?.as_bytes(),
-    )?;
+    write_json(&cfg.out.join("meta.json"), &meta)?;
     Ok(meta)
 }
 

@@ -602,10 +602,7 @@ pub fn run<B: Backend>(be: B, cfg: &GattConfig) -> Result<GattReport> {
         final_val_loss: rep.final_val_loss,
         seconds,
     };
-    std::fs::write(
-        out.join("report.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
+    crate::run_dir::write_json(&out.join("report.json"), &report)?;
     Ok(report)
 }
 

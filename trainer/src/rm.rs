@@ -800,10 +800,7 @@ pub fn evaluate<B: Backend>(
 /// into `dir`.
 pub fn write_eval(dir: &Path, rep: &EvalReport, title: &str) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    crate::run_dir::write_atomic(
-        &dir.join("eval.json"),
-        serde_json::to_string_pretty(rep)?.as_bytes(),
-    )?;
+    crate::run_dir::write_json(&dir.join("eval.json"), rep)?;
     crate::run_dir::write_atomic(&dir.join("eval.md"), rep.to_markdown().as_bytes())?;
     let c: Vec<f64> = rep.chosen_scores.iter().map(|&x| x as f64).collect();
     let r: Vec<f64> = rep.rejected_scores.iter().map(|&x| x as f64).collect();
@@ -1037,11 +1034,7 @@ pub fn run<B: Backend>(be: B, cfg: &RmConfig) -> Result<RmReport> {
         },
     )?;
 
-    std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
-    std::fs::write(
-        cfg.out.join("config.json"),
-        serde_json::to_string_pretty(cfg)?,
-    )?;
+    crate::run_dir::write_config(&cfg.out, cfg)?;
     let mut metrics = MetricsWriter::open(&cfg.out.join("metrics.jsonl"), None)?;
     let bar = crate::run_dir::progress("train-rm", steps as u64, cfg.progress);
     say(

@@ -272,10 +272,7 @@ pub fn run<B: Backend>(be: B, cfg: &RsConfig) -> Result<RoundStats> {
 
 /// The per-round report as JSON and the Figure 7-style plot (max and median reward per round).
 pub fn write_report(out: &Path, rounds: &[RoundStats]) -> Result<()> {
-    std::fs::write(
-        out.join("rs_report.json"),
-        serde_json::to_string_pretty(rounds)?,
-    )?;
+    crate::run_dir::write_json(&out.join("rs_report.json"), rounds)?;
     let max: Vec<(f64, f64)> = rounds
         .iter()
         .map(|r| (r.round as f64, r.mean_max as f64))

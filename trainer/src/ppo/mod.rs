@@ -543,12 +543,7 @@ impl<'c, B: Backend> Trainer<'c, B> {
         let (train_p, eval_p) = read_prompts(&cfg)?;
 
         let metrics = if lead {
-            std::fs::create_dir_all(&cfg.out)
-                .with_context(|| format!("creating {}", cfg.out.display()))?;
-            std::fs::write(
-                cfg.out.join("config.json"),
-                serde_json::to_string_pretty(&cfg)?,
-            )?;
+            run_dir::write_config(&cfg.out, &cfg)?;
             Some(MetricsWriter::open(
                 &cfg.out.join("metrics.jsonl"),
                 resume.as_ref().map(|_| start as u64),
