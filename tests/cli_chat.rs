@@ -55,7 +55,12 @@ fn generate_and_chat_run_on_a_checkpoint() {
 
     // A checkpoint without a tokenizer is a clear error.
     std::fs::remove_file(ck.join("tokenizer.json")).unwrap();
-    let out = run(llama2().args(["generate", "--prompt", "x", "--model"]).arg(&ck), "");
+    let out = run(
+        llama2()
+            .args(["generate", "--prompt", "x", "--model"])
+            .arg(&ck),
+        "",
+    );
     let se = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && se.contains("tokenizer") && !se.contains("panicked"),

@@ -3,11 +3,11 @@
 //! form, `rejection-sample` takes `--device`, `--max-new-tokens` and prompts in any shape, and
 //! `sft --batch-tokens` accumulates to the gradient of one big batch.
 
+use engine::checkpoint::{save_model, SaveOptions};
 use engine::tokenizer::{chat_template, Message, Tokenizer};
 use engine::{Cpu, Head, Llama, LlamaConfig};
 use serde_json::{json, Value};
 use std::path::Path;
-use std::process::Command;
 
 mod common;
 use common::{checkpoint, llama2, ok, run};

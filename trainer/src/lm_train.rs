@@ -564,11 +564,7 @@ fn chunk_rows(
 }
 
 /// Trains in one process.
-pub fn run<B: Backend>(
-    be: B,
-    cfg: TrainConfig,
-    resume: Option<&Path>,
-) -> Result<TrainReport> {
+pub fn run<B: Backend>(be: B, cfg: TrainConfig, resume: Option<&Path>) -> Result<TrainReport> {
     run_dp(be, cfg, resume, None)
 }
 

@@ -152,11 +152,20 @@ mod tests {
         let ckpt = d.path().join("run/checkpoints/step-00000001");
         std::fs::create_dir_all(&ckpt).unwrap();
         let cfg = LlamaConfig::preset("70b").unwrap();
-        std::fs::write(ckpt.join("config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+        std::fs::write(
+            ckpt.join("config.json"),
+            serde_json::to_string(&cfg).unwrap(),
+        )
+        .unwrap();
         std::fs::write(d.path().join("run/checkpoints/latest"), "step-00000001").unwrap();
         for path in [ckpt.clone(), d.path().join("run")] {
             let row = for_checkpoint(&path);
-            assert_eq!((row.rm_lr, row.ppo_beta), (5e-6, 0.005), "{}", path.display());
+            assert_eq!(
+                (row.rm_lr, row.ppo_beta),
+                (5e-6, 0.005),
+                "{}",
+                path.display()
+            );
             let sft = crate::sft::SftConfig::new(path.clone(), vec![], d.path().join("o"));
             assert_eq!((sft.lr, sft.epochs), (row.sft_lr, row.sft_epochs));
             let rs = crate::rs::RsConfig::for_policy(path.clone());

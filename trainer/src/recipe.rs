@@ -20,9 +20,9 @@
 use crate::distill::DistillConfig;
 use crate::evaluate::{EvalConfig, StageEval};
 use crate::gatt::GattConfig;
+use crate::lm_train::{ModelSource, TrainConfig};
 use crate::ppo::PpoConfig;
 use crate::prefs::{Labeller, PrefsConfig};
-use crate::lm_train::{ModelSource, TrainConfig};
 use crate::rm::{RmConfig, RmKind};
 use crate::rs::RsConfig;
 use crate::run_dir;

@@ -11,8 +11,8 @@ use engine::{Cpu, Head};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use trainer::evaluate::world_eval;
-use trainer::ppo::*;
 use trainer::lm_train::{run, DataSpec, TrainConfig};
+use trainer::ppo::*;
 use trainer::reward::{self, logit, sigmoid, SAFETY_THRESHOLD};
 use trainer::world::{read_examples, Annotator, World};
 

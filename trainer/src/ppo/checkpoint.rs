@@ -144,7 +144,6 @@ fn save_zero1_checkpoint<B: Backend>(
     run_dir::agree(comm, mine, &format!("writing {}", dir.display()))
 }
 
-
 impl<B: Backend> Trainer<'_, B> {
     /// Checkpoints after iteration `it` when it is the last one, early stopping ended the run, or
     /// `ckpt_every` says so.

@@ -167,11 +167,16 @@ impl<B: Backend> Trainer<'_, B> {
             self.since_best = 0;
             self.best = Some(ev.clone());
             let tok_path = &self.tok_path;
-            save_model(&self.policy, &self.best_dir, SaveOptions::default(), |tmp| {
-                std::fs::copy(tok_path, tmp.join("tokenizer.json"))
-                    .map(|_| ())
-                    .map_err(|e| engine::Error::io(tok_path, e))
-            })?;
+            save_model(
+                &self.policy,
+                &self.best_dir,
+                SaveOptions::default(),
+                |tmp| {
+                    std::fs::copy(tok_path, tmp.join("tokenizer.json"))
+                        .map(|_| ())
+                        .map_err(|e| engine::Error::io(tok_path, e))
+                },
+            )?;
         } else {
             self.since_best += 1;
         }

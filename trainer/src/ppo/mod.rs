@@ -314,7 +314,6 @@ pub struct PpoReport {
     pub seconds: f64,
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // The loop
 
@@ -406,11 +405,7 @@ struct Trainer<'c, B: Backend> {
 impl<'c, B: Backend> Trainer<'c, B> {
     /// Checks the configuration, loads the models (from the checkpoint on a resume) and the
     /// prompts, opens the run directory and says what the run will do.
-    fn new(
-        be: B,
-        cfg: &PpoConfig,
-        comm: Option<&'c mut dyn DeviceCollective<B>>,
-    ) -> Result<Self> {
+    fn new(be: B, cfg: &PpoConfig, comm: Option<&'c mut dyn DeviceCollective<B>>) -> Result<Self> {
         let mut comm = comm.filter(|c| c.world() > 1);
         let (rank, world) = comm.as_ref().map_or((0, 1), |c| (c.rank(), c.world()));
         let lead = rank == 0;
