@@ -133,6 +133,35 @@ pub struct EvalSection {
     pub samples: usize,
     #[serde(default = "forty")]
     pub max_new_tokens: usize,
+    /// The final step `eval/final` (after the rounds and GAtt/distillation): every stage's
+    /// reward distribution under the judge on the same prompts (Figure 20), the final model's
+    /// win rate against the SFT model, and refusals on `borderline`/`adversarial` prompts.
+    #[serde(default = "yes")]
+    pub compare: bool,
+    /// Prompts the final step answers (the first of `prompts`; 0: `max_prompts`).
+    #[serde(default = "hundred")]
+    pub compare_prompts: usize,
+    /// Benign prompts that look risky: any refusal is a false refusal (Figure 33).
+    #[serde(default)]
+    pub borderline: Vec<String>,
+    /// Harmful prompts: refusal and violation rates.
+    #[serde(default)]
+    pub adversarial: Vec<String>,
+    /// A phrase file replacing the default refusal rule (`recipes/refusal-phrases.txt`).
+    #[serde(default)]
+    pub refusal_rule: Option<String>,
+    #[serde(default = "tie_margin")]
+    pub tie_margin: f32,
+}
+
+fn yes() -> bool {
+    true
+}
+fn hundred() -> usize {
+    100
+}
+fn tie_margin() -> f32 {
+    crate::user_eval::DEFAULT_TIE_MARGIN
 }
 
 fn first() -> String {
@@ -154,6 +183,12 @@ impl Default for EvalSection {
             judge: first(),
             samples: samples(),
             max_new_tokens: forty(),
+            compare: yes(),
+            compare_prompts: hundred(),
+            borderline: vec![],
+            adversarial: vec![],
+            refusal_rule: None,
+            tie_margin: tie_margin(),
         }
     }
 }
@@ -220,6 +255,8 @@ enum Kind {
     /// With the model to evaluate instead when the first is missing (distillation that kept
     /// nothing fine-tunes nothing).
     Eval(EvalConfig, Option<PathBuf>),
+    /// The final comparison, with (checkpoint, stand-in) for checkpoints that may be missing.
+    Final(crate::user_eval::UserEvalConfig, Vec<(PathBuf, PathBuf)>),
 }
 
 /// One step of a planned recipe.
@@ -253,6 +290,7 @@ impl Step {
             Kind::Gatt(c) => v(c),
             Kind::Distill(c) => v(c),
             Kind::Eval(c, f) => json!({"eval": v(c), "fallback": f}),
+            Kind::Final(c, f) => json!({"final": v(c), "fallbacks": f}),
         }
     }
 }
@@ -698,10 +736,74 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
         }
         flush(&mut sp, &mut pending, &judge, true);
     }
+    if evaluate && recipe.eval.compare {
+        if let Some(k) = final_step(recipe, &pushed, &judge, &wdir, &eval_prompts, &out)? {
+            pushed.push((format!("eval/{}", crate::user_eval::FINAL), k));
+        }
+    }
     for (n, k) in pushed {
         push(n, k);
     }
     Ok(Plan { out, steps })
+}
+
+/// The final evaluation step over the stages evaluated so far (the pretrained base left out):
+/// the recipe's judge (or the world's annotator when the recipe has no reward models), the last
+/// stage against the SFT model. `None` without a judge.
+fn final_step(
+    recipe: &Recipe,
+    pushed: &[(String, Kind)],
+    judge: &Option<(PathBuf, PathBuf)>,
+    wdir: &Path,
+    prompts: &[PathBuf],
+    out: &Path,
+) -> Result<Option<Kind>> {
+    let e = &recipe.eval;
+    let spec = match judge {
+        Some((h, s)) => Labeller::Rm {
+            helpfulness: h.clone(),
+            safety: Some(s.clone()),
+        },
+        None if e.gold => Labeller::World(wdir.to_path_buf()),
+        None => return Ok(None),
+    };
+    let mut stages = Vec::new();
+    let mut fallbacks = Vec::new();
+    for (_, k) in pushed {
+        if let Kind::Eval(c, f) = k {
+            if c.stage != "pretrain" {
+                stages.push((c.stage.clone(), c.model.clone()));
+                if let Some(f) = f {
+                    fallbacks.push((c.model.clone(), f.clone()));
+                }
+            }
+        }
+    }
+    let (Some(first), Some(last)) = (stages.first().cloned(), stages.last().cloned()) else {
+        return Ok(None);
+    };
+    let files = |v: &[String]| v.iter().map(|s| world_path(s, wdir)).collect::<Vec<_>>();
+    let mut c = crate::user_eval::UserEvalConfig::new(
+        spec,
+        prompts.to_vec(),
+        out.join("eval").join(crate::user_eval::FINAL),
+    );
+    if stages.len() > 1 {
+        c.model = Some(last.1);
+        c.baseline = Some(first.1);
+    }
+    c.stages = stages;
+    c.max_prompts = match e.compare_prompts {
+        0 => e.max_prompts,
+        n => n,
+    };
+    c.borderline = files(&e.borderline);
+    c.adversarial = files(&e.adversarial);
+    c.refusal_rule = e.refusal_rule.as_deref().map(|s| world_path(s, wdir));
+    c.max_new_tokens = e.max_new_tokens;
+    c.tie_margin = e.tie_margin;
+    c.seed = recipe.seed;
+    Ok(Some(Kind::Final(c, fallbacks)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -797,11 +899,14 @@ impl RecipeReport {
     pub fn evals(&self) -> Vec<StageEval> {
         self.steps
             .iter()
-            .filter(|d| d.step.starts_with("eval/"))
+            .filter(|d| d.step.starts_with("eval/") && d.step != FINAL_STEP)
             .filter_map(|d| serde_json::from_value(d.report.clone()).ok())
             .collect()
     }
 }
+
+/// The final comparison's step name.
+pub const FINAL_STEP: &str = "eval/final";
 
 /// Runs the plan's steps, skipping those already done; `say` reports each step.
 pub fn run<B: Backend>(be: B, plan: &Plan, say: &dyn Fn(&str)) -> Result<RecipeReport> {
@@ -936,6 +1041,17 @@ fn run_step<B: Backend>(be: &B, step: &Step) -> Result<Value> {
             }
             to_json(&crate::evaluate::run(be, &c)?)
         }
+        Kind::Final(c, fallbacks) => {
+            let mut c = c.clone();
+            let stand_in = |p: &mut PathBuf| {
+                if let Some((_, f)) = fallbacks.iter().find(|(m, _)| m == p && !m.exists()) {
+                    *p = f.clone();
+                }
+            };
+            c.model.iter_mut().chain(c.baseline.iter_mut()).for_each(stand_in);
+            c.stages.iter_mut().for_each(|(_, p)| stand_in(p));
+            to_json(&crate::user_eval::run(be, &c)?)
+        }
     }
 }
 
@@ -1052,5 +1168,46 @@ mod tests {
         let r = Recipe::parse("[model]\nbase = \"m\"\n[world]\ndir = \"w\"\nsize = \"small\"\n")
             .unwrap();
         assert!(plan(&r, "o".into()).is_err());
+    }
+
+    /// The final step comes after GAtt and distillation, judges every stage but the pretrained
+    /// base with the recipe's fixed judge, and is keyed by its settings like any step.
+    #[test]
+    fn the_final_evaluation_covers_every_stage_after_the_finish_stages() {
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/../recipes/world-tiny.toml");
+        let text = std::fs::read_to_string(file).unwrap();
+        let p = plan(&Recipe::parse(&text).unwrap(), "o".into()).unwrap();
+        let last = p.steps.last().unwrap();
+        assert_eq!(last.name, FINAL_STEP);
+        let Kind::Final(c, fallbacks) = &last.kind else {
+            panic!("the last step is the final evaluation")
+        };
+        let names: Vec<&str> = c.stages.iter().map(|s| s.0.as_str()).collect();
+        assert_eq!(
+            names,
+            ["sft", "rs_round_1", "rs_round_2", "ppo_round_2", "gatt", "distill"]
+        );
+        assert_eq!(c.baseline.as_deref(), Some(Path::new("o/sft")));
+        assert_eq!(c.model.as_deref(), Some(Path::new("o/distill/sft")));
+        assert_eq!(fallbacks, &[("o/distill/sft".into(), "o/gatt/sft".into())]);
+        assert_eq!(
+            c.judge,
+            Labeller::Rm {
+                helpfulness: "o/round-1/rm-helpfulness".into(),
+                safety: Some("o/round-1/rm-safety".into())
+            }
+        );
+        assert_eq!((c.max_prompts, c.out.as_path()), (100, Path::new("o/eval/final")));
+        // Borderline prompts change the final step's key only; `compare = false` drops it.
+        let more = text.replace("[eval]", "[eval]\nborderline = [\"b.jsonl\"]");
+        let q = plan(&Recipe::parse(&more).unwrap(), "o".into()).unwrap();
+        let (a, b) = (status(&p), status(&q));
+        assert_eq!(a.len(), b.len());
+        let n = a.len();
+        assert_eq!(a[n - 2].key, b[n - 2].key);
+        assert_ne!(a[n - 1].key, b[n - 1].key);
+        let off = text.replace("[eval]", "[eval]\ncompare = false");
+        let r = plan(&Recipe::parse(&off).unwrap(), "o".into()).unwrap();
+        assert!(r.steps.iter().all(|s| s.name != FINAL_STEP));
     }
 }

@@ -84,6 +84,9 @@ pub fn write(rep: &RecipeReport, device: &str) -> Result<Value> {
         report["gatt"]["rows"] = g["rows"].clone();
         gatt_plot(out, g)?;
     }
+    if let Some(f) = rep.report(crate::recipe::FINAL_STEP) {
+        report["final_eval"] = f.clone();
+    }
     crate::run_dir::write_json(&out.join("report.json"), &report)?;
     std::fs::write(out.join("report.md"), markdown(&report, &evals))?;
     plots(out, &report, &evals)?;
@@ -181,8 +184,23 @@ fn markdown(report: &Value, evals: &[StageEval]) -> String {
             );
         }
     }
+    md += &final_markdown(&report["final_eval"]);
     md += "\nPlots: `loss.svg` (pretraining and SFT), `reward_by_stage.svg` (the judge's reward per stage), `rs_rewards.svg` (max vs median of K per round), `ppo_gold_vs_proxy.svg` (reward hacking shows as the curves diverging), `gatt_adherence.svg`, `rm_accuracy_by_rating.svg`, `round-*/rm-*/scores.svg`.\n";
     md
+}
+
+/// The final step's numbers: win rate of the final model against SFT, refusals, Figure 20.
+fn final_markdown(f: &Value) -> String {
+    let Ok(r) = serde_json::from_value::<crate::user_eval::UserEvalReport>(f.clone()) else {
+        return String::new();
+    };
+    format!(
+        "\n## Final model against SFT, refusals and every stage's reward (Figure 20)\n\nThe last stage's \
+         model against the SFT model on the same prompts under one judge (win rate: wins / (wins + \
+         losses), 95 % Wilson interval); refusals by the refusal rule; the judge's R_c of every \
+         stage's greedy answers (`eval/final/fig20.svg`, `fig20.jsonl`, `fig20.csv`).\n\n```\n{}```\n",
+        crate::user_eval::table(&r)
+    )
 }
 
 fn plots(out: &Path, report: &Value, evals: &[StageEval]) -> Result<()> {

@@ -404,10 +404,7 @@ impl Judge for WorldJudge {
 }
 
 /// Loads the judge a [`Labeller`] names (`rm:HELP[,SAFETY]` or `world:DIR`).
-pub fn load_judge<B: Backend>(be: B, spec: &Labeller) -> Result<Box<dyn Judge>>
-where
-    B: 'static,
-{
+pub fn load_judge<'a, B: Backend + 'a>(be: B, spec: &Labeller) -> Result<Box<dyn Judge + 'a>> {
     Ok(match spec {
         Labeller::Rm {
             helpfulness,
@@ -572,7 +569,7 @@ fn answer_sets<B: Backend>(
 
 /// Runs the evaluation and writes `eval.json`, `answers.jsonl` and, with stages,
 /// `fig20.jsonl`, `fig20.csv`, `fig20_answers.jsonl` and `fig20.svg` into `cfg.out`.
-pub fn run<B: Backend + 'static>(be: B, cfg: &UserEvalConfig) -> Result<UserEvalReport> {
+pub fn run<B: Backend>(be: B, cfg: &UserEvalConfig) -> Result<UserEvalReport> {
     let t0 = std::time::Instant::now();
     ensure!(
         cfg.model.is_some() || !cfg.stages.is_empty(),
