@@ -579,6 +579,16 @@ pub fn run<B: Backend>(be: B, cfg: &UserEvalConfig) -> Result<UserEvalReport> {
         cfg.baseline.is_none() || cfg.model.is_some(),
         "--baseline needs --model (the model compared with it)"
     );
+    match &cfg.judge {
+        Labeller::File(_) => bail!(
+            "judge `{}`: expected rm:HELP[,SAFETY] or world:DIR",
+            cfg.judge
+        ),
+        Labeller::World(d) if d.as_os_str().is_empty() => {
+            bail!("judge world:DIR: name the world directory")
+        }
+        _ => {}
+    }
     ensure!(
         cfg.tie_margin >= 0.0 && cfg.tie_margin.is_finite(),
         "tie margin {}: expected a finite value ≥ 0",
