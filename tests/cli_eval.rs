@@ -124,6 +124,8 @@ fn eval_reports_win_rate_refusals_and_every_stages_reward_distribution() {
         .arg("--refusal-rule")
         .arg(&rule)
         .args(["--stages", &stages, "--max-new-tokens", "6", "--device", "cpu"])
+        // Random reward models score every answer alike: no margin, so verdicts are decided.
+        .args(["--tie-margin", "0"])
         .arg("--out")
         .arg(&out));
     assert!(stdout.contains("win rate (ties removed)"), "{stdout}");
@@ -135,6 +137,7 @@ fn eval_reports_win_rate_refusals_and_every_stages_reward_distribution() {
     let n = |v: &Value| v.as_u64().unwrap();
     let f = |v: &Value| v.as_f64().unwrap();
     assert_eq!(n(&w["wins"]) + n(&w["ties"]) + n(&w["losses"]), 6, "{w}");
+    assert!(n(&w["wins"]) + n(&w["losses"]) > 0, "{w}");
     assert!(f(&w["lo"]) <= f(&w["win_rate"]) && f(&w["win_rate"]) <= f(&w["hi"]), "{w}");
     assert!(f(&w["lo"]) >= 0.0 && f(&w["hi"]) <= 1.0, "{w}");
     // The answers file: every prompt of every set, verdicts and refusal flags agreeing with
