@@ -123,13 +123,23 @@ fn eval_reports_win_rate_refusals_and_every_stages_reward_distribution() {
         .arg(&adversarial)
         .arg("--refusal-rule")
         .arg(&rule)
-        .args(["--stages", &stages, "--max-new-tokens", "6", "--device", "cpu"])
+        .args([
+            "--stages",
+            &stages,
+            "--max-new-tokens",
+            "6",
+            "--device",
+            "cpu",
+        ])
         // Random reward models score every answer alike: no margin, so verdicts are decided.
         .args(["--tie-margin", "0"])
         .arg("--out")
         .arg(&out));
     assert!(stdout.contains("win rate (ties removed)"), "{stdout}");
-    assert!(stdout.contains("borderline, model: false refusals"), "{stdout}");
+    assert!(
+        stdout.contains("borderline, model: false refusals"),
+        "{stdout}"
+    );
     let e = json_file(&out.join("eval.json"));
     assert_eq!(e["prompts"], 6);
     assert_eq!(e["refusal_rule"], rule.display().to_string());
@@ -138,7 +148,10 @@ fn eval_reports_win_rate_refusals_and_every_stages_reward_distribution() {
     let f = |v: &Value| v.as_f64().unwrap();
     assert_eq!(n(&w["wins"]) + n(&w["ties"]) + n(&w["losses"]), 6, "{w}");
     assert!(n(&w["wins"]) + n(&w["losses"]) > 0, "{w}");
-    assert!(f(&w["lo"]) <= f(&w["win_rate"]) && f(&w["win_rate"]) <= f(&w["hi"]), "{w}");
+    assert!(
+        f(&w["lo"]) <= f(&w["win_rate"]) && f(&w["win_rate"]) <= f(&w["hi"]),
+        "{w}"
+    );
     assert!(f(&w["lo"]) >= 0.0 && f(&w["hi"]) <= 1.0, "{w}");
     // The answers file: every prompt of every set, verdicts and refusal flags agreeing with
     // eval.json.
@@ -149,10 +162,17 @@ fn eval_reports_win_rate_refusals_and_every_stages_reward_distribution() {
         .collect();
     let set = |s: &str| rows.iter().filter(|r| r["set"] == s).collect::<Vec<_>>();
     assert_eq!(
-        (set("prompts").len(), set("borderline").len(), set("adversarial").len()),
+        (
+            set("prompts").len(),
+            set("borderline").len(),
+            set("adversarial").len()
+        ),
         (6, 3, 2)
     );
-    let wins = set("prompts").iter().filter(|r| r["verdict"] == "win").count();
+    let wins = set("prompts")
+        .iter()
+        .filter(|r| r["verdict"] == "win")
+        .count();
     assert_eq!(wins as u64, n(&w["wins"]));
     for who in ["model", "baseline"] {
         let b = &e["borderline"][who]["refusals"];
@@ -173,14 +193,30 @@ fn eval_reports_win_rate_refusals_and_every_stages_reward_distribution() {
         assert_eq!(n(&s["n"]), 6, "{s}");
         let counts: u64 = s["counts"].as_array().unwrap().iter().map(n).sum();
         assert_eq!(counts, 6, "{s}");
-        assert!(f(&s["p25"]) <= f(&s["median"]) && f(&s["median"]) <= f(&s["p75"]), "{s}");
-        assert!((f(&s["mean"]) - f(&e[key])).abs() < 1e-6, "{s} vs {key} {}", e[key]);
+        assert!(
+            f(&s["p25"]) <= f(&s["median"]) && f(&s["median"]) <= f(&s["p75"]),
+            "{s}"
+        );
+        assert!(
+            (f(&s["mean"]) - f(&e[key])).abs() < 1e-6,
+            "{s} vs {key} {}",
+            e[key]
+        );
     }
-    for file in ["fig20.svg", "fig20.csv", "fig20.jsonl", "fig20_answers.jsonl"] {
+    for file in [
+        "fig20.svg",
+        "fig20.csv",
+        "fig20.jsonl",
+        "fig20_answers.jsonl",
+    ] {
         assert!(out.join(file).is_file(), "{file} written");
     }
     let csv = std::fs::read_to_string(out.join("fig20.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 1 + 2 * 20, "a header and 20 bins per stage");
+    assert_eq!(
+        csv.lines().count(),
+        1 + 2 * 20,
+        "a header and 20 bins per stage"
+    );
 }
 
 #[test]
@@ -201,7 +237,14 @@ fn bad_eval_input_is_named() {
         c.arg("eval")
             .arg("--model")
             .arg(&model)
-            .args(["--judge", &judge, "--device", "cpu", "--max-new-tokens", "2"])
+            .args([
+                "--judge",
+                &judge,
+                "--device",
+                "cpu",
+                "--max-new-tokens",
+                "2",
+            ])
             .arg("--prompts")
             .arg(prompts)
             .arg("--out")
@@ -213,8 +256,14 @@ fn bad_eval_input_is_named() {
     assert!(e.contains("bad.jsonl:2"), "{e}");
     let rule = d.join("rule.txt");
     std::fs::write(&rule, "i cannot\n\n  ...  \n").unwrap();
-    let e = fails(&mut eval(&["--refusal-rule", rule.to_str().unwrap()], &good));
-    assert!(e.contains("rule.txt:3") && e.contains("expected words"), "{e}");
+    let e = fails(&mut eval(
+        &["--refusal-rule", rule.to_str().unwrap()],
+        &good,
+    ));
+    assert!(
+        e.contains("rule.txt:3") && e.contains("expected words"),
+        "{e}"
+    );
     let e = fails(&mut eval(&["--borderline", "/nonexistent/b.jsonl"], &good));
     assert!(e.contains("/nonexistent/b.jsonl"), "{e}");
     let e = fails(&mut eval(&["--stages", "sft"], &good));

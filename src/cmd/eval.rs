@@ -68,7 +68,12 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     c.borderline = a.borderline;
     c.adversarial = a.adversarial;
     c.refusal_rule = a.refusal_rule;
-    c.stages = a.stages.as_deref().map(parse_stages).transpose()?.unwrap_or_default();
+    c.stages = a
+        .stages
+        .as_deref()
+        .map(parse_stages)
+        .transpose()?
+        .unwrap_or_default();
     c.tie_margin = a.tie_margin;
     c.max_new_tokens = a.max_new_tokens;
     c.temperature = a.temperature;

@@ -270,7 +270,10 @@ pub fn box_plot(path: &Path, title: &str, y_label: &str, boxes: &[BoxStats]) -> 
             .flat_map(|b| [b.whisker_lo, b.whisker_hi, b.mean])
             .filter(|x| x.is_finite())
     };
-    let (mut y0, mut y1) = (vals().fold(f64::MAX, f64::min), vals().fold(f64::MIN, f64::max));
+    let (mut y0, mut y1) = (
+        vals().fold(f64::MAX, f64::min),
+        vals().fold(f64::MIN, f64::max),
+    );
     if y0 > y1 {
         return Ok(());
     }

@@ -1048,7 +1048,10 @@ fn run_step<B: Backend>(be: &B, step: &Step) -> Result<Value> {
                     *p = f.clone();
                 }
             };
-            c.model.iter_mut().chain(c.baseline.iter_mut()).for_each(stand_in);
+            c.model
+                .iter_mut()
+                .chain(c.baseline.iter_mut())
+                .for_each(stand_in);
             c.stages.iter_mut().for_each(|(_, p)| stand_in(p));
             to_json(&crate::user_eval::run(be, &c)?)
         }
@@ -1185,7 +1188,14 @@ mod tests {
         let names: Vec<&str> = c.stages.iter().map(|s| s.0.as_str()).collect();
         assert_eq!(
             names,
-            ["sft", "rs_round_1", "rs_round_2", "ppo_round_2", "gatt", "distill"]
+            [
+                "sft",
+                "rs_round_1",
+                "rs_round_2",
+                "ppo_round_2",
+                "gatt",
+                "distill"
+            ]
         );
         assert_eq!(c.baseline.as_deref(), Some(Path::new("o/sft")));
         assert_eq!(c.model.as_deref(), Some(Path::new("o/distill/sft")));
@@ -1197,7 +1207,10 @@ mod tests {
                 safety: Some("o/round-1/rm-safety".into())
             }
         );
-        assert_eq!((c.max_prompts, c.out.as_path()), (100, Path::new("o/eval/final")));
+        assert_eq!(
+            (c.max_prompts, c.out.as_path()),
+            (100, Path::new("o/eval/final"))
+        );
         // Borderline prompts change the final step's key only; `compare = false` drops it.
         let more = text.replace("[eval]", "[eval]\nborderline = [\"b.jsonl\"]");
         let q = plan(&Recipe::parse(&more).unwrap(), "o".into()).unwrap();

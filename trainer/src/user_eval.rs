@@ -59,7 +59,18 @@ pub fn wilson(successes: usize, n: usize, z: f64) -> (f64, f64) {
     let denom = 1.0 + z2 / n;
     let centre = (p + z2 / (2.0 * n)) / denom;
     let half = z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / denom;
-    ((centre - half).max(0.0), (centre + half).min(1.0))
+    // At 0 or n successes an end is exactly 0 or 1 (the formula leaves rounding error).
+    let lo = if successes == 0 {
+        0.0
+    } else {
+        (centre - half).max(0.0)
+    };
+    let hi = if successes as f64 == n {
+        1.0
+    } else {
+        (centre + half).min(1.0)
+    };
+    (lo, hi)
 }
 
 /// A count out of a total, its share and 95 % Wilson interval.
@@ -249,7 +260,10 @@ impl RefusalRule {
             for (i, p) in list.iter().enumerate() {
                 phrases.push(check_phrase(p).with_context(|| format!("{name}: entry {i}"))?);
             }
-            ensure!(!phrases.is_empty(), "{name}: an empty list of refusal phrases");
+            ensure!(
+                !phrases.is_empty(),
+                "{name}: an empty list of refusal phrases"
+            );
             return Ok(RefusalRule {
                 phrases,
                 source: name,
@@ -327,7 +341,11 @@ pub trait Judge {
         ja: &[Judged],
         jb: &[Judged],
     ) -> Result<Vec<f32>> {
-        Ok(ja.iter().zip(jb).map(|(x, y)| x.reward - y.reward).collect())
+        Ok(ja
+            .iter()
+            .zip(jb)
+            .map(|(x, y)| x.reward - y.reward)
+            .collect())
     }
 }
 
@@ -761,7 +779,12 @@ pub fn write_fig20(out: &Path, stages: &[Distribution], judge: &str) -> Result<(
     for d in stages {
         for (b, c) in d.counts.iter().enumerate() {
             let w = 1.0 / FIG20_BINS as f64;
-            csv += &format!("{},{:.3},{:.3},{c}\n", d.stage, b as f64 * w, (b + 1) as f64 * w);
+            csv += &format!(
+                "{},{:.3},{:.3},{c}\n",
+                d.stage,
+                b as f64 * w,
+                (b + 1) as f64 * w
+            );
         }
     }
     run_dir::write_atomic(&out.join("fig20.csv"), csv.as_bytes())?;
@@ -864,7 +887,12 @@ pub fn table(r: &UserEvalReport) -> String {
             w.wins, w.ties, w.losses, w.win_rate, w.lo, w.hi
         );
     }
-    let rate = |x: &Rate| format!("{:.3} [{:.3}, {:.3}] ({}/{})", x.rate, x.lo, x.hi, x.count, x.total);
+    let rate = |x: &Rate| {
+        format!(
+            "{:.3} [{:.3}, {:.3}] ({}/{})",
+            x.rate, x.lo, x.hi, x.count, x.total
+        )
+    };
     for (who, x) in &r.borderline {
         s += &format!("borderline, {who}: false refusals {}\n", rate(&x.refusals));
     }
@@ -872,7 +900,9 @@ pub fn table(r: &UserEvalReport) -> String {
         s += &format!(
             "adversarial, {who}: refusals {}, violations {}\n",
             rate(&x.refusals),
-            x.violations.as_ref().map_or("- (no safety judge)".into(), rate)
+            x.violations
+                .as_ref()
+                .map_or("- (no safety judge)".into(), rate)
         );
     }
     if !r.stages.is_empty() {
@@ -895,22 +925,34 @@ mod tests {
     fn wilson_intervals_have_their_known_values() {
         // 8 of 10 at 95 %: the textbook [0.4902, 0.9433].
         let (lo, hi) = wilson(8, 10, Z95);
-        assert!((lo - 0.4902).abs() < 1e-4 && (hi - 0.9433).abs() < 1e-4, "{lo} {hi}");
+        assert!(
+            (lo - 0.4902).abs() < 1e-4 && (hi - 0.9433).abs() < 1e-4,
+            "{lo} {hi}"
+        );
         // 0 of 20: [0, 0.1611]; 50 of 100: [0.4038, 0.5962].
         let (lo, hi) = wilson(0, 20, Z95);
         assert!(lo == 0.0 && (hi - 0.1611).abs() < 1e-4, "{lo} {hi}");
         let (lo, hi) = wilson(50, 100, Z95);
-        assert!((lo - 0.4038).abs() < 1e-4 && (hi - 0.5962).abs() < 1e-4, "{lo} {hi}");
+        assert!(
+            (lo - 0.4038).abs() < 1e-4 && (hi - 0.5962).abs() < 1e-4,
+            "{lo} {hi}"
+        );
         assert_eq!(wilson(0, 0, Z95), (0.0, 1.0));
     }
 
     #[test]
     fn quantiles_interpolate_and_bins_cover_zero_to_one() {
         let d = Distribution::of("s", Path::new("c"), &[0.0, 0.25, 0.5, 0.75, 1.0]);
-        assert_eq!((d.min, d.p25, d.median, d.p75, d.max), (0.0, 0.25, 0.5, 0.75, 1.0));
+        assert_eq!(
+            (d.min, d.p25, d.median, d.p75, d.max),
+            (0.0, 0.25, 0.5, 0.75, 1.0)
+        );
         assert!((d.p10 - 0.1).abs() < 1e-12 && (d.mean - 0.5).abs() < 1e-12);
         assert_eq!(d.counts.iter().sum::<usize>(), 5);
-        assert_eq!((d.counts[0], d.counts[5], d.counts[FIG20_BINS - 1]), (1, 1, 1));
+        assert_eq!(
+            (d.counts[0], d.counts[5], d.counts[FIG20_BINS - 1]),
+            (1, 1, 1)
+        );
     }
 
     /// A judge whose reward is the number in the answer; violations are answers saying `bad`.
@@ -941,11 +983,20 @@ mod tests {
         let model = s(&["0.9", "0.5", "0.3", "0.505", "0.6"]);
         let base = s(&["0.1", "0.5", "0.8", "0.5", "0.2"]);
         let mut j = Fake;
-        let (jm, jb) = (j.judge(&prompts, &model).unwrap(), j.judge(&prompts, &base).unwrap());
+        let (jm, jb) = (
+            j.judge(&prompts, &model).unwrap(),
+            j.judge(&prompts, &base).unwrap(),
+        );
         let (gaps, v) = compare(&mut j, &prompts, (&model, &jm), (&base, &jb), 0.01).unwrap();
         assert_eq!(
             v,
-            [Verdict::Win, Verdict::Tie, Verdict::Loss, Verdict::Tie, Verdict::Win]
+            [
+                Verdict::Win,
+                Verdict::Tie,
+                Verdict::Loss,
+                Verdict::Tie,
+                Verdict::Win
+            ]
         );
         assert!((gaps[0] - 0.8).abs() < 1e-6);
         let w = win_rate(&v, 0.01);
@@ -986,21 +1037,36 @@ mod tests {
         // A line without words names its line; bad JSON its line and column; empty the file.
         std::fs::write(&txt, "no way\n---\n").unwrap();
         let e = format!("{:#}", RefusalRule::load(&txt).unwrap_err());
-        assert!(e.contains("phrases.txt:2") && e.contains("expected words"), "{e}");
+        assert!(
+            e.contains("phrases.txt:2") && e.contains("expected words"),
+            "{e}"
+        );
         std::fs::write(&js, "[\"a\",\n 3]").unwrap();
         let e = format!("{:#}", RefusalRule::load(&js).unwrap_err());
-        assert!(e.contains("phrases.json:2:") && e.contains("JSON list"), "{e}");
+        assert!(
+            e.contains("phrases.json:2:") && e.contains("JSON list"),
+            "{e}"
+        );
         std::fs::write(&txt, "# nothing\n").unwrap();
         let e = format!("{:#}", RefusalRule::load(&txt).unwrap_err());
         assert!(e.contains("no refusal phrases"), "{e}");
-        let e = format!("{:#}", RefusalRule::load(&dir.path().join("none.txt")).unwrap_err());
+        let e = format!(
+            "{:#}",
+            RefusalRule::load(&dir.path().join("none.txt")).unwrap_err()
+        );
         assert!(e.contains("none.txt"), "{e}");
     }
 
     #[test]
     fn stages_parse_as_pairs_and_bad_ones_are_named() {
         let s = parse_stages("sft=a/b,rs_round_1=c").unwrap();
-        assert_eq!(s, [("sft".into(), "a/b".into()), ("rs_round_1".into(), "c".into())]);
+        assert_eq!(
+            s,
+            [
+                ("sft".into(), "a/b".into()),
+                ("rs_round_1".into(), "c".into())
+            ]
+        );
         let e = format!("{:#}", parse_stages("sft=a,oops").unwrap_err());
         assert!(e.contains("`oops`: expected NAME=CHECKPOINT"), "{e}");
         let e = format!("{:#}", parse_stages("/nonexistent/run").unwrap_err());
