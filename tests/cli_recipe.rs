@@ -280,4 +280,29 @@ fn a_recipe_on_user_data_is_killed_midway_and_finished_by_a_rerun() {
     )
     .unwrap();
     assert!(judge["key"].is_string());
+
+    // The final step: every stage's reward distribution under the same judge (Figure 20) and
+    // the last model against SFT on the same 8 prompts; skipped on a further rerun.
+    let f = &report["final_eval"];
+    let w = &f["win"];
+    let n = |v: &Value| v.as_u64().unwrap();
+    assert_eq!(n(&w["wins"]) + n(&w["ties"]) + n(&w["losses"]), 8, "{f}");
+    let fig: Vec<&str> = f["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(fig, stages);
+    assert!(out.join("eval/final/fig20.svg").is_file());
+    assert!(md.contains("Figure 20"), "{md}");
+    let again = llama2()
+        .args(["recipe", "run", "--device", "cpu"])
+        .arg(&recipe)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let se = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success() && se.contains("] eval/final: done, skipped"), "{se}");
 }

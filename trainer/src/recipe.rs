@@ -138,7 +138,8 @@ pub struct EvalSection {
     /// win rate against the SFT model, and refusals on `borderline`/`adversarial` prompts.
     #[serde(default = "yes")]
     pub compare: bool,
-    /// Prompts the final step answers (the first of `prompts`; 0: `max_prompts`).
+    /// Prompts the final step answers: the first of `prompts`, at most `max_prompts` (0: no
+    /// cap of its own).
     #[serde(default = "hundred")]
     pub compare_prompts: usize,
     /// Benign prompts that look risky: any refusal is a false refusal (Figure 33).
@@ -793,9 +794,11 @@ fn final_step(
         c.baseline = Some(first.1);
     }
     c.stages = stages;
-    c.max_prompts = match e.compare_prompts {
-        0 => e.max_prompts,
-        n => n,
+    // The first `compare_prompts` of the prompts every stage is evaluated on.
+    c.max_prompts = match (e.compare_prompts, e.max_prompts) {
+        (0, m) => m,
+        (n, 0) => n,
+        (n, m) => n.min(m),
     };
     c.borderline = files(&e.borderline);
     c.adversarial = files(&e.adversarial);
