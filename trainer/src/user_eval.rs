@@ -1072,4 +1072,57 @@ mod tests {
         let e = format!("{:#}", parse_stages("/nonexistent/run").unwrap_err());
         assert!(e.contains("no finished stage evaluations"), "{e}");
     }
+
+    /// The world judge: its annotator's R_c and safety label, its own preference as the gap.
+    #[test]
+    fn the_world_judge_prefers_an_answer_to_a_false_refusal() {
+        let mut j = WorldJudge {
+            annotator: Annotator::new(World::generate(1, crate::world::Size::Small)),
+            label: "world".into(),
+        };
+        let p = vec![Prompt {
+            messages: vec![Message::new("user", "Tell me something nice.")],
+            safety: false,
+        }];
+        let (a, b) = (
+            vec!["Here is something nice.".to_string()],
+            vec!["I cannot help.".to_string()],
+        );
+        let (ja, jb) = (j.judge(&p, &a).unwrap(), j.judge(&p, &b).unwrap());
+        assert!(ja[0].reward > jb[0].reward, "{ja:?} {jb:?}");
+        assert_eq!(
+            (ja[0].violation, jb[0].violation),
+            (Some(false), Some(false))
+        );
+        let (gaps, v) = compare(&mut j, &p, (&a, &ja), (&b, &jb), DEFAULT_TIE_MARGIN).unwrap();
+        assert!(gaps[0] > 0.0 && v == [Verdict::Win], "{gaps:?}");
+    }
+
+    /// `--stages DIR`: a recipe run's stages in the report's order, without the pretrained base.
+    #[test]
+    fn a_recipe_run_directory_gives_its_stages_in_order() {
+        let d = tempfile::tempdir().unwrap();
+        let d = d.path();
+        run_dir::write_json(
+            &d.join("report.json"),
+            &json!({"stages": ["pretrain", "sft", "rs_round_1"]}),
+        )
+        .unwrap();
+        for (s, c) in [("pretrain", "p"), ("sft", "a"), ("rs_round_1", "b")] {
+            std::fs::create_dir_all(d.join("eval").join(s)).unwrap();
+            run_dir::write_json(
+                &d.join("eval").join(s).join(crate::recipe::DONE),
+                &json!({"report": {"checkpoint": c}}),
+            )
+            .unwrap();
+        }
+        let got = parse_stages(d.to_str().unwrap()).unwrap();
+        assert_eq!(
+            got,
+            [
+                ("sft".into(), "a".into()),
+                ("rs_round_1".into(), "b".into())
+            ]
+        );
+    }
 }
