@@ -117,7 +117,7 @@ impl<B: Backend> ShardedAdamW<B> {
         let (lo, valid) = (shard.off.min(n), shard.valid());
         be.copy(
             B::slice_mut(&mut master, 0, valid),
-            B::slice(&model.master, lo, valid),
+            B::slice(model.master.held()?, lo, valid),
         )?;
         model.release_master()?;
         Ok(ShardedAdamW {
@@ -196,7 +196,7 @@ impl<B: Backend> ShardedAdamW<B> {
         let grad_norm = ss[0].sqrt();
         let clip_scale = clip_scale(self.cfg.clip_norm, grad_norm)?;
         self.step += 1;
-        let mut weights = be.compute_weights_mut(&mut model.master, &mut model.shadow);
+        let mut weights = model.master.compute_mut(be, &mut model.shadow);
         for &(s, decay) in &self.groups {
             be.adamw(
                 B::slice_mut(&mut self.master, s.off, s.len),
@@ -237,7 +237,7 @@ impl<B: Backend> ShardedAdamW<B> {
         );
         check_len("model parameters", model.num_params(), n)?;
         let be = &self.be;
-        let mut weights = be.compute_weights_mut(&mut model.master, &mut model.shadow);
+        let mut weights = model.master.compute_mut(be, &mut model.shadow);
         be.to_compute(
             B::sub_mut(&mut weights, off, valid),
             B::slice(&self.master, 0, valid),
@@ -411,7 +411,7 @@ mod tests {
                         assert!(st.grad_norm.is_finite());
                     }
                     // What the forward reads.
-                    let w = Cpu.compute_weights(&m.master, &m.shadow).to_vec();
+                    let w = m.master.compute(&Cpu, &m.shadow).to_vec();
                     (w, traffic)
                 });
                 for step in 0..3 {
@@ -427,7 +427,7 @@ mod tests {
                     assert_eq!(w, &results[0].0, "{what}: ranks differ");
                     let d = w
                         .iter()
-                        .zip(&reference.master)
+                        .zip(reference.master.held().unwrap())
                         .map(|(a, b)| (a - b).abs())
                         .fold(0f32, f32::max);
                     assert!(d < 1e-6, "{what}: {d} from whole AdamW");
@@ -577,7 +577,7 @@ mod tests {
                             opt.step(&mut m, &mut c, 1e-2).unwrap();
                             m.zero_grads().unwrap();
                         }
-                        let w = Cpu.compute_weights(&m.master, &m.shadow).to_vec();
+                        let w = m.master.compute(&Cpu, &m.shadow).to_vec();
                         (w, c.parts)
                     });
                     let what = format!("world {world}, bucket {bucket:?}, separate {separate}");
