@@ -251,7 +251,19 @@ fn a_recipe_on_user_data_is_killed_midway_and_finished_by_a_rerun() {
         );
     }
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    println!("{md}");
     assert!(md.contains("| ppo_round_2 |"), "{md}");
+    assert!(
+        md.contains("reward-model score per turn") && md.contains("| illicit | 5 |"),
+        "{md}"
+    );
+    assert_eq!(
+        report["gatt"]["reward_by_turn"]["after_with"]
+            .as_array()
+            .map(Vec::len),
+        Some(3),
+        "{report}"
+    );
     let judge: Value = serde_json::from_str(
         &std::fs::read_to_string(out.join("eval/ppo_round_2/step.json")).unwrap(),
     )

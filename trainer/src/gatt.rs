@@ -1010,6 +1010,9 @@ fn user_adherence<B: Backend>(
             }
         }
         live = fits;
+        if live.is_empty() {
+            break;
+        }
         let got = chat_answers(
             model,
             tok,
