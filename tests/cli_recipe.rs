@@ -295,6 +295,12 @@ fn a_recipe_on_user_data_is_killed_midway_and_finished_by_a_rerun() {
         "{dist}"
     );
     assert!(dist["plain_score_before"].is_number(), "{dist}");
+    // Sampled answers differ, so some are kept and fine-tuned on.
+    assert!(dist["kept"].as_u64().unwrap() > 0, "{dist}");
+    assert!(
+        dist["plain_score_after"].is_number() && dist["checkpoint"].is_string(),
+        "{dist}"
+    );
 
     // The two commands on their own, with the recipe's models.
     let ex = examples();
@@ -338,9 +344,11 @@ fn a_recipe_on_user_data_is_killed_midway_and_finished_by_a_rerun() {
         .arg("--prompts")
         .arg(ex.join("adversarial-prompts.jsonl"))
         .args(["--preprompts-per-prompt", "1", "--max-new-tokens", "8"])
+        .args(["--temperature", "1.0"])
         .args(["--seq-len", "128", "--epochs", "1"])
         .arg("--out")
         .arg(d.join("distill-cli")));
+    println!("{so}");
     assert!(
         so.contains("20 safety prompts") && so.contains("illicit:"),
         "{so}"

@@ -461,6 +461,10 @@ pub struct DistillSafetyArgs {
     /// With --categories: preprompts of the prompt's category drawn per prompt.
     #[arg(long, default_value_t = 2)]
     preprompts_per_prompt: usize,
+    /// Temperature of both answers (0: greedy; a small model's greedy answer may not change
+    /// with the preprompt, leaving nothing to keep).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
     #[arg(long, default_value = "runs/distill")]
     out: PathBuf,
     #[arg(long, default_value_t = 48)]
@@ -490,6 +494,7 @@ pub fn distill_safety(a: DistillSafetyArgs) -> Result<()> {
         categories: a.categories,
         prompts: a.prompts,
         preprompts_per_prompt: a.preprompts_per_prompt,
+        temperature: a.temperature,
         out: a.out,
         max_new_tokens: a.max_new_tokens,
         seq_len: a.seq_len,
