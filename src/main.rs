@@ -68,7 +68,8 @@ enum Cmd {
     /// only and loss on the last answer, then fine-tuning; adherence per turn before and after.
     Gatt(rlhf::GattArgs),
     /// Safety context distillation: answers under a safety preprompt, kept when the safety
-    /// reward model prefers them, fine-tuned without the preprompt.
+    /// reward model prefers them, fine-tuned without the preprompt (`distill` for short).
+    #[command(visible_alias = "distill")]
     DistillSafety(rlhf::DistillSafetyArgs),
     /// Iterative RLHF on the built-in world: each round labels new pairs sampled from the latest
     /// model, retrains both reward models on all labels so far, runs rejection sampling, and

@@ -16,6 +16,11 @@
 //! table (`[round.ppo]`) overrides them for that round, and an unknown name is an error naming
 //! the section. Strings starting with `world:` name files of the generated world. Paths are
 //! relative to the working directory.
+//!
+//! The finishing stages take the user's files instead of a world: `[gatt] instructions` and
+//! `dialogue_file` (judged by the recipe's helpfulness reward model unless `reward_model` names
+//! one), `[distill] categories` and `prompts` (formats: `gatt.rs`, `distill.rs`;
+//! `recipes/user-data.toml` is a whole recipe on user files).
 
 use crate::distill::DistillConfig;
 use crate::evaluate::{EvalConfig, StageEval};
@@ -706,6 +711,14 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
                         ..Default::default()
                     };
                     c = merged(&c, &[("gatt", gatt_s.as_ref())])?;
+                    if c.instructions.is_some() || c.dialogue_file.is_some() {
+                        // The user's files: no world; the recipe's helpfulness reward model
+                        // judges the samples unless `reward_model` names another.
+                        c.world = PathBuf::new();
+                        if c.reward_model.is_none() {
+                            c.reward_model = rms.as_ref().map(|r| r.0.clone());
+                        }
+                    }
                     c.replay.extend(replay.iter().cloned());
                     current = out.join("gatt/sft");
                     sp("gatt".into(), Kind::Gatt(c));
@@ -725,6 +738,9 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
                         ..Default::default()
                     };
                     c = merged(&c, &[("distill", distill_s.as_ref())])?;
+                    if c.categories.is_some() || c.prompts.is_some() {
+                        c.world = PathBuf::new();
+                    }
                     c.replay.extend(replay.iter().cloned());
                     let before = current.clone();
                     current = out.join("distill/sft");
@@ -1225,5 +1241,58 @@ mod tests {
         let off = text.replace("[eval]", "[eval]\ncompare = false");
         let r = plan(&Recipe::parse(&off).unwrap(), "o".into()).unwrap();
         assert!(r.steps.iter().all(|s| s.name != FINAL_STEP));
+    }
+
+    #[test]
+    fn the_shipped_user_data_recipe_finishes_with_gatt_and_distillation_on_its_files() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let r = Recipe::load(&root.join("recipes/user-data.toml")).unwrap();
+        let p = plan(&r, "o".into()).unwrap();
+        let names: Vec<&str> = p.steps.iter().map(|s| s.name.as_str()).collect();
+        for want in [
+            "sft",
+            "rm",
+            "round-2/ppo",
+            "gatt",
+            "distill",
+            "eval/distill",
+        ] {
+            assert!(names.contains(&want), "{want}: {names:?}");
+        }
+        let step = |n: &str| &p.steps.iter().find(|s| s.name == n).unwrap().kind;
+        let Kind::Gatt(g) = step("gatt") else {
+            panic!("gatt")
+        };
+        assert!(g.world.as_os_str().is_empty());
+        assert_eq!(g.init, PathBuf::from("o/round-2/ppo"));
+        assert_eq!(g.reward_model, Some(PathBuf::from("o/rm/rm-helpfulness")));
+        let Kind::Distill(c) = step("distill") else {
+            panic!("distill")
+        };
+        assert!(c.world.as_os_str().is_empty());
+        assert_eq!(c.init, PathBuf::from("o/gatt/sft"));
+        assert_eq!(c.safety_rm, PathBuf::from("o/rm/rm-safety"));
+        for f in [&g.instructions, &g.dialogue_file, &c.categories, &c.prompts] {
+            let f = root.join(f.as_ref().expect("a user file"));
+            assert!(f.is_file(), "{} ships", f.display());
+        }
+        // The shipped files read cleanly.
+        let instrs =
+            crate::gatt::read_instructions(&root.join(g.instructions.as_ref().unwrap())).unwrap();
+        let cats: std::collections::BTreeSet<_> =
+            instrs.iter().filter_map(|i| i.category.clone()).collect();
+        assert!(instrs.len() >= 20 && cats.len() >= 4, "{cats:?}");
+        assert!(
+            crate::gatt::read_user_dialogues(&root.join(g.dialogue_file.as_ref().unwrap()))
+                .unwrap()
+                .len()
+                >= 20
+        );
+        let risk =
+            crate::distill::read_categories(&root.join(c.categories.as_ref().unwrap())).unwrap();
+        let prompts =
+            crate::distill::read_tagged_prompts(&root.join(c.prompts.as_ref().unwrap()), &risk)
+                .unwrap();
+        assert!(risk.len() >= 3 && prompts.len() >= 20);
     }
 }

@@ -63,6 +63,10 @@ pub fn write(rep: &RecipeReport, device: &str) -> Result<Value> {
             "prompts": d["prompts"], "kept": d["kept"],
             "mean_score_with": d["mean_score_with"], "mean_score_without": d["mean_score_without"],
         });
+        // User data: the kept fraction per risk category.
+        if d["by_category"].is_object() {
+            report["distill_run"]["by_category"] = d["by_category"].clone();
+        }
     }
     for e in &evals {
         report[&e.stage] = serde_json::to_value(e)?;
@@ -75,7 +79,18 @@ pub fn write(rep: &RecipeReport, device: &str) -> Result<Value> {
     {
         report["ppo"] = serde_json::to_value(last)?;
     }
-    if let Some(g) = rep.report("gatt") {
+    if let Some(g) = rep.report("gatt").filter(|g| g["user_after"].is_object()) {
+        // User data: the helpfulness RM's score per turn, instruction present and absent, and
+        // sample dialogues to read.
+        let (b, a) = (&g["user_before"], &g["user_after"]);
+        report["gatt"]["reward_by_turn"] = json!({
+            "before_with": b["score_with"], "before_without": b["score_without"],
+            "after_with": a["score_with"], "after_without": a["score_without"],
+            "measured": a["measured"],
+        });
+        report["gatt"]["samples_after"] = a["samples"].clone();
+        report["gatt"]["rows"] = g["rows"].clone();
+    } else if let Some(g) = rep.report("gatt") {
         report["gatt"]["adherence_by_turn"] = json!({
             "without": g["adherence_before"]["follow"],
             "with": g["adherence_after"]["follow"],
@@ -185,6 +200,32 @@ fn markdown(report: &Value, evals: &[StageEval]) -> String {
         }
     }
     md += &final_markdown(&report["final_eval"]);
+    let r = &report["gatt"]["reward_by_turn"];
+    if let (Some(bw), Some(bo), Some(aw), Some(ao)) = (
+        r["before_with"].as_array(),
+        r["before_without"].as_array(),
+        r["after_with"].as_array(),
+        r["after_without"].as_array(),
+    ) {
+        md += "\n## Ghost Attention on your data: reward-model score per turn, instruction present / absent\n\n| turn | before GAtt | after GAtt |\n| ---: | ---: | ---: |\n";
+        let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+        for (i, (((x, y), z), w)) in bw.iter().zip(bo).zip(aw).zip(ao).enumerate() {
+            md += &format!(
+                "| {} | {:.3} / {:.3} | {:.3} / {:.3} |\n",
+                i + 1,
+                f(x),
+                f(y),
+                f(z),
+                f(w)
+            );
+        }
+    }
+    if let Some(c) = report["distill_run"]["by_category"].as_object() {
+        md += "\n## Context distillation: answers kept per risk category\n\n| category | prompts | kept |\n| --- | ---: | ---: |\n";
+        for (name, k) in c {
+            md += &format!("| {name} | {} | {} |\n", k["prompts"], k["kept"]);
+        }
+    }
     md += "\nPlots: `loss.svg` (pretraining and SFT), `reward_by_stage.svg` (the judge's reward per stage), `rs_rewards.svg` (max vs median of K per round), `ppo_gold_vs_proxy.svg` (reward hacking shows as the curves diverging), `gatt_adherence.svg`, `rm_accuracy_by_rating.svg`, `round-*/rm-*/scores.svg`.\n";
     md
 }

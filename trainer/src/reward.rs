@@ -120,6 +120,40 @@ impl<B: Backend> RewardModels<B> {
     }
 }
 
+/// Scores (prompt, response) rows with one reward model: the seam GAtt and context distillation
+/// judge their samples through, so their keep/select rules are testable with a fake scorer.
+pub trait Scorer {
+    fn score(&mut self, rows: &[(Vec<Message>, String)]) -> Result<Vec<f32>>;
+}
+
+/// One reward model as a [`Scorer`]: rows cut from the left to `seq_len` tokens, `batch` rows per
+/// forward.
+pub struct RmScorer<B: Backend> {
+    pub model: Llama<B>,
+    pub tok: Tokenizer,
+    pub seq_len: usize,
+    pub batch: usize,
+}
+
+impl<B: Backend> RmScorer<B> {
+    /// Loads a reward model (model or `train-rm` run directory).
+    pub fn load(be: B, dir: &Path, seq_len: usize, batch: usize) -> Result<Self> {
+        let (model, tok) = load_rm(be, dir)?;
+        Ok(RmScorer {
+            model,
+            tok,
+            seq_len,
+            batch: batch.max(1),
+        })
+    }
+}
+
+impl<B: Backend> Scorer for RmScorer<B> {
+    fn score(&mut self, rows: &[(Vec<Message>, String)]) -> Result<Vec<f32>> {
+        score(&mut self.model, &self.tok, rows, self.seq_len, self.batch)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
