@@ -58,7 +58,8 @@ pub struct RsConfig {
     /// Figure 8: before sampling, sweep these temperatures on held-out prompts and sample the
     /// round at the one with the highest mean best-of-K reward (empty: no sweep).
     pub temperatures: Vec<f32>,
-    /// The sweep's held-out prompts: the last N of the prompt list, never trained on this round.
+    /// The sweep's held-out prompts: the last N of the prompt list, never trained on this round
+    /// (earlier prompts that repeat one are left out of training too).
     pub sweep_prompts: usize,
     pub max_new_tokens: usize,
     pub batch: usize,
@@ -519,6 +520,15 @@ pub fn run<B: Backend>(be: B, cfg: &RsConfig) -> Result<RoundStats> {
             cfg.sweep_prompts
         );
         sweep = prompts.split_off(n - cfg.sweep_prompts);
+        // A training prompt that repeats a held-out one would be trained on: it goes.
+        let held: std::collections::BTreeSet<String> =
+            sweep.iter().map(|p| key(&p.messages)).collect();
+        prompts.retain(|p| !held.contains(&key(&p.messages)));
+        ensure!(
+            !prompts.is_empty(),
+            "every prompt repeats one of the temperature sweep's held-out prompts (the last {})",
+            cfg.sweep_prompts
+        );
         sweep.retain(|p| !pool.best.contains_key(&key(&p.messages)));
         ensure!(
             !sweep.is_empty(),

@@ -71,11 +71,18 @@ fn a_teacher_samples_and_a_smaller_student_is_fine_tuned_on_the_pool() {
     let pool = Pool::read(&cfg.out.join("pool.jsonl")).unwrap();
     assert!(!pool.best.is_empty());
     assert!(pool.best.values().all(|e| e.model == teacher && e.round == 1));
-    // The sweep ran on the last 4 prompts, which the pool (the fine-tune's data) never holds.
+    // The sweep ran on the last 4 prompts, which the pool (the fine-tune's data) never holds,
+    // even where an earlier prompt repeats one (this prompt list has repeats).
     let all = trainer::formats::read_prompts(&[prompts], None).unwrap().0;
-    assert_eq!(st.prompts, all.len() - 4);
+    let held = &all[all.len() - 4..];
+    let trained = all[..all.len() - 4]
+        .iter()
+        .filter(|p| held.iter().all(|h| h.messages != p.messages))
+        .count();
+    assert!(trained < all.len() - 4, "the setup's prompts repeat");
+    assert_eq!(st.prompts, trained);
     assert_eq!(st.sweep_prompts, 4);
-    for p in &all[all.len() - 4..] {
+    for p in held {
         assert!(pool.best.values().all(|e| e.messages != p.messages));
     }
     let temps: Vec<f32> = st.sweep.iter().map(|s| s.temperature).collect();
