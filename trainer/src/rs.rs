@@ -312,6 +312,9 @@ pub fn update_pool(
             e.reward = r;
         }
     }
+    // Only answers pooled before this round count as displaced (a prompt listed twice may beat
+    // its own first sample).
+    let mut pooled: std::collections::BTreeSet<String> = pool.best.keys().cloned().collect();
     let mut displaced = 0;
     for (i, p) in prompts.iter().enumerate() {
         let Some((bi, &best)) = samples.rewards[i]
@@ -327,8 +330,7 @@ pub fn update_pool(
         let k = key(&p.messages);
         match pool.best.get(&k) {
             Some(old) if old.reward >= best => continue,
-            Some(_) => displaced += 1,
-            None => {}
+            _ => displaced += pooled.remove(&k) as usize,
         }
         pool.best.insert(
             k,
@@ -723,11 +725,14 @@ mod tests {
                 _ => 0.6,
             }
         }
-        let prompts = [prompt("q1"), prompt("q2"), prompt("q4")];
-        let samples = Samples {
-            texts: vec![vec!["fresh answer".into(), "x".into()]; 3],
-            rewards: vec![vec![0.6, 0.3]; 3],
+        // q4 is new and listed twice: its second, better sample displaces nothing pooled.
+        let prompts = [prompt("q1"), prompt("q2"), prompt("q4"), prompt("q4")];
+        let mut samples = Samples {
+            texts: vec![vec!["fresh answer".into(), "x".into()]; 4],
+            rewards: vec![vec![0.6, 0.3]; 4],
         };
+        samples.texts[3][0] = "fresher".into();
+        samples.rewards[3][0] = 0.7;
         let (rescored, displaced) = update_pool(
             &mut pool,
             &mut ByAnswer(score),
@@ -747,7 +752,7 @@ mod tests {
         assert_eq!((q2.answer.as_str(), q2.reward, q2.round), ("good old", 0.9, 1));
         // Pooled prompts not sampled this round are re-scored too; new prompts join the pool.
         assert_eq!(get("q3").reward, 0.1);
-        assert_eq!(get("q4").round, 2);
+        assert_eq!((get("q4").answer.as_str(), get("q4").round), ("fresher", 2));
         assert_eq!(pool.best.len(), 4);
     }
 
