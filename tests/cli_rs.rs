@@ -63,11 +63,11 @@ fn setup(d: &Path) {
     std::fs::write(d.join("prompts.jsonl"), rows).unwrap();
 }
 
-fn rs(d: &Path, out: &str) -> Command {
+fn rs(d: &Path, model: &Path, out: &str) -> Command {
     let mut c = llama2();
     c.args(["rejection-sample", "--k", "3", "--epochs", "1", "--seq-len", "64"])
         .args(["--max-new-tokens", "6", "--temperature", "1.0", "--model"])
-        .arg(d.join("lm"))
+        .arg(model)
         .arg("--rm-helpfulness")
         .arg(d.join("rm"))
         .arg("--rm-safety")
@@ -95,7 +95,7 @@ fn a_second_run_carries_the_pool_on_re_scores_it_and_sweeps_the_temperature() {
     let d = dir.path();
     setup(d);
     // Run 1: the first 16 prompts, no pool.
-    let so = ok(rs(d, "one").args(["--max-prompts", "16"]));
+    let so = ok(rs(d, &d.join("lm"), "one").args(["--max-prompts", "16"]));
     assert!(so.contains("round 1: 16 prompts x 3 at temperature 1"), "{so}");
     assert!(so.contains("(0 pooled answers re-scored, 0 displaced)"), "{so}");
     let pool1 = d.join("one/round-1/pool.jsonl");
@@ -111,11 +111,11 @@ fn a_second_run_carries_the_pool_on_re_scores_it_and_sweeps_the_temperature() {
     // Run 2: from run 1's pool and model, sweeping two temperatures on the last 4 prompts; its
     // round is numbered on from the pool's.
     let model1 = d.join("one/round-1/sft");
-    let so = ok(rs(d, "two")
+    let so = ok(rs(d, &model1, "two")
         .arg("--pool")
         .arg(&pool1)
-        .args(["--temperatures", "0.7,1.4", "--sweep-prompts", "4", "--model"])
-        .arg(&model1));
+        .args(["--temperatures", "0.7,1.4", "--sweep-prompts", "4"]));
+    println!("{so}");
     let line = so
         .lines()
         .find(|l| l.starts_with("round 2: 20 prompts x 3 at temperature"))
@@ -165,7 +165,7 @@ fn a_second_run_carries_the_pool_on_re_scores_it_and_sweeps_the_temperature() {
     // A bad pool line is named file:line.
     std::fs::write(d.join("bad.jsonl"), std::fs::read_to_string(&pool1).unwrap() + "{\"reward\": 1}\n")
         .unwrap();
-    let out = rs(d, "three").arg("--pool").arg(d.join("bad.jsonl")).output().unwrap();
+    let out = rs(d, &d.join("lm"), "three").arg("--pool").arg(d.join("bad.jsonl")).output().unwrap();
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && e.contains(&format!("bad.jsonl:{}", rows1.len() + 1)),
