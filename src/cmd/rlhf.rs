@@ -150,7 +150,12 @@ pub fn rejection_sample(a: RejectionSampleArgs) -> Result<()> {
             let each: Vec<String> = st
                 .sweep
                 .iter()
-                .map(|s| format!("{}: max {:.4} median {:.4}", s.temperature, s.mean_max, s.mean_median))
+                .map(|s| {
+                    format!(
+                        "{}: max {:.4} median {:.4}",
+                        s.temperature, s.mean_max, s.mean_median
+                    )
+                })
                 .collect();
             println!(
                 "round {r}: temperature sweep on {} held-out prompts: {}; chose {}",

@@ -1077,7 +1077,10 @@ mod tests {
             })
             .collect();
         assert_eq!(rs[0].pool.as_deref(), Some(pool.as_path()));
-        assert_eq!(rs[1].pool.as_deref(), Some(Path::new("o/round-1/rs/pool.jsonl")));
+        assert_eq!(
+            rs[1].pool.as_deref(),
+            Some(Path::new("o/round-1/rs/pool.jsonl"))
+        );
         assert_eq!(rs[1].teacher.as_deref(), Some(Path::new("big")));
         assert_eq!(rs[1].temperatures, [0.8, 1.2]);
         // The pool is a file outside the recipe: a changed file reruns the round and what follows.
@@ -1088,8 +1091,16 @@ mod tests {
         assert_ne!(ka[2].key, kb[2].key);
         assert_ne!(ka[3].key, kb[3].key);
         std::fs::remove_file(&pool).unwrap();
-        let e = format!("{:#}", plan(&Recipe::parse(&text).unwrap(), "o".into()).err().unwrap());
-        assert!(e.contains("[rs] pool") && e.contains("old-pool.jsonl"), "{e}");
+        let e = format!(
+            "{:#}",
+            plan(&Recipe::parse(&text).unwrap(), "o".into())
+                .err()
+                .unwrap()
+        );
+        assert!(
+            e.contains("[rs] pool") && e.contains("old-pool.jsonl"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -249,7 +249,12 @@ pub fn sample_k<B: Backend>(
             .zip(answers.iter().map(|a| a.text.clone()))
             .collect();
         let rc = scorer.rc(&rows, &safety)?;
-        ensure!(rc.len() == rows.len(), "the scorer returned {} rewards for {} rows", rc.len(), rows.len());
+        ensure!(
+            rc.len() == rows.len(),
+            "the scorer returned {} rewards for {} rows",
+            rc.len(),
+            rows.len()
+        );
         for (i, a) in answers.into_iter().enumerate() {
             out.rewards[i].push(rc[i]);
             out.texts[i].push(a.text);
@@ -307,7 +312,12 @@ pub fn update_pool(
     if !rows.is_empty() {
         let safety: Vec<bool> = pool.best.values().map(|e| e.safety).collect();
         let r = scorer.rc(&rows, &safety)?;
-        ensure!(r.len() == rows.len(), "the scorer returned {} rewards for {} pooled answers", r.len(), rows.len());
+        ensure!(
+            r.len() == rows.len(),
+            "the scorer returned {} rewards for {} pooled answers",
+            r.len(),
+            rows.len()
+        );
         for (e, r) in pool.best.values_mut().zip(r) {
             e.reward = r;
         }
@@ -367,9 +377,21 @@ pub fn sample_round<B: Backend>(
     let (temperature, sweep_points) = if cfg.temperatures.is_empty() {
         (cfg.temperature, vec![])
     } else {
-        ensure!(!sweep.is_empty(), "the temperature sweep has no held-out prompts");
+        ensure!(
+            !sweep.is_empty(),
+            "the temperature sweep has no held-out prompts"
+        );
         pick_temperature(&cfg.temperatures, |t| {
-            let s = sample_k(sampler, tok, scorer, sweep, cfg.k, t, seed ^ 0x5EE9_0000, cfg)?;
+            let s = sample_k(
+                sampler,
+                tok,
+                scorer,
+                sweep,
+                cfg.k,
+                t,
+                seed ^ 0x5EE9_0000,
+                cfg,
+            )?;
             Ok(s.rewards)
         })?
     };
@@ -445,7 +467,11 @@ fn parse_pool_row(v: serde_json::Value) -> Result<PoolEntry> {
         m.last().is_some_and(|x| x.role == "user"),
         "not a pool row: the prompt must end with a user turn"
     );
-    ensure!(r.reward.is_finite(), "not a pool row: `reward` is {}", r.reward);
+    ensure!(
+        r.reward.is_finite(),
+        "not a pool row: `reward` is {}",
+        r.reward
+    );
     Ok(PoolEntry {
         messages: m,
         safety: r.is_safety,
@@ -614,7 +640,12 @@ pub fn write_report(out: &Path, rounds: &[RoundStats]) -> Result<()> {
     )?;
     let pts = |c: &[BestOfN], max: bool| -> Vec<(f64, f64)> {
         c.iter()
-            .map(|p| (p.n as f64, if max { p.mean_max } else { p.mean_median } as f64))
+            .map(|p| {
+                (
+                    p.n as f64,
+                    if max { p.mean_max } else { p.mean_median } as f64,
+                )
+            })
             .collect()
     };
     let fig7: Vec<serde_json::Value> = rounds
@@ -637,8 +668,10 @@ pub fn write_report(out: &Path, rounds: &[RoundStats]) -> Result<()> {
                 ]
             })
             .collect();
-        let refs: Vec<(&str, &[(f64, f64)])> =
-            series.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect();
+        let refs: Vec<(&str, &[(f64, f64)])> = series
+            .iter()
+            .map(|(n, s)| (n.as_str(), s.as_slice()))
+            .collect();
         line_plot(
             &out.join("fig7.svg"),
             "rejection sampling: max and median reward among N samples (Figure 7)",
@@ -661,8 +694,10 @@ pub fn write_report(out: &Path, rounds: &[RoundStats]) -> Result<()> {
             .iter()
             .map(|s| (format!("T = {}", s.temperature), pts(&s.curve, true)))
             .collect();
-        let refs: Vec<(&str, &[(f64, f64)])> =
-            series.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect();
+        let refs: Vec<(&str, &[(f64, f64)])> = series
+            .iter()
+            .map(|(n, s)| (n.as_str(), s.as_slice()))
+            .collect();
         line_plot(
             &out.join(format!("fig8-round-{}.svg", r.round)),
             &format!(
@@ -715,8 +750,13 @@ mod tests {
         // Round 1's reward model gave "stale" 0.99; this round's scores it 0.1 and the fresh
         // "fresh answer" 0.6: without re-scoring, 0.99 would keep the stale answer.
         let mut pool = Pool::default();
-        for (q, a, r) in [("q1", "stale", 0.99), ("q2", "good old", 0.5), ("q3", "stale", 0.2)] {
-            pool.best.insert(key(&prompt(q).messages), entry(q, a, r, 1));
+        for (q, a, r) in [
+            ("q1", "stale", 0.99),
+            ("q2", "good old", 0.5),
+            ("q3", "stale", 0.2),
+        ] {
+            pool.best
+                .insert(key(&prompt(q).messages), entry(q, a, r, 1));
         }
         fn score(a: &str) -> f32 {
             match a {
@@ -745,11 +785,17 @@ mod tests {
         assert_eq!((rescored, displaced), (3, 1));
         let get = |q: &str| pool.best[&key(&prompt(q).messages)].clone();
         let q1 = get("q1");
-        assert_eq!((q1.answer.as_str(), q1.reward, q1.round), ("fresh answer", 0.6, 2));
+        assert_eq!(
+            (q1.answer.as_str(), q1.reward, q1.round),
+            ("fresh answer", 0.6, 2)
+        );
         assert_eq!(q1.model, Path::new("new-model"));
         // A pooled answer that still wins keeps its round and model, with its new score.
         let q2 = get("q2");
-        assert_eq!((q2.answer.as_str(), q2.reward, q2.round), ("good old", 0.9, 1));
+        assert_eq!(
+            (q2.answer.as_str(), q2.reward, q2.round),
+            ("good old", 0.9, 1)
+        );
         // Pooled prompts not sampled this round are re-scored too; new prompts join the pool.
         assert_eq!(get("q3").reward, 0.1);
         assert_eq!((get("q4").answer.as_str(), get("q4").round), ("fresher", 2));
@@ -762,7 +808,9 @@ mod tests {
             .map(|_| {
                 (0..k)
                     .map(|_| {
-                        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        seed = seed
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
                         (seed >> 40) as f32 / (1u64 << 24) as f32
                     })
                     .collect()
@@ -775,7 +823,10 @@ mod tests {
         let r = rewards(9, 8, 7);
         let c = best_of_n(&r);
         assert_eq!(c.len(), 8);
-        assert_eq!(c.iter().map(|p| p.n).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
+        assert_eq!(
+            c.iter().map(|p| p.n).collect::<Vec<_>>(),
+            (1..=8).collect::<Vec<_>>()
+        );
         for w in c.windows(2) {
             assert!(w[1].mean_max >= w[0].mean_max, "{c:?}");
         }
@@ -844,17 +895,28 @@ mod tests {
         assert_eq!(back.best, pool.best);
         assert_eq!(back.last_round(), 3);
         // The pool is SFT data and prompt data as it is.
-        let p = crate::formats::read_prompts(std::slice::from_ref(&f), None).unwrap().0;
+        let p = crate::formats::read_prompts(std::slice::from_ref(&f), None)
+            .unwrap()
+            .0;
         assert!(p[0].safety && p[0].messages == pool.best.values().next().unwrap().messages);
         let good = std::fs::read_to_string(&f).unwrap();
         for (bad, says) in [
-            (r#"{"messages": [{"role": "user", "content": "q"}], "reward": 0.1}"#, "assistant"),
-            (r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}"#, "reward"),
+            (
+                r#"{"messages": [{"role": "user", "content": "q"}], "reward": 0.1}"#,
+                "assistant",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}"#,
+                "reward",
+            ),
             ("{not json", "JSON"),
         ] {
             std::fs::write(&f, format!("{good}{bad}\n")).unwrap();
             let e = format!("{:#}", Pool::read(&f).unwrap_err());
-            assert!(e.contains(&format!("{}:2", f.display())) && e.contains(says), "{e}");
+            assert!(
+                e.contains(&format!("{}:2", f.display())) && e.contains(says),
+                "{e}"
+            );
         }
     }
 }

@@ -70,7 +70,10 @@ fn a_teacher_samples_and_a_smaller_student_is_fine_tuned_on_the_pool() {
     assert_ne!(s1, s0, "the student's weights changed");
     let pool = Pool::read(&cfg.out.join("pool.jsonl")).unwrap();
     assert!(!pool.best.is_empty());
-    assert!(pool.best.values().all(|e| e.model == teacher && e.round == 1));
+    assert!(pool
+        .best
+        .values()
+        .all(|e| e.model == teacher && e.round == 1));
     // The sweep ran on the last 4 prompts, which the pool (the fine-tune's data) never holds,
     // even where an earlier prompt repeats one (this prompt list has repeats).
     let all = trainer::formats::read_prompts(&[prompts], None).unwrap().0;
@@ -101,7 +104,13 @@ fn a_teacher_samples_and_a_smaller_student_is_fine_tuned_on_the_pool() {
     let last = st.curve.last().unwrap();
     assert!((last.mean_max - st.mean_max).abs() < 1e-6);
     assert!((last.mean_median - st.mean_median).abs() < 1e-6);
-    for f in ["fig7.jsonl", "fig7.svg", "fig8.jsonl", "fig8-round-1.svg", "rs_report.json"] {
+    for f in [
+        "fig7.jsonl",
+        "fig7.svg",
+        "fig8.jsonl",
+        "fig8-round-1.svg",
+        "rs_report.json",
+    ] {
         assert!(cfg.out.join(f).is_file(), "{f}");
     }
     let fig8 = trainer::run_dir::read_jsonl_values(&cfg.out.join("fig8.jsonl")).unwrap();
