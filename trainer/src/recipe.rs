@@ -27,6 +27,7 @@ use crate::rm::{RmConfig, RmKind};
 use crate::rs::RsConfig;
 use crate::run_dir;
 use crate::sft::SftConfig;
+use crate::world::text::fnv1a;
 use crate::world::WorldConfig;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use engine::Backend;
@@ -744,14 +745,6 @@ fn key(prev: &str, config: &Value) -> String {
     format!("{:016x}", fnv1a(&bytes))
 }
 
-/// FNV-1a, 64 bits.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
-}
 
 /// The step's state: its key, and its `step.json` when that holds the same key.
 pub struct Status {
