@@ -31,6 +31,22 @@ pub struct RejectionSampleArgs {
     k: usize,
     #[arg(long, default_value_t = 1.2)]
     temperature: f32,
+    /// Re-tune the temperature every round (the paper's Figure 8): sample --k answers per
+    /// held-out prompt at each of these (comma-separated) and use the one with the best mean
+    /// best-of-K reward. Default: --temperature.
+    #[arg(long, value_delimiter = ',')]
+    temperatures: Vec<f32>,
+    /// The sweep's held-out prompts: the last N of --prompts, never trained on.
+    #[arg(long, default_value_t = 32)]
+    sweep_prompts: usize,
+    /// An earlier run's pool.jsonl: its answers are re-scored by these reward models and stay
+    /// unless a new sample beats them; rounds are numbered on from the pool's last.
+    #[arg(long)]
+    pool: Option<PathBuf>,
+    /// Sample with this model and fine-tune --model on the pool (the paper samples with its
+    /// largest model); both must use one tokenizer.
+    #[arg(long)]
+    teacher: Option<PathBuf>,
     /// Prompts per round (0: all).
     #[arg(long, default_value_t = 0)]
     max_prompts: usize,
@@ -63,6 +79,10 @@ pub fn rejection_sample(a: RejectionSampleArgs) -> Result<()> {
         rounds,
         k,
         temperature,
+        temperatures,
+        sweep_prompts,
+        pool,
+        teacher,
         max_prompts,
         lr,
         epochs,
@@ -74,7 +94,7 @@ pub fn rejection_sample(a: RejectionSampleArgs) -> Result<()> {
         device,
     } = a;
     use trainer::formats::{convert, Kind};
-    use trainer::rs::{write_report, RsConfig};
+    use trainer::rs::{write_report, Pool, RsConfig};
     if max_new_tokens == 0 || batch == 0 {
         bail!("--max-new-tokens and --batch must be at least 1");
     }
@@ -95,11 +115,19 @@ pub fn rejection_sample(a: RejectionSampleArgs) -> Result<()> {
         println!("{skipped} bad prompt line(s) skipped");
     }
     let mut current = model;
-    let mut pool = None;
+    // Rounds continue the numbering of the pool they start from.
+    let first = match &pool {
+        Some(p) => Pool::read(p)?.last_round() + 1,
+        None => 1,
+    };
+    let mut pool = pool;
     let mut stats = Vec::new();
-    for r in 1..=rounds {
+    for r in first..first + rounds {
         let cfg = RsConfig {
             policy: current.clone(),
+            teacher: teacher.clone(),
+            temperatures: temperatures.clone(),
+            sweep_prompts,
             reward_helpfulness: rm_helpfulness.clone(),
             reward_safety: Some(rm_safety.clone()),
             prompts: vec![clean.clone()],
@@ -118,17 +146,36 @@ pub fn rejection_sample(a: RejectionSampleArgs) -> Result<()> {
             ..Default::default()
         };
         let st = on_device!(device, |be| trainer::rs::run(be, &cfg))?;
+        if !st.sweep.is_empty() {
+            let each: Vec<String> = st
+                .sweep
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{}: max {:.4} median {:.4}",
+                        s.temperature, s.mean_max, s.mean_median
+                    )
+                })
+                .collect();
+            println!(
+                "round {r}: temperature sweep on {} held-out prompts: {}; chose {}",
+                st.sweep_prompts,
+                each.join(", "),
+                st.temperature
+            );
+        }
         println!(
-            "round {r}: {} prompts x {k}: mean max reward {:.4}, mean median {:.4} (delta {:.4}); pool {}",
-            st.prompts, st.mean_max, st.mean_median, st.mean_max - st.mean_median, st.pool
+            "round {r}: {} prompts x {k} at temperature {}: mean max reward {:.4}, mean median {:.4} (delta {:.4}); pool {} ({} pooled answers re-scored, {} displaced)",
+            st.prompts, st.temperature, st.mean_max, st.mean_median, st.mean_max - st.mean_median, st.pool, st.rescored, st.displaced
         );
+        write_report(&cfg.out, std::slice::from_ref(&st))?;
         current = st.checkpoint.clone().context("no checkpoint written")?;
         pool = Some(cfg.out.join("pool.jsonl"));
         stats.push(st);
     }
     write_report(&out, &stats)?;
     println!(
-        "model: {}\nreport: {}/rs_report.json, rs_rewards.svg",
+        "model: {}\nreport: {}/rs_report.json, rs_rewards.svg, fig7.jsonl/svg (max and median reward vs N), fig8.jsonl (temperature sweep)",
         current.display(),
         out.display()
     );

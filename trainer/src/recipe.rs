@@ -32,6 +32,7 @@ use crate::rm::{RmConfig, RmKind};
 use crate::rs::RsConfig;
 use crate::run_dir;
 use crate::sft::SftConfig;
+use crate::world::text::fnv1a;
 use crate::world::WorldConfig;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use engine::Backend;
@@ -250,7 +251,9 @@ enum Kind {
     /// Both reward models, and their held-out evaluation on pairs of this file.
     Rm(Vec<RmConfig>, Option<PathBuf>),
     Prefs(PrefsConfig),
-    Rs(RsConfig),
+    /// With the FNV-1a digest of the pool file it starts from when that comes from outside the
+    /// recipe (an earlier run's `pool.jsonl`): a changed file reruns the round.
+    Rs(RsConfig, Option<String>),
     Ppo(PpoConfig),
     Replay {
         pool: PathBuf,
@@ -290,7 +293,10 @@ impl Step {
                 json!({"models": c.iter().map(|c| v(c)).collect::<Vec<_>>(), "heldout": h})
             }
             Kind::Prefs(c) => v(c),
-            Kind::Rs(c) => v(c),
+            Kind::Rs(c, pool) => match pool {
+                None => v(c),
+                Some(d) => json!({"rs": v(c), "pool_digest": d}),
+            },
             Kind::Ppo(c) => v(c),
             Kind::Replay { pool, rows } => json!({"pool": pool, "rows": rows}),
             Kind::Gatt(c) => v(c),
@@ -647,7 +653,20 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
                             &c,
                             &[("rs", rs_s.as_ref()), ("round.rs", over("rs").as_ref())],
                         )?;
-                        c.pool = last_pool.clone();
+                        // The first round may start from an earlier run's pool ([rs] pool);
+                        // later rounds chain this run's.
+                        let mut digest = None;
+                        match &last_pool {
+                            Some(p) => c.pool = Some(p.clone()),
+                            None => {
+                                if let Some(p) = &c.pool {
+                                    let bytes = std::fs::read(p).with_context(|| {
+                                        format!("[rs] pool: {}: cannot read this pool file (a pool.jsonl of an earlier run)", p.display())
+                                    })?;
+                                    digest = Some(format!("{:016x}", fnv1a(&bytes)));
+                                }
+                            }
+                        }
                         c.policy = current.clone();
                         ensure!(
                             !c.prompts.is_empty(),
@@ -655,7 +674,7 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
                         );
                         last_pool = Some(rdir.join("rs/pool.jsonl"));
                         current = rdir.join("rs/sft");
-                        sp(format!("round-{k}/rs"), Kind::Rs(c));
+                        sp(format!("round-{k}/rs"), Kind::Rs(c, digest));
                         pending.push((format!("rs_round_{k}"), current.clone(), None));
                         flush(&mut sp, &mut pending, &judge, judge.is_some() || !trains_rm);
                     }
@@ -843,12 +862,10 @@ pub const DONE: &str = "step.json";
 /// The step's key: FNV-1a (64 bits) over the previous step's key and this step's configuration,
 /// stable across builds (std's hasher is not), so a rebuilt binary still skips finished steps.
 fn key(prev: &str, config: &Value) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in prev.bytes().chain(config.to_string().bytes()) {
-        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{h:016x}")
+    let bytes: Vec<u8> = prev.bytes().chain(config.to_string().bytes()).collect();
+    format!("{:016x}", fnv1a(&bytes))
 }
+
 
 /// The step's state: its key, and its `step.json` when that holds the same key.
 pub struct Status {
@@ -1032,7 +1049,7 @@ fn run_step<B: Backend>(be: &B, step: &Step) -> Result<Value> {
             Ok(Value::Object(reps))
         }
         Kind::Prefs(c) => to_json(&crate::prefs::run(be, c)?),
-        Kind::Rs(c) => {
+        Kind::Rs(c, _) => {
             let r = crate::rs::run(be, c)?;
             crate::rs::write_report(&c.out, std::slice::from_ref(&r))?;
             to_json(&r)
@@ -1168,6 +1185,53 @@ mod tests {
         assert_eq!(ka[0].key, kb[0].key);
         assert_ne!(ka[1].key, kb[1].key);
         assert_ne!(ka[2].key, kb[2].key);
+    }
+
+    #[test]
+    fn an_earlier_runs_pool_starts_the_first_round_and_later_rounds_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = dir.path().join("old-pool.jsonl");
+        std::fs::write(&pool, "{}\n").unwrap();
+        let text = format!(
+            "[model]\nbase = \"m\"\n[sft]\ndata = [\"d.jsonl\"]\n[rm]\ndata = [\"p.jsonl\"]\n\
+             [rs]\nprompts = [\"q.jsonl\"]\npool = {:?}\nteacher = \"big\"\ntemperatures = [0.8, 1.2]\n\
+             [[round]]\nstages = [\"rs\"]\n[[round]]\nstages = [\"rs\"]\n",
+            pool.display().to_string()
+        );
+        let a = plan(&Recipe::parse(&text).unwrap(), "o".into()).unwrap();
+        let rs: Vec<&RsConfig> = a
+            .steps
+            .iter()
+            .filter_map(|s| match &s.kind {
+                Kind::Rs(c, _) => Some(c),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(rs[0].pool.as_deref(), Some(pool.as_path()));
+        assert_eq!(
+            rs[1].pool.as_deref(),
+            Some(Path::new("o/round-1/rs/pool.jsonl"))
+        );
+        assert_eq!(rs[1].teacher.as_deref(), Some(Path::new("big")));
+        assert_eq!(rs[1].temperatures, [0.8, 1.2]);
+        // The pool is a file outside the recipe: a changed file reruns the round and what follows.
+        std::fs::write(&pool, "{}\n{}\n").unwrap();
+        let b = plan(&Recipe::parse(&text).unwrap(), "o".into()).unwrap();
+        let (ka, kb) = (status(&a), status(&b));
+        assert_eq!(ka[1].key, kb[1].key);
+        assert_ne!(ka[2].key, kb[2].key);
+        assert_ne!(ka[3].key, kb[3].key);
+        std::fs::remove_file(&pool).unwrap();
+        let e = format!(
+            "{:#}",
+            plan(&Recipe::parse(&text).unwrap(), "o".into())
+                .err()
+                .unwrap()
+        );
+        assert!(
+            e.contains("[rs] pool") && e.contains("old-pool.jsonl"),
+            "{e}"
+        );
     }
 
     #[test]

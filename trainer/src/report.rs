@@ -185,6 +185,46 @@ fn markdown(report: &Value, evals: &[StageEval]) -> String {
             );
         }
     }
+    if let Some(rs) = report["rs_rounds"].as_array().filter(|a| !a.is_empty()) {
+        md += "\n## Rejection sampling\n\nThe mean over prompts of the best and the median reward of K samples (the \
+               gap is Figure 7), the temperature sampled at (Figure 8's pick when swept: mean best-of-K \
+               on held-out prompts per temperature), and the pool's answers re-scored by the round's \
+               reward models and displaced by new ones.\n\n\
+               | round | prompts x K | temperature | mean max | mean median | pool | re-scored | displaced | sweep (T: best-of-K) |\n\
+               | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n";
+        for r in rs {
+            let n = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+            let sweep: Vec<String> = r["sweep"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|s| {
+                    format!(
+                        "{}: {:.3}",
+                        s["temperature"],
+                        s["mean_max"].as_f64().unwrap_or(f64::NAN)
+                    )
+                })
+                .collect();
+            md += &format!(
+                "| {} | {} x {} | {} | {:.3} | {:.3} | {} | {} | {} | {} |\n",
+                r["round"],
+                r["prompts"],
+                r["k"],
+                r["temperature"],
+                n("mean_max"),
+                n("mean_median"),
+                r["pool"],
+                r["rescored"],
+                r["displaced"],
+                if sweep.is_empty() {
+                    "-".into()
+                } else {
+                    sweep.join(", ")
+                }
+            );
+        }
+    }
     if let (Some(w), Some(wo)) = (
         report["gatt"]["adherence_by_turn"]["with"].as_array(),
         report["gatt"]["adherence_by_turn"]["without"].as_array(),
@@ -226,7 +266,7 @@ fn markdown(report: &Value, evals: &[StageEval]) -> String {
             md += &format!("| {name} | {} | {} |\n", k["prompts"], k["kept"]);
         }
     }
-    md += "\nPlots: `loss.svg` (pretraining and SFT), `reward_by_stage.svg` (the judge's reward per stage), `rs_rewards.svg` (max vs median of K per round), `ppo_gold_vs_proxy.svg` (reward hacking shows as the curves diverging), `gatt_adherence.svg`, `rm_accuracy_by_rating.svg`, `round-*/rm-*/scores.svg`.\n";
+    md += "\nPlots: `loss.svg` (pretraining and SFT), `reward_by_stage.svg` (the judge's reward per stage), `rs_rewards.svg` (max vs median of K per round), `fig7.svg` (max and median reward among N samples, per round), `fig8-round-*.svg` (best-of-N per swept temperature), `ppo_gold_vs_proxy.svg` (reward hacking shows as the curves diverging), `gatt_adherence.svg`, `rm_accuracy_by_rating.svg`, `round-*/rm-*/scores.svg`.\n";
     md
 }
 
@@ -367,4 +407,32 @@ fn gold_vs_proxy_plot(metrics: &Path, svg: &Path) -> Result<()> {
             ("gold annotator", &get(1)),
         ],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_markdown_has_each_rs_rounds_temperature_sweep_and_displaced_answers() {
+        let r = json!({"rs_rounds": [
+            {"round": 1, "prompts": 20, "k": 4, "temperature": 1.2, "mean_max": 0.7, "mean_median": 0.5,
+             "pool": 20, "rescored": 0, "displaced": 0, "sweep": []},
+            {"round": 2, "prompts": 20, "k": 4, "temperature": 0.8, "mean_max": 0.8, "mean_median": 0.6,
+             "pool": 20, "rescored": 20, "displaced": 7,
+             "sweep": [{"temperature": 0.8, "mean_max": 0.81}, {"temperature": 1.2, "mean_max": 0.75}]},
+        ]});
+        let md = markdown(&r, &[]);
+        assert!(md.contains("## Rejection sampling"), "{md}");
+        assert!(
+            md.contains("| 1 | 20 x 4 | 1.2 | 0.700 | 0.500 | 20 | 0 | 0 | - |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| 2 | 20 x 4 | 0.8 | 0.800 | 0.600 | 20 | 20 | 7 | 0.8: 0.810, 1.2: 0.750 |"
+            ),
+            "{md}"
+        );
+    }
 }

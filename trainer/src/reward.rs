@@ -72,6 +72,19 @@ pub fn gold(
     )
 }
 
+/// What gives (prompt, response) rows their R_c: the reward models, or a stand-in where a test
+/// needs scores it chose (rejection sampling's pool and temperature sweep take this).
+pub trait Scorer {
+    /// R_c of each row; `safety` tags the safety prompts.
+    fn rc(&mut self, rows: &[(Vec<Message>, String)], safety: &[bool]) -> Result<Vec<f32>>;
+}
+
+impl<B: Backend> Scorer for RewardModels<B> {
+    fn rc(&mut self, rows: &[(Vec<Message>, String)], safety: &[bool]) -> Result<Vec<f32>> {
+        RewardModels::rc(self, rows, safety)
+    }
+}
+
 /// The helpfulness and the safety reward model, loaded together (one serves as both when no
 /// safety model is given), and what scores with them.
 pub struct RewardModels<B: Backend> {
