@@ -72,14 +72,15 @@ pub fn gold(
     )
 }
 
-/// What gives (prompt, response) rows their R_c: the reward models, or a stand-in where a test
-/// needs scores it chose (rejection sampling's pool and temperature sweep take this).
-pub trait Scorer {
+/// What gives (prompt, response) rows their R_c (both reward models through the piecewise
+/// rule), or a stand-in where a test needs scores it chose (rejection sampling's pool and
+/// temperature sweep take this). [`Scorer`] is the one-model seam of GAtt and distillation.
+pub trait RcScorer {
     /// R_c of each row; `safety` tags the safety prompts.
     fn rc(&mut self, rows: &[(Vec<Message>, String)], safety: &[bool]) -> Result<Vec<f32>>;
 }
 
-impl<B: Backend> Scorer for RewardModels<B> {
+impl<B: Backend> RcScorer for RewardModels<B> {
     fn rc(&mut self, rows: &[(Vec<Message>, String)], safety: &[bool]) -> Result<Vec<f32>> {
         RewardModels::rc(self, rows, safety)
     }

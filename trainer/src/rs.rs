@@ -15,7 +15,7 @@
 
 use crate::evaluate::chat_answers;
 use crate::plot::line_plot;
-use crate::reward::{RewardModels, Scorer};
+use crate::reward::{RcScorer, RewardModels};
 use crate::sft::SftConfig;
 use anyhow::{bail, ensure, Context, Result};
 use engine::generate::SamplingParams;
@@ -221,7 +221,7 @@ pub fn best_of_n(rewards: &[Vec<f32>]) -> Vec<BestOfN> {
 pub fn sample_k<B: Backend>(
     model: &mut Llama<B>,
     tok: &Tokenizer,
-    scorer: &mut dyn Scorer,
+    scorer: &mut dyn RcScorer,
     prompts: &[RsPrompt],
     k: usize,
     temperature: f32,
@@ -297,7 +297,7 @@ pub fn pick_temperature(
 /// the pooled one. Returns (pooled answers re-scored, pooled answers displaced).
 pub fn update_pool(
     pool: &mut Pool,
-    scorer: &mut dyn Scorer,
+    scorer: &mut dyn RcScorer,
     prompts: &[RsPrompt],
     samples: &Samples,
     round: usize,
@@ -364,7 +364,7 @@ pub fn update_pool(
 pub fn sample_round<B: Backend>(
     sampler: &mut Llama<B>,
     tok: &Tokenizer,
-    scorer: &mut dyn Scorer,
+    scorer: &mut dyn RcScorer,
     prompts: &[RsPrompt],
     sweep: &[RsPrompt],
     cfg: &RsConfig,
@@ -721,7 +721,7 @@ mod tests {
 
     /// Scores a row by its answer alone.
     struct ByAnswer(fn(&str) -> f32);
-    impl Scorer for ByAnswer {
+    impl RcScorer for ByAnswer {
         fn rc(&mut self, rows: &[(Vec<Message>, String)], _: &[bool]) -> Result<Vec<f32>> {
             Ok(rows.iter().map(|(_, a)| (self.0)(a)).collect())
         }
