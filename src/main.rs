@@ -4,7 +4,7 @@ mod cmd;
 
 use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use cmd::{check, data, inference, recipe, reward, rlhf, train, world};
+use cmd::{check, data, eval, inference, recipe, reward, rlhf, train, world};
 
 #[derive(Parser)]
 #[command(
@@ -49,6 +49,10 @@ enum Cmd {
     WorldPrefs(world::WorldPrefsArgs),
     /// Evaluate a chat model on world prompts with the gold annotator.
     EvalWorld(world::EvalWorldArgs),
+    /// A model against a baseline under one fixed judge (reward models or a world's annotator):
+    /// win/tie/loss with a 95 % interval, false refusals on borderline prompts, refusals and
+    /// violations on adversarial ones, and every stage's reward distribution (--stages; Figure 20).
+    Eval(eval::EvalArgs),
     /// Train a reward model (helpfulness or safety) with the margin ranking loss.
     TrainRm(reward::TrainRmArgs),
     /// Evaluate a reward model on preference pairs: accuracy overall and by rating.
@@ -64,7 +68,8 @@ enum Cmd {
     /// only and loss on the last answer, then fine-tuning; adherence per turn before and after.
     Gatt(rlhf::GattArgs),
     /// Safety context distillation: answers under a safety preprompt, kept when the safety
-    /// reward model prefers them, fine-tuned without the preprompt.
+    /// reward model prefers them, fine-tuned without the preprompt (`distill` for short).
+    #[command(visible_alias = "distill")]
     DistillSafety(rlhf::DistillSafetyArgs),
     /// Iterative RLHF on the built-in world: each round labels new pairs sampled from the latest
     /// model, retrains both reward models on all labels so far, runs rejection sampling, and
@@ -119,6 +124,7 @@ fn run() -> Result<()> {
         Cmd::World(a) => world::world(a),
         Cmd::WorldPrefs(a) => world::world_prefs(a),
         Cmd::EvalWorld(a) => world::eval_world(a),
+        Cmd::Eval(a) => eval::eval(a),
         Cmd::TrainRm(a) => reward::train_rm(a),
         Cmd::EvalRm(a) => reward::eval_rm(a),
         Cmd::Score(a) => inference::score_cmd(a),

@@ -2,8 +2,11 @@
 //! file) converted to TRL's conversational form, prompts taken from them, and a model pretrained
 //! on Tiny Shakespeare as the base. The recipe runs SFT -> both reward models -> two rounds
 //! (rejection sampling, then rejection sampling + PPO) with every stage evaluated by one fixed
-//! judge (the recipe's first reward models). It is killed in the middle of round 2 and finished by
-//! a rerun, which skips the steps already done; `recipe plan` says which are done.
+//! judge (the recipe's first reward models), then Ghost Attention and context distillation on the
+//! example files of `recipes/examples/`: it is the shipped `recipes/user-data.toml` with its
+//! placeholders filled. It is killed in the middle of round 2 and finished by a rerun, which
+//! skips the steps already done; `recipe plan` says which are done. `llama2 gatt` and
+//! `llama2 distill` then run on their own on the same files with the recipe's models.
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
@@ -80,54 +83,9 @@ fn user_data(d: &Path, hh: &Path) {
     );
 }
 
-const RECIPE: &str = r#"
-seed = 3
-[model]
-base = "BASE"
-[sft]
-data = ["D/train.jsonl"]
-epochs = 1
-lr = 1e-3
-seq_len = 128
-batch_size = 8
-val_fraction = 0.0
-[rm]
-data = ["D/train.jsonl"]
-epochs = 1
-lr = 5e-4
-batch_size = 8
-micro_batch = 8
-seq_len = 128
-val_fraction = 0.0
-[rs]
-prompts = ["D/prompts.jsonl"]
-max_prompts = 12
-k = 2
-max_new_tokens = 12
-lr = 1e-4
-epochs = 1
-seq_len = 128
-[ppo]
-prompts = ["D/prompts.jsonl"]
-eval_prompts = ["D/eval.jsonl"]
-eval_size = 8
-iterations = 2
-batch = 8
-minibatch = 4
-max_new_tokens = 12
-eval_every = 1
-patience = 0
-ckpt_every = 0
-[[round]]
-stages = ["rs"]
-[[round]]
-stages = ["rs", "ppo"]
-[eval]
-prompts = ["D/eval.jsonl"]
-max_prompts = 8
-samples = 1
-max_new_tokens = 12
-"#;
+/// The shipped `recipes/user-data.toml`: SFT, reward models, two rounds, then GAtt and context
+/// distillation on the example files of `recipes/examples/` (placeholders replaced by the test).
+const RECIPE: &str = include_str!("../recipes/user-data.toml");
 
 #[test]
 fn a_recipe_on_user_data_is_killed_midway_and_finished_by_a_rerun() {
@@ -148,7 +106,8 @@ fn a_recipe_on_user_data_is_killed_midway_and_finished_by_a_rerun() {
         &recipe,
         RECIPE
             .replace("BASE", &base.display().to_string())
-            .replace("D/", &format!("{}/", d.display())),
+            .replace("data/", &format!("{}/", d.display()))
+            .replace("recipes/examples/", &format!("{}/", examples().display())),
     )
     .unwrap();
     let plan = |want: &[(&str, &str)]| {
@@ -228,7 +187,15 @@ fn a_recipe_on_user_data_is_killed_midway_and_finished_by_a_rerun() {
             "{step} rerun:\n{se}"
         );
     }
-    for step in ["round-2/rs", "round-2/ppo", "eval/ppo_round_2"] {
+    for step in [
+        "round-2/rs",
+        "round-2/ppo",
+        "eval/ppo_round_2",
+        "gatt",
+        "eval/gatt",
+        "distill",
+        "eval/distill",
+    ] {
         assert!(
             se.lines().any(|l| l.ends_with(&format!("] {step}"))),
             "{step} not run:\n{se}"
@@ -245,7 +212,17 @@ fn a_recipe_on_user_data_is_killed_midway_and_finished_by_a_rerun() {
         .iter()
         .map(|s| s.as_str().unwrap())
         .collect();
-    assert_eq!(stages, ["sft", "rs_round_1", "rs_round_2", "ppo_round_2"]);
+    assert_eq!(
+        stages,
+        [
+            "sft",
+            "rs_round_1",
+            "rs_round_2",
+            "ppo_round_2",
+            "gatt",
+            "distill"
+        ]
+    );
     for s in &stages {
         let j = &report[*s]["judge"];
         assert!(
@@ -260,10 +237,156 @@ fn a_recipe_on_user_data_is_killed_midway_and_finished_by_a_rerun() {
         );
     }
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    println!("{md}");
     assert!(md.contains("| ppo_round_2 |"), "{md}");
+    assert!(
+        md.contains("reward-model score per turn") && md.contains("| illicit | 5 |"),
+        "{md}"
+    );
+    assert_eq!(
+        report["gatt"]["reward_by_turn"]["after_with"]
+            .as_array()
+            .map(Vec::len),
+        Some(3),
+        "{report}"
+    );
     let judge: Value = serde_json::from_str(
         &std::fs::read_to_string(out.join("eval/ppo_round_2/step.json")).unwrap(),
     )
     .unwrap();
     assert!(judge["key"].is_string());
+
+    // The final step: every stage's reward distribution under the same judge (Figure 20) and
+    // the last model against SFT on the same 8 prompts; skipped on a further rerun.
+    let f = &report["final_eval"];
+    let w = &f["win"];
+    let n = |v: &Value| v.as_u64().unwrap();
+    assert_eq!(n(&w["wins"]) + n(&w["ties"]) + n(&w["losses"]), 8, "{f}");
+    let fig: Vec<&str> = f["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(fig, stages);
+    assert!(out.join("eval/final/fig20.svg").is_file());
+    assert!(md.contains("Figure 20"), "{md}");
+    let again = llama2()
+        .args(["recipe", "run", "--device", "cpu"])
+        .arg(&recipe)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let se = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success() && se.contains("] eval/final: done, skipped"), "{se}");
+    // GAtt on the example files, judged by the recipe's helpfulness reward model.
+    let gatt: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("gatt/report.json")).unwrap())
+            .unwrap();
+    assert!(gatt["rows"].as_u64().unwrap() > 0, "{gatt}");
+    for when in ["user_before", "user_after"] {
+        let u = &gatt[when];
+        assert_eq!(u["score_with"].as_array().unwrap().len(), 3, "{when}: {u}");
+        assert_eq!(u["samples"].as_array().unwrap().len(), 3, "{when}: {u}");
+    }
+    let rows = std::fs::read_to_string(out.join("gatt/gatt.jsonl")).unwrap();
+    let first: Value = serde_json::from_str(rows.lines().next().unwrap()).unwrap();
+    assert_eq!(first["learn"], "last");
+    // Context distillation on the example risk categories: every category reported.
+    let dist: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("distill/report.json")).unwrap())
+            .unwrap();
+    assert_eq!(dist["prompts"], 20);
+    let cats: Vec<&String> = dist["by_category"].as_object().unwrap().keys().collect();
+    assert_eq!(
+        cats,
+        ["illicit", "privacy", "self-harm", "violence"],
+        "{dist}"
+    );
+    assert!(dist["plain_score_before"].is_number(), "{dist}");
+    // Sampled answers differ, so some are kept and fine-tuned on.
+    assert!(dist["kept"].as_u64().unwrap() > 0, "{dist}");
+    assert!(
+        dist["plain_score_after"].is_number() && dist["checkpoint"].is_string(),
+        "{dist}"
+    );
+
+    // The two commands on their own, with the recipe's models.
+    let ex = examples();
+    let so = ok(llama2()
+        .args(["gatt", "--model"])
+        .arg(out.join("round-2/ppo"))
+        .arg("--instructions")
+        .arg(ex.join("gatt-instructions.jsonl"))
+        .arg("--dialogues")
+        .arg(ex.join("gatt-dialogues.jsonl"))
+        .args([
+            "--num-dialogues",
+            "4",
+            "--eval-dialogues",
+            "2",
+            "--turns",
+            "2",
+        ])
+        .args(["--max-new-tokens", "8", "--seq-len", "128", "--epochs", "1"])
+        .arg("--out")
+        .arg(d.join("gatt-cli")));
+    assert!(
+        so.contains("no reward model: read the sample dialogues"),
+        "{so}"
+    );
+    let g: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("gatt-cli/report.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        g["user_after"]["samples"].as_array().unwrap().len(),
+        2,
+        "{g}"
+    );
+    let so = ok(llama2()
+        .args(["distill", "--model"])
+        .arg(out.join("gatt/sft"))
+        .arg("--reward-safety")
+        .arg(out.join("rm/rm-safety"))
+        .arg("--categories")
+        .arg(ex.join("risk-categories.jsonl"))
+        .arg("--prompts")
+        .arg(ex.join("adversarial-prompts.jsonl"))
+        .args(["--preprompts-per-prompt", "1", "--max-new-tokens", "8"])
+        .args(["--temperature", "1.0"])
+        .args(["--seq-len", "128", "--epochs", "1"])
+        .arg("--out")
+        .arg(d.join("distill-cli")));
+    println!("{so}");
+    assert!(
+        so.contains("20 safety prompts") && so.contains("illicit:"),
+        "{so}"
+    );
+    // A bad line of a user file is named before any model loads.
+    std::fs::write(
+        d.join("bad.jsonl"),
+        "{\"instruction\": \"Be brief.\"}\n{\"instruction\": 3}\n",
+    )
+    .unwrap();
+    let o = llama2()
+        .args(["gatt", "--model"])
+        .arg(out.join("round-2/ppo"))
+        .arg("--instructions")
+        .arg(d.join("bad.jsonl"))
+        .arg("--dialogues")
+        .arg(ex.join("gatt-dialogues.jsonl"))
+        .arg("--out")
+        .arg(d.join("gatt-bad"))
+        .output()
+        .unwrap();
+    let se = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && se.contains("bad.jsonl:2") && se.contains("`instruction`"),
+        "{se}"
+    );
+}
+
+fn examples() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/examples")
 }

@@ -21,5 +21,5 @@ pub use backend::cuda::Cuda;
 pub use backend::Backend;
 pub use config::LlamaConfig;
 pub use error::{Error, Result};
-pub use model::{ActBytes, Batch, GradReady, Llama, Recompute};
+pub use model::{ActBytes, Batch, GradReady, Llama, Master, Recompute};
 pub use params::{Head, ParamTable};

@@ -131,6 +131,35 @@ struct MlpActs<B: Backend> {
     hmlp: B::Buf<B::Act>, // [n, im] SwiGLU output
 }
 
+impl<B: Backend> AttnActs<B> {
+    fn alloc(al: &mut Counted<'_, B>, d: &Dims) -> Result<Self> {
+        let n = d.n;
+        Ok(AttnActs {
+            ln1: al.alloc(n * d.h)?,
+            rstd1: al.alloc(n)?,
+            q: al.alloc(n * d.qd)?,
+            k: al.alloc(n * d.kvd)?,
+            v: al.alloc(n * d.kvd)?,
+            att: al.alloc(n * d.qd)?,
+            lse: al.alloc(n * d.nh)?,
+        })
+    }
+}
+
+impl<B: Backend> MlpActs<B> {
+    fn alloc(al: &mut Counted<'_, B>, d: &Dims) -> Result<Self> {
+        let n = d.n;
+        Ok(MlpActs {
+            xmid: al.alloc(n * d.h)?,
+            ln2: al.alloc(n * d.h)?,
+            rstd2: al.alloc(n)?,
+            gate: al.alloc(n * d.im)?,
+            up: al.alloc(n * d.im)?,
+            hmlp: al.alloc(n * d.im)?,
+        })
+    }
+}
+
 /// Allocates through the backend and counts the bytes, so the memory report is what was allocated.
 struct Counted<'a, B: Backend> {
     be: &'a B,
@@ -275,13 +304,85 @@ struct Shape {
     n_rows: usize,
 }
 
+/// Where the fp32 master weights are. ZeRO-1 takes them over ([`Llama::release_master`]), one
+/// shard per rank; the model then reads and writes only its compute copy, and anything that
+/// would write the master behind the optimizer's back must be refused, not silently lost.
+pub enum Master<B: Backend> {
+    /// In the model, the flat layout's `table.total` values.
+    Held(B::Buf<f32>),
+    /// Handed to a ZeRO-1 optimizer; the compute copy holds the weights.
+    Released,
+}
+
+impl<B: Backend> Master<B> {
+    /// The master buffer; an error naming who holds it once released.
+    pub fn held(&self) -> Result<&B::Buf<f32>> {
+        match self {
+            Master::Held(m) => Ok(m),
+            Master::Released => Err(Self::released_error()),
+        }
+    }
+
+    pub fn held_mut(&mut self) -> Result<&mut B::Buf<f32>> {
+        match self {
+            Master::Held(m) => Ok(m),
+            Master::Released => Err(Self::released_error()),
+        }
+    }
+
+    pub fn is_released(&self) -> bool {
+        matches!(self, Master::Released)
+    }
+
+    /// Values the model holds (0 once released).
+    pub fn len(&self) -> usize {
+        match self {
+            Master::Held(m) => B::len(m),
+            Master::Released => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The weights the ops read: the backend's choice between master and compute copy, or
+    /// the compute copy once the master is released.
+    pub fn compute<'a>(&'a self, be: &B, shadow: &'a B::Buf<B::Act>) -> B::Ref<'a, B::Act> {
+        match self {
+            Master::Held(m) => be.compute_weights(m, shadow),
+            Master::Released => B::all(shadow),
+        }
+    }
+
+    /// [`Master::compute`] for writing in place (ZeRO-1's all-gather of updated shards).
+    pub fn compute_mut<'a>(
+        &'a mut self,
+        be: &B,
+        shadow: &'a mut B::Buf<B::Act>,
+    ) -> B::Mut<'a, B::Act> {
+        match self {
+            Master::Held(m) => be.compute_weights_mut(m, shadow),
+            Master::Released => B::all_mut(shadow),
+        }
+    }
+
+    fn released_error() -> Error {
+        Error::Config(
+            "the fp32 master weights belong to the ZeRO-1 optimizer (released from the model): \
+             set weights before creating it, or load them through it"
+                .into(),
+        )
+    }
+}
+
 pub struct Llama<B: Backend> {
     pub be: B,
     pub cfg: LlamaConfig,
     pub head: Head,
     pub table: ParamTable,
-    /// fp32 master weights in the flat layout.
-    pub master: B::Buf<f32>,
+    /// fp32 master weights in the flat layout, or where they went (a ZeRO-1 optimizer).
+    pub master: Master<B>,
     /// The compute copy of `master` (empty on the CPU, where the master is used directly).
     pub shadow: B::Buf<B::Act>,
     /// Gradients in the same flat layout, f32, accumulated by every backward.
@@ -336,17 +437,15 @@ struct InferActs<B: Backend> {
     pos: B::Buf<i32>,
     cache_rows: B::Buf<i32>,
     logit_rows: B::Buf<i32>,
-    x: [B::Buf<B::Act>; 2],
-    ln: B::Buf<B::Act>,
-    rstd: B::Buf<f32>,
-    q: B::Buf<B::Act>,
-    k: B::Buf<B::Act>,
-    v: B::Buf<B::Act>,
-    att: B::Buf<B::Act>,
+    /// Host staging of the cache rows, reused across calls.
+    rows_host: Vec<i32>,
+    /// The residual stream between layers.
+    x: B::Buf<B::Act>,
     tmp: B::Buf<B::Act>,
-    gate: B::Buf<B::Act>,
-    up: B::Buf<B::Act>,
-    h: B::Buf<B::Act>,
+    /// The layer halves' buffers, as the training forward has them (one set, reused by every
+    /// layer; `lse` is unused: cached attention keeps no softmax statistics).
+    attn: AttnActs<B>,
+    mlp: MlpActs<B>,
     logits: B::Buf<B::Act>,
 }
 
@@ -375,6 +474,30 @@ fn attn_fwd<B: Backend>(
     wall: B::Ref<'_, B::Act>,
     d: &Dims,
 ) -> Result<()> {
+    qkv_fwd(be, s, x, pos, lw, wall, d)?;
+    let (n, qd, kvd) = (d.n, d.qd, d.kvd);
+    be.attention_fwd(
+        m!(s.att, n * qd),
+        m!(s.lse, n * d.nh),
+        r!(s.q, n * qd),
+        r!(s.k, n * kvd),
+        r!(s.v, n * kvd),
+        doc,
+        d.attn,
+    )
+}
+
+/// The attention half up to the attention itself, shared by the training forward and the
+/// KV-cache forward: ln1 = RMSNorm(x), q, k, v projections, RoPE on q and k.
+fn qkv_fwd<B: Backend>(
+    be: &B,
+    s: &mut AttnActs<B>,
+    x: &B::Buf<B::Act>,
+    pos: B::Ref<'_, i32>,
+    lw: &LayerSpans,
+    wall: B::Ref<'_, B::Act>,
+    d: &Dims,
+) -> Result<()> {
     let (n, h, qd, kvd) = (d.n, d.h, d.qd, d.kvd);
     let w = |s: Span| B::sub(wall, s.off, s.len);
     be.rmsnorm_fwd(
@@ -389,16 +512,7 @@ fn attn_fwd<B: Backend>(
     be.matmul_fwd(m!(s.k, n * kvd), r!(s.ln1, n * h), w(lw.k), n, h, kvd)?;
     be.matmul_fwd(m!(s.v, n * kvd), r!(s.ln1, n * h), w(lw.v), n, h, kvd)?;
     be.rope_fwd(m!(s.q, n * qd), pos, d.nh, d.hd, d.theta)?;
-    be.rope_fwd(m!(s.k, n * kvd), pos, d.nkv, d.hd, d.theta)?;
-    be.attention_fwd(
-        m!(s.att, n * qd),
-        m!(s.lse, n * d.nh),
-        r!(s.q, n * qd),
-        r!(s.k, n * kvd),
-        r!(s.v, n * kvd),
-        doc,
-        d.attn,
-    )
+    be.rope_fwd(m!(s.k, n * kvd), pos, d.nkv, d.hd, d.theta)
 }
 
 /// The MLP half's saved activations from the block input x [n, h] and the attention output
@@ -458,7 +572,7 @@ impl<B: Backend> Llama<B> {
             cfg,
             head,
             table,
-            master,
+            master: Master::Held(master),
             shadow,
             grads,
             acts: None,
@@ -491,7 +605,7 @@ impl<B: Backend> Llama<B> {
     pub fn separate_compute_copy(&mut self) -> Result<()> {
         if B::len(&self.shadow) == 0 {
             self.shadow = self.be.alloc::<B::Act>(self.table.total)?;
-            self.be.sync_shadow(&mut self.shadow, &self.master)?;
+            self.be.sync_shadow(&mut self.shadow, self.master.held()?)?;
         }
         Ok(())
     }
@@ -508,24 +622,17 @@ impl<B: Backend> Llama<B> {
         if B::len(&self.shadow) != self.table.total || self.table.total == 0 {
             return Ok(false);
         }
-        self.master = self.be.alloc::<f32>(0)?;
+        self.master = Master::Released;
         Ok(true)
     }
 
     /// Whether [`Llama::release_master`] freed the fp32 master.
     pub fn master_released(&self) -> bool {
-        B::len(&self.master) != self.table.total
+        self.master.is_released()
     }
 
     /// Replaces every parameter from a host array in the flat layout.
     pub fn set_params(&mut self, host: &[f32]) -> Result<()> {
-        if self.master_released() {
-            return Err(Error::Config(
-                "the fp32 master weights belong to the ZeRO-1 optimizer (released from the \
-                 model): set weights before creating it, or load them through it"
-                    .into(),
-            ));
-        }
         if host.len() != self.table.total {
             return Err(Error::Shape(format!(
                 "parameter array has {} values, the model needs {}",
@@ -533,20 +640,25 @@ impl<B: Backend> Llama<B> {
                 self.table.total
             )));
         }
-        self.be.from_host(B::all_mut(&mut self.master), host)?;
-        self.be.sync_shadow(&mut self.shadow, &self.master)
+        let master = self.master.held_mut()?;
+        self.be.from_host(B::all_mut(master), host)?;
+        self.be.sync_shadow(&mut self.shadow, master)
     }
 
     /// The weights in the flat layout: the fp32 master, or, once a ZeRO-1 optimizer holds it
     /// ([`Llama::release_master`]), the compute copy (bf16 values on CUDA).
     pub fn params_to_host(&self) -> Result<Vec<f32>> {
-        if self.master_released() {
-            let w = self.be.compute_weights(&self.master, &self.shadow);
-            return self.be.to_host_f32(w, self.table.total);
+        match &self.master {
+            Master::Held(m) => {
+                let mut v = vec![0f32; self.table.total];
+                self.be.to_host(&mut v, B::all(m))?;
+                Ok(v)
+            }
+            Master::Released => {
+                let w = self.master.compute(&self.be, &self.shadow);
+                self.be.to_host_f32(w, self.table.total)
+            }
         }
-        let mut v = vec![0f32; self.table.total];
-        self.be.to_host(&mut v, B::all(&self.master))?;
-        Ok(v)
     }
 
     pub fn grads_to_host(&self) -> Result<Vec<f32>> {
@@ -607,7 +719,7 @@ impl<B: Backend> Llama<B> {
         })?;
         let c = &self.cfg;
         let (h, qd, kvd, im) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-        let (nh, nl) = (c.num_attention_heads, c.num_hidden_layers);
+        let nl = c.num_hidden_layers;
         let mut al = Counted {
             be: &self.be,
             bytes: 0,
@@ -615,29 +727,13 @@ impl<B: Backend> Llama<B> {
         // Per-layer sets: L of each half, or one shared set of the half that is recomputed.
         let n_attn = if mode == Recompute::None { nl } else { 1 };
         let n_mlp = if mode == Recompute::Full { 1 } else { nl };
-        let mut attn = Vec::with_capacity(n_attn);
-        for _ in 0..n_attn {
-            attn.push(AttnActs {
-                ln1: al.alloc(n * h)?,
-                rstd1: al.alloc(n)?,
-                q: al.alloc(n * qd)?,
-                k: al.alloc(n * kvd)?,
-                v: al.alloc(n * kvd)?,
-                att: al.alloc(n * qd)?,
-                lse: al.alloc(n * nh)?,
-            });
-        }
-        let mut mlp = Vec::with_capacity(n_mlp);
-        for _ in 0..n_mlp {
-            mlp.push(MlpActs {
-                xmid: al.alloc(n * h)?,
-                ln2: al.alloc(n * h)?,
-                rstd2: al.alloc(n)?,
-                gate: al.alloc(n * im)?,
-                up: al.alloc(n * im)?,
-                hmlp: al.alloc(n * im)?,
-            });
-        }
+        let dims = Dims::new(c, 1, n);
+        let attn = (0..n_attn)
+            .map(|_| AttnActs::alloc(&mut al, &dims))
+            .collect::<Result<Vec<_>>>()?;
+        let mlp = (0..n_mlp)
+            .map(|_| MlpActs::alloc(&mut al, &dims))
+            .collect::<Result<Vec<_>>>()?;
         let layers = al.take();
         let resid = (0..=nl).map(|_| al.alloc(n * h)).collect::<Result<_>>()?;
         let resid_bytes = al.take();
@@ -752,7 +848,7 @@ impl<B: Backend> Llama<B> {
         let be = &self.be;
         let tab = &self.table;
         let a = self.acts.as_mut().expect("acts allocated");
-        let wall = be.compute_weights(&self.master, &self.shadow);
+        let wall = self.master.compute(be, &self.shadow);
         let w = |s: Span| B::sub(wall, s.off, s.len);
 
         a.held = None;
@@ -805,28 +901,23 @@ impl<B: Backend> Llama<B> {
             return Ok(());
         }
         self.infer = None;
-        let c = &self.cfg;
-        let be = &self.be;
-        let (h, qd, kvd, im) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-        let act = |len: usize| be.alloc::<B::Act>(len);
+        let d = Dims::new(&self.cfg, 1, n);
+        let mut al = Counted {
+            be: &self.be,
+            bytes: 0,
+        };
         self.infer = Some(InferActs {
             cap: n,
-            ids: be.alloc(n)?,
-            pos: be.alloc(n)?,
-            cache_rows: be.alloc(n)?,
-            logit_rows: be.alloc(n)?,
-            x: [act(n * h)?, act(n * h)?],
-            ln: act(n * h)?,
-            rstd: be.alloc(n)?,
-            q: act(n * qd)?,
-            k: act(n * kvd)?,
-            v: act(n * kvd)?,
-            att: act(n * qd)?,
-            tmp: act(n * h)?,
-            gate: act(n * im)?,
-            up: act(n * im)?,
-            h: act(n * im)?,
-            logits: act(n * c.vocab_size)?,
+            ids: al.alloc(n)?,
+            pos: al.alloc(n)?,
+            cache_rows: al.alloc(n)?,
+            logit_rows: al.alloc(n)?,
+            rows_host: Vec::with_capacity(n),
+            x: al.alloc(n * d.h)?,
+            tmp: al.alloc(n * d.h)?,
+            attn: AttnActs::alloc(&mut al, &d)?,
+            mlp: MlpActs::alloc(&mut al, &d)?,
+            logits: al.alloc(n * self.cfg.vocab_size)?,
         });
         Ok(())
     }
@@ -881,93 +972,63 @@ impl<B: Backend> Llama<B> {
         }
         self.ensure_infer(n)?;
         let c = &self.cfg;
-        let (h, qd, kvd, im) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-        let (nh, nkv, hd) = (c.num_attention_heads, c.n_kv_heads(), c.head_dim());
-        let (eps, theta) = (c.rms_norm_eps as f32, c.rope_theta as f32);
+        let d = Dims::new(c, b, tq);
+        let (h, qd, kvd, im) = (d.h, d.qd, d.kvd, d.im);
         let dims = CacheDims {
             b,
             tq,
             tmax: cache.tmax,
-            nh,
-            nkv,
-            hd,
+            nh: d.nh,
+            nkv: d.nkv,
+            hd: d.hd,
         };
         let be = &self.be;
         let tab = &self.table;
         let a = self.infer.as_mut().expect("allocated");
-        let wall = be.compute_weights(&self.master, &self.shadow);
+        let wall = self.master.compute(be, &self.shadow);
         let w = |s: Span| B::sub(wall, s.off, s.len);
-        let rows: Vec<i32> = (0..n)
-            .map(|r| ((r / tq) * cache.tmax) as i32 + pos[r])
-            .collect();
+        a.rows_host.clear();
+        a.rows_host
+            .extend((0..n).map(|r| ((r / tq) * cache.tmax) as i32 + pos[r]));
         be.from_host(m!(a.ids, n), ids)?;
         be.from_host(m!(a.pos, n), pos)?;
-        be.from_host(m!(a.cache_rows, n), &rows)?;
+        be.from_host(m!(a.cache_rows, n), &a.rows_host)?;
         be.from_host(m!(a.logit_rows, m), logit_rows)?;
-        let [x0, x1] = &mut a.x;
-        be.embedding_fwd(m!(*x0, n * h), r!(a.ids, n), w(tab.embed), h)?;
+        be.embedding_fwd(m!(a.x, n * h), r!(a.ids, n), w(tab.embed), h)?;
+        let (sa, sm) = (&mut a.attn, &mut a.mlp);
         for (l, lw) in tab.layers.iter().enumerate() {
-            be.rmsnorm_fwd(
-                m!(a.ln, n * h),
-                m!(a.rstd, n),
-                r!(*x0, n * h),
-                w(lw.ln1),
-                h,
-                eps,
-            )?;
-            be.matmul_fwd(m!(a.q, n * qd), r!(a.ln, n * h), w(lw.q), n, h, qd)?;
-            be.matmul_fwd(m!(a.k, n * kvd), r!(a.ln, n * h), w(lw.k), n, h, kvd)?;
-            be.matmul_fwd(m!(a.v, n * kvd), r!(a.ln, n * h), w(lw.v), n, h, kvd)?;
-            be.rope_fwd(m!(a.q, n * qd), r!(a.pos, n), nh, hd, theta)?;
-            be.rope_fwd(m!(a.k, n * kvd), r!(a.pos, n), nkv, hd, theta)?;
+            qkv_fwd(be, sa, &a.x, r!(a.pos, n), lw, wall, &d)?;
             be.scatter_rows(
                 B::all_mut(&mut cache.k[l]),
-                r!(a.k, n * kvd),
+                r!(sa.k, n * kvd),
                 r!(a.cache_rows, n),
                 kvd,
             )?;
             be.scatter_rows(
                 B::all_mut(&mut cache.v[l]),
-                r!(a.v, n * kvd),
+                r!(sa.v, n * kvd),
                 r!(a.cache_rows, n),
                 kvd,
             )?;
             be.attention_cached(
-                m!(a.att, n * qd),
-                r!(a.q, n * qd),
+                m!(sa.att, n * qd),
+                r!(sa.q, n * qd),
                 B::all(&cache.k[l]),
                 B::all(&cache.v[l]),
                 r!(a.pos, n),
                 dims,
             )?;
-            be.matmul_fwd(m!(a.tmp, n * h), r!(a.att, n * qd), w(lw.o), n, qd, h)?;
-            be.add(m!(*x1, n * h), r!(*x0, n * h), r!(a.tmp, n * h))?;
-            be.rmsnorm_fwd(
-                m!(a.ln, n * h),
-                m!(a.rstd, n),
-                r!(*x1, n * h),
-                w(lw.ln2),
-                h,
-                eps,
-            )?;
-            be.matmul_fwd(m!(a.gate, n * im), r!(a.ln, n * h), w(lw.gate), n, h, im)?;
-            be.matmul_fwd(m!(a.up, n * im), r!(a.ln, n * h), w(lw.up), n, h, im)?;
-            be.swiglu_fwd(m!(a.h, n * im), r!(a.gate, n * im), r!(a.up, n * im))?;
-            be.matmul_fwd(m!(a.tmp, n * h), r!(a.h, n * im), w(lw.down), n, im, h)?;
-            be.add(m!(*x0, n * h), r!(*x1, n * h), r!(a.tmp, n * h))?;
+            mlp_fwd(be, sm, &mut a.tmp, &a.x, &sa.att, lw, wall, &d)?;
+            // x = xmid + hmlp · downᵀ, as the training forward's residual
+            be.matmul_fwd(m!(a.tmp, n * h), r!(sm.hmlp, n * im), w(lw.down), n, im, h)?;
+            be.add(m!(a.x, n * h), r!(sm.xmid, n * h), r!(a.tmp, n * h))?;
         }
         // Only the requested rows go through the final norm and the LM head.
-        be.gather_rows(m!(*x1, m * h), r!(*x0, n * h), r!(a.logit_rows, m), h)?;
-        be.rmsnorm_fwd(
-            m!(a.ln, m * h),
-            m!(a.rstd, m),
-            r!(*x1, m * h),
-            w(tab.norm),
-            h,
-            eps,
-        )?;
+        let (rows, ln, rstd) = (&mut sm.xmid, &mut sm.ln2, &mut sm.rstd2);
+        be.gather_rows(m!(*rows, m * h), r!(a.x, n * h), r!(a.logit_rows, m), h)?;
+        be.rmsnorm_fwd(m!(*ln, m * h), m!(*rstd, m), r!(*rows, m * h), w(tab.norm), h, d.eps)?;
         let lm = tab.lm_head.expect("LM head");
-        be.matmul_fwd(m!(a.logits, m * v), r!(a.ln, m * h), w(lm), m, h, v)?;
+        be.matmul_fwd(m!(a.logits, m * v), r!(*ln, m * h), w(lm), m, h, v)?;
         be.to_host_f32(r!(a.logits, m * v), m * v)
     }
 
@@ -1092,7 +1153,7 @@ impl<B: Backend> Llama<B> {
         let k = rows.len();
         let be = &self.be;
         let a = self.acts.as_mut().expect("checked");
-        let wall = be.compute_weights(&self.master, &self.shadow);
+        let wall = self.master.compute(be, &self.shadow);
         be.from_host(m!(a.rows, k), rows)?;
         be.scalar_head_fwd(
             m!(a.scores, k),
@@ -1131,7 +1192,7 @@ impl<B: Backend> Llama<B> {
         {
             let be = &self.be;
             let a = self.acts.as_mut().expect("acts");
-            let wall = be.compute_weights(&self.master, &self.shadow);
+            let wall = self.master.compute(be, &self.shadow);
             be.from_host(m!(a.scores, k), dscores)?;
             be.zero(m!(a.dln, n * h))?;
             be.scalar_head_bwd(
@@ -1155,7 +1216,7 @@ impl<B: Backend> Llama<B> {
         {
             let be = &self.be;
             let a = self.acts.as_mut().expect("acts");
-            let wall = be.compute_weights(&self.master, &self.shadow);
+            let wall = self.master.compute(be, &self.shadow);
             be.matmul_bwd_weight(
                 B::slice_mut(&mut self.grads, lm.off, lm.len),
                 r!(a.logits, n * v),
@@ -1188,7 +1249,7 @@ impl<B: Backend> Llama<B> {
         let be = &self.be;
         let tab = &self.table;
         let a = self.acts.as_mut().expect("acts");
-        let wall = be.compute_weights(&self.master, &self.shadow);
+        let wall = self.master.compute(be, &self.shadow);
         let w = |s: Span| B::sub(wall, s.off, s.len);
         let grads = &mut self.grads;
         macro_rules! g {

@@ -3,7 +3,7 @@
 
 use crate::backend::{AdamWStep, Backend};
 use crate::error::{Error, Result};
-use crate::model::Llama;
+use crate::model::{Llama, Master};
 use crate::params::{ParamTable, Span};
 
 /// Which parameters get weight decay.
@@ -136,13 +136,13 @@ impl<B: Backend> AdamW<B> {
     /// One optimizer step at learning rate `lr`. A non-finite gradient norm is an error and leaves
     /// the weights untouched, so the caller can name the step and stop or skip.
     pub fn step(&mut self, model: &mut Llama<B>, lr: f32) -> Result<StepStats> {
-        if model.master_released() {
+        let Master::Held(master) = &mut model.master else {
             return Err(Error::Config(
                 "whole AdamW on a model whose fp32 master a ZeRO-1 optimizer holds".into(),
             ));
-        }
+        };
         let shadow = (B::len(&model.shadow) > 0).then_some(&mut model.shadow);
-        self.step_buffers(&model.be, &mut model.master, shadow, &model.grads, lr)
+        self.step_buffers(&model.be, master, shadow, &model.grads, lr)
     }
 
     /// The step on raw buffers: master weights (and their compute shadow) updated from grads.

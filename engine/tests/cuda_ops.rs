@@ -1119,6 +1119,60 @@ fn model_step_matches_cpu() {
     rep.finish();
 }
 
+/// Generation's KV-cache forward on CUDA against the CPU's: a prefill of three ragged prompts
+/// (one row each through the LM head) and then single-token decode steps, every step's logits
+/// within 2e-2 of their largest entry (the bound of `model_step_matches_cpu`). Both decode the
+/// CPU's greedy tokens, so a wrong cache write shows up in the following steps' logits.
+#[test]
+fn cached_decode_matches_cpu() {
+    let Some(cx) = gpu() else { return };
+    let cfg = small_cfg();
+    let v = cfg.vocab_size;
+    let mut cpu = Llama::new(Cpu, cfg.clone(), Head::Lm).unwrap();
+    cpu.init_random(21).unwrap();
+    let params = rnd(&cpu.params_to_host().unwrap());
+    cpu.set_params(&params).unwrap();
+    let mut gpu_model = Llama::new(cx.clone(), cfg.clone(), Head::Lm).unwrap();
+    gpu_model.set_params(&params).unwrap();
+
+    let lens = [9usize, 23, 1];
+    let (b, longest) = (lens.len(), 23);
+    let mut r = rng(22);
+    let mut ids = vec![0i32; b * longest];
+    let mut pos = vec![0i32; b * longest];
+    for s in 0..b {
+        for j in 0..longest {
+            ids[s * longest + j] = r.random_range(0..v as i32);
+            pos[s * longest + j] = j as i32;
+        }
+    }
+    let rows: Vec<i32> = (0..b).map(|s| (s * longest + lens[s] - 1) as i32).collect();
+    let mut kc = engine::model::KvCache::new(&cpu, b, 64).unwrap();
+    let mut kg = engine::model::KvCache::new(&gpu_model, b, 64).unwrap();
+    let mut lc = cpu.forward_cached(&mut kc, &ids, &pos, b, longest, &rows).unwrap();
+    let mut lg = gpu_model
+        .forward_cached(&mut kg, &ids, &pos, b, longest, &rows)
+        .unwrap();
+    let mut next_pos: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+    let mut rep = Report::default();
+    for step in 0..6 {
+        rep.cmp(&format!("logits step {step}"), &lg, &lc, None, 2e-2);
+        let next: Vec<i32> = (0..b)
+            .map(|s| {
+                let row = &lc[s * v..(s + 1) * v];
+                (0..v).max_by(|&i, &j| row[i].total_cmp(&row[j])).unwrap() as i32
+            })
+            .collect();
+        let all: Vec<i32> = (0..b as i32).collect();
+        lc = cpu.forward_cached(&mut kc, &next, &next_pos, b, 1, &all).unwrap();
+        lg = gpu_model
+            .forward_cached(&mut kg, &next, &next_pos, b, 1, &all)
+            .unwrap();
+        next_pos.iter_mut().for_each(|p| *p += 1);
+    }
+    rep.finish();
+}
+
 #[test]
 fn no_gpu_is_a_clean_error() {
     if cuda::cuda_available() {

@@ -184,22 +184,9 @@ fn gemm_ex_with_k_zero_scales_c() {
 
 // ---------------------------------------------------------------- validation
 
-/// A 4x5 (op N) times 5x3 (op N) into 4x3, bf16 in, f32 out, column-major, tight.
+/// [`Case::small`] planned, with its operands.
 fn small_plan() -> (Plan, Case, HostMat, HostMat, HostMat) {
-    let case = Case {
-        m: 4,
-        n: 3,
-        k: 5,
-        ta: false,
-        tb: false,
-        row_a: false,
-        row_b: false,
-        row_c: false,
-        pad: 0,
-        c_f32: true,
-        alpha: 1.0,
-        beta: 0.0,
-    };
+    let case = Case::small();
     let (a, b, c) = case.operands(3);
     (plan_for(&case, &a, &b, &c, 32 << 20), case, a, b, c)
 }

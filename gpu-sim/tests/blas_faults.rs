@@ -8,23 +8,6 @@ use blas_support::*;
 use gpu_sim::driver::*;
 use std::ptr::null_mut;
 
-fn small_case() -> Case {
-    Case {
-        m: 4,
-        n: 3,
-        k: 5,
-        ta: false,
-        tb: false,
-        row_a: false,
-        row_b: false,
-        row_c: false,
-        pad: 0,
-        c_f32: true,
-        alpha: 1.0,
-        beta: 0.0,
-    }
-}
-
 /// The call succeeds (the fault is the kernel's, later); the wait reports `code` and the detail
 /// names `needles`.
 fn expect_fault(code: i32, needles: &[&str]) {
@@ -39,7 +22,7 @@ fn expect_fault(code: i32, needles: &[&str]) {
 fn operands_outside_device_memory_fault_naming_the_operand() {
     // Before the simulator starts (this process's first call): four GPUs.
     std::env::set_var("GPU_SIM_GPUS", "4");
-    let case = small_case();
+    let case = Case::small();
     let (a, b, c) = case.operands(1);
 
     // cuda:0: a host pointer as A.

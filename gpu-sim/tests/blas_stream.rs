@@ -14,20 +14,7 @@ use std::ptr::null_mut;
 fn matmul_runs_in_stream_order() {
     ctx(0);
     let lt = Lt::new();
-    let case = Case {
-        m: 4,
-        n: 3,
-        k: 5,
-        ta: false,
-        tb: false,
-        row_a: false,
-        row_b: false,
-        row_c: false,
-        pad: 0,
-        c_f32: true,
-        alpha: 1.0,
-        beta: 0.0,
-    };
+    let case = Case::small();
     let (a, b, c) = case.operands(5);
     let plan = plan_for(&case, &a, &b, &c, 0);
     let (s, _, r) = plan.heuristic(&lt);

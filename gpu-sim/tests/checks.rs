@@ -5,22 +5,6 @@ mod common;
 use common::*;
 use gpu_sim::ptx::{FaultKind, KernelFault, Module};
 
-const HEAD: &str = ".version 9.0\n.target sm_80\n.address_size 64\n";
-
-fn module(body: &str) -> Module {
-    Module::parse(&format!("{HEAD}{body}")).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// The 1-based line of the first line of `text` containing `needle`, counting the header.
-fn line_of(body: &str, needle: &str) -> usize {
-    let text = format!("{HEAD}{body}");
-    text.lines().position(|l| l.contains(needle)).unwrap() + 1
-}
-
-fn read_u32(dev: &Dev, a: u64, n: usize) -> Vec<u32> {
-    dev.read_f32(a, n).iter().map(|x| x.to_bits()).collect()
-}
-
 #[test]
 fn divergent_branches_reconverge_before_a_full_warp_shuffle() {
     let m = module(

@@ -5,8 +5,6 @@ mod common;
 use common::*;
 use gpu_sim::ptx::Module;
 
-const HEAD: &str = ".version 9.0\n.target sm_80\n.address_size 64\n";
-
 /// Register class and load/store type of an operand type.
 fn class(ty: &str) -> (&'static str, &'static str) {
     match ty {

@@ -3,18 +3,6 @@
 
 mod common;
 use common::*;
-use gpu_sim::ptx::Module;
-
-const HEAD: &str = ".version 9.0\n.target sm_80\n.address_size 64\n";
-
-fn module(body: &str) -> Module {
-    let text = format!("{HEAD}{body}");
-    Module::parse(&text).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn read_u32(dev: &Dev, a: u64, n: usize) -> Vec<u32> {
-    dev.read_f32(a, n).iter().map(|x| x.to_bits()).collect()
-}
 
 #[test]
 fn shfl_sync_modes_member_masks_and_predicates() {

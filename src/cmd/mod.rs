@@ -3,6 +3,7 @@
 pub mod check;
 mod common;
 pub mod data;
+pub mod eval;
 pub mod inference;
 pub mod recipe;
 pub mod reward;

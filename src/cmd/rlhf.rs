@@ -31,6 +31,22 @@ pub struct RejectionSampleArgs {
     k: usize,
     #[arg(long, default_value_t = 1.2)]
     temperature: f32,
+    /// Re-tune the temperature every round (the paper's Figure 8): sample --k answers per
+    /// held-out prompt at each of these (comma-separated) and use the one with the best mean
+    /// best-of-K reward. Default: --temperature.
+    #[arg(long, value_delimiter = ',')]
+    temperatures: Vec<f32>,
+    /// The sweep's held-out prompts: the last N of --prompts, never trained on.
+    #[arg(long, default_value_t = 32)]
+    sweep_prompts: usize,
+    /// An earlier run's pool.jsonl: its answers are re-scored by these reward models and stay
+    /// unless a new sample beats them; rounds are numbered on from the pool's last.
+    #[arg(long)]
+    pool: Option<PathBuf>,
+    /// Sample with this model and fine-tune --model on the pool (the paper samples with its
+    /// largest model); both must use one tokenizer.
+    #[arg(long)]
+    teacher: Option<PathBuf>,
     /// Prompts per round (0: all).
     #[arg(long, default_value_t = 0)]
     max_prompts: usize,
@@ -63,6 +79,10 @@ pub fn rejection_sample(a: RejectionSampleArgs) -> Result<()> {
         rounds,
         k,
         temperature,
+        temperatures,
+        sweep_prompts,
+        pool,
+        teacher,
         max_prompts,
         lr,
         epochs,
@@ -74,7 +94,7 @@ pub fn rejection_sample(a: RejectionSampleArgs) -> Result<()> {
         device,
     } = a;
     use trainer::formats::{convert, Kind};
-    use trainer::rs::{write_report, RsConfig};
+    use trainer::rs::{write_report, Pool, RsConfig};
     if max_new_tokens == 0 || batch == 0 {
         bail!("--max-new-tokens and --batch must be at least 1");
     }
@@ -95,10 +115,18 @@ pub fn rejection_sample(a: RejectionSampleArgs) -> Result<()> {
         println!("{skipped} bad prompt line(s) skipped");
     }
     let mut current = model;
-    let mut pool = None;
+    // Rounds continue the numbering of the pool they start from.
+    let first = match &pool {
+        Some(p) => Pool::read(p)?.last_round() + 1,
+        None => 1,
+    };
+    let mut pool = pool;
     let mut stats = Vec::new();
-    for r in 1..=rounds {
+    for r in first..first + rounds {
         let cfg = RsConfig {
+            teacher: teacher.clone(),
+            temperatures: temperatures.clone(),
+            sweep_prompts,
             reward_helpfulness: rm_helpfulness.clone(),
             reward_safety: Some(rm_safety.clone()),
             prompts: vec![clean.clone()],
@@ -117,17 +145,36 @@ pub fn rejection_sample(a: RejectionSampleArgs) -> Result<()> {
             ..RsConfig::for_policy(current.clone())
         };
         let st = on_device!(device, |be| trainer::rs::run(be, &cfg))?;
+        if !st.sweep.is_empty() {
+            let each: Vec<String> = st
+                .sweep
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{}: max {:.4} median {:.4}",
+                        s.temperature, s.mean_max, s.mean_median
+                    )
+                })
+                .collect();
+            println!(
+                "round {r}: temperature sweep on {} held-out prompts: {}; chose {}",
+                st.sweep_prompts,
+                each.join(", "),
+                st.temperature
+            );
+        }
         println!(
-            "round {r}: {} prompts x {k}: mean max reward {:.4}, mean median {:.4} (delta {:.4}); pool {}",
-            st.prompts, st.mean_max, st.mean_median, st.mean_max - st.mean_median, st.pool
+            "round {r}: {} prompts x {k} at temperature {}: mean max reward {:.4}, mean median {:.4} (delta {:.4}); pool {} ({} pooled answers re-scored, {} displaced)",
+            st.prompts, st.temperature, st.mean_max, st.mean_median, st.mean_max - st.mean_median, st.pool, st.rescored, st.displaced
         );
+        write_report(&cfg.out, std::slice::from_ref(&st))?;
         current = st.checkpoint.clone().context("no checkpoint written")?;
         pool = Some(cfg.out.join("pool.jsonl"));
         stats.push(st);
     }
     write_report(&out, &stats)?;
     println!(
-        "model: {}\nreport: {}/rs_report.json, rs_rewards.svg",
+        "model: {}\nreport: {}/rs_report.json, rs_rewards.svg, fig7.jsonl/svg (max and median reward vs N), fig8.jsonl (temperature sweep)",
         current.display(),
         out.display()
     );
@@ -329,16 +376,47 @@ pub fn ppo_cmd(a: PpoArgs, given: &clap::ArgMatches) -> Result<()> {
 
 #[derive(clap::Args)]
 pub struct GattArgs {
-    #[arg(long)]
+    /// The model to teach (a checkpoint or its run directory).
+    #[arg(long, visible_alias = "model")]
     init: PathBuf,
+    /// A world (`llama2 world`): its prompts, instructions and checkers. Or give
+    /// --instructions and --dialogues (the user's files).
+    #[arg(long, required_unless_present_all = ["instructions", "dialogues"], conflicts_with_all = ["instructions", "dialogues"])]
+    world: Option<PathBuf>,
+    /// JSONL of instructions, `{"instruction": TEXT, "category": NAME}` (category optional).
+    #[arg(long, requires = "dialogues")]
+    instructions: Option<PathBuf>,
+    /// JSONL of multi-turn dialogues, `{"turns": [TEXT...]}` or `{"messages": [...]}` (their
+    /// user turns are used).
+    #[arg(long, requires = "instructions")]
+    dialogues: Option<PathBuf>,
+    /// With --instructions: a helpfulness reward model that picks the best of --candidates
+    /// samples per turn and scores adherence (without one, the report's samples are to read).
     #[arg(long)]
-    world: PathBuf,
+    reward_model: Option<PathBuf>,
+    /// With --instructions: at most this many instructions, of different categories, combined.
+    #[arg(long, default_value_t = 2)]
+    max_combine: usize,
     #[arg(long, default_value = "runs/gatt")]
     out: PathBuf,
+    /// User turns per dialogue (at most).
     #[arg(long, default_value_t = 4)]
     turns: usize,
+    /// Synthetic dialogues to sample.
     #[arg(long, default_value_t = 400)]
-    dialogues: usize,
+    num_dialogues: usize,
+    /// Dialogues of the before/after adherence evaluation.
+    #[arg(long, default_value_t = 100)]
+    eval_dialogues: usize,
+    /// Samples per assistant turn (the best is kept).
+    #[arg(long, default_value_t = 4)]
+    candidates: usize,
+    #[arg(long, default_value_t = 40)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
     /// Extra SFT JSONL mixed into the fine-tune.
     #[arg(long, num_args = 1..)]
     replay: Vec<PathBuf>,
@@ -353,58 +431,94 @@ pub struct GattArgs {
 }
 
 pub fn gatt(a: GattArgs) -> Result<()> {
-    let GattArgs {
-        init,
-        world,
-        out,
-        turns,
-        dialogues,
-        replay,
-        epochs,
-        lr,
-        seed,
-        device,
-    } = a;
     let cfg = trainer::gatt::GattConfig {
-        init,
-        world,
-        out,
-        turns,
-        dialogues,
-        replay,
-        epochs,
-        lr,
-        seed,
+        init: a.init,
+        world: a.world.unwrap_or_default(),
+        instructions: a.instructions,
+        dialogue_file: a.dialogues,
+        reward_model: a.reward_model,
+        max_combine: a.max_combine,
+        out: a.out,
+        turns: a.turns,
+        dialogues: a.num_dialogues,
+        eval_dialogues: a.eval_dialogues,
+        candidates: a.candidates,
+        max_new_tokens: a.max_new_tokens,
+        seq_len: a.seq_len,
+        batch_size: a.batch_size,
+        replay: a.replay,
+        epochs: a.epochs,
+        lr: a.lr,
+        seed: a.seed,
         ..Default::default()
     };
+    let device = a.device;
     let r = on_device!(device, |be| trainer::gatt::run(be, &cfg)?);
+    if let (Some(b), Some(af)) = (&r.user_before, &r.user_after) {
+        if b.score_with.is_empty() {
+            println!("no reward model: read the sample dialogues in the report");
+        } else {
+            println!(
+                "reward-model score per turn before GAtt, instruction present: {:?}, absent: {:?}",
+                b.score_with, b.score_without
+            );
+            println!(
+                "reward-model score per turn after GAtt,  instruction present: {:?}, absent: {:?}",
+                af.score_with, af.score_without
+            );
+        }
+    } else {
+        println!(
+            "adherence per turn before GAtt: {:?}",
+            r.adherence_before.follow
+        );
+        println!(
+            "adherence per turn after GAtt:  {:?}",
+            r.adherence_after.follow
+        );
+    }
     println!(
-        "adherence per turn before GAtt: {:?}",
-        r.adherence_before.follow
-    );
-    println!(
-        "adherence per turn after GAtt:  {:?}",
-        r.adherence_after.follow
-    );
-    println!(
-        "{} training rows from {} dialogues; model: {}",
+        "{} training rows from {} dialogues; model: {}; report: {}",
         r.rows,
         r.dialogues,
-        r.checkpoint.display()
+        r.checkpoint.display(),
+        cfg.out.join("report.json").display()
     );
     Ok(())
 }
 
 #[derive(clap::Args)]
 pub struct DistillSafetyArgs {
-    #[arg(long)]
+    /// The model to distill into (a checkpoint or its run directory).
+    #[arg(long, visible_alias = "model")]
     init: PathBuf,
-    #[arg(long)]
+    /// The safety reward model that decides which answers are kept.
+    #[arg(long, visible_alias = "reward-safety")]
     safety_rm: PathBuf,
-    #[arg(long)]
-    world: PathBuf,
+    /// A world (`llama2 world`): its safety prompts. Or give --categories and --prompts.
+    #[arg(long, required_unless_present_all = ["categories", "prompts"], conflicts_with_all = ["categories", "prompts"])]
+    world: Option<PathBuf>,
+    /// JSONL of risk categories, `{"category", "preprompts": [...], "template"}`.
+    #[arg(long, requires = "prompts")]
+    categories: Option<PathBuf>,
+    /// JSONL of adversarial prompts, `{"prompt": TEXT, "category": NAME}` (category optional).
+    #[arg(long, requires = "categories")]
+    prompts: Option<PathBuf>,
+    /// With --categories: preprompts of the prompt's category drawn per prompt.
+    #[arg(long, default_value_t = 2)]
+    preprompts_per_prompt: usize,
+    /// Temperature of both answers (0: greedy; a small model's greedy answer may not change
+    /// with the preprompt, leaving nothing to keep).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
     #[arg(long, default_value = "runs/distill")]
     out: PathBuf,
+    #[arg(long, default_value_t = 48)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
     /// Extra SFT JSONL mixed into the fine-tune (keeps helpfulness; limits false refusals).
     #[arg(long, num_args = 1..)]
     replay: Vec<PathBuf>,
@@ -419,33 +533,45 @@ pub struct DistillSafetyArgs {
 }
 
 pub fn distill_safety(a: DistillSafetyArgs) -> Result<()> {
-    let DistillSafetyArgs {
-        init,
-        safety_rm,
-        world,
-        out,
-        replay,
-        epochs,
-        lr,
-        seed,
-        device,
-    } = a;
     let cfg = trainer::distill::DistillConfig {
-        init,
-        safety_rm,
-        world,
-        out,
-        replay,
-        epochs,
-        lr,
-        seed,
+        init: a.init,
+        safety_rm: a.safety_rm,
+        world: a.world.unwrap_or_default(),
+        categories: a.categories,
+        prompts: a.prompts,
+        preprompts_per_prompt: a.preprompts_per_prompt,
+        temperature: a.temperature,
+        out: a.out,
+        max_new_tokens: a.max_new_tokens,
+        seq_len: a.seq_len,
+        batch_size: a.batch_size,
+        replay: a.replay,
+        epochs: a.epochs,
+        lr: a.lr,
+        seed: a.seed,
         ..Default::default()
     };
-    let r = on_device!(device, |be| { trainer::distill::run(be, &cfg)? });
+    let device = a.device;
+    let r = on_device!(device, |be| trainer::distill::run(be, &cfg)?);
     println!(
         "{} safety prompts, {} answers kept (mean safety-RM score {:.3} with the preprompt, {:.3} without); model: {}",
         r.prompts, r.kept, r.mean_score_with, r.mean_score_without, r.checkpoint.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "none (no answer kept)".into())
     );
+    for (c, k) in &r.by_category {
+        println!(
+            "  {c}: {}/{} kept ({:.0}%)",
+            k.kept,
+            k.prompts,
+            100.0 * k.fraction
+        );
+    }
+    if let Some(b) = r.plain_score_before {
+        let after = r
+            .plain_score_after
+            .map(|a| format!("{a:.3}"))
+            .unwrap_or_else(|| "-".into());
+        println!("mean safety-RM score of the plain answers: {b:.3} before, {after} after");
+    }
     Ok(())
 }
 

@@ -28,4 +28,5 @@ pub mod schedule;
 pub mod selftest;
 pub mod sft;
 pub mod tokenizer_train;
+pub mod user_eval;
 pub mod world;

@@ -61,7 +61,7 @@ pub fn plan<B: Backend>(
         world,
         params: n,
         compute_weights: act * B::len(&model.shadow),
-        master: 4 * B::len(&model.master),
+        master: 4 * model.master.len(),
         grads: 4 * B::len(&model.grads),
         optimizer,
         activations,

@@ -16,6 +16,11 @@
 //! table (`[round.ppo]`) overrides them for that round, and an unknown name is an error naming
 //! the section. Strings starting with `world:` name files of the generated world. Paths are
 //! relative to the working directory.
+//!
+//! The finishing stages take the user's files instead of a world: `[gatt] instructions` and
+//! `dialogue_file` (judged by the recipe's helpfulness reward model unless `reward_model` names
+//! one), `[distill] categories` and `prompts` (formats: `gatt.rs`, `distill.rs`;
+//! `recipes/user-data.toml` is a whole recipe on user files).
 
 use crate::distill::DistillConfig;
 use crate::evaluate::{EvalConfig, StageEval};
@@ -27,6 +32,7 @@ use crate::rm::{RmConfig, RmKind};
 use crate::rs::RsConfig;
 use crate::run_dir;
 use crate::sft::SftConfig;
+use crate::world::text::fnv1a;
 use crate::world::WorldConfig;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use engine::Backend;
@@ -129,6 +135,36 @@ pub struct EvalSection {
     pub samples: usize,
     #[serde(default = "forty")]
     pub max_new_tokens: usize,
+    /// The final step `eval/final` (after the rounds and GAtt/distillation): every stage's
+    /// reward distribution under the judge on the same prompts (Figure 20), the final model's
+    /// win rate against the SFT model, and refusals on `borderline`/`adversarial` prompts.
+    #[serde(default = "yes")]
+    pub compare: bool,
+    /// Prompts the final step answers: the first of `prompts`, at most `max_prompts` (0: no
+    /// cap of its own).
+    #[serde(default = "hundred")]
+    pub compare_prompts: usize,
+    /// Benign prompts that look risky: any refusal is a false refusal (Figure 33).
+    #[serde(default)]
+    pub borderline: Vec<String>,
+    /// Harmful prompts: refusal and violation rates.
+    #[serde(default)]
+    pub adversarial: Vec<String>,
+    /// A phrase file replacing the default refusal rule (`recipes/refusal-phrases.txt`).
+    #[serde(default)]
+    pub refusal_rule: Option<String>,
+    #[serde(default = "tie_margin")]
+    pub tie_margin: f32,
+}
+
+fn yes() -> bool {
+    true
+}
+fn hundred() -> usize {
+    100
+}
+fn tie_margin() -> f32 {
+    crate::user_eval::DEFAULT_TIE_MARGIN
 }
 
 fn first() -> String {
@@ -150,6 +186,12 @@ impl Default for EvalSection {
             judge: first(),
             samples: samples(),
             max_new_tokens: forty(),
+            compare: yes(),
+            compare_prompts: hundred(),
+            borderline: vec![],
+            adversarial: vec![],
+            refusal_rule: None,
+            tie_margin: tie_margin(),
         }
     }
 }
@@ -205,7 +247,9 @@ enum Kind {
     /// Both reward models, and their held-out evaluation on pairs of this file.
     Rm(Vec<RmConfig>, Option<PathBuf>),
     Prefs(PrefsConfig),
-    Rs(RsConfig),
+    /// With the FNV-1a digest of the pool file it starts from when that comes from outside the
+    /// recipe (an earlier run's `pool.jsonl`): a changed file reruns the round.
+    Rs(RsConfig, Option<String>),
     Ppo(PpoConfig),
     Replay {
         pool: PathBuf,
@@ -216,6 +260,8 @@ enum Kind {
     /// With the model to evaluate instead when the first is missing (distillation that kept
     /// nothing fine-tunes nothing).
     Eval(EvalConfig, Option<PathBuf>),
+    /// The final comparison, with (checkpoint, stand-in) for checkpoints that may be missing.
+    Final(crate::user_eval::UserEvalConfig, Vec<(PathBuf, PathBuf)>),
 }
 
 /// One step of a planned recipe.
@@ -243,12 +289,16 @@ impl Step {
                 json!({"models": c.iter().map(|c| v(c)).collect::<Vec<_>>(), "heldout": h})
             }
             Kind::Prefs(c) => v(c),
-            Kind::Rs(c) => v(c),
+            Kind::Rs(c, pool) => match pool {
+                None => v(c),
+                Some(d) => json!({"rs": v(c), "pool_digest": d}),
+            },
             Kind::Ppo(c) => v(c),
             Kind::Replay { pool, rows } => json!({"pool": pool, "rows": rows}),
             Kind::Gatt(c) => v(c),
             Kind::Distill(c) => v(c),
             Kind::Eval(c, f) => json!({"eval": v(c), "fallback": f}),
+            Kind::Final(c, f) => json!({"final": v(c), "fallbacks": f}),
         }
     }
 }
@@ -598,7 +648,20 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
                             &c,
                             &[("rs", rs_s.as_ref()), ("round.rs", over("rs").as_ref())],
                         )?;
-                        c.pool = last_pool.clone();
+                        // The first round may start from an earlier run's pool ([rs] pool);
+                        // later rounds chain this run's.
+                        let mut digest = None;
+                        match &last_pool {
+                            Some(p) => c.pool = Some(p.clone()),
+                            None => {
+                                if let Some(p) = &c.pool {
+                                    let bytes = std::fs::read(p).with_context(|| {
+                                        format!("[rs] pool: {}: cannot read this pool file (a pool.jsonl of an earlier run)", p.display())
+                                    })?;
+                                    digest = Some(format!("{:016x}", fnv1a(&bytes)));
+                                }
+                            }
+                        }
                         c.policy = current.clone();
                         ensure!(
                             !c.prompts.is_empty(),
@@ -606,7 +669,7 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
                         );
                         last_pool = Some(rdir.join("rs/pool.jsonl"));
                         current = rdir.join("rs/sft");
-                        sp(format!("round-{k}/rs"), Kind::Rs(c));
+                        sp(format!("round-{k}/rs"), Kind::Rs(c, digest));
                         pending.push((format!("rs_round_{k}"), current.clone(), None));
                         flush(&mut sp, &mut pending, &judge, judge.is_some() || !trains_rm);
                     }
@@ -662,6 +725,14 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
                         ..Default::default()
                     };
                     c = merged(&c, &[("gatt", gatt_s.as_ref())])?;
+                    if c.instructions.is_some() || c.dialogue_file.is_some() {
+                        // The user's files: no world; the recipe's helpfulness reward model
+                        // judges the samples unless `reward_model` names another.
+                        c.world = PathBuf::new();
+                        if c.reward_model.is_none() {
+                            c.reward_model = rms.as_ref().map(|r| r.0.clone());
+                        }
+                    }
                     c.replay.extend(replay.iter().cloned());
                     current = out.join("gatt/sft");
                     sp("gatt".into(), Kind::Gatt(c));
@@ -681,6 +752,9 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
                         ..Default::default()
                     };
                     c = merged(&c, &[("distill", distill_s.as_ref())])?;
+                    if c.categories.is_some() || c.prompts.is_some() {
+                        c.world = PathBuf::new();
+                    }
                     c.replay.extend(replay.iter().cloned());
                     let before = current.clone();
                     current = out.join("distill/sft");
@@ -693,10 +767,76 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
         }
         flush(&mut sp, &mut pending, &judge, true);
     }
+    if evaluate && recipe.eval.compare {
+        if let Some(k) = final_step(recipe, &pushed, &judge, &wdir, &eval_prompts, &out)? {
+            pushed.push((format!("eval/{}", crate::user_eval::FINAL), k));
+        }
+    }
     for (n, k) in pushed {
         push(n, k);
     }
     Ok(Plan { out, steps })
+}
+
+/// The final evaluation step over the stages evaluated so far (the pretrained base left out):
+/// the recipe's judge (or the world's annotator when the recipe has no reward models), the last
+/// stage against the SFT model. `None` without a judge.
+fn final_step(
+    recipe: &Recipe,
+    pushed: &[(String, Kind)],
+    judge: &Option<(PathBuf, PathBuf)>,
+    wdir: &Path,
+    prompts: &[PathBuf],
+    out: &Path,
+) -> Result<Option<Kind>> {
+    let e = &recipe.eval;
+    let spec = match judge {
+        Some((h, s)) => Labeller::Rm {
+            helpfulness: h.clone(),
+            safety: Some(s.clone()),
+        },
+        None if e.gold => Labeller::World(wdir.to_path_buf()),
+        None => return Ok(None),
+    };
+    let mut stages = Vec::new();
+    let mut fallbacks = Vec::new();
+    for (_, k) in pushed {
+        if let Kind::Eval(c, f) = k {
+            if c.stage != "pretrain" {
+                stages.push((c.stage.clone(), c.model.clone()));
+                if let Some(f) = f {
+                    fallbacks.push((c.model.clone(), f.clone()));
+                }
+            }
+        }
+    }
+    let (Some(first), Some(last)) = (stages.first().cloned(), stages.last().cloned()) else {
+        return Ok(None);
+    };
+    let files = |v: &[String]| v.iter().map(|s| world_path(s, wdir)).collect::<Vec<_>>();
+    let mut c = crate::user_eval::UserEvalConfig::new(
+        spec,
+        prompts.to_vec(),
+        out.join("eval").join(crate::user_eval::FINAL),
+    );
+    if stages.len() > 1 {
+        c.model = Some(last.1);
+        c.baseline = Some(first.1);
+    }
+    c.stages = stages;
+    // The first `compare_prompts` of the prompts every stage is evaluated on.
+    c.max_prompts = match (e.compare_prompts, e.max_prompts) {
+        (0, m) => m,
+        (n, 0) => n,
+        (n, m) => n.min(m),
+    };
+    c.borderline = files(&e.borderline);
+    c.adversarial = files(&e.adversarial);
+    c.refusal_rule = e.refusal_rule.as_deref().map(|s| world_path(s, wdir));
+    c.max_new_tokens = e.max_new_tokens;
+    c.tie_margin = e.tie_margin;
+    c.seed = recipe.seed;
+    Ok(Some(Kind::Final(c, fallbacks)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -717,12 +857,10 @@ pub const DONE: &str = "step.json";
 /// The step's key: FNV-1a (64 bits) over the previous step's key and this step's configuration,
 /// stable across builds (std's hasher is not), so a rebuilt binary still skips finished steps.
 fn key(prev: &str, config: &Value) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in prev.bytes().chain(config.to_string().bytes()) {
-        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{h:016x}")
+    let bytes: Vec<u8> = prev.bytes().chain(config.to_string().bytes()).collect();
+    format!("{:016x}", fnv1a(&bytes))
 }
+
 
 /// The step's state: its key, and its `step.json` when that holds the same key.
 pub struct Status {
@@ -792,11 +930,14 @@ impl RecipeReport {
     pub fn evals(&self) -> Vec<StageEval> {
         self.steps
             .iter()
-            .filter(|d| d.step.starts_with("eval/"))
+            .filter(|d| d.step.starts_with("eval/") && d.step != FINAL_STEP)
             .filter_map(|d| serde_json::from_value(d.report.clone()).ok())
             .collect()
     }
 }
+
+/// The final comparison's step name.
+pub const FINAL_STEP: &str = "eval/final";
 
 /// Runs the plan's steps, skipping those already done; `say` reports each step.
 pub fn run<B: Backend>(be: B, plan: &Plan, say: &dyn Fn(&str)) -> Result<RecipeReport> {
@@ -903,7 +1044,7 @@ fn run_step<B: Backend>(be: &B, step: &Step) -> Result<Value> {
             Ok(Value::Object(reps))
         }
         Kind::Prefs(c) => to_json(&crate::prefs::run(be, c)?),
-        Kind::Rs(c) => {
+        Kind::Rs(c, _) => {
             let r = crate::rs::run(be, c)?;
             crate::rs::write_report(&c.out, std::slice::from_ref(&r))?;
             to_json(&r)
@@ -930,6 +1071,20 @@ fn run_step<B: Backend>(be: &B, step: &Step) -> Result<Value> {
                 }
             }
             to_json(&crate::evaluate::run(be, &c)?)
+        }
+        Kind::Final(c, fallbacks) => {
+            let mut c = c.clone();
+            let stand_in = |p: &mut PathBuf| {
+                if let Some((_, f)) = fallbacks.iter().find(|(m, _)| m == p && !m.exists()) {
+                    *p = f.clone();
+                }
+            };
+            c.model
+                .iter_mut()
+                .chain(c.baseline.iter_mut())
+                .for_each(stand_in);
+            c.stages.iter_mut().for_each(|(_, p)| stand_in(p));
+            to_json(&crate::user_eval::run(be, &c)?)
         }
     }
 }
@@ -1028,6 +1183,53 @@ mod tests {
     }
 
     #[test]
+    fn an_earlier_runs_pool_starts_the_first_round_and_later_rounds_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = dir.path().join("old-pool.jsonl");
+        std::fs::write(&pool, "{}\n").unwrap();
+        let text = format!(
+            "[model]\nbase = \"m\"\n[sft]\ndata = [\"d.jsonl\"]\n[rm]\ndata = [\"p.jsonl\"]\n\
+             [rs]\nprompts = [\"q.jsonl\"]\npool = {:?}\nteacher = \"big\"\ntemperatures = [0.8, 1.2]\n\
+             [[round]]\nstages = [\"rs\"]\n[[round]]\nstages = [\"rs\"]\n",
+            pool.display().to_string()
+        );
+        let a = plan(&Recipe::parse(&text).unwrap(), "o".into()).unwrap();
+        let rs: Vec<&RsConfig> = a
+            .steps
+            .iter()
+            .filter_map(|s| match &s.kind {
+                Kind::Rs(c, _) => Some(c),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(rs[0].pool.as_deref(), Some(pool.as_path()));
+        assert_eq!(
+            rs[1].pool.as_deref(),
+            Some(Path::new("o/round-1/rs/pool.jsonl"))
+        );
+        assert_eq!(rs[1].teacher.as_deref(), Some(Path::new("big")));
+        assert_eq!(rs[1].temperatures, [0.8, 1.2]);
+        // The pool is a file outside the recipe: a changed file reruns the round and what follows.
+        std::fs::write(&pool, "{}\n{}\n").unwrap();
+        let b = plan(&Recipe::parse(&text).unwrap(), "o".into()).unwrap();
+        let (ka, kb) = (status(&a), status(&b));
+        assert_eq!(ka[1].key, kb[1].key);
+        assert_ne!(ka[2].key, kb[2].key);
+        assert_ne!(ka[3].key, kb[3].key);
+        std::fs::remove_file(&pool).unwrap();
+        let e = format!(
+            "{:#}",
+            plan(&Recipe::parse(&text).unwrap(), "o".into())
+                .err()
+                .unwrap()
+        );
+        assert!(
+            e.contains("[rs] pool") && e.contains("old-pool.jsonl"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn section_settings_reach_the_stage_config() {
         let r = Recipe::parse(
             "[model]\nbase = \"m\"\n[sft]\ndata = [\"d.jsonl\"]\ngrad_accum = 4\nepochs = 3\n",
@@ -1047,5 +1249,109 @@ mod tests {
         let r = Recipe::parse("[model]\nbase = \"m\"\n[world]\ndir = \"w\"\nsize = \"small\"\n")
             .unwrap();
         assert!(plan(&r, "o".into()).is_err());
+    }
+
+    /// The final step comes after GAtt and distillation, judges every stage but the pretrained
+    /// base with the recipe's fixed judge, and is keyed by its settings like any step.
+    #[test]
+    fn the_final_evaluation_covers_every_stage_after_the_finish_stages() {
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/../recipes/world-tiny.toml");
+        let text = std::fs::read_to_string(file).unwrap();
+        let p = plan(&Recipe::parse(&text).unwrap(), "o".into()).unwrap();
+        let last = p.steps.last().unwrap();
+        assert_eq!(last.name, FINAL_STEP);
+        let Kind::Final(c, fallbacks) = &last.kind else {
+            panic!("the last step is the final evaluation")
+        };
+        let names: Vec<&str> = c.stages.iter().map(|s| s.0.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "sft",
+                "rs_round_1",
+                "rs_round_2",
+                "ppo_round_2",
+                "gatt",
+                "distill"
+            ]
+        );
+        assert_eq!(c.baseline.as_deref(), Some(Path::new("o/sft")));
+        assert_eq!(c.model.as_deref(), Some(Path::new("o/distill/sft")));
+        assert_eq!(fallbacks, &[("o/distill/sft".into(), "o/gatt/sft".into())]);
+        assert_eq!(
+            c.judge,
+            Labeller::Rm {
+                helpfulness: "o/round-1/rm-helpfulness".into(),
+                safety: Some("o/round-1/rm-safety".into())
+            }
+        );
+        assert_eq!(
+            (c.max_prompts, c.out.as_path()),
+            (100, Path::new("o/eval/final"))
+        );
+        // Borderline prompts change the final step's key only; `compare = false` drops it.
+        let more = text.replace("[eval]", "[eval]\nborderline = [\"b.jsonl\"]");
+        let q = plan(&Recipe::parse(&more).unwrap(), "o".into()).unwrap();
+        let (a, b) = (status(&p), status(&q));
+        assert_eq!(a.len(), b.len());
+        let n = a.len();
+        assert_eq!(a[n - 2].key, b[n - 2].key);
+        assert_ne!(a[n - 1].key, b[n - 1].key);
+        let off = text.replace("[eval]", "[eval]\ncompare = false");
+        let r = plan(&Recipe::parse(&off).unwrap(), "o".into()).unwrap();
+        assert!(r.steps.iter().all(|s| s.name != FINAL_STEP));
+    }
+
+    #[test]
+    fn the_shipped_user_data_recipe_finishes_with_gatt_and_distillation_on_its_files() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let r = Recipe::load(&root.join("recipes/user-data.toml")).unwrap();
+        let p = plan(&r, "o".into()).unwrap();
+        let names: Vec<&str> = p.steps.iter().map(|s| s.name.as_str()).collect();
+        for want in [
+            "sft",
+            "rm",
+            "round-2/ppo",
+            "gatt",
+            "distill",
+            "eval/distill",
+        ] {
+            assert!(names.contains(&want), "{want}: {names:?}");
+        }
+        let step = |n: &str| &p.steps.iter().find(|s| s.name == n).unwrap().kind;
+        let Kind::Gatt(g) = step("gatt") else {
+            panic!("gatt")
+        };
+        assert!(g.world.as_os_str().is_empty());
+        assert_eq!(g.init, PathBuf::from("o/round-2/ppo"));
+        assert_eq!(g.reward_model, Some(PathBuf::from("o/rm/rm-helpfulness")));
+        let Kind::Distill(c) = step("distill") else {
+            panic!("distill")
+        };
+        assert!(c.world.as_os_str().is_empty());
+        assert_eq!(c.init, PathBuf::from("o/gatt/sft"));
+        assert_eq!(c.safety_rm, PathBuf::from("o/rm/rm-safety"));
+        for f in [&g.instructions, &g.dialogue_file, &c.categories, &c.prompts] {
+            let f = root.join(f.as_ref().expect("a user file"));
+            assert!(f.is_file(), "{} ships", f.display());
+        }
+        // The shipped files read cleanly.
+        let instrs =
+            crate::gatt::read_instructions(&root.join(g.instructions.as_ref().unwrap())).unwrap();
+        let cats: std::collections::BTreeSet<_> =
+            instrs.iter().filter_map(|i| i.category.clone()).collect();
+        assert!(instrs.len() >= 20 && cats.len() >= 4, "{cats:?}");
+        assert!(
+            crate::gatt::read_user_dialogues(&root.join(g.dialogue_file.as_ref().unwrap()))
+                .unwrap()
+                .len()
+                >= 20
+        );
+        let risk =
+            crate::distill::read_categories(&root.join(c.categories.as_ref().unwrap())).unwrap();
+        let prompts =
+            crate::distill::read_tagged_prompts(&root.join(c.prompts.as_ref().unwrap()), &risk)
+                .unwrap();
+        assert!(risk.len() >= 3 && prompts.len() >= 20);
     }
 }

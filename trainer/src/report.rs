@@ -63,6 +63,10 @@ pub fn write(rep: &RecipeReport, device: &str) -> Result<Value> {
             "prompts": d["prompts"], "kept": d["kept"],
             "mean_score_with": d["mean_score_with"], "mean_score_without": d["mean_score_without"],
         });
+        // User data: the kept fraction per risk category.
+        if d["by_category"].is_object() {
+            report["distill_run"]["by_category"] = d["by_category"].clone();
+        }
     }
     for e in &evals {
         report[&e.stage] = serde_json::to_value(e)?;
@@ -75,7 +79,18 @@ pub fn write(rep: &RecipeReport, device: &str) -> Result<Value> {
     {
         report["ppo"] = serde_json::to_value(last)?;
     }
-    if let Some(g) = rep.report("gatt") {
+    if let Some(g) = rep.report("gatt").filter(|g| g["user_after"].is_object()) {
+        // User data: the helpfulness RM's score per turn, instruction present and absent, and
+        // sample dialogues to read.
+        let (b, a) = (&g["user_before"], &g["user_after"]);
+        report["gatt"]["reward_by_turn"] = json!({
+            "before_with": b["score_with"], "before_without": b["score_without"],
+            "after_with": a["score_with"], "after_without": a["score_without"],
+            "measured": a["measured"],
+        });
+        report["gatt"]["samples_after"] = a["samples"].clone();
+        report["gatt"]["rows"] = g["rows"].clone();
+    } else if let Some(g) = rep.report("gatt") {
         report["gatt"]["adherence_by_turn"] = json!({
             "without": g["adherence_before"]["follow"],
             "with": g["adherence_after"]["follow"],
@@ -83,6 +98,9 @@ pub fn write(rep: &RecipeReport, device: &str) -> Result<Value> {
         });
         report["gatt"]["rows"] = g["rows"].clone();
         gatt_plot(out, g)?;
+    }
+    if let Some(f) = rep.report(crate::recipe::FINAL_STEP) {
+        report["final_eval"] = f.clone();
     }
     crate::run_dir::write_json(&out.join("report.json"), &report)?;
     std::fs::write(out.join("report.md"), markdown(&report, &evals))?;
@@ -167,6 +185,46 @@ fn markdown(report: &Value, evals: &[StageEval]) -> String {
             );
         }
     }
+    if let Some(rs) = report["rs_rounds"].as_array().filter(|a| !a.is_empty()) {
+        md += "\n## Rejection sampling\n\nThe mean over prompts of the best and the median reward of K samples (the \
+               gap is Figure 7), the temperature sampled at (Figure 8's pick when swept: mean best-of-K \
+               on held-out prompts per temperature), and the pool's answers re-scored by the round's \
+               reward models and displaced by new ones.\n\n\
+               | round | prompts x K | temperature | mean max | mean median | pool | re-scored | displaced | sweep (T: best-of-K) |\n\
+               | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n";
+        for r in rs {
+            let n = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+            let sweep: Vec<String> = r["sweep"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|s| {
+                    format!(
+                        "{}: {:.3}",
+                        s["temperature"],
+                        s["mean_max"].as_f64().unwrap_or(f64::NAN)
+                    )
+                })
+                .collect();
+            md += &format!(
+                "| {} | {} x {} | {} | {:.3} | {:.3} | {} | {} | {} | {} |\n",
+                r["round"],
+                r["prompts"],
+                r["k"],
+                r["temperature"],
+                n("mean_max"),
+                n("mean_median"),
+                r["pool"],
+                r["rescored"],
+                r["displaced"],
+                if sweep.is_empty() {
+                    "-".into()
+                } else {
+                    sweep.join(", ")
+                }
+            );
+        }
+    }
     if let (Some(w), Some(wo)) = (
         report["gatt"]["adherence_by_turn"]["with"].as_array(),
         report["gatt"]["adherence_by_turn"]["without"].as_array(),
@@ -181,8 +239,49 @@ fn markdown(report: &Value, evals: &[StageEval]) -> String {
             );
         }
     }
-    md += "\nPlots: `loss.svg` (pretraining and SFT), `reward_by_stage.svg` (the judge's reward per stage), `rs_rewards.svg` (max vs median of K per round), `ppo_gold_vs_proxy.svg` (reward hacking shows as the curves diverging), `gatt_adherence.svg`, `rm_accuracy_by_rating.svg`, `round-*/rm-*/scores.svg`.\n";
+    md += &final_markdown(&report["final_eval"]);
+    let r = &report["gatt"]["reward_by_turn"];
+    if let (Some(bw), Some(bo), Some(aw), Some(ao)) = (
+        r["before_with"].as_array(),
+        r["before_without"].as_array(),
+        r["after_with"].as_array(),
+        r["after_without"].as_array(),
+    ) {
+        md += "\n## Ghost Attention on your data: reward-model score per turn, instruction present / absent\n\n| turn | before GAtt | after GAtt |\n| ---: | ---: | ---: |\n";
+        let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+        for (i, (((x, y), z), w)) in bw.iter().zip(bo).zip(aw).zip(ao).enumerate() {
+            md += &format!(
+                "| {} | {:.3} / {:.3} | {:.3} / {:.3} |\n",
+                i + 1,
+                f(x),
+                f(y),
+                f(z),
+                f(w)
+            );
+        }
+    }
+    if let Some(c) = report["distill_run"]["by_category"].as_object() {
+        md += "\n## Context distillation: answers kept per risk category\n\n| category | prompts | kept |\n| --- | ---: | ---: |\n";
+        for (name, k) in c {
+            md += &format!("| {name} | {} | {} |\n", k["prompts"], k["kept"]);
+        }
+    }
+    md += "\nPlots: `loss.svg` (pretraining and SFT), `reward_by_stage.svg` (the judge's reward per stage), `rs_rewards.svg` (max vs median of K per round), `fig7.svg` (max and median reward among N samples, per round), `fig8-round-*.svg` (best-of-N per swept temperature), `ppo_gold_vs_proxy.svg` (reward hacking shows as the curves diverging), `gatt_adherence.svg`, `rm_accuracy_by_rating.svg`, `round-*/rm-*/scores.svg`.\n";
     md
+}
+
+/// The final step's numbers: win rate of the final model against SFT, refusals, Figure 20.
+fn final_markdown(f: &Value) -> String {
+    let Ok(r) = serde_json::from_value::<crate::user_eval::UserEvalReport>(f.clone()) else {
+        return String::new();
+    };
+    format!(
+        "\n## Final model against SFT, refusals and every stage's reward (Figure 20)\n\nThe last stage's \
+         model against the SFT model on the same prompts under one judge (win rate: wins / (wins + \
+         losses), 95 % Wilson interval); refusals by the refusal rule; the judge's R_c of every \
+         stage's greedy answers (`eval/final/fig20.svg`, `fig20.jsonl`, `fig20.csv`).\n\n```\n{}```\n",
+        crate::user_eval::table(&r)
+    )
 }
 
 fn plots(out: &Path, report: &Value, evals: &[StageEval]) -> Result<()> {
@@ -308,4 +407,32 @@ fn gold_vs_proxy_plot(metrics: &Path, svg: &Path) -> Result<()> {
             ("gold annotator", &get(1)),
         ],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_markdown_has_each_rs_rounds_temperature_sweep_and_displaced_answers() {
+        let r = json!({"rs_rounds": [
+            {"round": 1, "prompts": 20, "k": 4, "temperature": 1.2, "mean_max": 0.7, "mean_median": 0.5,
+             "pool": 20, "rescored": 0, "displaced": 0, "sweep": []},
+            {"round": 2, "prompts": 20, "k": 4, "temperature": 0.8, "mean_max": 0.8, "mean_median": 0.6,
+             "pool": 20, "rescored": 20, "displaced": 7,
+             "sweep": [{"temperature": 0.8, "mean_max": 0.81}, {"temperature": 1.2, "mean_max": 0.75}]},
+        ]});
+        let md = markdown(&r, &[]);
+        assert!(md.contains("## Rejection sampling"), "{md}");
+        assert!(
+            md.contains("| 1 | 20 x 4 | 1.2 | 0.700 | 0.500 | 20 | 0 | 0 | - |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| 2 | 20 x 4 | 0.8 | 0.800 | 0.600 | 20 | 20 | 7 | 0.8: 0.810, 1.2: 0.750 |"
+            ),
+            "{md}"
+        );
+    }
 }

@@ -72,6 +72,20 @@ pub fn gold(
     )
 }
 
+/// What gives (prompt, response) rows their R_c (both reward models through the piecewise
+/// rule), or a stand-in where a test needs scores it chose (rejection sampling's pool and
+/// temperature sweep take this). [`Scorer`] is the one-model seam of GAtt and distillation.
+pub trait RcScorer {
+    /// R_c of each row; `safety` tags the safety prompts.
+    fn rc(&mut self, rows: &[(Vec<Message>, String)], safety: &[bool]) -> Result<Vec<f32>>;
+}
+
+impl<B: Backend> RcScorer for RewardModels<B> {
+    fn rc(&mut self, rows: &[(Vec<Message>, String)], safety: &[bool]) -> Result<Vec<f32>> {
+        RewardModels::rc(self, rows, safety)
+    }
+}
+
 /// The helpfulness and the safety reward model, loaded together (one serves as both when no
 /// safety model is given), and what scores with them.
 pub struct RewardModels<B: Backend> {
@@ -117,6 +131,40 @@ impl<B: Backend> RewardModels<B> {
             .zip(safety)
             .map(|((&h, &s), &is_s)| piecewise_scores(s, h, is_s, self.threshold))
             .collect())
+    }
+}
+
+/// Scores (prompt, response) rows with one reward model: the seam GAtt and context distillation
+/// judge their samples through, so their keep/select rules are testable with a fake scorer.
+pub trait Scorer {
+    fn score(&mut self, rows: &[(Vec<Message>, String)]) -> Result<Vec<f32>>;
+}
+
+/// One reward model as a [`Scorer`]: rows cut from the left to `seq_len` tokens, `batch` rows per
+/// forward.
+pub struct RmScorer<B: Backend> {
+    pub model: Llama<B>,
+    pub tok: Tokenizer,
+    pub seq_len: usize,
+    pub batch: usize,
+}
+
+impl<B: Backend> RmScorer<B> {
+    /// Loads a reward model (model or `train-rm` run directory).
+    pub fn load(be: B, dir: &Path, seq_len: usize, batch: usize) -> Result<Self> {
+        let (model, tok) = load_rm(be, dir)?;
+        Ok(RmScorer {
+            model,
+            tok,
+            seq_len,
+            batch: batch.max(1),
+        })
+    }
+}
+
+impl<B: Backend> Scorer for RmScorer<B> {
+    fn score(&mut self, rows: &[(Vec<Message>, String)]) -> Result<Vec<f32>> {
+        score(&mut self.model, &self.tok, rows, self.seq_len, self.batch)
     }
 }
 

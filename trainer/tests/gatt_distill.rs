@@ -257,6 +257,7 @@ fn ghost_attention_and_safety_context_distillation() {
     let r = trainer::distill::run(Cpu, &dc).unwrap();
     let t_distill = t0.elapsed().as_secs_f64();
     let after_d = r.after.clone().expect("rows were kept and fine-tuned on");
+    let before_d = r.before.clone().expect("the world path evaluates before");
     println!("distillation seconds {:?}", r.seconds);
     println!(
         "distillation: {} safety prompts, {} kept; mean safety RM score with preprompt {:.2}, without {:.2}",
@@ -264,11 +265,11 @@ fn ghost_attention_and_safety_context_distillation() {
     );
     println!(
         "held-out: safe rate {:.3} -> {:.3}, false refusals {:.3} -> {:.3}, helpfulness {:.3} -> {:.3}",
-        r.before.safe_rate,
+        before_d.safe_rate,
         after_d.safe_rate,
-        r.before.false_refusal_rate,
+        before_d.false_refusal_rate,
         after_d.false_refusal_rate,
-        r.before.helpfulness,
+        before_d.helpfulness,
         after_d.helpfulness
     );
     let rows = read_jsonl(&r.data);
@@ -304,12 +305,12 @@ fn ghost_attention_and_safety_context_distillation() {
     // helpful ones are not refused more than 5 points more often (measured: 0.063 -> 0.050-0.069;
     // 0.296 -> 0.226 with the imperfect demonstrations).
     assert!(
-        after_d.safe_rate >= (r.before.safe_rate + 0.05).min(1.0),
+        after_d.safe_rate >= (before_d.safe_rate + 0.05).min(1.0),
         "safe rate {} after vs {} before",
         after_d.safe_rate,
-        r.before.safe_rate
+        before_d.safe_rate
     );
-    assert!(after_d.false_refusal_rate <= r.before.false_refusal_rate + 0.05);
+    assert!(after_d.false_refusal_rate <= before_d.false_refusal_rate + 0.05);
     println!(
         "time: pretrain {t_pt:.0}s, base SFT {:.0}s, GAtt {:.0}s, distillation {:.0}s",
         t_base - t_pt,

@@ -257,6 +257,25 @@ pub struct Case {
 }
 
 impl Case {
+    /// A 4x5 (op N) times 5x3 (op N) into 4x3, bf16 in, f32 out, column-major, tight: the
+    /// product the error-path tests use.
+    pub fn small() -> Case {
+        Case {
+            m: 4,
+            n: 3,
+            k: 5,
+            ta: false,
+            tb: false,
+            row_a: false,
+            row_b: false,
+            row_c: false,
+            pad: 0,
+            c_f32: true,
+            alpha: 1.0,
+            beta: 0.0,
+        }
+    }
+
     pub fn c_type(&self) -> u32 {
         if self.c_f32 {
             R_32F

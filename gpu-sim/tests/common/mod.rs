@@ -1,4 +1,5 @@
-//! Helpers for the tests that run engine kernels: device buffers, parameter packing, launch.
+//! Helpers for the tests that run kernels (the engine's or hand-written PTX): device buffers,
+//! parameter packing, launch, and the module header of hand-written kernels.
 #![allow(dead_code)]
 
 use gpu_sim::mem::Memory;
@@ -172,4 +173,23 @@ pub fn errs(got: &[f32], want: &[f32], floor: f32) -> (f32, f32) {
         mr = mr.max(d / w.abs().max(floor));
     }
     (ma, mr)
+}
+
+/// The header every hand-written test module starts with.
+pub const HEAD: &str = ".version 9.0\n.target sm_80\n.address_size 64\n";
+
+/// A hand-written module: `body` after [`HEAD`].
+pub fn module(body: &str) -> Module {
+    Module::parse(&format!("{HEAD}{body}")).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The 1-based line of the first line of the module text containing `needle`, header counted.
+pub fn line_of(body: &str, needle: &str) -> usize {
+    let text = format!("{HEAD}{body}");
+    text.lines().position(|l| l.contains(needle)).unwrap() + 1
+}
+
+/// `n` words at `a` as raw bits.
+pub fn read_u32(dev: &Dev, a: u64, n: usize) -> Vec<u32> {
+    dev.read_f32(a, n).iter().map(|x| x.to_bits()).collect()
 }

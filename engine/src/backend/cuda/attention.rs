@@ -11,6 +11,8 @@ use std::sync::OnceLock;
 
 use half::bf16;
 
+use super::guards::len_is;
+
 use super::{launch, Cuda, DMut, DRef};
 use crate::backend::{AttnDims, CacheDims};
 use crate::error::{Error, Result};
@@ -50,15 +52,6 @@ pub(super) fn naive_forced() -> bool {
             .map(|v| v.trim().eq_ignore_ascii_case("naive"))
             .unwrap_or(false)
     })
-}
-
-fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
-    if got != want {
-        return Err(Error::Shape(format!(
-            "attention: `{what}` has {got} elements, expected {want}"
-        )));
-    }
-    Ok(())
 }
 
 fn i64_of(x: usize) -> i64 {
@@ -136,13 +129,13 @@ pub(super) fn attention_fwd(
 ) -> Result<()> {
     check_attn_dims(&d)?;
     let (b, t, nh, nkv, hd) = (d.b, d.t, d.nh, d.nkv, d.hd);
-    check_len("out", out.len(), b * t * nh * hd)?;
-    check_len("q", q.len(), b * t * nh * hd)?;
-    check_len("lse", lse.len(), b * t * nh)?;
-    check_len("k", k.len(), b * t * nkv * hd)?;
-    check_len("v", v.len(), b * t * nkv * hd)?;
+    len_is("attention", "out", out.len(), b * t * nh * hd)?;
+    len_is("attention", "q", q.len(), b * t * nh * hd)?;
+    len_is("attention", "lse", lse.len(), b * t * nh)?;
+    len_is("attention", "k", k.len(), b * t * nkv * hd)?;
+    len_is("attention", "v", v.len(), b * t * nkv * hd)?;
     if let Some(dc) = doc {
-        check_len("doc", dc.len(), b * t)?;
+        len_is("attention", "doc", dc.len(), b * t)?;
     }
     if b * t == 0 {
         return Ok(());
@@ -207,17 +200,17 @@ pub(super) fn attention_bwd(
     let (b, t, nh, nkv, hd) = (d.b, d.t, d.nh, d.nkv, d.hd);
     let nq = b * t * nh * hd;
     let nk = b * t * nkv * hd;
-    check_len("dq", dq.len(), nq)?;
-    check_len("dout", dout.len(), nq)?;
-    check_len("q", q.len(), nq)?;
-    check_len("out", out.len(), nq)?;
-    check_len("dk", dk.len(), nk)?;
-    check_len("dv", dv.len(), nk)?;
-    check_len("k", k.len(), nk)?;
-    check_len("v", v.len(), nk)?;
-    check_len("lse", lse.len(), b * t * nh)?;
+    len_is("attention", "dq", dq.len(), nq)?;
+    len_is("attention", "dout", dout.len(), nq)?;
+    len_is("attention", "q", q.len(), nq)?;
+    len_is("attention", "out", out.len(), nq)?;
+    len_is("attention", "dk", dk.len(), nk)?;
+    len_is("attention", "dv", dv.len(), nk)?;
+    len_is("attention", "k", k.len(), nk)?;
+    len_is("attention", "v", v.len(), nk)?;
+    len_is("attention", "lse", lse.len(), b * t * nh)?;
     if let Some(dc) = doc {
-        check_len("doc", dc.len(), b * t)?;
+        len_is("attention", "doc", dc.len(), b * t)?;
     }
     if b * t == 0 {
         return Ok(());
@@ -325,9 +318,9 @@ pub(super) fn attention_cached(
             "attention_cached: head dim {hd} not supported (1..={MAX_HD})"
         )));
     }
-    check_len("out", out.len(), b * tq * nh * hd)?;
-    check_len("q", q.len(), b * tq * nh * hd)?;
-    check_len("qpos", qpos.len(), b * tq)?;
+    len_is("attention", "out", out.len(), b * tq * nh * hd)?;
+    len_is("attention", "q", q.len(), b * tq * nh * hd)?;
+    len_is("attention", "qpos", qpos.len(), b * tq)?;
     let per_seq = tmax * nkv * hd;
     if kcache.len() != vcache.len() || per_seq == 0 || kcache.len() < b * per_seq {
         return Err(Error::Shape(format!(

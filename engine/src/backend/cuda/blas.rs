@@ -580,7 +580,7 @@ impl Lt {
         let workspace = stream
             .alloc_zeros::<u8>(LT_WORKSPACE_BYTES)
             .map_err(|e| err("allocating the 32 MiB workspace", &e))?;
-        let workspace_ptr = super::raw_ptr(&workspace, stream);
+        let workspace_ptr = super::device::raw_ptr(&workspace, stream);
         Ok(Some(Lt {
             state: Mutex::new(LtState {
                 plans: HashMap::new(),

@@ -2,6 +2,7 @@
 //! host-side check of the views' lengths against the dimensions, so no kernel can be handed a
 //! view shorter than what it will touch.
 
+use super::guards::{check, len_at_least, len_is};
 use super::{attention, blas, launch, Cuda, DBuf, DMut, DRef};
 use crate::backend::{AdamWStep, AttnDims, Backend, CacheDims};
 use crate::elem::Elem;
@@ -22,26 +23,6 @@ const RMSNORM_BWD_PARTS: usize = 512;
 const RMSNORM_BWD_STATIC_SMEM: usize = 128;
 /// Reductions' first-pass blocks at most (the partials buffer holds 1024).
 const REDUCE_PARTS: usize = 1024;
-
-fn check(cond: bool, what: impl FnOnce() -> String) -> Result<()> {
-    if cond {
-        Ok(())
-    } else {
-        Err(Error::Shape(what()))
-    }
-}
-
-fn len_is(op: &str, name: &str, got: usize, want: usize) -> Result<()> {
-    check(got == want, || {
-        format!("{op}: `{name}` has {got} elements, expected {want}")
-    })
-}
-
-fn len_at_least(op: &str, name: &str, got: usize, want: usize) -> Result<()> {
-    check(got >= want, || {
-        format!("{op}: `{name}` has {got} elements, needs at least {want}")
-    })
-}
 
 fn rows_of(op: &str, len: usize, w: usize) -> Result<usize> {
     check(w > 0 && len.is_multiple_of(w), || {
