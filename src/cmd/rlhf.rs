@@ -411,6 +411,13 @@ pub struct GattArgs {
     /// Samples per assistant turn (the best is kept).
     #[arg(long, default_value_t = 4)]
     candidates: usize,
+    /// Sampling temperature of the assistant turns.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Put the instruction in a system message instead of the first user turn (where the
+    /// model's SFT data put its instructions).
+    #[arg(long)]
+    system: bool,
     #[arg(long, default_value_t = 40)]
     max_new_tokens: usize,
     #[arg(long, default_value_t = 256)]
@@ -443,6 +450,8 @@ pub fn gatt(a: GattArgs) -> Result<()> {
         dialogues: a.num_dialogues,
         eval_dialogues: a.eval_dialogues,
         candidates: a.candidates,
+        temperature: a.temperature,
+        system: a.system,
         max_new_tokens: a.max_new_tokens,
         seq_len: a.seq_len,
         batch_size: a.batch_size,
