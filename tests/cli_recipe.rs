@@ -279,7 +279,10 @@ fn a_recipe_on_user_data_is_killed_midway_and_finished_by_a_rerun() {
         .output()
         .unwrap();
     let se = String::from_utf8_lossy(&again.stderr);
-    assert!(again.status.success() && se.contains("] eval/final: done, skipped"), "{se}");
+    assert!(
+        again.status.success() && se.contains("] eval/final: done, skipped"),
+        "{se}"
+    );
     // GAtt on the example files, judged by the recipe's helpfulness reward model.
     let gatt: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("gatt/report.json")).unwrap())

@@ -1026,7 +1026,14 @@ impl<B: Backend> Llama<B> {
         // Only the requested rows go through the final norm and the LM head.
         let (rows, ln, rstd) = (&mut sm.xmid, &mut sm.ln2, &mut sm.rstd2);
         be.gather_rows(m!(*rows, m * h), r!(a.x, n * h), r!(a.logit_rows, m), h)?;
-        be.rmsnorm_fwd(m!(*ln, m * h), m!(*rstd, m), r!(*rows, m * h), w(tab.norm), h, d.eps)?;
+        be.rmsnorm_fwd(
+            m!(*ln, m * h),
+            m!(*rstd, m),
+            r!(*rows, m * h),
+            w(tab.norm),
+            h,
+            d.eps,
+        )?;
         let lm = tab.lm_head.expect("LM head");
         be.matmul_fwd(m!(a.logits, m * v), r!(*ln, m * h), w(lm), m, h, v)?;
         be.to_host_f32(r!(a.logits, m * v), m * v)

@@ -1149,7 +1149,9 @@ fn cached_decode_matches_cpu() {
     let rows: Vec<i32> = (0..b).map(|s| (s * longest + lens[s] - 1) as i32).collect();
     let mut kc = engine::model::KvCache::new(&cpu, b, 64).unwrap();
     let mut kg = engine::model::KvCache::new(&gpu_model, b, 64).unwrap();
-    let mut lc = cpu.forward_cached(&mut kc, &ids, &pos, b, longest, &rows).unwrap();
+    let mut lc = cpu
+        .forward_cached(&mut kc, &ids, &pos, b, longest, &rows)
+        .unwrap();
     let mut lg = gpu_model
         .forward_cached(&mut kg, &ids, &pos, b, longest, &rows)
         .unwrap();
@@ -1164,7 +1166,9 @@ fn cached_decode_matches_cpu() {
             })
             .collect();
         let all: Vec<i32> = (0..b as i32).collect();
-        lc = cpu.forward_cached(&mut kc, &next, &next_pos, b, 1, &all).unwrap();
+        lc = cpu
+            .forward_cached(&mut kc, &next, &next_pos, b, 1, &all)
+            .unwrap();
         lg = gpu_model
             .forward_cached(&mut kg, &next, &next_pos, b, 1, &all)
             .unwrap();

@@ -861,7 +861,6 @@ fn key(prev: &str, config: &Value) -> String {
     format!("{:016x}", fnv1a(&bytes))
 }
 
-
 /// The step's state: its key, and its `step.json` when that holds the same key.
 pub struct Status {
     pub step: Step,

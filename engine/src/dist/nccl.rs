@@ -792,7 +792,8 @@ mod tests {
         let mut ma = vec![0f32; n];
         let mut mb = vec![0f32; n];
         cuda.to_host(&mut ma, zero1.master.slice(0, n)).unwrap();
-        cuda.to_host(&mut mb, b.master.held().unwrap().view()).unwrap();
+        cuda.to_host(&mut mb, b.master.held().unwrap().view())
+            .unwrap();
         let diff = ma
             .iter()
             .zip(&mb)

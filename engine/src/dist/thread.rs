@@ -1,7 +1,9 @@
 //! The CPU stand-in for NCCL: ranks are threads of one process that meet at a barrier and
 //! exchange through shared slots, with NCCL's rules checked (same call, same lengths, in step).
 
-use super::{bucket_in_piece, check_cover, check_len, check_part, piece_of, Collective, DeviceCollective};
+use super::{
+    bucket_in_piece, check_cover, check_len, check_part, piece_of, Collective, DeviceCollective,
+};
 use crate::backend::cpu::Cpu;
 use crate::error::{Error, Result};
 use std::sync::{Arc, Barrier, Mutex};

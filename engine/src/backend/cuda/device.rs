@@ -2,7 +2,9 @@
 //! cuBLAS(Lt), scratch and reduction buffers; or a dry run that records launches instead.
 
 use super::buffers::DBuf;
-use super::ptx_check::{check_launch, kernel_info, Dim3, KernelInfo, DEFAULT_SMEM, MAX_SMEM_OPT_IN};
+use super::ptx_check::{
+    check_launch, kernel_info, Dim3, KernelInfo, DEFAULT_SMEM, MAX_SMEM_OPT_IN,
+};
 use super::{blas, probe_driver, registry, KERNELS_COMPILED, NO_KERNELS_MSG};
 use crate::elem::Elem;
 use crate::error::{Error, Result};
@@ -22,7 +24,6 @@ pub(crate) struct EmbedPlan {
     pub seg_id: Vec<i32>,
     pub plan: Vec<i32>,
 }
-
 
 /// One kernel launch as a dry run recorded it (after it passed [`check_launch`]).
 #[derive(Clone, Debug)]

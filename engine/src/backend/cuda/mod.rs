@@ -42,11 +42,13 @@ mod ptx_check;
 use crate::error::{Error, Result};
 pub use crate::ops::{AttnDims, CacheDims};
 pub use buffers::{DBuf, DMut, DRef};
-pub use device::{Cuda, LaunchRecord, DRY_RUN_BASE};
-pub(crate) use device::EmbedPlan;
-pub(crate) use ptx_check::launch;
-pub use ptx_check::{check_launch, kernel_arg, kernel_info, module_ptx, ptx_params, Dim3, KernelArg, KernelInfo};
 use cudarc::driver::{sys, CudaContext};
+pub(crate) use device::EmbedPlan;
+pub use device::{Cuda, LaunchRecord, DRY_RUN_BASE};
+pub(crate) use ptx_check::launch;
+pub use ptx_check::{
+    check_launch, kernel_arg, kernel_info, module_ptx, ptx_params, Dim3, KernelArg, KernelInfo,
+};
 use std::sync::OnceLock;
 
 mod registry {
