@@ -3,28 +3,12 @@
 //! borderline and adversarial prompts, a custom refusal rule and Figure 20's stages; the numbers
 //! must agree with each other and with the answers written. Bad input is named, never a panic.
 
-use engine::checkpoint::{save_model, SaveOptions};
-use engine::{Cpu, Head, Llama, LlamaConfig};
+mod common;
+use common::*;
+use engine::Head;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-fn llama2() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_llama2"))
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let (so, se) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed\nstdout:\n{so}\nstderr:\n{se}"
-    );
-    so.to_string()
-}
 
 fn fails(cmd: &mut Command) -> String {
     let out: Output = cmd.output().unwrap();
@@ -32,26 +16,6 @@ fn fails(cmd: &mut Command) -> String {
     assert!(!out.status.success(), "{cmd:?} should fail");
     assert!(!se.contains("panicked"), "{se}");
     se
-}
-
-/// A small random checkpoint over the Llama 2 tokenizer: a causal LM or a reward model.
-fn checkpoint(dir: &Path, head: Head, seed: u64, tok: &Path) -> PathBuf {
-    let mut c = LlamaConfig::preset("tiny").unwrap();
-    c.vocab_size = 32000;
-    c.hidden_size = 32;
-    c.intermediate_size = 48;
-    c.num_hidden_layers = 1;
-    c.num_attention_heads = 4;
-    c.num_key_value_heads = Some(2);
-    let mut m = Llama::new(Cpu, c, head).unwrap();
-    m.init_random(seed).unwrap();
-    save_model(&m, dir, SaveOptions::default(), |tmp| {
-        std::fs::copy(tok, tmp.join("tokenizer.json"))
-            .map(|_| ())
-            .map_err(|e| engine::Error::io(tok, e))
-    })
-    .unwrap();
-    dir.to_path_buf()
 }
 
 fn write_lines(p: &Path, rows: &[Value]) -> PathBuf {

@@ -3,29 +3,14 @@
 //! every answer's round and model, old answers are re-scored and counted when displaced, and
 //! Figures 7 and 8 are written as data and plots. Tiny random models over a word tokenizer.
 
+mod common;
+use common::*;
 use engine::checkpoint::{save_model, SaveOptions};
 use engine::tokenizer::Tokenizer;
 use engine::{Cpu, Head, Llama, LlamaConfig};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
-
-fn llama2() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_llama2"))
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let (so, se) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed\nstdout:\n{so}\nstderr:\n{se}"
-    );
-    so.to_string()
-}
 
 /// Under `d`: a word tokenizer, a random tiny LM (`lm/`), a reward model from it (`rm/`) and 24
 /// prompts, every 4th tagged safety.

@@ -5,7 +5,7 @@
 use engine::checkpoint::{save_model, SaveOptions};
 use engine::{Cpu, Head, Llama, LlamaConfig};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 /// The binary under test.
@@ -45,7 +45,7 @@ pub fn ok(cmd: &mut Command) -> String {
 }
 
 /// A small random checkpoint over the Llama 2 tokenizer `tok`: a causal LM or a reward model.
-pub fn checkpoint(dir: &Path, head: Head, seed: u64, tok: &Path) {
+pub fn checkpoint(dir: &Path, head: Head, seed: u64, tok: &Path) -> PathBuf {
     let mut c = LlamaConfig::preset("tiny").unwrap();
     c.vocab_size = 32000;
     c.hidden_size = 32;
@@ -61,4 +61,5 @@ pub fn checkpoint(dir: &Path, head: Head, seed: u64, tok: &Path) {
             .map_err(|e| engine::Error::io(tok, e))
     })
     .unwrap();
+    dir.to_path_buf()
 }
