@@ -11,7 +11,7 @@
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 
 mod common;
 use common::{llama2, ok};
@@ -131,7 +131,8 @@ fn a_recipe_on_user_data_is_killed_midway_and_finished_by_a_rerun() {
         ("round-2/ppo", "to run"),
     ]);
 
-    // Killed when round 2's rejection sampling starts.
+    // Stopped when round 2's rejection sampling starts, as a scheduler preempts a job: SIGTERM.
+    // The stage checkpoints and returns; the recipe must not mark it done or go on.
     let mut child = llama2()
         .args(["recipe", "run", "--device", "cpu"])
         .arg(&recipe)
@@ -146,8 +147,12 @@ fn a_recipe_on_user_data_is_killed_midway_and_finished_by_a_rerun() {
         let line = line.unwrap();
         said.push(line.clone());
         if line.ends_with("] round-2/rs") {
-            child.kill().unwrap();
-            break;
+            let pid = child.id().to_string();
+            assert!(Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success());
         }
     }
     let status = child.wait().unwrap();
@@ -161,10 +166,17 @@ fn a_recipe_on_user_data_is_killed_midway_and_finished_by_a_rerun() {
         "{}",
         said.join("\n")
     );
+    assert!(
+        said.iter()
+            .any(|l| l.contains("interrupted during recipe step round-2/rs")),
+        "{}",
+        said.join("\n")
+    );
     plan(&[
         ("sft", "done"),
         ("rm", "done"),
         ("round-1/rs", "done"),
+        ("round-2/rs", "partial"),
         ("round-2/ppo", "to run"),
     ]);
 

@@ -314,6 +314,14 @@ pub struct TrainReport {
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// Set with [`INTERRUPTED`] and never cleared: the loop consumes its flag when it stops, and a
+/// caller running several stages (a recipe) must still learn that this one stopped early.
+static EVER_INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Whether Ctrl-C or SIGTERM arrived since the process started (see [`install_ctrlc`]).
+pub fn was_interrupted() -> bool {
+    EVER_INTERRUPTED.load(Ordering::SeqCst)
+}
 
 /// Installs the handler of Ctrl-C and SIGTERM (what Slurm and Kubernetes send before they
 /// preempt a job; SIGHUP too) once per process: it asks the loop to checkpoint and stop.
@@ -321,6 +329,7 @@ pub fn install_ctrlc() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let _ = ctrlc::set_handler(|| {
+            EVER_INTERRUPTED.store(true, Ordering::SeqCst);
             if INTERRUPTED.swap(true, Ordering::SeqCst) {
                 std::process::exit(130);
             }

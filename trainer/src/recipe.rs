@@ -957,6 +957,14 @@ pub fn run<B: Backend>(be: B, plan: &Plan, say: &dyn Fn(&str)) -> Result<RecipeR
         let t = Instant::now();
         let report =
             run_step(&be, &st.step).with_context(|| format!("recipe step {}", st.step.name))?;
+        // A stage stopped by Ctrl-C/SIGTERM returns normally after its checkpoint: it is not
+        // done, and the steps after it must not start from its half-trained model.
+        ensure!(
+            !crate::lm_train::was_interrupted(),
+            "interrupted during recipe step {}: it is not marked done (a training loop saved its \
+             checkpoint); run the recipe again to continue",
+            st.step.name
+        );
         let done = Done {
             step: st.step.name.clone(),
             key: st.key,
