@@ -103,10 +103,14 @@ pub struct PrefsConfig {
     pub label_prompts: usize,
     /// Round N takes prompts (N−1)·label_prompts.. of the file (cycling).
     pub round: usize,
-    /// Held-out prompts: one pair each, labelled too (the reward models' held-out accuracy).
+    /// Held-out prompts: `heldout_pairs_per_prompt` pairs each, labelled too (the reward
+    /// models' held-out accuracy).
     #[serde(default)]
     pub heldout: Vec<PathBuf>,
     pub max_heldout: usize,
+    /// More than one: enough pairs of every rating for its accuracy to mean something (one
+    /// pair on each of 200 prompts left 15 "significantly better" helpfulness pairs).
+    pub heldout_pairs_per_prompt: usize,
     pub labeller: Labeller,
     /// Writes `prefs.jsonl` (and `prefs_heldout.jsonl`) here.
     #[serde(default)]
@@ -139,6 +143,7 @@ impl Default for PrefsConfig {
             round: 1,
             heldout: vec![],
             max_heldout: 200,
+            heldout_pairs_per_prompt: 1,
             labeller: Labeller::World(PathBuf::new()),
             out: PathBuf::new(),
             temperatures: vec![0.7, 1.0, 1.3],
@@ -392,7 +397,7 @@ fn round_prompts(all: &[Prompt], n: usize, round: usize) -> Vec<Prompt> {
         .collect()
 }
 
-/// `prefs`: samples the round's pairs (and one pair per held-out prompt) from the model, has the
+/// `prefs`: samples the round's pairs (and `heldout_pairs_per_prompt` per held-out prompt) from the model, has the
 /// labeller label them, and writes `out/prefs.jsonl` (`out/prefs_heldout.jsonl`).
 pub fn run<B: Backend>(be: B, cfg: &PrefsConfig) -> Result<PrefsReport> {
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
@@ -406,7 +411,7 @@ pub fn run<B: Backend>(be: B, cfg: &PrefsConfig) -> Result<PrefsReport> {
     let mut model = engine::checkpoint::load_model(be.clone(), &model_dir, engine::Head::Lm)?;
     let pairs = sample_pairs(&mut model, &tok, &batch, cfg)?;
     let held_cfg = PrefsConfig {
-        pairs_per_prompt: 1,
+        pairs_per_prompt: cfg.heldout_pairs_per_prompt,
         seed: cfg.seed ^ 99,
         // Held-out accuracy measures the ranking of answers to the same prompt.
         off_topic: 0.0,
