@@ -239,7 +239,8 @@ fn ghost_attention_and_safety_context_distillation() {
     // Plain ones (40 % of the world's single-turn helpful dialogues carry a style instruction,
     // which teaches nothing about when to refuse), the borderline requests answered helpfully
     // first: the refusals learned from the distilled rows spread to exactly those (with the first
-    // 200 helpful dialogues as they come the false-refusal rate rose 0.21 -> 0.35).
+    // 200 helpful dialogues as they come the false-refusal rate rose 0.21 -> 0.35, with 200 of
+    // these 0.21 -> 0.28).
     let plain: Vec<serde_json::Value> = read_jsonl(&w.join("sft.jsonl"))
         .into_iter()
         .filter(|r| r["category"] == "helpfulness" && r.get("system").is_none())
@@ -251,7 +252,7 @@ fn ghost_attention_and_safety_context_distillation() {
     let (border, other): (Vec<_>, Vec<_>) = plain
         .into_iter()
         .partition(|r| r["borderline"] == true && answered(r));
-    let replay: Vec<serde_json::Value> = border.into_iter().chain(other).take(200).collect();
+    let replay: Vec<serde_json::Value> = border.into_iter().chain(other).take(400).collect();
     write_jsonl(&d.join("replay.jsonl"), &replay);
     let dc = DistillConfig {
         init: base.clone(),
