@@ -144,11 +144,7 @@ impl Default for GattConfig {
     }
 }
 
-/// A user message carrying an instruction: the instruction first, as a system prompt precedes the
-/// user text in Llama 2's template. The annotator reads instructions from user turns as well.
-pub fn with_instruction(instruction: &str, user: &str) -> String {
-    format!("{} {}", instruction.trim(), user.trim())
-}
+pub use crate::world::instructions::with_instruction;
 
 /// A question usable as one user turn: a single-turn helpfulness prompt without a system message
 /// (harmful requests are left out: their answer is a refusal, which the instruction should not

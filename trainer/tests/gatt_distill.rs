@@ -5,10 +5,11 @@
 //! corpus, then SFT-ed on its dialogues), shortened to fit the budget, with two fixture changes
 //! that give it the starting point each method assumes in the paper:
 //! - GAtt assumes a model that follows an instruction given in the current turn but forgets it
-//!   a few turns later. The world's SFT data has only ~120 instructed dialogues (instructions in
-//!   system messages), too few for a 1M-parameter model, so the base also learns 500 gold
-//!   single-turn dialogues with the instruction written before the question ([`instructed`]).
-//!   Nothing teaches it to carry an instruction to later turns.
+//!   a few turns later. The world's SFT data has ~300 single-turn instructed dialogues (half with
+//!   the instruction in a system message), and the base also learns 500 gold single-turn
+//!   dialogues with the instruction written before the question ([`instructed`]): the
+//!   demonstrators' answers are imperfect. Nothing teaches it to carry an instruction to later
+//!   turns.
 //! - Context distillation assumes a model that is safer with a safety preprompt than without.
 //!   The world's model never sees a preprompt (it reads any system text as a style instruction
 //!   and gets less safe), so 80 % of the SFT refusals are taught only under a preprompt, and 10 %
@@ -235,11 +236,23 @@ fn ghost_attention_and_safety_context_distillation() {
     let rm_dir = trainer::rm::run(Cpu, &rc).unwrap().model_dir;
     // Helpful dialogues replayed beside the distillation rows, so the refusals do not spread to
     // helpful prompts (without them the false-refusal rate rose from 6 % to 20-65 %).
-    let replay: Vec<serde_json::Value> = read_jsonl(&w.join("sft.jsonl"))
+    // Plain ones (40 % of the world's single-turn helpful dialogues carry a style instruction,
+    // which teaches nothing about when to refuse), the borderline requests answered helpfully
+    // first: the refusals learned from the distilled rows spread to exactly those (with the first
+    // 200 helpful dialogues as they come the false-refusal rate rose 0.21 -> 0.35, with 200 of
+    // these 0.21 -> 0.28).
+    let plain: Vec<serde_json::Value> = read_jsonl(&w.join("sft.jsonl"))
         .into_iter()
-        .filter(|r| r["category"] == "helpfulness")
-        .take(200)
+        .filter(|r| r["category"] == "helpfulness" && r.get("system").is_none())
         .collect();
+    let answered = |r: &serde_json::Value| {
+        let last = r["messages"].as_array().unwrap().last().unwrap();
+        !trainer::world::safety::is_refusal(last["content"].as_str().unwrap())
+    };
+    let (border, other): (Vec<_>, Vec<_>) = plain
+        .into_iter()
+        .partition(|r| r["borderline"] == true && answered(r));
+    let replay: Vec<serde_json::Value> = border.into_iter().chain(other).take(400).collect();
     write_jsonl(&d.join("replay.jsonl"), &replay);
     let dc = DistillConfig {
         init: base.clone(),

@@ -6,6 +6,12 @@ use super::text::{capitalize, contains_seq, decapitalize, strip_end_punct, words
 use super::World;
 use serde::{Deserialize, Serialize};
 
+/// A user message carrying an instruction: the instruction first, as a system prompt precedes the
+/// user text in Llama 2's template. The annotator reads instructions from user turns as well.
+pub fn with_instruction(instruction: &str, user: &str) -> String {
+    format!("{} {}", instruction.trim(), user.trim())
+}
+
 /// One system instruction.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

@@ -343,7 +343,10 @@ annotator (`trainer::world::Annotator`, rebuilt from this directory with `World:
   `{{"messages": [{{"role": "system"|"user"|"assistant", "content": ...}}, ...], "task": ...,
   "category": "helpfulness"|"safety", "borderline"?: true, "turns": N, "system"?: INSTRUCTION_ID}}`.
   Single- and multi-turn tasks, refusals of harmful requests, helpful answers to borderline
-  requests, and dialogues under a system instruction that every assistant turn follows. The
+  requests, and single-turn dialogues under an instruction the answer follows (40 % of the
+  single-turn helpful ones; the instruction is a system message or, half of the time, written
+  before the question). No multi-turn dialogue carries one: carrying an instruction over later
+  turns is what Ghost Attention teaches, as in the paper. The
   demonstrators are imperfect on purpose (what RLHF improves on): about a quarter of the helpful
   answers are bare ("21.") and a quarter hedged ("I am not sure, but I think it is 21."), and 8 %
   of benign and 40 % of borderline requests are refused; refusals of harmful requests are always
