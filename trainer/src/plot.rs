@@ -1,8 +1,77 @@
 //! SVG plots of a run's metrics: line plots of JSONL series, histograms, grouped bars.
 
 use anyhow::{Context, Result};
+use plotters::coord::types::RangedCoordf64;
+use plotters::coord::Shift;
 use plotters::prelude::*;
+use std::ops::Range;
 use std::path::Path;
+
+/// Series colours, cycled.
+const COLORS: [RGBColor; 6] = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+
+type Root<'a> = DrawingArea<SVGBackend<'a>, Shift>;
+type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// A plotting error naming the file.
+fn err(path: &Path, e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("plotting {}: {e}", path.display())
+}
+
+/// An 800x480 SVG canvas, filled white.
+fn canvas(path: &Path) -> Result<Root<'_>> {
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(path, e))?;
+    Ok(root)
+}
+
+/// The chart every plot draws on: the title, the margins and both axes' ranges.
+fn chart<'a, 'b>(
+    root: &'a Root<'b>,
+    path: &Path,
+    title: &str,
+    title_size: u32,
+    x: Range<f64>,
+    y: Range<f64>,
+) -> Result<Chart<'a, 'b>> {
+    ChartBuilder::on(root)
+        .caption(title, ("sans-serif", title_size))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x, y)
+        .map_err(|e| err(path, e))
+}
+
+/// The mesh of a chart whose x positions 0..names are categories (bars, boxes).
+fn category_mesh(chart: &mut Chart, path: &Path, names: &[String], y_label: &str) -> Result<()> {
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(names.len())
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < names.len() {
+                names[i as usize].clone()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc(y_label)
+        .draw()
+        .map_err(|e| err(path, e))
+}
+
+/// Draws the legend of the labelled series and writes the file.
+fn finish<'a, 'b: 'a>(mut chart: Chart<'a, 'b>, root: &Root<'b>, path: &Path) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(|e| err(path, e))?;
+    root.present().map_err(|e| err(path, e))
+}
 
 /// Reads `(x, y)` series from a JSONL file: for each key in `ys`, the points where it is present.
 pub fn read_series(path: &Path, x: &str, ys: &[&str]) -> Result<Vec<Vec<(f64, f64)>>> {
@@ -48,44 +117,28 @@ pub fn line_plot(
         x1 = x0 + 1.0;
     }
     let pad = ((y1 - y0) * 0.05).max(1e-6);
-    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
-    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("plotting {}: {e}", path.display());
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))
-        .map_err(|e| err(&e))?;
+    let root = canvas(path)?;
+    let mut chart = chart(&root, path, title, 20, x0..x1, (y0 - pad)..(y1 + pad))?;
     chart
         .configure_mesh()
         .x_desc(x_label)
         .y_desc(y_label)
         .draw()
-        .map_err(|e| err(&e))?;
-    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+        .map_err(|e| err(path, e))?;
     for (i, (name, s)) in series.iter().enumerate() {
-        let c = colors[i % colors.len()];
+        let c = COLORS[i % COLORS.len()];
         chart
             .draw_series(LineSeries::new(s.iter().copied(), c.stroke_width(2)))
-            .map_err(|e| err(&e))?
+            .map_err(|e| err(path, e))?
             .label(*name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], c.stroke_width(2)));
         if s.len() < 40 {
             chart
                 .draw_series(s.iter().map(|&p| Circle::new(p, 3, c.filled())))
-                .map_err(|e| err(&e))?;
+                .map_err(|e| err(path, e))?;
         }
     }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .draw()
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))?;
-    Ok(())
+    finish(chart, &root, path)
 }
 
 /// Overlaid histograms of named samples on shared bins, written as SVG: how far two
@@ -129,45 +182,29 @@ pub fn histogram_plot(
         })
         .collect();
     let top = counts.iter().flatten().copied().max().unwrap_or(1).max(1) as f64;
-    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
-    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("plotting {}: {e}", path.display());
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(x0..x1, 0.0..top * 1.05)
-        .map_err(|e| err(&e))?;
+    let root = canvas(path)?;
+    let mut chart = chart(&root, path, title, 20, x0..x1, 0.0..top * 1.05)?;
     chart
         .configure_mesh()
         .x_desc(x_label)
         .y_desc("count")
         .draw()
-        .map_err(|e| err(&e))?;
-    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+        .map_err(|e| err(path, e))?;
     for (i, ((name, _), c)) in series.iter().zip(&counts).enumerate() {
-        let color = colors[i % colors.len()];
+        let color = COLORS[i % COLORS.len()];
         let bars = c.iter().enumerate().filter(|(_, &n)| n > 0).map(|(b, &n)| {
             let l = x0 + b as f64 * width;
             Rectangle::new([(l, 0.0), (l + width, n as f64)], color.mix(0.35).filled())
         });
         chart
             .draw_series(bars)
-            .map_err(|e| err(&e))?
+            .map_err(|e| err(path, e))?
             .label(*name)
             .legend(move |(x, y)| {
                 Rectangle::new([(x, y - 5), (x + 16, y + 5)], color.mix(0.35).filled())
             });
     }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .draw()
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))?;
-    Ok(())
+    finish(chart, &root, path)
 }
 
 /// Grouped bars, one group per category and one bar per series in it, written as SVG (reward
@@ -189,36 +226,13 @@ pub fn bar_plot(
         .fold(0f64, f64::max)
         .max(1e-9);
     let n = categories.len();
-    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
-    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("plotting {}: {e}", path.display());
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(-0.5f64..n as f64 - 0.5, 0.0..top * 1.1)
-        .map_err(|e| err(&e))?;
+    let root = canvas(path)?;
+    let mut chart = chart(&root, path, title, 20, -0.5..n as f64 - 0.5, 0.0..top * 1.1)?;
     let names: Vec<String> = categories.iter().map(|s| s.to_string()).collect();
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(n)
-        .x_label_formatter(&|x| {
-            let i = x.round();
-            if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < names.len() {
-                names[i as usize].clone()
-            } else {
-                String::new()
-            }
-        })
-        .y_desc(y_label)
-        .draw()
-        .map_err(|e| err(&e))?;
-    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    category_mesh(&mut chart, path, &names, y_label)?;
     let w = 0.8 / series.len() as f64;
     for (si, (name, vals)) in series.iter().enumerate() {
-        let color = colors[si % colors.len()];
+        let color = COLORS[si % COLORS.len()];
         let bars = vals.iter().enumerate().filter_map(|(ci, v)| {
             let v = (*v)?;
             let l = ci as f64 - 0.4 + si as f64 * w;
@@ -229,20 +243,13 @@ pub fn bar_plot(
         });
         chart
             .draw_series(bars)
-            .map_err(|e| err(&e))?
+            .map_err(|e| err(path, e))?
             .label(*name)
             .legend(move |(x, y)| {
                 Rectangle::new([(x, y - 5), (x + 16, y + 5)], color.mix(0.6).filled())
             });
     }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .draw()
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))?;
-    Ok(())
+    finish(chart, &root, path)
 }
 
 /// One box of [`box_plot`].
@@ -283,32 +290,11 @@ pub fn box_plot(path: &Path, title: &str, y_label: &str, boxes: &[BoxStats]) -> 
     }
     let pad = (y1 - y0) * 0.05;
     let n = boxes.len();
-    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
-    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("plotting {}: {e}", path.display());
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(-0.5f64..n as f64 - 0.5, (y0 - pad)..(y1 + pad))
-        .map_err(|e| err(&e))?;
+    let root = canvas(path)?;
+    let x = -0.5..n as f64 - 0.5;
+    let mut chart = chart(&root, path, title, 18, x, (y0 - pad)..(y1 + pad))?;
     let names: Vec<String> = boxes.iter().map(|b| b.name.clone()).collect();
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(n)
-        .x_label_formatter(&|x| {
-            let i = x.round();
-            if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < names.len() {
-                names[i as usize].clone()
-            } else {
-                String::new()
-            }
-        })
-        .y_desc(y_label)
-        .draw()
-        .map_err(|e| err(&e))?;
+    category_mesh(&mut chart, path, &names, y_label)?;
     for (i, b) in boxes.iter().enumerate() {
         let x = i as f64;
         let line = |pts: Vec<(f64, f64)>| PathElement::new(pts, BLACK.stroke_width(1));
@@ -319,23 +305,113 @@ pub fn box_plot(path: &Path, title: &str, y_label: &str, boxes: &[BoxStats]) -> 
                 line(vec![(x - 0.1, b.whisker_lo), (x + 0.1, b.whisker_lo)]),
                 line(vec![(x - 0.1, b.whisker_hi), (x + 0.1, b.whisker_hi)]),
             ])
-            .map_err(|e| err(&e))?;
+            .map_err(|e| err(path, e))?;
         chart
             .draw_series([Rectangle::new(
                 [(x - 0.3, b.q1), (x + 0.3, b.q3)],
                 BLUE.mix(0.3).filled(),
             )])
-            .map_err(|e| err(&e))?;
+            .map_err(|e| err(path, e))?;
         chart
             .draw_series([PathElement::new(
                 vec![(x - 0.3, b.median), (x + 0.3, b.median)],
                 BLUE.stroke_width(3),
             )])
-            .map_err(|e| err(&e))?;
+            .map_err(|e| err(path, e))?;
         chart
             .draw_series([Circle::new((x, b.mean), 4, RED.filled())])
-            .map_err(|e| err(&e))?;
+            .map_err(|e| err(path, e))?;
     }
-    root.present().map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(path, e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every plot writes an SVG with its title, axis labels and legend names (set
+    /// `PLOT_DUMP=DIR` to keep the files, e.g. to compare two versions byte for byte).
+    #[test]
+    fn every_plot_writes_its_title_labels_and_legend() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = std::env::var("PLOT_DUMP")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|_| dir.path().to_path_buf());
+        std::fs::create_dir_all(&d).unwrap();
+        let a: Vec<(f64, f64)> = (0..30).map(|i| (i as f64, (i as f64).sqrt())).collect();
+        let b: Vec<(f64, f64)> = (0..30).map(|i| (i as f64, 5.0 - i as f64 / 10.0)).collect();
+        line_plot(
+            &d.join("line.svg"),
+            "T-line",
+            "X-step",
+            "Y-loss",
+            &[("train", &a), ("val", &b)],
+        )
+        .unwrap();
+        let h1: Vec<f64> = (0..50).map(|i| (i as f64 * 0.37).sin()).collect();
+        let h2: Vec<f64> = (0..50).map(|i| (i as f64 * 0.11).cos() + 0.5).collect();
+        histogram_plot(
+            &d.join("hist.svg"),
+            "T-hist",
+            "X-score",
+            &[("chosen", &h1), ("rejected", &h2)],
+            12,
+        )
+        .unwrap();
+        bar_plot(
+            &d.join("bar.svg"),
+            "T-bar",
+            "Y-accuracy",
+            &["cat-one", "cat-two"],
+            &[
+                ("helpful", vec![Some(0.8), None]),
+                ("safe", vec![Some(0.6), Some(0.9)]),
+            ],
+        )
+        .unwrap();
+        let bx = |name: &str, m: f64| BoxStats {
+            name: name.into(),
+            whisker_lo: m - 1.0,
+            q1: m - 0.5,
+            median: m,
+            q3: m + 0.5,
+            whisker_hi: m + 1.0,
+            mean: m + 0.1,
+        };
+        box_plot(
+            &d.join("box.svg"),
+            "T-box",
+            "Y-reward",
+            &[bx("stage-a", 0.2), bx("stage-b", 0.7)],
+        )
+        .unwrap();
+        for (f, want) in [
+            (
+                "line.svg",
+                &["T-line", "X-step", "Y-loss", "train", "val"][..],
+            ),
+            (
+                "hist.svg",
+                &["T-hist", "X-score", "count", "chosen", "rejected"],
+            ),
+            (
+                "bar.svg",
+                &[
+                    "T-bar",
+                    "Y-accuracy",
+                    "cat-one",
+                    "cat-two",
+                    "helpful",
+                    "safe",
+                ],
+            ),
+            ("box.svg", &["T-box", "Y-reward", "stage-a", "stage-b"]),
+        ] {
+            let svg = std::fs::read_to_string(d.join(f)).unwrap();
+            for w in want {
+                assert!(svg.contains(w), "{f} lacks {w}");
+            }
+        }
+    }
 }
