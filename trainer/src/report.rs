@@ -260,6 +260,19 @@ fn markdown(report: &Value, evals: &[StageEval]) -> String {
             );
         }
     }
+    let d = &report["distill_run"];
+    if let (Some(n), Some(kept)) = (d["prompts"].as_u64(), d["kept"].as_u64()) {
+        md += &format!(
+            "\n## Context distillation\n\n{kept} of {n} answers under a safety preprompt kept (the safety reward model scored them above the plain answer; its mean score {:.2} with the preprompt, {:.2} without).{}\n",
+            d["mean_score_with"].as_f64().unwrap_or(f64::NAN),
+            d["mean_score_without"].as_f64().unwrap_or(f64::NAN),
+            if kept == 0 {
+                " None kept: the stage fine-tuned nothing, and its model is the previous stage's."
+            } else {
+                ""
+            }
+        );
+    }
     if let Some(c) = report["distill_run"]["by_category"].as_object() {
         md += "\n## Context distillation: answers kept per risk category\n\n| category | prompts | kept |\n| --- | ---: | ---: |\n";
         for (name, k) in c {
@@ -424,6 +437,7 @@ mod tests {
         ]});
         let md = markdown(&r, &[]);
         assert!(md.contains("## Rejection sampling"), "{md}");
+        assert!(!md.contains("## Context distillation"), "{md}");
         assert!(
             md.contains("| 1 | 20 x 4 | 1.2 | 0.700 | 0.500 | 20 | 0 | 0 | - |"),
             "{md}"
@@ -432,6 +446,27 @@ mod tests {
             md.contains(
                 "| 2 | 20 x 4 | 0.8 | 0.800 | 0.600 | 20 | 20 | 7 | 0.8: 0.810, 1.2: 0.750 |"
             ),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn the_markdown_says_how_many_distilled_answers_were_kept_and_when_none() {
+        let r = |kept: u64| {
+            json!({"distill_run": {"prompts": 108, "kept": kept,
+                "mean_score_with": -0.66, "mean_score_without": 6.18}})
+        };
+        let md = markdown(&r(0), &[]);
+        assert!(md.contains("## Context distillation"), "{md}");
+        assert!(md.contains("0 of 108 answers"), "{md}");
+        assert!(
+            md.contains("-0.66 with the preprompt, 6.18 without"),
+            "{md}"
+        );
+        assert!(md.contains("None kept"), "{md}");
+        let md = markdown(&r(19), &[]);
+        assert!(
+            md.contains("19 of 108 answers") && !md.contains("None kept"),
             "{md}"
         );
     }
