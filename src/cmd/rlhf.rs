@@ -414,8 +414,8 @@ pub struct GattArgs {
     /// Sampling temperature of the assistant turns.
     #[arg(long, default_value_t = 0.8)]
     temperature: f32,
-    /// Put the instruction in a system message instead of the first user turn (where the
-    /// model's SFT data put its instructions).
+    /// Put the instruction in a system message instead of the first user turn (the world's SFT
+    /// data has both).
     #[arg(long)]
     system: bool,
     #[arg(long, default_value_t = 40)]

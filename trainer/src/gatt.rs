@@ -99,8 +99,8 @@ pub struct GattConfig {
     /// Held-out dialogues of the before/after adherence evaluation.
     pub eval_dialogues: usize,
     /// Put the instruction into a system message instead of the first user turn (Llama 2's
-    /// template renders both inside the first `[INST]`; the world's SFT data puts instructions
-    /// in system messages). Applies to sampling, training and evaluation.
+    /// template renders both inside the first `[INST]`; the world's SFT data puts half of its
+    /// instructions in each). Applies to sampling, training and evaluation.
     pub system: bool,
     /// Extra dialogue files mixed into the fine-tune (e.g. the world's `sft.jsonl`), so the model
     /// does not drift on everything else; empty: GAtt data only, as the paper's rows.

@@ -397,8 +397,8 @@ fn round_prompts(all: &[Prompt], n: usize, round: usize) -> Vec<Prompt> {
         .collect()
 }
 
-/// `prefs`: samples the round's pairs (and `heldout_pairs_per_prompt` per held-out prompt) from the model, has the
-/// labeller label them, and writes `out/prefs.jsonl` (`out/prefs_heldout.jsonl`).
+/// `prefs`: samples the round's pairs (and `heldout_pairs_per_prompt` per held-out prompt) from
+/// the model, has the labeller label them, and writes `out/prefs.jsonl` (`out/prefs_heldout.jsonl`).
 pub fn run<B: Backend>(be: B, cfg: &PrefsConfig) -> Result<PrefsReport> {
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
     let all = read_prompts(&cfg.prompts, None)?.0;

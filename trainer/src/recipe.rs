@@ -958,11 +958,12 @@ pub fn run<B: Backend>(be: B, plan: &Plan, say: &dyn Fn(&str)) -> Result<RecipeR
         let report =
             run_step(&be, &st.step).with_context(|| format!("recipe step {}", st.step.name))?;
         // A stage stopped by Ctrl-C/SIGTERM returns normally after its checkpoint: it is not
-        // done, and the steps after it must not start from its half-trained model.
+        // done (a rerun redoes it from the start), and the steps after it must not start from
+        // its half-trained model.
         ensure!(
             !crate::lm_train::was_interrupted(),
-            "interrupted during recipe step {}: it is not marked done (a training loop saved its \
-             checkpoint); run the recipe again to continue",
+            "interrupted during recipe step {}: it is not marked done; run the recipe again to \
+             redo it and go on",
             st.step.name
         );
         let done = Done {
