@@ -50,6 +50,11 @@ pub struct WorldPrefsArgs {
     /// pairs).
     #[arg(long, default_value_t = 0.5)]
     off_topic: f64,
+    /// How unsure the raters are: each perceives each answer's gold score (in [0, 1]) plus
+    /// Gaussian noise of this standard deviation, so similar answers get coin-flip labels as
+    /// people's do (0: the deterministic gold annotator).
+    #[arg(long, default_value_t = 0.0)]
+    rater_noise: f32,
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     device: Device,
@@ -70,6 +75,7 @@ fn world_prefs_on<B: engine::Backend>(be: B, a: WorldPrefsArgs) -> Result<()> {
         seed,
         pairs_per_prompt,
         off_topic,
+        rater_noise,
         ..
     } = a;
     let (mut m, tok) = load_for_generation(be, &model, None)?;
@@ -81,6 +87,7 @@ fn world_prefs_on<B: engine::Backend>(be: B, a: WorldPrefsArgs) -> Result<()> {
         seed,
         pairs_per_prompt,
         off_topic,
+        rater_noise,
         ..Default::default()
     };
     let pairs = trainer::prefs::collect(&mut m, &tok, &ann, &ex, &cfg)?;
@@ -90,11 +97,10 @@ fn world_prefs_on<B: engine::Backend>(be: B, a: WorldPrefsArgs) -> Result<()> {
         *by.entry(p.rating).or_default() += 1;
     }
     println!(
-        "{}: {} labelled pairs from {} prompts ({} ties dropped): {by:?}",
+        "{}: {} labelled pairs from {} prompts (identical answers and ties dropped): {by:?}",
         out.display(),
         pairs.len(),
         ex.len(),
-        ex.len() * pairs_per_prompt - pairs.len()
     );
     Ok(())
 }

@@ -15,7 +15,7 @@ use crate::formats::read_pairs;
 use crate::formats::{read_prompts, Prompt};
 use crate::reward::{sigmoid, RewardModels, SAFETY_THRESHOLD};
 use crate::rm::Rating;
-use crate::world::{Annotator, Category, Example, Level, Winner, World};
+use crate::world::{Annotator, Category, Example, Level, World};
 use anyhow::{bail, ensure, Context, Result};
 use engine::generate::SamplingParams;
 use engine::tokenizer::{Message, Tokenizer};
@@ -112,6 +112,13 @@ pub struct PrefsConfig {
     /// pair on each of 200 prompts left 15 "significantly better" helpfulness pairs).
     pub heldout_pairs_per_prompt: usize,
     pub labeller: Labeller,
+    /// With the `world` labeller: how unsure its raters are. Each rater perceives each answer's
+    /// gold score plus Gaussian noise of this standard deviation (scores are in [0, 1]) and
+    /// picks and rates by the perceived gap, so two similar answers get a coin-flip label, as
+    /// people's "negligibly better/unsure" ones are (the paper's reason for Table 8's low accuracy
+    /// on similar pairs: annotator subjectivity). 0: one deterministic oracle. The held-out pairs
+    /// are also written with the noise-free labels (`prefs_heldout_gold.jsonl`).
+    pub rater_noise: f32,
     /// Writes `prefs.jsonl` (and `prefs_heldout.jsonl`) here.
     #[serde(default)]
     pub out: PathBuf,
@@ -145,6 +152,7 @@ impl Default for PrefsConfig {
             max_heldout: 200,
             heldout_pairs_per_prompt: 1,
             labeller: Labeller::World(PathBuf::new()),
+            rater_noise: 0.0,
             out: PathBuf::new(),
             temperatures: vec![0.7, 1.0, 1.3],
             max_new_tokens: 48,
@@ -273,28 +281,84 @@ fn sample_once<B: Backend>(
     Ok(out)
 }
 
-/// The gold annotator's labels; ties are dropped.
-pub fn label_world(ann: &Annotator, pairs: &[Unlabelled]) -> Vec<LabelledPair> {
+/// The world's raters (see [`PrefsConfig::rater_noise`]): `noise` 0 is the gold annotator itself.
+#[derive(Clone, Copy, Debug)]
+pub struct Raters {
+    pub noise: f32,
+    pub seed: u64,
+}
+
+impl Raters {
+    /// The noise-free gold annotator.
+    pub const GOLD: Raters = Raters {
+        noise: 0.0,
+        seed: 0,
+    };
+
+    /// The raters of a configuration (`rater_noise` checked).
+    pub fn of(cfg: &PrefsConfig) -> Result<Raters> {
+        ensure!(
+            cfg.rater_noise.is_finite() && cfg.rater_noise >= 0.0,
+            "rater_noise: expected a standard deviation >= 0 (0: the gold annotator), got {}",
+            cfg.rater_noise
+        );
+        Ok(Raters {
+            noise: cfg.rater_noise,
+            seed: cfg.seed ^ 0x7a7e,
+        })
+    }
+
+    /// The perceived gap of one rater: the gold gap plus the difference of two perception errors.
+    fn perceive(&self, gap: f32, rng: &mut impl rand::Rng) -> f32 {
+        if self.noise <= 0.0 {
+            return gap;
+        }
+        let n = rand_distr::Normal::new(0.0f32, self.noise).expect("noise is finite and > 0");
+        gap + rand_distr::Distribution::sample(&n, rng) - rand_distr::Distribution::sample(&n, rng)
+    }
+}
+
+/// The world's labels, by the raters' perceived gap (one rater per pair, seeded by its index):
+/// identical answers and perceived ties are dropped. Also the raters' agreement: the share of
+/// labelled pairs on which a second, independent rater picks the same answer (1 without noise).
+pub fn label_world(
+    ann: &Annotator,
+    pairs: &[Unlabelled],
+    raters: Raters,
+) -> (Vec<LabelledPair>, f64) {
     let mut out = Vec::new();
-    for u in pairs {
+    let mut agree = 0usize;
+    for (i, u) in pairs.iter().enumerate() {
         let (a, b) = (&u.chosen, &u.rejected);
+        if a.trim() == b.trim() {
+            continue;
+        }
         let pref = ann.compare(&u.messages, a, b);
-        let (chosen, rejected, cs, rs) = match pref.winner {
-            Winner::A => (a, b, pref.a.safety >= 0.5, pref.b.safety >= 0.5),
-            Winner::B => (b, a, pref.b.safety >= 0.5, pref.a.safety >= 0.5),
-            Winner::Tie => continue,
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(
+            raters.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        );
+        let gap = raters.perceive(pref.gap, &mut rng);
+        let second = raters.perceive(pref.gap, &mut rng);
+        let (chosen, rejected, cs, rs) = if gap > 0.0 {
+            (a, b, pref.a.safety >= 0.5, pref.b.safety >= 0.5)
+        } else if gap < 0.0 {
+            (b, a, pref.b.safety >= 0.5, pref.a.safety >= 0.5)
+        } else {
+            continue;
         };
+        agree += usize::from((second > 0.0) == (gap > 0.0) && second != 0.0);
         out.push(LabelledPair {
             messages: u.messages.clone(),
             chosen: chosen.clone(),
             rejected: rejected.clone(),
-            rating: level_label(pref.level),
+            rating: level_label(Level::from_gap(gap)),
             chosen_safe: cs,
             rejected_safe: rs,
             category: u.category,
         });
     }
-    out
+    let agreement = agree as f64 / out.len().max(1) as f64;
+    (out, agreement)
 }
 
 /// Reward models' labels: the pair is ranked by the score of the model the piecewise rule
@@ -365,10 +429,8 @@ pub fn collect<B: Backend>(
             safety: e.category == Category::Safety,
         })
         .collect();
-    Ok(label_world(
-        annotator,
-        &sample_pairs(model, tok, &prompts, cfg)?,
-    ))
+    let raters = Raters::of(cfg)?;
+    Ok(label_world(annotator, &sample_pairs(model, tok, &prompts, cfg)?, raters).0)
 }
 
 /// The rating string `train-rm` parses for a level.
@@ -388,6 +450,12 @@ pub struct PrefsReport {
     pub file: PathBuf,
     pub heldout_pairs: usize,
     pub heldout_file: Option<PathBuf>,
+    /// With noisy world raters: the held-out pairs labelled by the gold annotator itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heldout_gold_file: Option<PathBuf>,
+    /// With world raters: the share of the round's pairs on which a second rater agrees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rater_agreement: Option<f64>,
 }
 
 /// The round's prompts: `n` of `all`, starting at (round − 1)·n, cycling.
@@ -400,6 +468,7 @@ fn round_prompts(all: &[Prompt], n: usize, round: usize) -> Vec<Prompt> {
 /// `prefs`: samples the round's pairs (and `heldout_pairs_per_prompt` per held-out prompt) from
 /// the model, has the labeller label them, and writes `out/prefs.jsonl` (`out/prefs_heldout.jsonl`).
 pub fn run<B: Backend>(be: B, cfg: &PrefsConfig) -> Result<PrefsReport> {
+    Raters::of(cfg)?;
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
     let all = read_prompts(&cfg.prompts, None)?.0;
     ensure!(!all.is_empty(), "preference collection: no prompts");
@@ -425,13 +494,30 @@ pub fn run<B: Backend>(be: B, cfg: &PrefsConfig) -> Result<PrefsReport> {
     drop(model);
     let file = cfg.out.join("prefs.jsonl");
     let held_file = cfg.out.join("prefs_heldout.jsonl");
+    let mut heldout_gold_file = None;
+    let mut rater_agreement = None;
     let (labelled, held_labelled) = match &cfg.labeller {
         Labeller::World(dir) => {
             let ann = Annotator::new(
                 World::load(dir)
                     .with_context(|| format!("the labeller's world {}", dir.display()))?,
             );
-            (label_world(&ann, &pairs), label_world(&ann, &held_pairs))
+            let raters = Raters::of(cfg)?;
+            let (labelled, agreement) = label_world(&ann, &pairs, raters);
+            rater_agreement = Some(agreement);
+            let held_raters = Raters {
+                seed: raters.seed ^ 99,
+                ..raters
+            };
+            if cfg.rater_noise > 0.0 && !held_pairs.is_empty() {
+                let gold = cfg.out.join("prefs_heldout_gold.jsonl");
+                crate::run_dir::write_jsonl(
+                    &gold,
+                    &label_world(&ann, &held_pairs, Raters::GOLD).0,
+                )?;
+                heldout_gold_file = Some(gold);
+            }
+            (labelled, label_world(&ann, &held_pairs, held_raters).0)
         }
         Labeller::Rm {
             helpfulness,
@@ -454,6 +540,8 @@ pub fn run<B: Backend>(be: B, cfg: &PrefsConfig) -> Result<PrefsReport> {
                 file,
                 heldout_pairs: 0,
                 heldout_file: None,
+                heldout_gold_file: None,
+                rater_agreement: None,
             });
         }
     };
@@ -467,6 +555,8 @@ pub fn run<B: Backend>(be: B, cfg: &PrefsConfig) -> Result<PrefsReport> {
         file,
         heldout_pairs: held_labelled.len(),
         heldout_file,
+        heldout_gold_file,
+        rater_agreement,
     })
 }
 
@@ -508,4 +598,91 @@ fn label_by_people(
     // Checked as train-rm will read it: a bad line names file and line now.
     read_pairs(std::slice::from_ref(&done), false)?;
     crate::run_dir::read_jsonl_values(&done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(a: &str, b: &str) -> Unlabelled {
+        Unlabelled {
+            prompt: 0,
+            messages: vec![Message::new("user", "Tell me something nice.")],
+            chosen: a.into(),
+            rejected: b.into(),
+            category: "helpfulness",
+            provenance: serde_json::Value::Null,
+        }
+    }
+
+    const NICE: &str = "Here is something nice.";
+    const REFUSAL: &str = "I cannot help.";
+
+    /// The gold annotator orders every pair by its scores, rates the gap, and drops identical
+    /// answers and exact ties; its "second rater" always agrees.
+    #[test]
+    fn gold_raters_label_by_the_gold_gap() {
+        let ann = Annotator::new(World::generate(1, crate::world::Size::Small));
+        let pairs = [
+            pair(REFUSAL, NICE),
+            pair(NICE, NICE),
+            pair(NICE, "Another nice thing."),
+            pair(REFUSAL, ""),
+        ];
+        let (l, agreement) = label_world(&ann, &pairs, Raters::GOLD);
+        let got: Vec<(&str, &str, &str)> = l
+            .iter()
+            .map(|p| (p.chosen.as_str(), p.rejected.as_str(), p.rating))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (NICE, REFUSAL, "better"),
+                (REFUSAL, "", "negligibly better/unsure")
+            ]
+        );
+        assert_eq!(agreement, 1.0);
+    }
+
+    /// Noisy raters: a clear gap is labelled the gold way almost always, a 0.05 gap nearly at
+    /// random, an exact tie gets a label either way; two raters disagree on some pairs; the
+    /// labels are reproducible from the seed.
+    #[test]
+    fn noisy_raters_flip_similar_pairs_and_not_distinct_ones() {
+        let ann = Annotator::new(World::generate(1, crate::world::Size::Small));
+        let raters = Raters {
+            noise: 0.2,
+            seed: 5,
+        };
+        let share_first = |a: &str, b: &str| {
+            let pairs: Vec<Unlabelled> = (0..400).map(|_| pair(a, b)).collect();
+            let (l, agreement) = label_world(&ann, &pairs, raters);
+            let first = l.iter().filter(|p| p.chosen == a).count() as f64 / pairs.len() as f64;
+            (first, l.len(), agreement)
+        };
+        let (clear, n, agree_clear) = share_first(NICE, ""); // gap 0.5
+        assert!(clear > 0.9 && n == 400, "{clear} {n}");
+        let (close, _, agree_close) = share_first(REFUSAL, ""); // gap 0.05
+        assert!((0.45..0.75).contains(&close), "{close}");
+        let (tie, n, _) = share_first(NICE, "Another nice thing."); // gap 0
+        assert!((0.35..0.65).contains(&tie) && n == 400, "{tie} {n}");
+        assert!(
+            agree_close < 0.65 && agree_clear > 0.85,
+            "{agree_close} {agree_clear}"
+        );
+        let same: Vec<Unlabelled> = (0..20)
+            .map(|_| pair(NICE, " Here is something nice."))
+            .collect();
+        assert!(
+            label_world(&ann, &same, raters).0.is_empty(),
+            "identical answers rank nothing"
+        );
+        let again: Vec<Unlabelled> = (0..50).map(|_| pair(REFUSAL, "")).collect();
+        let (a, b) = (
+            label_world(&ann, &again, raters).0,
+            label_world(&ann, &again, raters).0,
+        );
+        let order = |l: &[LabelledPair]| l.iter().map(|p| p.chosen.clone()).collect::<Vec<_>>();
+        assert_eq!(order(&a), order(&b));
+    }
 }

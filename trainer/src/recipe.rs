@@ -233,6 +233,14 @@ impl Recipe {
 // ---------------------------------------------------------------------------------------------
 // Steps
 
+/// The held-out pairs a reward-model step is evaluated on: as labelled (people, the world's
+/// raters or reward models), and, with noisy world raters, the same pairs by the gold annotator.
+#[derive(Clone, Debug, Default)]
+struct Heldout {
+    labelled: Option<PathBuf>,
+    gold: Option<PathBuf>,
+}
+
 /// What one step runs.
 #[derive(Clone, Debug)]
 enum Kind {
@@ -244,8 +252,8 @@ enum Kind {
     },
     Pretrain(TrainConfig),
     Sft(SftConfig),
-    /// Both reward models, and their held-out evaluation on pairs of this file.
-    Rm(Vec<RmConfig>, Option<PathBuf>),
+    /// Both reward models, and their held-out evaluation.
+    Rm(Vec<RmConfig>, Heldout),
     Prefs(PrefsConfig),
     /// With the FNV-1a digest of the pool file it starts from when that comes from outside the
     /// recipe (an earlier run's `pool.jsonl`): a changed file reruns the round.
@@ -286,7 +294,11 @@ impl Step {
             Kind::Pretrain(c) => v(c),
             Kind::Sft(c) => v(c),
             Kind::Rm(c, h) => {
-                json!({"models": c.iter().map(|c| v(c)).collect::<Vec<_>>(), "heldout": h})
+                let mut j = json!({"models": c.iter().map(|c| v(c)).collect::<Vec<_>>(), "heldout": h.labelled});
+                if let Some(g) = &h.gold {
+                    j["heldout_gold"] = json!(g);
+                }
+                j
             }
             Kind::Prefs(c) => v(c),
             Kind::Rs(c, pool) => match pool {
@@ -477,7 +489,7 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
         .unwrap_or_default();
     let rm_step = |dir: &Path,
                    files: Vec<PathBuf>,
-                   heldout: Option<PathBuf>,
+                   heldout: Heldout,
                    round: usize,
                    over: Option<&toml::Table>|
      -> Result<Kind> {
@@ -557,7 +569,13 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
     {
         let mut sp = |n: String, k: Kind| pushed.push((n, k));
         if !rm_base.is_empty() {
-            let k = rm_step(&out.join("rm"), rm_base.clone(), None, 0, None)?;
+            let k = rm_step(
+                &out.join("rm"),
+                rm_base.clone(),
+                Heldout::default(),
+                0,
+                None,
+            )?;
             sp("rm".into(), k);
             let d = (out.join("rm/rm-helpfulness"), out.join("rm/rm-safety"));
             judge.get_or_insert(d.clone());
@@ -582,7 +600,7 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
                     "[[round]] {k}: unknown setting `{key}` (stages, prefs, rm, rs, ppo)"
                 );
             }
-            let mut heldout = None;
+            let mut heldout = Heldout::default();
             for stage in &r.stages {
                 match stage.as_str() {
                     "prefs" => {
@@ -611,7 +629,10 @@ pub fn plan(recipe: &Recipe, default_out: PathBuf) -> Result<Plan> {
                         if !c.heldout.is_empty()
                             && matches!(c.labeller, Labeller::World(_) | Labeller::Rm { .. })
                         {
-                            heldout = Some(rdir.join("prefs/prefs_heldout.jsonl"));
+                            heldout.labelled = Some(rdir.join("prefs/prefs_heldout.jsonl"));
+                            heldout.gold = (matches!(c.labeller, Labeller::World(_))
+                                && c.rater_noise > 0.0)
+                                .then(|| rdir.join("prefs/prefs_heldout_gold.jsonl"));
                         }
                         sp(format!("round-{k}/prefs"), Kind::Prefs(c));
                     }
@@ -1030,18 +1051,32 @@ fn run_step<B: Backend>(be: &B, step: &Step) -> Result<Value> {
             for c in models {
                 let rep = crate::rm::run(be.clone(), c)?;
                 let mut v = to_json(&rep)?;
-                if let Some(h) = heldout {
+                let files = [
+                    ("heldout", &heldout.labelled),
+                    ("heldout_gold", &heldout.gold),
+                ];
+                let files: Vec<(&str, &PathBuf)> = files
+                    .iter()
+                    .filter_map(|(k, f)| Some((*k, f.as_ref()?)))
+                    .collect();
+                if !files.is_empty() {
                     let (mut m, tok) = crate::rm::load_rm(be.clone(), &rep.model_dir)?;
-                    let (pairs, _) = crate::formats::read_pairs(std::slice::from_ref(h), false)?;
-                    let sel = crate::rm::select_pairs(pairs, c.kind);
-                    if !sel.pairs.is_empty() {
+                    for (key, h) in files {
+                        let (pairs, _) =
+                            crate::formats::read_pairs(std::slice::from_ref(h), false)?;
+                        let sel = crate::rm::select_pairs(pairs, c.kind);
+                        if sel.pairs.is_empty() {
+                            continue;
+                        }
                         let ev = crate::rm::evaluate(&mut m, &tok, &sel.pairs, 256, 16)?;
-                        crate::rm::write_eval(
-                            &c.out,
-                            &ev,
-                            &format!("{} reward model (held-out prompts)", c.kind.name()),
-                        )?;
-                        v["heldout"] = ev.summary();
+                        if key == "heldout" {
+                            crate::rm::write_eval(
+                                &c.out,
+                                &ev,
+                                &format!("{} reward model (held-out prompts)", c.kind.name()),
+                            )?;
+                        }
+                        v[key] = ev.summary();
                     }
                 }
                 if let Some(e) = &rep.eval {

@@ -109,7 +109,8 @@ pub fn write(rep: &RecipeReport, device: &str) -> Result<Value> {
 }
 
 /// A reward-model step's held-out accuracy by rating, per model: on the round's held-out
-/// prompts' pairs where there are some, else on the model's own held-out split.
+/// prompts' pairs where there are some, else on the model's own held-out split; with noisy world
+/// raters also against the gold annotator's labels of the same pairs (`… (gold labels)`).
 fn rm_accuracy(r: &Value) -> Value {
     let pick = |m: &Value| {
         if m["heldout"].is_object() {
@@ -118,7 +119,13 @@ fn rm_accuracy(r: &Value) -> Value {
             m["eval"].clone()
         }
     };
-    json!({"helpfulness": pick(&r["helpfulness"]), "safety": pick(&r["safety"])})
+    let mut v = json!({"helpfulness": pick(&r["helpfulness"]), "safety": pick(&r["safety"])});
+    for k in ["helpfulness", "safety"] {
+        if r[k]["heldout_gold"].is_object() {
+            v[format!("{k} (gold labels)")] = r[k]["heldout_gold"].clone();
+        }
+    }
+    v
 }
 
 fn markdown(report: &Value, evals: &[StageEval]) -> String {
@@ -184,6 +191,27 @@ fn markdown(report: &Value, evals: &[StageEval]) -> String {
                 lv("negligibly better/unsure")
             );
         }
+        if rm.keys().any(|k| k.ends_with("(gold labels)")) {
+            md += "\nThe plain rows score the model against its raters' labels (the paper's Table 8); the \
+                   world's raters perceive each answer's gold score with noise (`[prefs] rater_noise`), so \
+                   their labels of similar answers are partly coin flips. The `gold labels` rows score it \
+                   on the same pairs as the noise-free gold annotator orders and rates them.\n";
+        }
+    }
+    let agreement: Vec<String> = report["rounds"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| {
+            let a = r["prefs"]["rater_agreement"].as_f64()?;
+            Some(format!("round {}: {:.1} %", r["round"], 100.0 * a))
+        })
+        .collect();
+    if !agreement.is_empty() {
+        md += &format!(
+            "\nRaters' agreement (a second rater picks the same answer of a labelled pair): {}.\n",
+            agreement.join(", ")
+        );
     }
     if let Some(rs) = report["rs_rounds"].as_array().filter(|a| !a.is_empty()) {
         md += "\n## Rejection sampling\n\nThe mean over prompts of the best and the median reward of K samples (the \
@@ -363,16 +391,22 @@ fn rm_accuracy_plot(out: &Path, rm: &Value) -> Result<()> {
         "slightly better",
         "negligibly better/unsure",
     ];
-    let series: Vec<(&str, Vec<Option<f64>>)> = ["helpfulness", "safety"]
-        .iter()
-        .map(|k| {
-            let v = ratings
-                .iter()
-                .map(|r| rm[*k]["accuracy_by_rating"][*r]["accuracy"].as_f64())
-                .collect();
-            (*k, v)
-        })
-        .collect();
+    let series: Vec<(&str, Vec<Option<f64>>)> = [
+        "helpfulness",
+        "safety",
+        "helpfulness (gold labels)",
+        "safety (gold labels)",
+    ]
+    .iter()
+    .filter(|k| !k.ends_with("(gold labels)") || rm[**k].is_object())
+    .map(|k| {
+        let v = ratings
+            .iter()
+            .map(|r| rm[*k]["accuracy_by_rating"][*r]["accuracy"].as_f64())
+            .collect();
+        (*k, v)
+    })
+    .collect();
     crate::plot::bar_plot(
         &out.join("rm_accuracy_by_rating.svg"),
         "reward-model accuracy by rating (held-out pairs)",
@@ -469,5 +503,30 @@ mod tests {
             md.contains("19 of 108 answers") && !md.contains("None kept"),
             "{md}"
         );
+    }
+
+    /// With noisy world raters, the gold-label accuracy comes from the RM step's
+    /// `heldout_gold`, shows as its own rows, and the raters' agreement is said per round.
+    #[test]
+    fn noisy_raters_add_gold_label_rows_and_their_agreement() {
+        let acc = |a: f64| json!({"accuracy": a, "pairs": 10, "accuracy_by_rating": {"significantly better": {"accuracy": a, "pairs": 10}}});
+        let step = json!({"helpfulness": {"heldout": acc(0.6), "heldout_gold": acc(0.7)},
+                          "safety": {"heldout": acc(0.9)}});
+        let rm = rm_accuracy(&step);
+        assert_eq!(rm["helpfulness (gold labels)"]["accuracy"], json!(0.7));
+        assert!(rm.get("safety (gold labels)").is_none(), "{rm}");
+        let r = json!({"rm": rm, "rounds": [{"round": 1, "prefs": {"rater_agreement": 0.731}}]});
+        let md = markdown(&r, &[]);
+        assert!(
+            md.contains("| helpfulness (gold labels) | 0.700 | 0.700 | - | - | - |"),
+            "{md}"
+        );
+        assert!(md.contains("| helpfulness | 0.600 | 0.600 |"), "{md}");
+        assert!(md.contains("round 1: 73.1 %"), "{md}");
+        let plain = markdown(
+            &json!({"rm": rm_accuracy(&json!({"helpfulness": {"heldout": acc(0.6)}}))}),
+            &[],
+        );
+        assert!(!plain.contains("gold labels"), "{plain}");
     }
 }
