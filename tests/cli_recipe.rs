@@ -131,54 +131,92 @@ fn a_recipe_on_user_data_is_killed_midway_and_finished_by_a_rerun() {
         ("round-2/ppo", "to run"),
     ]);
 
-    // Stopped when round 2's rejection sampling starts, as a scheduler preempts a job: SIGTERM.
-    // The stage checkpoints and returns; the recipe must not mark it done or go on.
-    let mut child = llama2()
-        .args(["recipe", "run", "--device", "cpu"])
-        .arg(&recipe)
-        .arg("--out")
-        .arg(&out)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut said = Vec::new();
-    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
-        let line = line.unwrap();
-        said.push(line.clone());
-        if line.ends_with("] round-2/rs") {
-            let pid = child.id().to_string();
-            assert!(Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success());
+    // Preempted as a scheduler does (SIGTERM) twice in round 2's rejection sampling: while it
+    // samples, where there is nothing to checkpoint, the process stops at once; while it
+    // fine-tunes, the training loop checkpoints and returns. Either way the recipe must not mark
+    // the step done or go on.
+    let run = || {
+        llama2()
+            .args(["recipe", "run", "--device", "cpu"])
+            .arg(&recipe)
+            .arg("--out")
+            .arg(&out)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let term = |pid: u32| {
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success());
+    };
+    // Reads both streams to the end (stderr on a thread, so neither pipe fills), calling `on`
+    // with every line of the stream `watch` names.
+    let drain = |child: &mut std::process::Child, watch_stderr: bool, on: &mut dyn FnMut(&str)| {
+        let so: Box<dyn std::io::Read + Send> = Box::new(child.stdout.take().unwrap());
+        let se: Box<dyn std::io::Read + Send> = Box::new(child.stderr.take().unwrap());
+        let (watched, rest) = if watch_stderr { (se, so) } else { (so, se) };
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let other = std::thread::spawn(move || std::io::read_to_string(rest).unwrap());
+        for line in BufReader::new(watched).lines() {
+            let line = line.unwrap();
+            on(&line);
+            tx.send(line).unwrap();
         }
-    }
-    let status = child.wait().unwrap();
+        drop(tx);
+        let watched: Vec<String> = rx.into_iter().collect();
+        (watched.join("\n"), other.join().unwrap())
+    };
+
+    let mut child = run();
+    let pid = child.id();
+    let mut sent = false;
+    let (se, so) = drain(&mut child, true, &mut |line| {
+        if line.ends_with("] round-2/rs") && !sent {
+            sent = true;
+            term(pid);
+        }
+    });
+    let said = format!("{so}\n{se}");
+    assert!(sent && !child.wait().unwrap().success(), "{said}");
     assert!(
-        !status.success(),
-        "killed before finishing; it said:\n{}",
-        said.join("\n")
+        se.contains(
+            "interrupted during recipe step round-2/rs (Ctrl-C or SIGTERM): nothing to checkpoint \
+             here, stopping now; the step is not marked done"
+        ),
+        "{said}"
     );
-    assert!(
-        said.iter().any(|l| l.ends_with("] round-2/rs")),
-        "{}",
-        said.join("\n")
-    );
-    assert!(
-        said.iter()
-            .any(|l| l.contains("interrupted during recipe step round-2/rs")),
-        "{}",
-        said.join("\n")
-    );
-    plan(&[
+    let partial = [
         ("sft", "done"),
         ("rm", "done"),
         ("round-1/rs", "done"),
         ("round-2/rs", "partial"),
         ("round-2/ppo", "to run"),
-    ]);
+    ];
+    plan(&partial);
+
+    // The rerun starts round 2's rejection sampling again; its fine-tune's first line on stdout.
+    let mut child = run();
+    let pid = child.id();
+    let mut sent = false;
+    let (so, se) = drain(&mut child, false, &mut |line| {
+        if line.starts_with("sft data:") && !sent {
+            sent = true;
+            term(pid);
+        }
+    });
+    let said = format!("{so}\n{se}");
+    assert!(sent && !child.wait().unwrap().success(), "{said}");
+    assert!(
+        !se.contains("round-2/rs: done, skipped")
+            && se.contains("saving a checkpoint after this step")
+            && se.contains("interrupted during recipe step round-2/rs: it is not marked done"),
+        "{said}"
+    );
+    plan(&partial);
 
     // The rerun skips what is done and finishes.
     let o = llama2()

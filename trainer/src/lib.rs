@@ -8,6 +8,7 @@ pub mod distill;
 pub mod evaluate;
 pub mod formats;
 pub mod gatt;
+pub mod interrupt;
 pub mod kernel_bench;
 pub mod lm_train;
 pub mod memory;

@@ -26,7 +26,6 @@ use engine::tokenizer::Tokenizer;
 use engine::{Backend, Batch, Head, Llama, LlamaConfig, Recompute};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 /// Where the model comes from.
@@ -313,34 +312,6 @@ pub struct TrainReport {
     pub interrupted: bool,
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-/// Set with [`INTERRUPTED`] and never cleared: the loop consumes its flag when it stops, and a
-/// caller running several stages (a recipe) must still learn that this one stopped early.
-static EVER_INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-/// Whether Ctrl-C or SIGTERM arrived since the process started (see [`install_ctrlc`]).
-pub fn was_interrupted() -> bool {
-    EVER_INTERRUPTED.load(Ordering::SeqCst)
-}
-
-/// Installs the handler of Ctrl-C and SIGTERM (what Slurm and Kubernetes send before they
-/// preempt a job; SIGHUP too) once per process: it asks the loop to checkpoint and stop.
-pub fn install_ctrlc() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = ctrlc::set_handler(|| {
-            EVER_INTERRUPTED.store(true, Ordering::SeqCst);
-            if INTERRUPTED.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
-            }
-            eprintln!(
-                "\ninterrupted (Ctrl-C or SIGTERM): saving a checkpoint after this step \
-                 (interrupt again to quit now)"
-            );
-        });
-    });
-}
-
 /// Builds the model for a run, matching the data's vocabulary.
 pub fn build_model<B: Backend>(
     be: B,
@@ -591,6 +562,10 @@ pub fn run_dp<B: Backend>(
     comm: Option<&mut dyn DeviceCollective<B>>,
 ) -> Result<TrainReport> {
     let mut cfg = cfg;
+    // From here a signal (also one during the set-up) checkpoints after the next step instead of
+    // quitting.
+    crate::interrupt::install();
+    let graceful = crate::interrupt::Graceful::enter();
     // One rank is a plain run: whole AdamW, single-process checkpoints.
     let mut comm = comm.filter(|c| c.world() > 1);
     let (rank, world) = comm.as_ref().map_or((0, 1), |c| (c.rank(), c.world()));
@@ -840,7 +815,6 @@ pub fn run_dp<B: Backend>(
         tokenizer: tokenizer_path.as_deref(),
     };
     let sched = cfg.schedule();
-    install_ctrlc();
 
     let tokens_per_step = world * cfg.batch_size * cfg.grad_accum * t;
     let bar = run_dir::progress(cfg.kind(), cfg.steps as u64, cfg.progress && lead);
@@ -1018,7 +992,7 @@ pub fn run_dp<B: Backend>(
                 val_loss,
             });
         }
-        interrupted = INTERRUPTED.swap(false, Ordering::SeqCst);
+        interrupted = crate::interrupt::take();
         match comm.as_deref_mut() {
             // Ranks stop (and checkpoint) together when any rank was interrupted.
             Some(c) => {
@@ -1058,6 +1032,7 @@ pub fn run_dp<B: Backend>(
             break;
         }
     }
+    drop(graceful);
     bar.finish_and_clear();
     ensure!(
         steps_done > 0 || skipped == 0,

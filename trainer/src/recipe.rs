@@ -968,21 +968,27 @@ pub fn run<B: Backend>(be: B, plan: &Plan, say: &dyn Fn(&str)) -> Result<RecipeR
     let mut ran = Vec::new();
     let all = status(plan);
     let n = all.len();
+    crate::interrupt::install();
     for (i, st) in all.into_iter().enumerate() {
         if let Some(d) = st.done {
             say(&format!("[{}/{n}] {}: done, skipped", i + 1, st.step.name));
             steps.push(d);
             continue;
         }
+        // Before the line, so a step that was started shows as `partial` whenever it stops.
+        std::fs::create_dir_all(&st.step.dir)
+            .with_context(|| format!("creating {}", st.step.dir.display()))?;
         say(&format!("[{}/{n}] {}", i + 1, st.step.name));
         let t = Instant::now();
+        crate::interrupt::set_step(Some(&st.step.name));
         let report =
             run_step(&be, &st.step).with_context(|| format!("recipe step {}", st.step.name))?;
-        // A stage stopped by Ctrl-C/SIGTERM returns normally after its checkpoint: it is not
-        // done (a rerun redoes it from the start), and the steps after it must not start from
-        // its half-trained model.
+        crate::interrupt::set_step(None);
+        // A training loop stopped by Ctrl-C/SIGTERM returns normally after its checkpoint: the
+        // stage is not done (a rerun redoes it from the start), and the steps after it must not
+        // start from its half-trained model.
         ensure!(
-            !crate::lm_train::was_interrupted(),
+            !crate::interrupt::ever(),
             "interrupted during recipe step {}: it is not marked done; run the recipe again to \
              redo it and go on",
             st.step.name
