@@ -135,8 +135,11 @@ fn a_recipe_on_user_data_is_killed_midway_and_finished_by_a_rerun() {
     // samples, where there is nothing to checkpoint, the process stops at once; while it
     // fine-tunes, the training loop checkpoints and returns. Either way the recipe must not mark
     // the step done or go on.
-    let run = || {
-        llama2()
+    // Runs the recipe and sends SIGTERM at the first line of stderr (`on_stderr`) or stdout that
+    // `at` accepts; reads both streams to the end (one on a thread, so neither pipe fills) and
+    // returns them, once the run has failed.
+    let preempt = |on_stderr: bool, at: &dyn Fn(&str) -> bool| -> (String, String) {
+        let mut child = llama2()
             .args(["recipe", "run", "--device", "cpu"])
             .arg(&recipe)
             .arg("--out")
@@ -144,50 +147,45 @@ fn a_recipe_on_user_data_is_killed_midway_and_finished_by_a_rerun() {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap()
-    };
-    let term = |pid: u32| {
-        assert!(Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success());
-    };
-    // Reads both streams to the end (stderr on a thread, so neither pipe fills), calling `on`
-    // with every line of the stream `watch` names.
-    let drain = |child: &mut std::process::Child, watch_stderr: bool, on: &mut dyn FnMut(&str)| {
+            .unwrap();
         let so: Box<dyn std::io::Read + Send> = Box::new(child.stdout.take().unwrap());
         let se: Box<dyn std::io::Read + Send> = Box::new(child.stderr.take().unwrap());
-        let (watched, rest) = if watch_stderr { (se, so) } else { (so, se) };
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        let other = std::thread::spawn(move || std::io::read_to_string(rest).unwrap());
+        let (watched, rest) = if on_stderr { (se, so) } else { (so, se) };
+        let rest = std::thread::spawn(move || std::io::read_to_string(rest).unwrap());
+        let mut lines = Vec::new();
+        let mut sent = false;
         for line in BufReader::new(watched).lines() {
             let line = line.unwrap();
-            on(&line);
-            tx.send(line).unwrap();
+            if !sent && at(&line) {
+                sent = true;
+                assert!(Command::new("kill")
+                    .args(["-TERM", &child.id().to_string()])
+                    .status()
+                    .unwrap()
+                    .success());
+            }
+            lines.push(line);
         }
-        drop(tx);
-        let watched: Vec<String> = rx.into_iter().collect();
-        (watched.join("\n"), other.join().unwrap())
+        let (watched, rest) = (lines.join("\n"), rest.join().unwrap());
+        let (so, se) = if on_stderr {
+            (rest, watched)
+        } else {
+            (watched, rest)
+        };
+        assert!(
+            sent && !child.wait().unwrap().success(),
+            "not preempted:\n{so}\n{se}"
+        );
+        (so, se)
     };
 
-    let mut child = run();
-    let pid = child.id();
-    let mut sent = false;
-    let (se, so) = drain(&mut child, true, &mut |line| {
-        if line.ends_with("] round-2/rs") && !sent {
-            sent = true;
-            term(pid);
-        }
-    });
-    let said = format!("{so}\n{se}");
-    assert!(sent && !child.wait().unwrap().success(), "{said}");
+    let (so, se) = preempt(true, &|l| l.ends_with("] round-2/rs"));
     assert!(
         se.contains(
             "interrupted during recipe step round-2/rs (Ctrl-C or SIGTERM): nothing to checkpoint \
              here, stopping now; the step is not marked done"
         ),
-        "{said}"
+        "{so}\n{se}"
     );
     let partial = [
         ("sft", "done"),
@@ -199,22 +197,12 @@ fn a_recipe_on_user_data_is_killed_midway_and_finished_by_a_rerun() {
     plan(&partial);
 
     // The rerun starts round 2's rejection sampling again; its fine-tune's first line on stdout.
-    let mut child = run();
-    let pid = child.id();
-    let mut sent = false;
-    let (so, se) = drain(&mut child, false, &mut |line| {
-        if line.starts_with("sft data:") && !sent {
-            sent = true;
-            term(pid);
-        }
-    });
-    let said = format!("{so}\n{se}");
-    assert!(sent && !child.wait().unwrap().success(), "{said}");
+    let (so, se) = preempt(false, &|l| l.starts_with("sft data:"));
     assert!(
         !se.contains("round-2/rs: done, skipped")
             && se.contains("saving a checkpoint after this step")
             && se.contains("interrupted during recipe step round-2/rs: it is not marked done"),
-        "{said}"
+        "{so}\n{se}"
     );
     plan(&partial);
 
