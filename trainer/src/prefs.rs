@@ -2,7 +2,8 @@
 //! gets two responses sampled from the current model at different temperatures (the paper samples
 //! from model variants and temperatures for diversity), and a [`Labeller`] says which is better,
 //! by how much on the four levels, and whether each is safe:
-//! - `world`: the built-in world's gold annotator;
+//! - `world`: the built-in world's raters, its gold annotator perceived with noise
+//!   ([`PrefsConfig::rater_noise`]; 0: the annotator itself);
 //! - `rm:HELP[,SAFETY]`: existing reward models as the judge (the rating from the score gap of
 //!   the model the piecewise rule consults, safety meta-labels from the safety model);
 //! - `file:DIR`: people. The round writes the pairs to label (prompt, both answers, where they
