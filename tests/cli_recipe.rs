@@ -131,10 +131,10 @@ fn a_recipe_on_user_data_is_killed_midway_and_finished_by_a_rerun() {
         ("round-2/ppo", "to run"),
     ]);
 
-    // Preempted as a scheduler does (SIGTERM) twice in round 2's rejection sampling: while it
-    // samples, where there is nothing to checkpoint, the process stops at once; while it
-    // fine-tunes, the training loop checkpoints and returns. Either way the recipe must not mark
-    // the step done or go on.
+    // Preempted as a scheduler does (SIGTERM): while SFT trains, and twice in round 2's rejection
+    // sampling: while it samples, where there is nothing to checkpoint, the process stops at
+    // once; while it fine-tunes, the training loop checkpoints and returns. Either way the recipe
+    // must not mark the step done or go on.
     // Runs the recipe and sends SIGTERM at the first line of stderr (`on_stderr`) or stdout that
     // `at` accepts; reads both streams to the end (one on a thread, so neither pipe fills) and
     // returns them, once the run has failed.
@@ -179,7 +179,23 @@ fn a_recipe_on_user_data_is_killed_midway_and_finished_by_a_rerun() {
         (so, se)
     };
 
+    // First while SFT trains: its loop checkpoints; the rerun continues from that checkpoint.
+    let (so, se) = preempt(false, &|l| l.starts_with("sft data:"));
+    assert!(
+        se.contains("interrupted during recipe step sft (Ctrl-C or SIGTERM): saving a checkpoint")
+            && se.contains("interrupted during recipe step sft: it is not marked done"),
+        "{so}\n{se}"
+    );
+    plan(&[("sft", "partial"), ("rm", "to run")]);
+
     let (so, se) = preempt(true, &|l| l.ends_with("] round-2/rs"));
+    assert!(
+        so.contains(&format!(
+            "resuming {} from its last checkpoint",
+            out.join("sft").display()
+        )),
+        "{so}\n{se}"
+    );
     assert!(
         se.contains(
             "interrupted during recipe step round-2/rs (Ctrl-C or SIGTERM): nothing to checkpoint \

@@ -674,6 +674,8 @@ pub fn run_dp<B: Backend>(
         (None, Some(tok)) => tok.vocab_size(),
         (None, None) => unreachable!("fine-tuning has a tokenizer"),
     };
+    // A resumed run with nothing left to train reports the checkpoint it resumed from.
+    let mut resumed_from = None;
     let (mut model, mut opt, start_step, loader_pos) = match resume {
         None => {
             // The same seed on every rank: identical replicas.
@@ -702,6 +704,7 @@ pub fn run_dp<B: Backend>(
                 comm.as_deref_mut(),
             )
             .with_context(|| format!("loading the optimizer state of {}", dir.display()))?;
+            resumed_from = Some(dir);
             (model, opt, st.step, st.loader_position)
         }
     };
@@ -821,7 +824,7 @@ pub fn run_dp<B: Backend>(
     bar.set_position(start_step as u64);
     let mut micro_rows: Vec<Rows> = (0..cfg.grad_accum).map(|_| Rows::default()).collect();
     let mut logs = Vec::new();
-    let mut last_ckpt = None;
+    let mut last_ckpt = resumed_from;
     let mut interrupted = false;
     let t_start = Instant::now();
     let mut tokens_done = 0usize;

@@ -874,6 +874,8 @@ pub struct Done {
 
 /// The file a finished step writes last.
 pub const DONE: &str = "step.json";
+/// Written when a step starts: its key.
+const STARTED: &str = "started.json";
 
 /// The step's key: FNV-1a (64 bits) over the previous step's key and this step's configuration,
 /// stable across builds (std's hasher is not), so a rebuilt binary still skips finished steps.
@@ -975,14 +977,19 @@ pub fn run<B: Backend>(be: B, plan: &Plan, say: &dyn Fn(&str)) -> Result<RecipeR
             steps.push(d);
             continue;
         }
-        // Before the line, so a step that was started shows as `partial` whenever it stops.
+        // Before the line, so a step that was started shows as `partial` whenever it stops;
+        // `started.json` says with which settings, so a rerun may continue its checkpoints.
+        let started = st.step.dir.join(STARTED);
+        let resumable = run_dir::read_json::<Value>(&started)
+            .is_ok_and(|v| v["key"].as_str() == Some(st.key.as_str()));
         std::fs::create_dir_all(&st.step.dir)
             .with_context(|| format!("creating {}", st.step.dir.display()))?;
+        run_dir::write_json(&started, &json!({"key": st.key}))?;
         say(&format!("[{}/{n}] {}", i + 1, st.step.name));
         let t = Instant::now();
         crate::interrupt::set_step(Some(&st.step.name));
-        let report =
-            run_step(&be, &st.step).with_context(|| format!("recipe step {}", st.step.name))?;
+        let report = run_step(&be, &st.step, resumable)
+            .with_context(|| format!("recipe step {}", st.step.name))?;
         crate::interrupt::set_step(None);
         // A training loop stopped by Ctrl-C/SIGTERM returns normally after its checkpoint: the
         // stage is not done (a rerun redoes it from the start), and the steps after it must not
@@ -1016,7 +1023,18 @@ fn to_json<T: Serialize>(x: &T) -> Result<Value> {
     Ok(serde_json::to_value(x)?)
 }
 
-fn run_step<B: Backend>(be: &B, step: &Step) -> Result<Value> {
+/// Where an unfinished pretraining or SFT step continues from: its run directory, when an earlier
+/// run of the same settings (`resumable`) left a checkpoint there (a preemption checkpoints).
+fn resume_from(out: &Path, resumable: bool) -> Option<PathBuf> {
+    let found = resumable && out.join("checkpoints").join(run_dir::LATEST).is_file();
+    if found {
+        println!("resuming {} from its last checkpoint", out.display());
+    }
+    found.then(|| out.to_path_buf())
+}
+
+/// `resumable`: the step was started before with the same settings and did not finish.
+fn run_step<B: Backend>(be: &B, step: &Step, resumable: bool) -> Result<Value> {
     let be = be.clone();
     match &step.kind {
         Kind::World(out, size, seed) => {
@@ -1048,10 +1066,14 @@ fn run_step<B: Backend>(be: &B, step: &Step) -> Result<Value> {
             to_json(&meta)
         }
         Kind::Pretrain(c) => {
-            let r = crate::lm_train::run(be, c.clone(), None)?;
+            let from = resume_from(&c.out, resumable);
+            let r = crate::lm_train::run(be, c.clone(), from.as_deref())?;
             to_json(&r)
         }
-        Kind::Sft(c) => to_json(&crate::sft::run(be, c)?),
+        Kind::Sft(c) => {
+            let from = resume_from(&c.out, resumable);
+            to_json(&crate::sft::run_resuming(be, c, from.as_deref())?)
+        }
         Kind::Rm(models, heldout) => {
             let mut reps = serde_json::Map::new();
             for c in models {

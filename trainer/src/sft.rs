@@ -326,7 +326,16 @@ impl SftConfig {
 
 /// `sft`: fine-tunes and returns the loop's report (its `checkpoint` is the model).
 pub fn run<B: engine::Backend>(be: B, cfg: &SftConfig) -> Result<TrainReport> {
-    let rep = crate::lm_train::run(be, cfg.train_config()?, None)?;
+    run_resuming(be, cfg, None)
+}
+
+/// [`run`], continuing from the run directory or checkpoint `resume` (the same settings).
+pub fn run_resuming<B: engine::Backend>(
+    be: B,
+    cfg: &SftConfig,
+    resume: Option<&std::path::Path>,
+) -> Result<TrainReport> {
+    let rep = crate::lm_train::run(be, cfg.train_config()?, resume)?;
     ensure!(
         rep.checkpoint.is_some(),
         "the fine-tune in {} saved no checkpoint",
