@@ -4,7 +4,8 @@
 //! after the current step and return, and a second signal quits at once. Anywhere else (sampling,
 //! scoring, PPO's rollouts) there is no checkpoint to save, so the process stops at once, as it
 //! would without a handler, rather than running the stage to its end. Either way a recipe does not
-//! mark the step done ([`ever`]), so a rerun redoes it.
+//! mark the step done ([`ever`]); a rerun continues pretraining and SFT from their checkpoint and
+//! redoes any other step.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -37,7 +38,7 @@ pub fn install() {
                 let rerun = if during.is_empty() {
                     ""
                 } else {
-                    "; the step is not marked done: run the recipe again to redo it and go on"
+                    "; the step is not marked done: run the recipe again to do it again and go on"
                 };
                 eprintln!(
                     "\ninterrupted{during} (Ctrl-C or SIGTERM): nothing to checkpoint here, \

@@ -469,7 +469,8 @@ fn round_prompts(all: &[Prompt], n: usize, round: usize) -> Vec<Prompt> {
 /// `prefs`: samples the round's pairs (and `heldout_pairs_per_prompt` per held-out prompt) from
 /// the model, has the labeller label them, and writes `out/prefs.jsonl` (`out/prefs_heldout.jsonl`).
 pub fn run<B: Backend>(be: B, cfg: &PrefsConfig) -> Result<PrefsReport> {
-    Raters::of(cfg)?;
+    // Checked before the sampling.
+    let raters = Raters::of(cfg)?;
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
     let all = read_prompts(&cfg.prompts, None)?.0;
     ensure!(!all.is_empty(), "preference collection: no prompts");
@@ -503,7 +504,6 @@ pub fn run<B: Backend>(be: B, cfg: &PrefsConfig) -> Result<PrefsReport> {
                 World::load(dir)
                     .with_context(|| format!("the labeller's world {}", dir.display()))?,
             );
-            let raters = Raters::of(cfg)?;
             let (labelled, agreement) = label_world(&ann, &pairs, raters);
             rater_agreement = Some(agreement);
             let held_raters = Raters {

@@ -992,12 +992,13 @@ pub fn run<B: Backend>(be: B, plan: &Plan, say: &dyn Fn(&str)) -> Result<RecipeR
             .with_context(|| format!("recipe step {}", st.step.name))?;
         crate::interrupt::set_step(None);
         // A training loop stopped by Ctrl-C/SIGTERM returns normally after its checkpoint: the
-        // stage is not done (a rerun redoes it from the start), and the steps after it must not
-        // start from its half-trained model.
+        // stage is not done (a rerun continues pretraining and SFT from it, redoes the others),
+        // and the steps after it must not start from its half-trained model.
         ensure!(
             !crate::interrupt::ever(),
             "interrupted during recipe step {}: it is not marked done; run the recipe again to \
-             redo it and go on",
+             go on (pretraining and SFT continue from their last checkpoint, other steps start \
+             again)",
             st.step.name
         );
         let done = Done {
@@ -1025,12 +1026,23 @@ fn to_json<T: Serialize>(x: &T) -> Result<Value> {
 
 /// Where an unfinished pretraining or SFT step continues from: its run directory, when an earlier
 /// run of the same settings (`resumable`) left a checkpoint there (a preemption checkpoints).
-fn resume_from(out: &Path, resumable: bool) -> Option<PathBuf> {
-    let found = resumable && out.join("checkpoints").join(run_dir::LATEST).is_file();
-    if found {
-        println!("resuming {} from its last checkpoint", out.display());
+/// A step starting afresh first drops the directory's `latest` pointer: its checkpoints are of
+/// other settings, and a run of these killed before its first checkpoint must not resume them.
+fn resume_from(out: &Path, resumable: bool) -> Result<Option<PathBuf>> {
+    let latest = out.join("checkpoints").join(run_dir::LATEST);
+    if !resumable {
+        match std::fs::remove_file(&latest) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", latest.display()))
+            }
+            _ => return Ok(None),
+        }
     }
-    found.then(|| out.to_path_buf())
+    if !latest.is_file() {
+        return Ok(None);
+    }
+    println!("resuming {} from its last checkpoint", out.display());
+    Ok(Some(out.to_path_buf()))
 }
 
 /// `resumable`: the step was started before with the same settings and did not finish.
@@ -1066,12 +1078,12 @@ fn run_step<B: Backend>(be: &B, step: &Step, resumable: bool) -> Result<Value> {
             to_json(&meta)
         }
         Kind::Pretrain(c) => {
-            let from = resume_from(&c.out, resumable);
+            let from = resume_from(&c.out, resumable)?;
             let r = crate::lm_train::run(be, c.clone(), from.as_deref())?;
             to_json(&r)
         }
         Kind::Sft(c) => {
-            let from = resume_from(&c.out, resumable);
+            let from = resume_from(&c.out, resumable)?;
             to_json(&crate::sft::run_resuming(be, c, from.as_deref())?)
         }
         Kind::Rm(models, heldout) => {
@@ -1221,6 +1233,28 @@ pub fn check_base(recipe: &Recipe) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rerun of the same settings resumes from the step's checkpoint; a fresh start drops the
+    /// `latest` pointer, so checkpoints of other settings are never resumed.
+    #[test]
+    fn only_a_rerun_of_the_same_settings_resumes_a_training_step() {
+        let d = tempfile::tempdir().unwrap();
+        let ck = d.path().join("checkpoints");
+        std::fs::create_dir_all(&ck).unwrap();
+        assert_eq!(
+            resume_from(d.path(), true).unwrap(),
+            None,
+            "no checkpoint yet"
+        );
+        std::fs::write(ck.join(run_dir::LATEST), "step-00000003").unwrap();
+        assert_eq!(
+            resume_from(d.path(), true).unwrap().as_deref(),
+            Some(d.path())
+        );
+        assert_eq!(resume_from(d.path(), false).unwrap(), None);
+        assert!(!ck.join(run_dir::LATEST).exists(), "stale pointer dropped");
+        assert_eq!(resume_from(d.path(), true).unwrap(), None);
+    }
 
     #[test]
     fn unknown_settings_and_stages_are_named() {
